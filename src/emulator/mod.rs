@@ -1,0 +1,1 @@
+//! The local Azure Marketplace emulator (see issue 3).

@@ -1,0 +1,1 @@
+//! Azure Marketplace wire types, token providers, client and outcome classification.
