@@ -7,9 +7,24 @@
 //! # Layout
 //!
 //! - [`clock`]: the injected source of "now" (UTC only).
+//! - [`config`]: `meterd.toml` + `METERD_*` overrides, validated into [`config::Settings`].
+//! - [`quantity`]: exact micro-unit quantities.
+//! - [`journal`]: the SQLite journal, its writer thread and invariants.
+//! - [`ingest`]: the local HTTP API (usage, CloudEvents, reports, status, probes).
+//! - [`daemon`]: `meterd run`: wires journal, API, emitter and signals together.
+//! - [`ops`]: liveness for probes and the watchdog.
+//! - [`secret`]: secrets that never print.
 //! - [`emulator`]: `meterd emulator`, a local Azure Marketplace (token, metering, subscriptions) with fault injection.
 //! - [`marketplace`]: the marketplace wire types, token providers, HTTP client and outcome classification.
 
+pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod daemon;
 pub mod emulator;
+pub mod ingest;
+pub mod journal;
 pub mod marketplace;
+pub mod ops;
+pub mod quantity;
+pub mod secret;

@@ -1,3 +1,114 @@
-fn main() {
-    println!("meterd");
+//! The `meterd` binary: parse arguments, load configuration, call into the library.
+
+use clap::Parser;
+use meterd::cli::{Cli, Command, load_settings};
+use meterd::clock::{SharedClock, SystemClock};
+use meterd::config::process_env;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let env = process_env();
+    let clock: SharedClock = Arc::new(SystemClock);
+    match cli.command {
+        Command::Run { config, emulator } => {
+            let mut settings = load_settings(&config, &env, emulator)?;
+            if emulator {
+                settings.marketplace.mode = meterd::config::MarketplaceMode::Emulator;
+            }
+            meterd::daemon::init_logging(settings.log_format, &settings.log_level);
+            meterd::daemon::run(settings, meterd::daemon::RunContext { clock, env }).await
+        }
+        Command::Record {
+            config,
+            resource,
+            dimension,
+            quantity,
+            time,
+            id,
+            plan,
+            url,
+        } => {
+            let settings = load_settings(&config, &env, true)?;
+            meterd::cli::record(
+                &settings,
+                &env,
+                url.as_deref(),
+                &resource,
+                &dimension,
+                &quantity,
+                time.as_deref(),
+                id.as_deref(),
+                plan.as_deref(),
+            )
+            .await
+        }
+        Command::Flush { config } => {
+            let settings = load_settings(&config, &env, true)?;
+            let (status, body) =
+                meterd::cli::call_daemon(&settings, &env, None, "POST", "/v1/flush", None).await?;
+            println!("{body}");
+            if status != 200 {
+                anyhow::bail!("flush failed (HTTP {status})");
+            }
+            Ok(())
+        }
+        Command::Status { config, json } => {
+            let settings = load_settings(&config, &env, true)?;
+            meterd::cli::status(&settings, clock.now(), json)
+        }
+        Command::Report {
+            config,
+            resource,
+            from,
+            to,
+            format,
+        } => {
+            let settings = load_settings(&config, &env, true)?;
+            meterd::cli::report(
+                &settings,
+                clock.now(),
+                resource.as_deref(),
+                from.as_deref(),
+                to.as_deref(),
+                format,
+                &mut std::io::stdout().lock(),
+            )
+        }
+        Command::Subscriptions { config } => {
+            let _settings = load_settings(&config, &env, false)?;
+            anyhow::bail!("`meterd subscriptions` arrives with the marketplace client")
+        }
+        Command::CheckConfig { config, online } => {
+            let path = meterd::cli::find_config(&config, &env);
+            let settings = load_settings(&config, &env, false)?;
+            meterd::cli::check_config(&settings, path.as_deref());
+            if online {
+                anyhow::bail!("--online arrives with the marketplace client");
+            }
+            Ok(())
+        }
+        Command::Emulator(args) => meterd::emulator::run_cli(args).await,
+    }
 }

@@ -1,1 +1,14 @@
-//! The local Azure Marketplace emulator (see issue 3).
+//! The local Azure Marketplace emulator (being built on the `emulator` branch).
+
+/// Arguments of `meterd emulator`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EmulatorArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8788")]
+    pub listen: String,
+}
+
+/// Runs the emulator.
+pub async fn run_cli(_args: EmulatorArgs) -> anyhow::Result<()> {
+    anyhow::bail!("the emulator is not merged yet")
+}

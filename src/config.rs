@@ -1,0 +1,993 @@
+//! Configuration in three steps: the TOML file is read into [`RawConfig`] (every key optional, unknown keys
+//! rejected), environment variables `METERD_<SECTION>__<KEY>` are laid over it, and [`Settings::validate`] turns
+//! it into [`Settings`], where every value has been checked and every default applied.
+//!
+//! Errors name the source (the file, or the environment variable), the key, and what is wrong, so an operator
+//! can fix the line without reading the code.
+
+use chrono::Duration;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Environment variables that carry secrets rather than configuration keys; they are read by the secret
+/// loaders and never laid over the file.
+const SECRET_ENV_VARS: &[&str] = &[
+    "METERD_MARKETPLACE__AUTH__CLIENT_SECRET",
+    "METERD_MARKETPLACE__AUTH__STATIC_TOKEN",
+    "METERD_INGEST__TOKEN",
+    "METERD_CONFIG",
+];
+
+/// Default journal location when neither the file nor `$STATE_DIRECTORY` says otherwise.
+pub const DEFAULT_JOURNAL_PATH: &str = "/var/lib/meterd/journal.db";
+
+/// A configuration problem, naming where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file (or an override) is not valid TOML or names an unknown key.
+    #[error("{source_name}: {message}")]
+    Parse {
+        source_name: String,
+        message: String,
+    },
+    /// A key has a value that is not allowed.
+    #[error("{source_name}: key `{key}`: {message}")]
+    Invalid {
+        source_name: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// What to do with usage whose hour is already frozen or outside the 24-hour window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateUsage {
+    /// Add it to the open hour and record it as `carried`.
+    CarryForward,
+    /// Answer 422 and store nothing.
+    Reject,
+}
+
+/// Where the ingest API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address such as `127.0.0.1:8787`.
+    Tcp(String),
+    /// A unix socket path (`unix:/run/meterd/ingest.sock`).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Which marketplace meterd talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarketplaceMode {
+    /// The real Azure Marketplace at `marketplace.base_url`.
+    Azure,
+    /// The built-in emulator, started in-process (for trying meterd out and for development).
+    Emulator,
+}
+
+/// How meterd obtains its bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    /// Entra ID client credentials (client id + secret).
+    ClientSecret,
+    /// Azure managed identity (IMDS, or App Service's `IDENTITY_ENDPOINT`).
+    ManagedIdentity,
+    /// A fixed token (the emulator and tests).
+    StaticToken,
+}
+
+/// Entra token endpoint flavour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointVersion {
+    /// `/oauth2/v2.0/token` with `scope`.
+    V2,
+    /// `/oauth2/token` with `resource`; numbers come back as strings.
+    V1,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Journal settings.
+#[derive(Debug, Clone)]
+pub struct JournalSettings {
+    /// SQLite file; its directory must be on a local disk (WAL needs shared memory).
+    pub path: PathBuf,
+    /// How long hourly totals are kept.
+    pub retention: Duration,
+}
+
+/// Ingest API settings.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// Listener address.
+    pub listen: ListenAddr,
+    /// File holding the bearer token; `None` leaves the API open (it listens on loopback by default).
+    pub token_file: Option<PathBuf>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// How far in the future a record's time may be (clock skew between app and meterd).
+    pub max_future_skew: Duration,
+    /// How long an idempotency key is remembered.
+    pub dedupe_window: Duration,
+    /// Time allowed to read one request (slow-client protection).
+    pub request_timeout: Duration,
+    /// Most connections served at once.
+    pub max_connections: usize,
+}
+
+/// Marketplace auth settings (secrets are loaded from files or the environment when the client is built).
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Token provider.
+    pub kind: AuthKind,
+    /// Entra tenant of the offer's app registration.
+    pub tenant_id: String,
+    /// Entra application (client) id, or the user-assigned identity's client id.
+    pub client_id: String,
+    /// File holding the client secret.
+    pub client_secret_file: Option<PathBuf>,
+    /// File holding the static token (kind `static_token`).
+    pub static_token_file: Option<PathBuf>,
+    /// Token endpoint; empty means Entra's for `tenant_id` and `endpoint_version`.
+    pub token_url: Option<String>,
+    /// Entra endpoint flavour.
+    pub endpoint_version: EndpointVersion,
+    /// Managed identity endpoint; empty means IMDS (or `$IDENTITY_ENDPOINT` when set).
+    pub identity_endpoint: Option<String>,
+}
+
+/// Marketplace settings.
+#[derive(Debug, Clone)]
+pub struct MarketplaceSettings {
+    /// Real marketplace or built-in emulator.
+    pub mode: MarketplaceMode,
+    /// API base, `https://marketplaceapi.microsoft.com/api`.
+    pub base_url: String,
+    /// Per-call timeout.
+    pub timeout: Duration,
+    /// Token provider settings.
+    pub auth: AuthSettings,
+}
+
+/// Emission settings.
+#[derive(Debug, Clone)]
+pub struct EmitSettings {
+    /// Six-field cron expression (seconds first), evaluated in UTC.
+    pub schedule: String,
+    /// Wait after an hour ends before it is frozen and sent.
+    pub grace: Duration,
+    /// Calls in flight at once.
+    pub concurrency: usize,
+    /// Retries stop this long before the 24-hour window closes.
+    pub safety_margin: Duration,
+    /// Upper bound on the final pass at shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+/// Subscription check settings.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSettings {
+    /// Consult the SaaS subscription list before sending.
+    pub check: bool,
+    /// How long a fetched list is trusted.
+    pub refresh: Duration,
+}
+
+/// A declared dimension.
+#[derive(Debug, Clone)]
+pub struct DimensionSettings {
+    /// Dimension id as in Partner Center.
+    pub id: String,
+    /// Plans that have this dimension; empty means every plan.
+    pub plans: Vec<String>,
+}
+
+/// A CloudEvents meter: maps an event `type` to a dimension and says where the quantity is.
+#[derive(Debug, Clone)]
+pub struct MeterSettings {
+    /// CloudEvents `type`.
+    pub event_type: String,
+    /// Dimension the quantity is counted in.
+    pub dimension: String,
+    /// Path into `data`, `$.a.b`; the value must be a number (or a numeric string).
+    pub value_path: Vec<String>,
+    /// Path into `data` for an optional plan id.
+    pub plan_path: Option<Vec<String>>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Late usage policy.
+    pub late_usage: LateUsage,
+    /// Plan id when neither the record nor the subscription list gives one.
+    pub default_plan: Option<String>,
+    /// Journal.
+    pub journal: JournalSettings,
+    /// Ingest API.
+    pub ingest: IngestSettings,
+    /// Marketplace.
+    pub marketplace: MarketplaceSettings,
+    /// Emission.
+    pub emit: EmitSettings,
+    /// Subscription check.
+    pub subscriptions: SubscriptionSettings,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax).
+    pub log_level: String,
+    /// Declared dimensions.
+    pub dimensions: Vec<DimensionSettings>,
+    /// CloudEvents meters.
+    pub meters: Vec<MeterSettings>,
+    /// Where the settings came from, for messages.
+    pub source: String,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Raw form
+
+/// The file as written: every key optional, unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    late_usage: Option<String>,
+    default_plan: Option<String>,
+    #[serde(default)]
+    journal: RawJournal,
+    #[serde(default)]
+    ingest: RawIngest,
+    #[serde(default)]
+    marketplace: RawMarketplace,
+    #[serde(default)]
+    emit: RawEmit,
+    #[serde(default)]
+    subscriptions: RawSubscriptions,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    dimensions: Vec<RawDimension>,
+    #[serde(default)]
+    meters: Vec<RawMeter>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJournal {
+    path: Option<String>,
+    retention: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    listen: Option<String>,
+    token_file: Option<String>,
+    max_body_bytes: Option<i64>,
+    max_future_skew: Option<String>,
+    dedupe_window: Option<String>,
+    request_timeout: Option<String>,
+    max_connections: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMarketplace {
+    mode: Option<String>,
+    base_url: Option<String>,
+    timeout: Option<String>,
+    #[serde(default)]
+    auth: RawAuth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    kind: Option<String>,
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    client_secret_file: Option<String>,
+    static_token_file: Option<String>,
+    token_url: Option<String>,
+    endpoint_version: Option<String>,
+    identity_endpoint: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmit {
+    schedule: Option<String>,
+    grace: Option<String>,
+    concurrency: Option<i64>,
+    safety_margin: Option<String>,
+    shutdown_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubscriptions {
+    check: Option<bool>,
+    refresh: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDimension {
+    id: String,
+    #[serde(default)]
+    plans: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeter {
+    #[serde(rename = "type")]
+    event_type: String,
+    dimension: String,
+    value_property: String,
+    plan_property: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Loading
+
+/// Reads `path`, lays the `METERD_*` variables of `env` over it and validates the result.
+pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    load_str(&text, &path.display().to_string(), env)
+}
+
+/// Like [`load`] for configuration text already in memory; `source_name` names it in errors.
+pub fn load_str(
+    text: &str,
+    source_name: &str,
+    env: &BTreeMap<String, String>,
+) -> Result<Settings, ConfigError> {
+    let mut value: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })?;
+    let applied = apply_env(&mut value, env)?;
+    let raw: RawConfig = RawConfig::deserialize(value).map_err(|e| ConfigError::Parse {
+        source_name: describe_source(source_name, &applied),
+        message: e.to_string().trim().to_string(),
+    })?;
+    Settings::validate(raw, &describe_source(source_name, &applied), env)
+}
+
+fn describe_source(file: &str, applied: &[String]) -> String {
+    if applied.is_empty() {
+        file.to_string()
+    } else {
+        format!("{file} (with environment overrides {})", applied.join(", "))
+    }
+}
+
+/// The process environment as a sorted map (tests pass their own).
+pub fn process_env() -> BTreeMap<String, String> {
+    std::env::vars().collect()
+}
+
+/// Lays `METERD_<SECTION>__<KEY>=value` over the table. The value is read as a TOML value when it parses as
+/// one (`4`, `true`, `"x"`), otherwise as a string (`5m`, `gold`).
+fn apply_env(
+    table: &mut toml::Table,
+    env: &BTreeMap<String, String>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut applied = Vec::new();
+    for (name, raw_value) in env {
+        let Some(rest) = name.strip_prefix("METERD_") else {
+            continue;
+        };
+        if SECRET_ENV_VARS.contains(&name.as_str()) || rest.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Parse {
+                source_name: format!("environment variable {name}"),
+                message: "empty key segment; use METERD_<SECTION>__<KEY>".into(),
+            });
+        }
+        let value = match format!("v = {raw_value}").parse::<toml::Table>() {
+            Ok(mut t) => t
+                .remove("v")
+                .unwrap_or(toml::Value::String(raw_value.clone())),
+            Err(_) => toml::Value::String(raw_value.clone()),
+        };
+        let mut cursor = &mut *table;
+        for segment in &path[..path.len() - 1] {
+            let entry = cursor
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Parse {
+                        source_name: format!("environment variable {name}"),
+                        message: format!("`{segment}` is not a section"),
+                    });
+                }
+            };
+        }
+        cursor.insert(path[path.len() - 1].clone(), value);
+        applied.push(name.clone());
+    }
+    Ok(applied)
+}
+
+/// Parses `30s`, `5m`, `6h`, `7d` (also `0s`, `1500ms`, `2w`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{t}` has no unit; write it like 30s, 5m, 6h or 7d"))?;
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("`{t}` is not a duration; write it like 30s, 5m, 6h or 7d"))?;
+    let d = match unit {
+        "ms" => Duration::try_milliseconds(n),
+        "s" => Duration::try_seconds(n),
+        "m" => Duration::try_minutes(n),
+        "h" => Duration::try_hours(n),
+        "d" => Duration::try_days(n),
+        "w" => Duration::try_weeks(n),
+        _ => None,
+    };
+    d.ok_or_else(|| format!("`{t}` is not a duration; write it like 30s, 5m, 6h or 7d"))
+}
+
+/// Formats a duration the way the config file writes it.
+pub fn format_duration(d: Duration) -> String {
+    let s = d.num_seconds();
+    if s != 0 && s % 86_400 == 0 {
+        format!("{}d", s / 86_400)
+    } else if s != 0 && s % 3_600 == 0 {
+        format!("{}h", s / 3_600)
+    } else if s != 0 && s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+struct Validator<'a> {
+    source: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            source_name: self.source.to_string(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        v: Option<String>,
+        default: &str,
+    ) -> Result<Duration, ConfigError> {
+        let text = v.unwrap_or_else(|| default.to_string());
+        let d = parse_duration(&text).map_err(|m| self.err(key, m))?;
+        if d < Duration::zero() {
+            return Err(self.err(key, "must not be negative"));
+        }
+        Ok(d)
+    }
+
+    fn positive(
+        &self,
+        key: &str,
+        v: Option<i64>,
+        default: i64,
+        max: i64,
+    ) -> Result<i64, ConfigError> {
+        let n = v.unwrap_or(default);
+        if n < 1 || n > max {
+            return Err(self.err(key, format!("must be between 1 and {max}, got {n}")));
+        }
+        Ok(n)
+    }
+}
+
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+fn json_path(v: &str) -> Option<Vec<String>> {
+    let rest = v
+        .trim()
+        .strip_prefix("$.")
+        .or_else(|| v.trim().strip_prefix("$"))?;
+    if rest.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = rest.split('.').map(str::to_string).collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    Some(parts)
+}
+
+impl Settings {
+    /// Checks every value of `raw` and applies defaults.
+    pub fn validate(
+        raw: RawConfig,
+        source: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
+        let v = Validator { source };
+        let late_usage = match raw.late_usage.as_deref().unwrap_or("carry_forward") {
+            "carry_forward" => LateUsage::CarryForward,
+            "reject" => LateUsage::Reject,
+            other => {
+                return Err(v.err(
+                    "late_usage",
+                    format!("`{other}` is not one of \"carry_forward\", \"reject\""),
+                ));
+            }
+        };
+
+        let journal_path = non_empty(raw.journal.path)
+            .map(PathBuf::from)
+            .or_else(|| {
+                env.get("STATE_DIRECTORY")
+                    .map(|d| PathBuf::from(d).join("journal.db"))
+            })
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_PATH));
+        let journal = JournalSettings {
+            path: journal_path,
+            retention: v.duration("journal.retention", raw.journal.retention, "730d")?,
+        };
+
+        let listen_text = non_empty(raw.ingest.listen).unwrap_or_else(|| "127.0.0.1:8787".into());
+        let listen = if let Some(p) = listen_text.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(v.err(
+                    "ingest.listen",
+                    "`unix:` needs a path, like unix:/run/meterd/ingest.sock",
+                ));
+            }
+            ListenAddr::Unix(PathBuf::from(p))
+        } else {
+            if listen_text.parse::<std::net::SocketAddr>().is_err() {
+                return Err(v.err(
+                    "ingest.listen",
+                    format!("`{listen_text}` is neither HOST:PORT with an IP address (127.0.0.1:8787) nor unix:/path"),
+                ));
+            }
+            ListenAddr::Tcp(listen_text)
+        };
+        let max_body = v.positive(
+            "ingest.max_body_bytes",
+            raw.ingest.max_body_bytes,
+            4 * 1024 * 1024,
+            1 << 30,
+        )?;
+        let dedupe_window = v.duration("ingest.dedupe_window", raw.ingest.dedupe_window, "7d")?;
+        if dedupe_window < Duration::days(1) {
+            return Err(v.err(
+                "ingest.dedupe_window",
+                "must be at least 1d, so a retried request is recognised across the whole 24-hour window",
+            ));
+        }
+        let ingest = IngestSettings {
+            listen,
+            token_file: non_empty(raw.ingest.token_file).map(PathBuf::from),
+            max_body_bytes: max_body as usize,
+            max_future_skew: v.duration(
+                "ingest.max_future_skew",
+                raw.ingest.max_future_skew,
+                "5m",
+            )?,
+            dedupe_window,
+            request_timeout: v.duration(
+                "ingest.request_timeout",
+                raw.ingest.request_timeout,
+                "30s",
+            )?,
+            max_connections: v.positive(
+                "ingest.max_connections",
+                raw.ingest.max_connections,
+                1024,
+                1_000_000,
+            )? as usize,
+        };
+
+        let mode = match raw.marketplace.mode.as_deref().unwrap_or("azure") {
+            "azure" => MarketplaceMode::Azure,
+            "emulator" => MarketplaceMode::Emulator,
+            other => {
+                return Err(v.err(
+                    "marketplace.mode",
+                    format!("`{other}` is not one of \"azure\", \"emulator\""),
+                ));
+            }
+        };
+        let base_url = non_empty(raw.marketplace.base_url)
+            .unwrap_or_else(|| "https://marketplaceapi.microsoft.com/api".into())
+            .trim_end_matches('/')
+            .to_string();
+        if !(base_url.starts_with("https://") || base_url.starts_with("http://")) {
+            return Err(v.err(
+                "marketplace.base_url",
+                format!("`{base_url}` is not an http(s) URL"),
+            ));
+        }
+        let a = raw.marketplace.auth;
+        let kind = match a
+            .kind
+            .as_deref()
+            .unwrap_or(if mode == MarketplaceMode::Emulator {
+                "static_token"
+            } else {
+                "client_secret"
+            }) {
+            "client_secret" => AuthKind::ClientSecret,
+            "managed_identity" => AuthKind::ManagedIdentity,
+            "static_token" => AuthKind::StaticToken,
+            other => {
+                return Err(v.err(
+                    "marketplace.auth.kind",
+                    format!("`{other}` is not one of \"client_secret\", \"managed_identity\", \"static_token\""),
+                ));
+            }
+        };
+        let endpoint_version = match a.endpoint_version.as_deref().unwrap_or("v2") {
+            "v2" => EndpointVersion::V2,
+            "v1" => EndpointVersion::V1,
+            other => {
+                return Err(v.err(
+                    "marketplace.auth.endpoint_version",
+                    format!("`{other}` is not \"v1\" or \"v2\""),
+                ));
+            }
+        };
+        let tenant_id = non_empty(a.tenant_id).unwrap_or_default();
+        if tenant_id.eq_ignore_ascii_case("common")
+            || tenant_id.eq_ignore_ascii_case("organizations")
+        {
+            return Err(v.err(
+                "marketplace.auth.tenant_id",
+                "must be the tenant id of the offer's own Entra app registration, not `common`/`organizations`",
+            ));
+        }
+        let auth = AuthSettings {
+            kind,
+            tenant_id,
+            client_id: non_empty(a.client_id).unwrap_or_default(),
+            client_secret_file: non_empty(a.client_secret_file).map(PathBuf::from),
+            static_token_file: non_empty(a.static_token_file).map(PathBuf::from),
+            token_url: non_empty(a.token_url),
+            endpoint_version,
+            identity_endpoint: non_empty(a.identity_endpoint),
+        };
+        if mode == MarketplaceMode::Azure && kind == AuthKind::ClientSecret {
+            if auth.tenant_id.is_empty() && auth.token_url.is_none() {
+                return Err(v.err(
+                    "marketplace.auth.tenant_id",
+                    "is required for kind = \"client_secret\" (the tenant of the app registered on the offer); \
+                     to try meterd without credentials run `meterd run --emulator`",
+                ));
+            }
+            if auth.client_id.is_empty() {
+                return Err(v.err(
+                    "marketplace.auth.client_id",
+                    "is required for kind = \"client_secret\" (the application id registered on the offer)",
+                ));
+            }
+        }
+        let marketplace = MarketplaceSettings {
+            mode,
+            base_url,
+            timeout: v.duration("marketplace.timeout", raw.marketplace.timeout, "30s")?,
+            auth,
+        };
+
+        let schedule = non_empty(raw.emit.schedule).unwrap_or_else(|| "0 5 * * * *".into());
+        if schedule.split_whitespace().count() != 6 {
+            return Err(v.err(
+                "emit.schedule",
+                format!("`{schedule}` must have six fields, seconds first, like \"0 5 * * * *\" (minute 5 of every hour, UTC)"),
+            ));
+        }
+        let emit = EmitSettings {
+            schedule,
+            grace: v.duration("emit.grace", raw.emit.grace, "5m")?,
+            concurrency: v.positive("emit.concurrency", raw.emit.concurrency, 4, 64)? as usize,
+            safety_margin: v.duration("emit.safety_margin", raw.emit.safety_margin, "15m")?,
+            shutdown_timeout: v.duration(
+                "emit.shutdown_timeout",
+                raw.emit.shutdown_timeout,
+                "20s",
+            )?,
+        };
+        if emit.grace >= Duration::hours(12) {
+            return Err(v.err(
+                "emit.grace",
+                "must be less than 12h (an hour must still be sendable inside the 24-hour window)",
+            ));
+        }
+        if emit.safety_margin >= Duration::hours(12) {
+            return Err(v.err("emit.safety_margin", "must be less than 12h"));
+        }
+
+        let subscriptions = SubscriptionSettings {
+            check: raw.subscriptions.check.unwrap_or(true),
+            refresh: v.duration("subscriptions.refresh", raw.subscriptions.refresh, "10m")?,
+        };
+
+        let log_format = match raw.log.format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(v.err(
+                    "log.format",
+                    format!("`{other}` is not \"text\" or \"json\""),
+                ));
+            }
+        };
+        let log_level = non_empty(raw.log.level).unwrap_or_else(|| "info".into());
+
+        let mut seen = BTreeSet::new();
+        let mut dimensions = Vec::new();
+        for (i, d) in raw.dimensions.into_iter().enumerate() {
+            let id = d.id.trim().to_string();
+            let key = format!("dimensions[{i}].id");
+            if id.is_empty() || id.len() > 128 {
+                return Err(v.err(
+                    &key,
+                    "must be a non-empty dimension id (as in Partner Center)",
+                ));
+            }
+            if !seen.insert(id.clone()) {
+                return Err(v.err(&key, format!("dimension `{id}` is declared twice")));
+            }
+            dimensions.push(DimensionSettings { id, plans: d.plans });
+        }
+        if dimensions.len() > 30 {
+            return Err(v.err("dimensions", "an offer has at most 30 dimensions"));
+        }
+
+        let mut meters = Vec::new();
+        let mut types = BTreeSet::new();
+        for (i, m) in raw.meters.into_iter().enumerate() {
+            if !seen.contains(m.dimension.trim()) {
+                return Err(v.err(
+                    &format!("meters[{i}].dimension"),
+                    format!(
+                        "`{}` is not a declared dimension; add [[dimensions]] id = \"{}\"",
+                        m.dimension, m.dimension
+                    ),
+                ));
+            }
+            if !types.insert(m.event_type.clone()) {
+                return Err(v.err(
+                    &format!("meters[{i}].type"),
+                    format!("type `{}` has two meters", m.event_type),
+                ));
+            }
+            let value_path = json_path(&m.value_property).ok_or_else(|| {
+                v.err(
+                    &format!("meters[{i}].value_property"),
+                    format!("`{}` is not a path like $.count", m.value_property),
+                )
+            })?;
+            let plan_path = match m.plan_property {
+                Some(p) => Some(json_path(&p).ok_or_else(|| {
+                    v.err(
+                        &format!("meters[{i}].plan_property"),
+                        format!("`{p}` is not a path like $.plan"),
+                    )
+                })?),
+                None => None,
+            };
+            meters.push(MeterSettings {
+                event_type: m.event_type,
+                dimension: m.dimension.trim().to_string(),
+                value_path,
+                plan_path,
+            });
+        }
+
+        Ok(Settings {
+            late_usage,
+            default_plan: non_empty(raw.default_plan),
+            journal,
+            ingest,
+            marketplace,
+            emit,
+            subscriptions,
+            log_format,
+            log_level,
+            dimensions,
+            meters,
+            source: source.to_string(),
+        })
+    }
+
+    /// The dimension named `id`, if declared.
+    pub fn dimension(&self, id: &str) -> Option<&DimensionSettings> {
+        self.dimensions.iter().find(|d| d.id == id)
+    }
+
+    /// Settings for trying meterd out with the built-in emulator and no configuration file: a journal in
+    /// `./meterd-dev/`, the emulator's dimensions, and emission a minute after each hour.
+    pub fn dev_defaults(env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
+        let text = r#"
+            [journal]
+            path = "meterd-dev/journal.db"
+            [marketplace]
+            mode = "emulator"
+            [emit]
+            grace = "1m"
+            schedule = "0 */1 * * * *"
+            [[dimensions]]
+            id = "api_calls"
+            [[dimensions]]
+            id = "gb_processed"
+        "#;
+        load_str(text, "built-in development settings", env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn example_file_parses_with_documented_defaults() {
+        let text = include_str!("../config.toml.example");
+        let s = load_str(text, "config.toml.example", &env(&[])).expect("example parses");
+        assert_eq!(s.late_usage, LateUsage::CarryForward);
+        assert_eq!(s.ingest.listen, ListenAddr::Tcp("127.0.0.1:8787".into()));
+        assert_eq!(s.ingest.max_body_bytes, 4_194_304);
+        assert_eq!(s.ingest.max_future_skew, Duration::minutes(5));
+        assert_eq!(s.ingest.dedupe_window, Duration::days(7));
+        assert_eq!(s.emit.grace, Duration::minutes(5));
+        assert_eq!(s.emit.safety_margin, Duration::minutes(15));
+        assert_eq!(s.emit.concurrency, 4);
+        assert_eq!(s.emit.schedule, "0 5 * * * *");
+        assert_eq!(s.journal.retention, Duration::days(730));
+        assert_eq!(s.subscriptions.refresh, Duration::minutes(10));
+        assert!(s.dimension("api_calls").is_some());
+    }
+
+    #[test]
+    fn empty_file_gets_defaults_but_azure_needs_credentials() {
+        let err = load_str("", "t.toml", &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("marketplace.auth.tenant_id"), "{err}");
+        assert!(err.contains("meterd run --emulator"), "{err}");
+        let s = load_str("[marketplace]\nmode = \"emulator\"\n", "t.toml", &env(&[])).unwrap();
+        assert_eq!(s.marketplace.auth.kind, AuthKind::StaticToken);
+        assert_eq!(s.journal.path, PathBuf::from(DEFAULT_JOURNAL_PATH));
+    }
+
+    #[test]
+    fn env_overrides_every_level() {
+        let s = load_str(
+            "[marketplace]\nmode = \"emulator\"\n",
+            "t.toml",
+            &env(&[
+                ("METERD_EMIT__GRACE", "0s"),
+                ("METERD_EMIT__CONCURRENCY", "8"),
+                ("METERD_LATE_USAGE", "reject"),
+                ("METERD_SUBSCRIPTIONS__CHECK", "false"),
+                ("METERD_MARKETPLACE__AUTH__CLIENT_ID", "abc"),
+                ("METERD_MARKETPLACE__AUTH__CLIENT_SECRET", "not-a-key"),
+                ("STATE_DIRECTORY", "/var/lib/meterd-x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.emit.grace, Duration::zero());
+        assert_eq!(s.emit.concurrency, 8);
+        assert_eq!(s.late_usage, LateUsage::Reject);
+        assert!(!s.subscriptions.check);
+        assert_eq!(s.marketplace.auth.client_id, "abc");
+        assert_eq!(
+            s.journal.path,
+            PathBuf::from("/var/lib/meterd-x/journal.db")
+        );
+    }
+
+    #[test]
+    fn errors_name_source_key_and_problem() {
+        let e = load_str(
+            "[emit]\ngrace = \"5 minutes\"\n",
+            "/etc/meterd/meterd.toml",
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/etc/meterd/meterd.toml") && e.contains("emit.grace") && e.contains("30s"),
+            "{e}"
+        );
+        let e = load_str("[emit]\ngrase = \"5m\"\n", "f.toml", &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f.toml") && e.contains("grase"), "{e}");
+        let e = load_str(
+            "[marketplace]\nmode = \"emulator\"\n",
+            "f.toml",
+            &env(&[("METERD_EMIT__CONCURRENCY", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("METERD_EMIT__CONCURRENCY") && e.contains("emit.concurrency"),
+            "{e}"
+        );
+        let e = load_str(
+            "[marketplace]\nmode = \"emulator\"\n[[meters]]\ntype = \"x\"\ndimension = \"nope\"\nvalue_property = \"$.n\"\n",
+            "f.toml",
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("meters[0].dimension") && e.contains("[[dimensions]]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::seconds(30));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::days(7));
+        assert_eq!(parse_duration("0s").unwrap(), Duration::zero());
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert_eq!(format_duration(Duration::minutes(15)), "15m");
+        assert_eq!(format_duration(Duration::days(730)), "730d");
+    }
+}

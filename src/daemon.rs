@@ -1,0 +1,194 @@
+//! `meterd run`: opens the journal, binds the listener, starts emission, and shuts down in order.
+
+use crate::clock::SharedClock;
+use crate::config::{ListenAddr, LogFormat, Settings};
+use crate::ingest::{self, AppState};
+use crate::journal::Journal;
+use crate::secret::load_secret;
+use anyhow::Context;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+/// Sets up tracing: text or JSON on stderr, filtered by `log.level` (or `RUST_LOG`).
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// A bound listener, TCP or unix.
+pub enum Listener {
+    /// TCP.
+    Tcp(tokio::net::TcpListener),
+    /// Unix domain socket (path removed on shutdown).
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`; a stale unix socket file is replaced.
+    pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(a) => {
+                let l = tokio::net::TcpListener::bind(a).await.with_context(|| {
+                    format!("cannot listen on {a} (ingest.listen); is another meterd running?")
+                })?;
+                Ok(Listener::Tcp(l))
+            }
+            ListenAddr::Unix(p) => {
+                if p.exists() {
+                    std::fs::remove_file(p)
+                        .with_context(|| format!("cannot remove stale socket {}", p.display()))?;
+                }
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir).ok();
+                }
+                let l = tokio::net::UnixListener::bind(p).with_context(|| {
+                    format!(
+                        "cannot listen on unix socket {} (ingest.listen)",
+                        p.display()
+                    )
+                })?;
+                Ok(Listener::Unix(l, p.clone()))
+            }
+        }
+    }
+
+    /// What to print: `http://127.0.0.1:8787` or `unix:/path`.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| format!("http://{a}"))
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+/// Loads the ingest bearer token: `ingest.token_file`, else `$CREDENTIALS_DIRECTORY/ingest-token`, else
+/// `METERD_INGEST__TOKEN`.
+pub fn ingest_token(
+    settings: &Settings,
+    env: &BTreeMap<String, String>,
+) -> anyhow::Result<Option<crate::secret::Secret>> {
+    Ok(load_secret(
+        settings.ingest.token_file.as_deref(),
+        "ingest-token",
+        "METERD_INGEST__TOKEN",
+        env,
+    )?)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    listener: Listener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let timeout = state
+        .settings
+        .ingest
+        .request_timeout
+        .to_std()
+        .unwrap_or(std::time::Duration::from_secs(30));
+    let limit = state.settings.ingest.max_connections;
+    let app = ingest::router(state)
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(limit));
+    match listener {
+        Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(shutdown).await?,
+        Listener::Unix(l, path) => {
+            let r = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
+            let _ = std::fs::remove_file(&path);
+            r?
+        }
+    }
+    Ok(())
+}
+
+/// Everything `meterd run` needs that is not configuration.
+pub struct RunContext {
+    /// Source of "now".
+    pub clock: SharedClock,
+    /// Process environment (secrets, `CREDENTIALS_DIRECTORY`, `NOTIFY_SOCKET`).
+    pub env: BTreeMap<String, String>,
+}
+
+/// The daemon. Returns when a shutdown signal has been handled.
+pub async fn run(settings: Settings, ctx: RunContext) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    let journal = Journal::open(&settings.journal.path).with_context(|| {
+        format!(
+            "cannot open the journal at {}",
+            settings.journal.path.display()
+        )
+    })?;
+    let token = ingest_token(&settings, &ctx.env)?.map(Arc::new);
+    if token.is_none()
+        && !matches!(&settings.ingest.listen, ListenAddr::Tcp(a) if a.starts_with("127.") || a.starts_with("[::1]"))
+        && matches!(settings.ingest.listen, ListenAddr::Tcp(_))
+    {
+        tracing::warn!(
+            message = "Ingest listens beyond loopback without a token; anyone who reaches it can report usage.",
+            listen = %settings.ingest.listen
+        );
+    }
+    let listener = Listener::bind(&settings.ingest.listen).await?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = AppState {
+        settings: settings.clone(),
+        journal: journal.clone(),
+        clock: ctx.clock.clone(),
+        token,
+        emitter: None,
+        metrics: None,
+        ready: ready.clone(),
+        liveness: Arc::new(crate::ops::Liveness::default()),
+    };
+    tracing::info!(
+        message = "meterd listening.",
+        addr = %listener.describe(),
+        journal = %settings.journal.path.display(),
+        config = %settings.source
+    );
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(serve(listener, state, async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|v| *v).await;
+    }));
+    shutdown_signal().await;
+    tracing::info!(message = "Shutting down: no new requests; finishing the ones in flight.");
+    let _ = stop_tx.send(true);
+    server.await.context("server task")??;
+    journal.checkpoint().await.ok();
+    journal.close();
+    tracing::info!(message = "meterd stopped.");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,197 @@
+//! The local HTTP API: ingest (`POST /v1/usage`, `POST /api/v1/events`), reports (`GET /v1/usage`), and the
+//! operator routes (`/v1/status`, `/v1/flush`, `/metrics`, `/healthz`, `/readyz`).
+//!
+//! Ingest answers only after the durable commit (journal invariant 1). A request with any invalid record is
+//! rejected whole, so the application never has to work out which half of a batch landed.
+
+pub mod cloudevents;
+pub mod ops;
+pub mod usage_api;
+pub mod validate;
+
+use crate::clock::SharedClock;
+use crate::config::Settings;
+use crate::journal::{Journal, JournalError};
+use crate::secret::Secret;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+use validate::FieldError;
+
+/// What the emitter offers the HTTP routes (a trait so the API does not depend on how emission is built).
+pub trait EmitControl: Send + Sync {
+    /// Runs one emission pass now (closed hours only) and returns its summary as JSON.
+    fn flush(&self) -> FlushFuture;
+    /// Extra status fields (last pass, last success) as JSON.
+    fn status_extra(&self) -> serde_json::Value;
+}
+
+/// The future [`EmitControl::flush`] returns.
+pub type FlushFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<serde_json::Value>> + Send>>;
+
+/// Shared state of every route.
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated configuration.
+    pub settings: Arc<Settings>,
+    /// The journal.
+    pub journal: Journal,
+    /// Source of "now".
+    pub clock: SharedClock,
+    /// Bearer token required on every route but the probes.
+    pub token: Option<Arc<Secret>>,
+    /// Emission, when the daemon runs one.
+    pub emitter: Option<Arc<dyn EmitControl>>,
+    /// Prometheus text renderer, when metrics are installed.
+    pub metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// Readiness: set once the journal is open and the listener bound.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Liveness of the scheduler, checked by `/healthz`.
+    pub liveness: Arc<crate::ops::Liveness>,
+}
+
+/// Builds the router with every route.
+pub fn router(state: AppState) -> Router {
+    let guarded = Router::new()
+        .route(
+            "/v1/usage",
+            axum::routing::post(usage_api::post_usage).get(usage_api::get_usage),
+        )
+        .route(
+            "/api/v1/events",
+            axum::routing::post(cloudevents::post_events),
+        )
+        .route("/v1/status", axum::routing::get(ops::status))
+        .route("/v1/flush", axum::routing::post(ops::flush))
+        .route("/metrics", axum::routing::get(ops::metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", axum::routing::get(ops::healthz))
+        .route("/readyz", axum::routing::get(ops::readyz))
+        .merge(guarded)
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        vec![FieldError::request(
+            "no such route; ingest is POST /v1/usage or POST /api/v1/events, reports GET /v1/usage",
+        )],
+    )
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(expected) = &state.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok: bool = given.as_bytes().ct_eq(expected.expose().as_bytes()).into();
+        if !ok {
+            metrics::counter!("meterd_ingest_requests_total", "result" => "unauthorized")
+                .increment(1);
+            let mut resp = error_response(
+                StatusCode::UNAUTHORIZED,
+                vec![FieldError::request(
+                    "missing or wrong bearer token; send `Authorization: Bearer <token>` with the token from ingest.token_file",
+                )],
+            );
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"meterd\""),
+            );
+            return resp;
+        }
+    }
+    next.run(req).await
+}
+
+/// `{"errors": [...]}` with `status`.
+pub fn error_response(status: StatusCode, errors: Vec<FieldError>) -> Response {
+    (status, axum::Json(json!({ "errors": errors }))).into_response()
+}
+
+/// The answer for a journal failure: 503 with `Retry-After` when it may pass (disk full, read-only), else 500.
+pub fn journal_error_response(e: &JournalError) -> Response {
+    let status = if e.is_unavailable() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    tracing::error!(message = "Journal write failed; request not acknowledged.", error = %e);
+    let mut resp = error_response(
+        status,
+        vec![FieldError::request(format!(
+            "{e}; retry the same request later"
+        ))],
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    resp
+}
+
+/// Reads the body up to `max_body_bytes`, checking the content type against `accepted`.
+pub async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    accepted: &[&str],
+) -> Result<(Bytes, String), Response> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    if !accepted.contains(&ctype.as_str()) {
+        return Err(error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            vec![FieldError::request(format!(
+                "Content-Type must be {}; got `{}`",
+                accepted.join(" or "),
+                if ctype.is_empty() { "none" } else { &ctype }
+            ))],
+        ));
+    }
+    let limit = state.settings.ingest.max_body_bytes;
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok((b, ctype)),
+        Err(e) => {
+            let too_big = std::error::Error::source(&e)
+                .map(|s| s.to_string().contains("length limit"))
+                .unwrap_or(false)
+                || e.to_string().contains("length limit");
+            if too_big {
+                Err(error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    vec![FieldError::request(format!(
+                        "body is larger than ingest.max_body_bytes ({limit} bytes); send smaller batches"
+                    ))],
+                ))
+            } else {
+                Err(error_response(
+                    StatusCode::BAD_REQUEST,
+                    vec![FieldError::request(format!("could not read the body: {e}"))],
+                ))
+            }
+        }
+    }
+}

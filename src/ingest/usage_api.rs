@@ -1,0 +1,316 @@
+//! `POST /v1/usage` (one record or an array) and `GET /v1/usage` (hourly totals with outcomes).
+
+use super::validate::{self, FieldError};
+use super::{AppState, error_response, journal_error_response, read_body};
+use crate::journal::usage::{self, IngestRules, NewRecord, ReportFilter};
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+
+/// Fields a usage record may have.
+const FIELDS: &[&str] = &["resource", "dimension", "quantity", "time", "id", "plan"];
+
+/// Parses the body into records, or the list of every problem found.
+pub fn parse_usage(
+    state: &AppState,
+    body: &[u8],
+    now: DateTime<Utc>,
+) -> Result<Vec<NewRecord>, Vec<FieldError>> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| vec![FieldError::request("body is not valid UTF-8")])?;
+    let trimmed = text.trim_start();
+    let items: Vec<&RawValue> = if trimmed.starts_with('[') {
+        serde_json::from_str(text).map_err(|e| {
+            vec![FieldError::request(format!(
+                "body is not a JSON array of records: {e}"
+            ))]
+        })?
+    } else if trimmed.starts_with('{') {
+        vec![
+            serde_json::from_str(text)
+                .map_err(|e| vec![FieldError::request(format!("body is not valid JSON: {e}"))])?,
+        ]
+    } else {
+        return Err(vec![FieldError::request(
+            "body must be one JSON record {\"resource\": ..., \"dimension\": ..., \"quantity\": ...} or an array of them",
+        )]);
+    };
+    if items.is_empty() {
+        return Err(vec![FieldError::request("the array holds no records")]);
+    }
+    let mut records = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (index, raw) in items.into_iter().enumerate() {
+        match parse_record(state, index, raw, now) {
+            Ok(r) => records.push(r),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(records)
+    } else {
+        Err(errors)
+    }
+}
+
+fn string_field(
+    index: usize,
+    field: &str,
+    raw: &RawValue,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
+    match serde_json::from_str::<String>(raw.get()) {
+        Ok(s) => Some(s),
+        Err(_) => {
+            errors.push(FieldError::field(index, field, "must be a string"));
+            None
+        }
+    }
+}
+
+fn parse_record(
+    state: &AppState,
+    index: usize,
+    raw: &RawValue,
+    now: DateTime<Utc>,
+) -> Result<NewRecord, Vec<FieldError>> {
+    let map: BTreeMap<String, &RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
+        vec![FieldError {
+            index: Some(index),
+            field: None,
+            message: "each record must be a JSON object".into(),
+        }]
+    })?;
+    let mut errors = Vec::new();
+    for key in map.keys() {
+        if !FIELDS.contains(&key.as_str()) {
+            errors.push(FieldError::field(
+                index,
+                key,
+                format!("unknown field; a record has {}", FIELDS.join(", ")),
+            ));
+        }
+    }
+    let present = |k: &str| map.get(k).copied().filter(|v| v.get() != "null");
+    let get_str = |k: &str, errors: &mut Vec<FieldError>| {
+        present(k).and_then(|v| string_field(index, k, v, errors))
+    };
+
+    let plan = match get_str("plan", &mut errors) {
+        Some(p) => match validate::plan(&p) {
+            Ok(p) => Some(p),
+            Err(m) => {
+                errors.push(FieldError::field(index, "plan", m));
+                None
+            }
+        },
+        None => None,
+    };
+    let resource = match get_str("resource", &mut errors) {
+        Some(r) => validate::resource(&r)
+            .map_err(|m| errors.push(FieldError::field(index, "resource", m)))
+            .ok(),
+        None => {
+            if present("resource").is_none() {
+                errors.push(FieldError::field(
+                    index,
+                    "resource",
+                    "is required (the SaaS subscription id or resource URI)",
+                ));
+            }
+            None
+        }
+    };
+    let dimension = match get_str("dimension", &mut errors) {
+        Some(d) => validate::dimension(&state.settings, &d, plan.as_deref())
+            .map_err(|m| errors.push(FieldError::field(index, "dimension", m)))
+            .ok(),
+        None => {
+            if present("dimension").is_none() {
+                errors.push(FieldError::field(index, "dimension", "is required"));
+            }
+            None
+        }
+    };
+    let quantity = match present("quantity") {
+        Some(q) => validate::quantity(q)
+            .map_err(|m| errors.push(FieldError::field(index, "quantity", m)))
+            .ok(),
+        None => {
+            errors.push(FieldError::field(
+                index,
+                "quantity",
+                "is required (a number greater than 0)",
+            ));
+            None
+        }
+    };
+    let time = match get_str("time", &mut errors) {
+        Some(t) => validate::time(&t, now, &state.settings)
+            .map_err(|m| errors.push(FieldError::field(index, "time", m)))
+            .ok(),
+        None => Some(now),
+    };
+    let key = match get_str("id", &mut errors) {
+        Some(k) => validate::id(&k)
+            .map_err(|m| errors.push(FieldError::field(index, "id", m)))
+            .ok(),
+        None => None,
+    };
+    match (resource, dimension, quantity, time) {
+        (Some(r), Some(d), Some(q), Some(t)) if errors.is_empty() => {
+            Ok(validate::record(r, plan, d, t, q, key))
+        }
+        _ => Err(errors),
+    }
+}
+
+/// Journals validated records and turns the result into the HTTP answer parts.
+pub async fn store(
+    state: &AppState,
+    records: Vec<NewRecord>,
+    now: DateTime<Utc>,
+) -> Result<usage::IngestOutcome, Response> {
+    let rules = IngestRules {
+        now,
+        late: state.settings.late_usage,
+        safety_margin: state.settings.emit.safety_margin,
+    };
+    let n = records.len();
+    let result = state
+        .journal
+        .write(move |conn| usage::ingest(conn, &records, &rules))
+        .await;
+    match result {
+        Ok(Ok(outcome)) => {
+            metrics::counter!("meterd_ingest_records_total", "result" => "accepted")
+                .increment(outcome.accepted as u64);
+            metrics::counter!("meterd_ingest_records_total", "result" => "duplicate")
+                .increment(outcome.duplicates as u64);
+            metrics::counter!("meterd_ingest_records_total", "result" => "carried")
+                .increment(outcome.carried as u64);
+            metrics::counter!("meterd_ingest_requests_total", "result" => "accepted").increment(1);
+            if outcome.carried > 0 {
+                tracing::info!(
+                    message = "Late usage carried into the open hour.",
+                    records = outcome.carried
+                );
+            }
+            Ok(outcome)
+        }
+        Ok(Err(late)) => {
+            metrics::counter!("meterd_ingest_requests_total", "result" => "late").increment(1);
+            metrics::counter!("meterd_ingest_records_total", "result" => "rejected")
+                .increment(n as u64);
+            let errors = late
+                .into_iter()
+                .map(|l| {
+                    FieldError::field(
+                        l.index,
+                        "time",
+                        format!("{}; late_usage = \"reject\" refuses it", l.message),
+                    )
+                })
+                .collect();
+            Err(error_response(StatusCode::UNPROCESSABLE_ENTITY, errors))
+        }
+        Err(e) => {
+            metrics::counter!("meterd_ingest_requests_total", "result" => "unavailable")
+                .increment(1);
+            Err(journal_error_response(&e))
+        }
+    }
+}
+
+/// `POST /v1/usage`.
+pub async fn post_usage(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let (bytes, _) = match read_body(&state, &headers, body, &["application/json"]).await {
+        Ok(b) => b,
+        Err(resp) => {
+            metrics::counter!("meterd_ingest_requests_total", "result" => "invalid").increment(1);
+            return resp;
+        }
+    };
+    let now = state.clock.now();
+    let records = match parse_usage(&state, &bytes, now) {
+        Ok(r) => r,
+        Err(errors) => {
+            metrics::counter!("meterd_ingest_requests_total", "result" => "invalid").increment(1);
+            return error_response(StatusCode::BAD_REQUEST, errors);
+        }
+    };
+    match store(&state, records, now).await {
+        Ok(o) => (
+            StatusCode::ACCEPTED,
+            axum::Json(
+                json!({"accepted": o.accepted, "duplicates": o.duplicates, "carried": o.carried}),
+            ),
+        )
+            .into_response(),
+        Err(resp) => resp,
+    }
+}
+
+/// Query of `GET /v1/usage`.
+#[derive(Debug, Deserialize)]
+pub struct UsageQuery {
+    resource: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// Parses an optional RFC 3339 or `YYYY-MM-DD` bound.
+pub fn parse_bound(name: &str, v: Option<&str>) -> Result<Option<DateTime<Utc>>, String> {
+    let Some(v) = v.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if let Ok(t) = DateTime::parse_from_rfc3339(v) {
+        return Ok(Some(t.with_timezone(&Utc)));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
+        return Ok(Some(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc()));
+    }
+    Err(format!(
+        "`{name}` = `{v}` is not an RFC 3339 time (2026-03-10T09:00:00Z) or a date (2026-03-10)"
+    ))
+}
+
+/// `GET /v1/usage?resource=&from=&to=`.
+pub async fn get_usage(State(state): State<AppState>, Query(q): Query<UsageQuery>) -> Response {
+    let filter = match (
+        parse_bound("from", q.from.as_deref()),
+        parse_bound("to", q.to.as_deref()),
+    ) {
+        (Ok(from), Ok(to)) => ReportFilter {
+            resource: q.resource.map(|r| validate::resource(&r).unwrap_or(r)),
+            from,
+            to,
+        },
+        (Err(m), _) | (_, Err(m)) => {
+            return error_response(StatusCode::BAD_REQUEST, vec![FieldError::request(m)]);
+        }
+    };
+    let now = state.clock.now();
+    let grace = state.settings.emit.grace;
+    let result = state
+        .journal
+        .read(move |conn| {
+            Ok((
+                usage::hourly_report(conn, &filter, now, grace)?,
+                usage::carry_report(conn, &filter)?,
+            ))
+        })
+        .await;
+    match result {
+        Ok((hours, carries)) => {
+            axum::Json(json!({"hours": hours, "carries": carries})).into_response()
+        }
+        Err(e) => journal_error_response(&e),
+    }
+}

@@ -1,0 +1,479 @@
+//! The journal: meterd's only state, one SQLite file.
+//!
+//! # Invariants
+//!
+//! These are the promises of `design.md`; every change to this module keeps them, and each has a test.
+//!
+//! 1. **Acknowledged means durable.** Ingest answers 2xx only after the transaction holding its records has
+//!    committed with `synchronous=FULL` in WAL mode, so it survives `kill -9` and power loss. Many requests share
+//!    one commit (group commit): the writer thread takes every job waiting when it starts a transaction.
+//! 2. **Idempotent ingest.** `usage_records.idem_key` is `UNIQUE`; a repeated key is counted as a duplicate and
+//!    adds nothing. Keys are kept at least `ingest.dedupe_window`.
+//! 3. **Exact sums.** Quantities are `i64` micro-units everywhere; sums use checked arithmetic.
+//! 4. **Frozen outbound events.** `outbound_events` has one row per (resource, dimension, hour), ever
+//!    (`UNIQUE`); its `body` is written once at freezing and sent byte for byte on every attempt.
+//! 5. **No partial hours.** An hour is frozen only when `hour + 1h + emit.grace <= now`; `meta.frozen_through`
+//!    is the first hour not yet frozen and never moves backwards.
+//! 6. **Nothing vanishes.** Every record's quantity is in exactly one `hourly_totals` row (its own hour, or a
+//!    later one with a `carries` row saying where from). Every frozen row points at one outbound event, whose
+//!    `state` is its outcome. A record that arrives while its hour is being frozen is serialised by the single
+//!    writer: it is either in the frozen total (it committed first) or carried (it committed after).
+//! 7. **Single-flight emission.** The `leases` row named `emitter` has one owner until it expires.
+//! 8. **UTC only.** Times are unix seconds (UTC); "now" is always passed in.
+//!
+//! # Threads
+//!
+//! One writer thread owns the only read-write connection. Jobs reach it over a channel; it runs each in a
+//! savepoint inside one `BEGIN IMMEDIATE` transaction, commits once, and only then answers every job. A job that
+//! fails is rolled back alone; a commit that fails answers every job of the batch with the error. Readers use a
+//! small pool of read-only connections (WAL lets them run beside the writer).
+//!
+//! # What a crash may leave
+//!
+//! Only whole transactions: SQLite's WAL replays committed frames and drops the rest. A crash between a
+//! marketplace answer and the journal update leaves the event `pending`; the next pass sends the same bytes and
+//! the marketplace answers `Duplicate` with the original quantity, which counts as billed once.
+
+mod schema;
+pub mod status;
+pub mod usage;
+
+pub use schema::{current_version, migrate};
+
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Most jobs committed in one transaction.
+const MAX_GROUP: usize = 4096;
+/// Read connections kept open for reuse.
+const READ_POOL: usize = 8;
+
+/// What can go wrong with the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The disk (or `max_page_count`) is full: nothing of the job was stored.
+    #[error(
+        "the journal's disk is full; nothing was stored (free space at {path}; meterd recovers by itself)"
+    )]
+    Full {
+        /// The journal file.
+        path: String,
+    },
+    /// The journal cannot be written (read-only file system, permissions).
+    #[error("the journal is read-only; nothing was stored (check permissions and mount of {path})")]
+    ReadOnly {
+        /// The journal file.
+        path: String,
+    },
+    /// Another process holds the write lock for too long.
+    #[error("the journal is locked by another process; nothing was stored")]
+    Busy,
+    /// The writer thread is gone (shutting down).
+    #[error("the journal is closed")]
+    Closed,
+    /// Any other SQLite error.
+    #[error("journal error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A rule of the data was broken (an overflow, a missing row).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl JournalError {
+    /// True when retrying later may succeed (disk space returns, lock released).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            JournalError::Full { .. }
+                | JournalError::ReadOnly { .. }
+                | JournalError::Busy
+                | JournalError::Closed
+        )
+    }
+
+    /// A copy of a shared error (errors of a failed commit go to every job of the batch).
+    fn duplicate(&self) -> JournalError {
+        match self {
+            JournalError::Full { path } => JournalError::Full { path: path.clone() },
+            JournalError::ReadOnly { path } => JournalError::ReadOnly { path: path.clone() },
+            JournalError::Busy => JournalError::Busy,
+            JournalError::Closed => JournalError::Closed,
+            other => JournalError::Invalid(format!("commit failed: {other}")),
+        }
+    }
+
+    fn classify(e: rusqlite::Error, path: &Path) -> JournalError {
+        use rusqlite::ErrorCode;
+        let path = path.display().to_string();
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => JournalError::Full { path },
+            Some(ErrorCode::ReadOnly)
+            | Some(ErrorCode::CannotOpen)
+            | Some(ErrorCode::PermissionDenied) => JournalError::ReadOnly { path },
+            Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => JournalError::Busy,
+            _ => JournalError::Sqlite(e),
+        }
+    }
+}
+
+type Finisher = Box<dyn FnOnce(Result<(), Arc<JournalError>>) + Send>;
+/// A unit of work for the writer. Given a connection it runs and says whether it succeeded; given `None` (the
+/// transaction could not start) it does not run. Either way it returns what to do once the commit is known.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Finisher) + Send>;
+
+fn make_job<T, F, R>(f: F, reply: R) -> Job
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
+    R: FnOnce(Result<T, JournalError>) + Send + 'static,
+{
+    Box::new(move |conn: Option<&Connection>| {
+        let result = match conn {
+            Some(c) => Some(f(c)),
+            None => None,
+        };
+        let ok = matches!(result, Some(Ok(_)));
+        let finisher: Finisher = Box::new(move |commit: Result<(), Arc<JournalError>>| {
+            let answer = match (commit, result) {
+                (_, Some(Err(e))) => Err(e),
+                (Err(e), _) => Err(e.duplicate()),
+                (Ok(()), Some(Ok(v))) => Ok(v),
+                (Ok(()), None) => Err(JournalError::Closed),
+            };
+            reply(answer);
+        });
+        (ok, finisher)
+    })
+}
+
+enum Command {
+    Job(Job),
+    Checkpoint(tokio::sync::oneshot::Sender<Result<(), JournalError>>),
+}
+
+/// Figures the writer keeps about its own work (for metrics and health).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed.
+    pub commits: u64,
+    /// Jobs committed.
+    pub jobs: u64,
+    /// When the writer last finished a loop iteration (liveness).
+    pub last_active: Option<Instant>,
+}
+
+/// Handle to the journal. Cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    tx: Mutex<Option<mpsc::Sender<Command>>>,
+    readers: Mutex<Vec<Connection>>,
+    stats: Arc<Mutex<WriterStats>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;",
+    )?;
+    Ok(())
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal at `path`, runs migrations and starts the writer thread.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                JournalError::Invalid(format!(
+                    "cannot create the journal directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        let mut conn = Connection::open(path).map_err(|e| JournalError::classify(e, path))?;
+        configure(&conn).map_err(|e| JournalError::classify(e, path))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(JournalError::Invalid(format!(
+                "the journal at {} could not be put in WAL mode (got {mode}); it must be on a local disk",
+                path.display()
+            )));
+        }
+        let version = migrate(&mut conn).map_err(|e| JournalError::classify(e, path))?;
+        if version > current_version() {
+            return Err(JournalError::Invalid(format!(
+                "the journal at {} has schema version {version}, newer than this meterd understands ({}); \
+                 run the newer meterd or restore a backup",
+                path.display(),
+                current_version()
+            )));
+        }
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Mutex::new(WriterStats::default()));
+        let writer_stats = stats.clone();
+        let writer_path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("meterd-journal".into())
+            .spawn(move || writer_loop(conn, rx, writer_stats, writer_path))
+            .map_err(|e| {
+                JournalError::Invalid(format!("cannot start the journal writer thread: {e}"))
+            })?;
+        Ok(Journal {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                tx: Mutex::new(Some(tx)),
+                readers: Mutex::new(Vec::new()),
+                stats,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// The journal file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` inside the writer's next transaction and answers after that transaction committed.
+    ///
+    /// `f` runs in a savepoint: if it returns an error, only its own changes are rolled back.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, JournalError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
+    {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Command::Job(make_job(f, move |r| {
+            let _ = reply.send(r);
+        })))?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Like [`Journal::write`] for callers outside an async runtime (the CLI, tests).
+    pub fn write_blocking<T, F>(&self, f: F) -> Result<T, JournalError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
+    {
+        let (reply, rx) = std::sync::mpsc::channel();
+        self.send(Command::Job(make_job(f, move |r| {
+            let _ = reply.send(r);
+        })))?;
+        rx.recv().map_err(|_| JournalError::Closed)?
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), JournalError> {
+        let guard = self.inner.tx.lock().expect("journal sender lock");
+        guard
+            .as_ref()
+            .ok_or(JournalError::Closed)?
+            .send(cmd)
+            .map_err(|_| JournalError::Closed)
+    }
+
+    /// Runs `f` on a read-only connection, on a blocking thread.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, JournalError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.read_blocking(f))
+            .await
+            .map_err(|e| JournalError::Invalid(format!("read task failed: {e}")))?
+    }
+
+    /// Runs `f` on a read-only connection in the calling thread.
+    pub fn read_blocking<T, F>(&self, f: F) -> Result<T, JournalError>
+    where
+        F: FnOnce(&Connection) -> Result<T, JournalError>,
+    {
+        let conn = self.inner.readers.lock().expect("reader pool lock").pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => open_reader(&self.inner.path)?,
+        };
+        let result = f(&conn);
+        let mut pool = self.inner.readers.lock().expect("reader pool lock");
+        if pool.len() < READ_POOL {
+            pool.push(conn);
+        }
+        result
+    }
+
+    /// Copies the WAL back into the main file (at shutdown, and before a backup).
+    pub async fn checkpoint(&self) -> Result<(), JournalError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Command::Checkpoint(reply))?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Seconds since the writer thread last finished a job or idled; `None` if it never ran.
+    pub fn writer_stats(&self) -> (u64, u64) {
+        let s = self.inner.stats.lock().expect("stats lock");
+        (s.commits, s.jobs)
+    }
+
+    /// True when the writer thread still runs.
+    pub fn writer_alive(&self) -> bool {
+        self.inner
+            .thread
+            .lock()
+            .expect("thread lock")
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+    }
+
+    /// Checks the writer answers: runs an empty job through it.
+    pub async fn ping(&self) -> Result<(), JournalError> {
+        self.write(|_| Ok(())).await
+    }
+
+    /// Stops the writer after the jobs already queued, checkpoints the WAL and waits for the thread.
+    pub fn close(&self) {
+        self.inner.tx.lock().expect("journal sender lock").take();
+        self.inner.readers.lock().expect("reader pool lock").clear();
+        if let Some(t) = self.inner.thread.lock().expect("thread lock").take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.tx.get_mut().map(|t| t.take()).ok();
+        if let Ok(t) = self.thread.get_mut()
+            && let Some(t) = t.take()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, JournalError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| JournalError::classify(e, path))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Opens a journal read-only without starting a writer (for `meterd report` and `status` while the daemon runs).
+pub fn open_read_only(path: &Path) -> Result<Connection, JournalError> {
+    if !path.exists() {
+        return Err(JournalError::Invalid(format!(
+            "no journal at {}; start the daemon with `meterd run` or pass --config with the right journal.path",
+            path.display()
+        )));
+    }
+    open_reader(path)
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Command>,
+    stats: Arc<Mutex<WriterStats>>,
+    path: PathBuf,
+) {
+    let mut batch: Vec<Job> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut pending = Some(first);
+        loop {
+            match pending.take() {
+                Some(Command::Job(job)) => batch.push(job),
+                Some(Command::Checkpoint(reply)) => {
+                    // Run the jobs gathered so far first so the checkpoint covers them.
+                    run_batch(&mut conn, &mut batch, &stats, &path);
+                    let r = conn
+                        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                        .map_err(|e| JournalError::classify(e, &path));
+                    let _ = reply.send(r);
+                }
+                None => {}
+            }
+            if batch.len() >= MAX_GROUP {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(cmd) => pending = Some(cmd),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, &mut batch, &stats, &path);
+    }
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+}
+
+fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, stats: &Mutex<WriterStats>, path: &Path) {
+    if batch.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let size = batch.len();
+    let mut finishers: Vec<Finisher> = Vec::with_capacity(size);
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let err = Arc::new(JournalError::classify(e, path));
+        tracing::error!(message = "Journal transaction could not start; the batch was not stored.", error = %err, jobs = size);
+        for job in batch.drain(..) {
+            let (_, finish) = job(None);
+            finish(Err(err.clone()));
+        }
+        return;
+    }
+    for job in batch.drain(..) {
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            let err = Arc::new(JournalError::classify(e, path));
+            let (_, finish) = job(None);
+            finishers.push(Box::new(move |_| finish(Err(err))));
+            continue;
+        }
+        let (ok, finisher) = job(Some(conn));
+        if !ok {
+            // Undo the failed job's own changes; the others in this transaction stay.
+            let _ = conn.execute_batch("ROLLBACK TO job");
+        }
+        let _ = conn.execute_batch("RELEASE job");
+        finishers.push(finisher);
+    }
+    let commit = conn.execute_batch("COMMIT");
+    let outcome: Result<(), Arc<JournalError>> = match commit {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            let err = JournalError::classify(e, path);
+            tracing::error!(message = "Journal commit failed; the batch was not stored.", error = %err, jobs = size);
+            Err(Arc::new(err))
+        }
+    };
+    metrics::histogram!("meterd_journal_commit_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("meterd_journal_commit_jobs").record(size as f64);
+    {
+        let mut s = stats.lock().expect("stats lock");
+        s.commits += 1;
+        s.jobs += size as u64;
+        s.last_active = Some(Instant::now());
+    }
+    for f in finishers {
+        f(outcome.clone());
+    }
+}

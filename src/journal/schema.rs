@@ -1,0 +1,136 @@
+//! Schema and migrations, versioned by `PRAGMA user_version`.
+//!
+//! Each entry of [`MIGRATIONS`] moves the schema from version `i` to `i + 1` and runs in the same immediate
+//! transaction as the version bump, so a crash leaves either the old or the new schema, never half of one.
+//! Never edit a released migration: append a new one.
+
+use rusqlite::Connection;
+
+/// Ordered migrations; index `i` upgrades from `user_version = i`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r#"
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    -- Raw usage as acknowledged. `hour` is where the quantity is counted; `origin_hour` the hour of `event_time`
+    -- (they differ when the record was carried forward). `idem_key` is unique: the idempotency guarantee.
+    CREATE TABLE usage_records (
+        seq         INTEGER PRIMARY KEY,
+        idem_key    TEXT UNIQUE,
+        resource    TEXT NOT NULL,
+        plan        TEXT NOT NULL,
+        dimension   TEXT NOT NULL,
+        event_time  INTEGER NOT NULL,
+        origin_hour INTEGER NOT NULL,
+        hour        INTEGER NOT NULL,
+        quantity    INTEGER NOT NULL,
+        received_at INTEGER NOT NULL
+    );
+    CREATE INDEX usage_records_received ON usage_records(received_at);
+
+    -- Exact hourly sums in micro-units. `plan` is the plan given on the records ('' when none was given; the
+    -- emitter resolves it). `carried_in` is the part of `quantity` moved here from earlier hours.
+    -- `outbound_id` is set when the hour is frozen.
+    CREATE TABLE hourly_totals (
+        resource    TEXT NOT NULL,
+        plan        TEXT NOT NULL,
+        dimension   TEXT NOT NULL,
+        hour        INTEGER NOT NULL,
+        quantity    INTEGER NOT NULL,
+        records     INTEGER NOT NULL,
+        carried_in  INTEGER NOT NULL DEFAULT 0,
+        outbound_id INTEGER,
+        PRIMARY KEY (resource, plan, dimension, hour)
+    ) WITHOUT ROWID;
+    CREATE INDEX hourly_totals_hour ON hourly_totals(hour);
+
+    -- Every quantity moved from one hour to a later one, and why ('late': arrived after its hour was frozen or
+    -- outside the window; 'expired': its outbound event ran out of window).
+    CREATE TABLE carries (
+        id          INTEGER PRIMARY KEY,
+        resource    TEXT NOT NULL,
+        plan        TEXT NOT NULL,
+        dimension   TEXT NOT NULL,
+        from_hour   INTEGER NOT NULL,
+        to_hour     INTEGER NOT NULL,
+        quantity    INTEGER NOT NULL,
+        reason      TEXT NOT NULL,
+        outbound_id INTEGER,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX carries_key ON carries(resource, plan, dimension, from_hour, to_hour, reason)
+        WHERE outbound_id IS NULL;
+
+    -- Frozen outbound events: one per (resource, dimension, hour) ever. `body` is the exact JSON sent on every
+    -- attempt. `state` is 'pending' until a terminal outcome.
+    CREATE TABLE outbound_events (
+        id                INTEGER PRIMARY KEY,
+        resource          TEXT NOT NULL,
+        plan              TEXT NOT NULL,
+        dimension         TEXT NOT NULL,
+        hour              INTEGER NOT NULL,
+        quantity          INTEGER NOT NULL,
+        body              TEXT NOT NULL,
+        state             TEXT NOT NULL,
+        attempts          INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at   INTEGER NOT NULL,
+        deadline          INTEGER NOT NULL,
+        ambiguous         INTEGER NOT NULL DEFAULT 0,
+        last_error        TEXT,
+        usage_event_id    TEXT,
+        market_quantity   INTEGER,
+        carried_to        INTEGER,
+        frozen_at         INTEGER NOT NULL,
+        finished_at       INTEGER,
+        UNIQUE (resource, dimension, hour)
+    );
+    CREATE INDEX outbound_events_state ON outbound_events(state, hour);
+
+    -- What meterd last saw of each SaaS subscription; `unsubscribed_seen_at` is when it first saw the
+    -- cancellation (hours closed before it are still sent).
+    CREATE TABLE subscriptions (
+        id                   TEXT PRIMARY KEY,
+        status               TEXT NOT NULL,
+        plan                 TEXT NOT NULL,
+        offer                TEXT NOT NULL,
+        term_start           INTEGER,
+        term_end             INTEGER,
+        term_unit            TEXT,
+        unsubscribed_seen_at INTEGER,
+        updated_at           INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    -- Single-flight emission across processes: whoever holds an unexpired lease sends.
+    CREATE TABLE leases (
+        name       TEXT PRIMARY KEY,
+        owner      TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
+];
+
+/// The schema version this build writes.
+pub fn current_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Brings the database up to [`current_version`], one immediate transaction per step.
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<i64> {
+    loop {
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version >= current_version() {
+            return Ok(version);
+        }
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Re-read inside the lock: another process may have migrated meanwhile.
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version < current_version() {
+            tx.execute_batch(MIGRATIONS[version as usize])?;
+            tx.execute_batch(&format!("PRAGMA user_version = {}", version + 1))?;
+        }
+        tx.commit()?;
+    }
+}

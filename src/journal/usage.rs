@@ -1,0 +1,424 @@
+//! Usage records and hourly totals: what ingest writes and what reports read.
+
+use super::JournalError;
+use crate::config::LateUsage;
+use crate::quantity::Micros;
+use chrono::{DateTime, Duration, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use std::collections::HashSet;
+
+/// Seconds in an hour.
+pub const HOUR: i64 = 3600;
+
+/// The start of the UTC hour holding `t`, in unix seconds.
+pub fn hour_of(t: DateTime<Utc>) -> i64 {
+    t.timestamp().div_euclid(HOUR) * HOUR
+}
+
+/// Unix seconds to a UTC instant.
+pub fn to_utc(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(secs, 0).unwrap_or_default()
+}
+
+/// RFC 3339 with `Z`, seconds precision.
+pub fn fmt_time(secs: i64) -> String {
+    to_utc(secs).format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// One validated record ready to be journaled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRecord {
+    /// SaaS subscription id (lower-case GUID) or managed app resource URI.
+    pub resource: String,
+    /// Plan id if the application gave one.
+    pub plan: Option<String>,
+    /// Declared dimension.
+    pub dimension: String,
+    /// When the usage happened.
+    pub time: DateTime<Utc>,
+    /// How much.
+    pub quantity: Micros,
+    /// Idempotency key.
+    pub key: Option<String>,
+}
+
+/// Rules ingest applies inside the transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestRules {
+    /// Now, from the clock.
+    pub now: DateTime<Utc>,
+    /// Late usage policy.
+    pub late: LateUsage,
+    /// Hours whose window ends within this margin are late.
+    pub safety_margin: Duration,
+}
+
+/// What an ingest request did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct IngestOutcome {
+    /// Records newly stored (including carried ones).
+    pub accepted: usize,
+    /// Records whose key was already stored.
+    pub duplicates: usize,
+    /// Records stored in a later hour than their own (late usage, carried forward).
+    pub carried: usize,
+}
+
+/// A record refused under `late_usage = "reject"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LateRecord {
+    /// Position in the request.
+    pub index: usize,
+    /// Why it is late.
+    pub message: String,
+}
+
+/// The first hour not yet frozen (all earlier hours are frozen).
+pub fn frozen_through(conn: &Connection) -> Result<i64, JournalError> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'frozen_through'")?
+        .query_row([], |r| r.get(0))
+        .optional()?
+        .unwrap_or(i64::MIN))
+}
+
+/// Where late usage goes: the open hour, or the first unfrozen hour if the clock is behind it.
+pub fn carry_target(conn: &Connection, now: DateTime<Utc>) -> Result<i64, JournalError> {
+    Ok(hour_of(now).max(frozen_through(conn)?))
+}
+
+/// Why a record of `hour` cannot go into its own hour, if it cannot.
+fn lateness(hour: i64, frozen: i64, rules: &IngestRules) -> Option<String> {
+    if hour < frozen {
+        return Some(format!(
+            "the hour {} is already closed and frozen for sending",
+            fmt_time(hour)
+        ));
+    }
+    let window_end = hour + 24 * HOUR - rules.safety_margin.num_seconds();
+    if window_end <= rules.now.timestamp() {
+        return Some(format!(
+            "the hour {} is outside the marketplace's 24-hour window",
+            fmt_time(hour)
+        ));
+    }
+    None
+}
+
+/// Journals `records` (already validated) in the caller's transaction.
+///
+/// Returns `Ok(Err(late))` without writing anything when the policy is `reject` and some record is late.
+pub fn ingest(
+    conn: &Connection,
+    records: &[NewRecord],
+    rules: &IngestRules,
+) -> Result<Result<IngestOutcome, Vec<LateRecord>>, JournalError> {
+    let frozen = frozen_through(conn)?;
+    let target = hour_of(rules.now).max(frozen);
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut exists = conn.prepare_cached("SELECT 1 FROM usage_records WHERE idem_key = ?1")?;
+    // Phase 1: decide each record's fate without writing, so `reject` stores nothing.
+    let mut plan: Vec<Option<i64>> = Vec::with_capacity(records.len());
+    let mut late = Vec::new();
+    for (index, r) in records.iter().enumerate() {
+        if let Some(k) = r.key.as_deref()
+            && (!seen.insert(k) || exists.exists([k])?)
+        {
+            plan.push(None);
+            continue;
+        }
+        let hour = hour_of(r.time);
+        match lateness(hour, frozen, rules) {
+            None => plan.push(Some(hour)),
+            Some(message) => {
+                late.push(LateRecord { index, message });
+                plan.push(Some(target));
+            }
+        }
+    }
+    if rules.late == LateUsage::Reject && !late.is_empty() {
+        return Ok(Err(late));
+    }
+    // Phase 2: write.
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour, quantity, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    let mut outcome = IngestOutcome::default();
+    let now = rules.now.timestamp();
+    for (r, decided) in records.iter().zip(plan) {
+        let Some(hour) = decided else {
+            outcome.duplicates += 1;
+            continue;
+        };
+        let origin = hour_of(r.time);
+        let plan_id = r.plan.as_deref().unwrap_or("");
+        insert.execute(params![
+            r.key,
+            r.resource,
+            plan_id,
+            r.dimension,
+            r.time.timestamp(),
+            origin,
+            hour,
+            r.quantity.0,
+            now
+        ])?;
+        let carried = if hour != origin { r.quantity.0 } else { 0 };
+        add_to_hour(
+            conn,
+            &r.resource,
+            plan_id,
+            &r.dimension,
+            hour,
+            r.quantity.0,
+            1,
+            carried,
+        )?;
+        if hour != origin {
+            record_carry(
+                conn,
+                &r.resource,
+                plan_id,
+                &r.dimension,
+                origin,
+                hour,
+                r.quantity.0,
+                "late",
+                None,
+                now,
+            )?;
+            outcome.carried += 1;
+        }
+        outcome.accepted += 1;
+    }
+    Ok(Ok(outcome))
+}
+
+/// Adds `quantity` (and `records`) to an hourly total, refusing an overflow.
+#[allow(clippy::too_many_arguments)]
+pub fn add_to_hour(
+    conn: &Connection,
+    resource: &str,
+    plan: &str,
+    dimension: &str,
+    hour: i64,
+    quantity: i64,
+    records: i64,
+    carried_in: i64,
+) -> Result<(), JournalError> {
+    let current: Option<i64> = conn
+        .prepare_cached(
+            "SELECT quantity FROM hourly_totals WHERE resource = ?1 AND plan = ?2 AND dimension = ?3 AND hour = ?4",
+        )?
+        .query_row(params![resource, plan, dimension, hour], |r| r.get(0))
+        .optional()?;
+    if current.unwrap_or(0).checked_add(quantity).is_none() {
+        return Err(JournalError::Invalid(format!(
+            "the hourly total of {resource}/{dimension} at {} would overflow",
+            fmt_time(hour)
+        )));
+    }
+    conn.prepare_cached(
+        "INSERT INTO hourly_totals (resource, plan, dimension, hour, quantity, records, carried_in)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (resource, plan, dimension, hour) DO UPDATE SET
+             quantity = quantity + excluded.quantity,
+             records = records + excluded.records,
+             carried_in = carried_in + excluded.carried_in",
+    )?
+    .execute(params![
+        resource, plan, dimension, hour, quantity, records, carried_in
+    ])?;
+    Ok(())
+}
+
+/// Records that `quantity` moved from `from` to `to`.
+#[allow(clippy::too_many_arguments)]
+pub fn record_carry(
+    conn: &Connection,
+    resource: &str,
+    plan: &str,
+    dimension: &str,
+    from: i64,
+    to: i64,
+    quantity: i64,
+    reason: &str,
+    outbound_id: Option<i64>,
+    now: i64,
+) -> Result<(), JournalError> {
+    if outbound_id.is_some() {
+        conn.prepare_cached(
+            "INSERT INTO carries (resource, plan, dimension, from_hour, to_hour, quantity, reason, outbound_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![resource, plan, dimension, from, to, quantity, reason, outbound_id, now])?;
+    } else {
+        conn.prepare_cached(
+            "INSERT INTO carries (resource, plan, dimension, from_hour, to_hour, quantity, reason, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (resource, plan, dimension, from_hour, to_hour, reason) WHERE outbound_id IS NULL
+             DO UPDATE SET quantity = quantity + excluded.quantity",
+        )?
+        .execute(params![resource, plan, dimension, from, to, quantity, reason, now])?;
+    }
+    Ok(())
+}
+
+/// One hourly total with what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HourlyRow {
+    /// Subscription or resource URI.
+    pub resource: String,
+    /// Plan as given on the records, else the plan it was sent with, else ''.
+    pub plan: String,
+    /// Dimension.
+    pub dimension: String,
+    /// Hour start, RFC 3339.
+    pub hour: String,
+    /// Exact total, decimal.
+    pub quantity: String,
+    /// Total in micro-units.
+    pub quantity_micros: i64,
+    /// Records counted.
+    pub records: i64,
+    /// Part of the total carried in from earlier hours, micro-units.
+    pub carried_in_micros: i64,
+    /// `open`, `closed` (waiting to be frozen), `pending`, or the final outcome.
+    pub outcome: String,
+    /// Marketplace usage event id when accepted.
+    pub usage_event_id: Option<String>,
+    /// Where the quantity went when it was carried, RFC 3339.
+    pub carried_to: Option<String>,
+    /// Last error while sending.
+    pub last_error: Option<String>,
+}
+
+/// A quantity moved between hours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CarryRow {
+    /// Subscription or resource URI.
+    pub resource: String,
+    /// Plan.
+    pub plan: String,
+    /// Dimension.
+    pub dimension: String,
+    /// From hour.
+    pub from_hour: String,
+    /// To hour.
+    pub to_hour: String,
+    /// Quantity, decimal.
+    pub quantity: String,
+    /// `late` or `expired`.
+    pub reason: String,
+}
+
+/// Filter for reports.
+#[derive(Debug, Clone, Default)]
+pub struct ReportFilter {
+    /// Only this resource.
+    pub resource: Option<String>,
+    /// Hours at or after this instant.
+    pub from: Option<DateTime<Utc>>,
+    /// Hours before this instant.
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// Hourly totals with their outcomes, oldest first.
+pub fn hourly_report(
+    conn: &Connection,
+    filter: &ReportFilter,
+    now: DateTime<Utc>,
+    grace: Duration,
+) -> Result<Vec<HourlyRow>, JournalError> {
+    let from = filter.from.map(|t| t.timestamp()).unwrap_or(i64::MIN);
+    let to = filter.to.map(|t| t.timestamp()).unwrap_or(i64::MAX);
+    let open_hour = hour_of(now);
+    let closed_before = hour_of(now - Duration::hours(1) - grace) + HOUR;
+    let mut stmt = conn.prepare_cached(
+        "SELECT h.resource, h.plan, h.dimension, h.hour, h.quantity, h.records, h.carried_in,
+                o.state, o.usage_event_id, o.carried_to, o.last_error, o.plan
+         FROM hourly_totals h LEFT JOIN outbound_events o ON o.id = h.outbound_id
+         WHERE (?1 IS NULL OR h.resource = ?1) AND h.hour >= ?2 AND h.hour < ?3
+         ORDER BY h.hour, h.resource, h.dimension, h.plan",
+    )?;
+    let rows = stmt.query_map(params![filter.resource, from, to], |r| {
+        let hour: i64 = r.get(3)?;
+        let qty: i64 = r.get(4)?;
+        let state: Option<String> = r.get(7)?;
+        let carried_to: Option<i64> = r.get(9)?;
+        let plan: String = r.get(1)?;
+        let sent_plan: Option<String> = r.get(11)?;
+        let outcome = match (state, carried_to) {
+            (Some(s), Some(_)) if s == "expired" => "carried".to_string(),
+            (Some(s), _) => s,
+            (None, _) if hour >= open_hour => "open".to_string(),
+            (None, _) if hour >= closed_before => "closing".to_string(),
+            (None, _) => "closed".to_string(),
+        };
+        Ok(HourlyRow {
+            resource: r.get(0)?,
+            plan: if plan.is_empty() {
+                sent_plan.unwrap_or_default()
+            } else {
+                plan
+            },
+            dimension: r.get(2)?,
+            hour: fmt_time(hour),
+            quantity: Micros(qty).to_decimal_string(),
+            quantity_micros: qty,
+            records: r.get(5)?,
+            carried_in_micros: r.get(6)?,
+            outcome,
+            usage_event_id: r.get(8)?,
+            carried_to: carried_to.map(fmt_time),
+            last_error: r.get(10)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Quantities moved between hours, oldest first.
+pub fn carry_report(
+    conn: &Connection,
+    filter: &ReportFilter,
+) -> Result<Vec<CarryRow>, JournalError> {
+    let from = filter.from.map(|t| t.timestamp()).unwrap_or(i64::MIN);
+    let to = filter.to.map(|t| t.timestamp()).unwrap_or(i64::MAX);
+    let mut stmt = conn.prepare_cached(
+        "SELECT resource, plan, dimension, from_hour, to_hour, quantity, reason FROM carries
+         WHERE (?1 IS NULL OR resource = ?1) AND from_hour >= ?2 AND from_hour < ?3
+         ORDER BY from_hour, resource, dimension",
+    )?;
+    let rows = stmt.query_map(params![filter.resource, from, to], |r| {
+        Ok(CarryRow {
+            resource: r.get(0)?,
+            plan: r.get(1)?,
+            dimension: r.get(2)?,
+            from_hour: fmt_time(r.get(3)?),
+            to_hour: fmt_time(r.get(4)?),
+            quantity: Micros(r.get(5)?).to_decimal_string(),
+            reason: r.get(6)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Number of raw records (for tests and status).
+pub fn record_count(conn: &Connection) -> Result<i64, JournalError> {
+    Ok(conn.query_row("SELECT COUNT(*) FROM usage_records", [], |r| r.get(0))?)
+}
+
+/// Deletes raw records older than the dedupe window (their sums stay in `hourly_totals`). Returns rows deleted.
+pub fn compact_records(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    dedupe_window: Duration,
+    limit: i64,
+) -> Result<usize, JournalError> {
+    let before = (now - dedupe_window).timestamp();
+    Ok(conn
+        .prepare_cached("DELETE FROM usage_records WHERE seq IN (SELECT seq FROM usage_records WHERE received_at < ?1 ORDER BY received_at LIMIT ?2)")?
+        .execute(params![before, limit])?)
+}
