@@ -35,6 +35,7 @@
 //! the marketplace answers `Duplicate` with the original quantity, which counts as billed once.
 
 mod schema;
+pub mod outbound;
 pub mod status;
 pub mod usage;
 

@@ -64,8 +64,10 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX carries_key ON carries(resource, plan, dimension, from_hour, to_hour, reason)
         WHERE outbound_id IS NULL;
 
-    -- Frozen outbound events: one per (resource, dimension, hour) ever. `body` is the exact JSON sent on every
-    -- attempt. `state` is 'pending' until a terminal outcome.
+    -- Frozen outbound events: one per (resource, dimension, hour) ever. `quantity` is fixed at freezing; `body`
+    -- is written once, before the first attempt (when the plan is known), and sent byte for byte on every attempt.
+    -- `state` is 'pending' until a terminal outcome. `held` says why a pending event is not being sent (the
+    -- subscription is not active yet); `ambiguous` that some attempt may have been recorded without an answer.
     CREATE TABLE outbound_events (
         id                INTEGER PRIMARY KEY,
         resource          TEXT NOT NULL,
@@ -79,6 +81,8 @@ pub const MIGRATIONS: &[&str] = &[
         next_attempt_at   INTEGER NOT NULL,
         deadline          INTEGER NOT NULL,
         ambiguous         INTEGER NOT NULL DEFAULT 0,
+        held              TEXT,
+        in_flight         INTEGER NOT NULL DEFAULT 0,
         last_error        TEXT,
         usage_event_id    TEXT,
         market_quantity   INTEGER,

@@ -1,0 +1,457 @@
+//! Outbound events: freezing closed hours, settling results, expiry, subscriptions seen, and the emitter lease.
+//!
+//! Every function here runs inside a writer job (or a read), so each step is one transaction: a crash leaves the
+//! event either before or after the step, never between.
+
+use super::JournalError;
+use super::usage::{HOUR, add_to_hour, fmt_time, frozen_through, hour_of, record_carry};
+use crate::config::LateUsage;
+use chrono::{DateTime, Duration, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Terminal states an outbound event can end in (plus `pending`).
+pub const STATES: &[&str] = &[
+    "pending",
+    "accepted",
+    "duplicate",
+    "duplicate_mismatch",
+    "expired",
+    "expired_unconfirmed",
+    "rejected",
+    "skipped_unsubscribed",
+    "not_active",
+];
+
+/// The first hour that is not closed at `now`: hour H is closed when `H + 1h + grace <= now`.
+pub fn first_open_hour(now: DateTime<Utc>, grace: Duration) -> i64 {
+    hour_of(now - Duration::hours(1) - grace) + HOUR
+}
+
+/// What a freeze did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FreezeSummary {
+    /// Outbound events written.
+    pub frozen: usize,
+    /// New `frozen_through` (first unfrozen hour), unix seconds.
+    pub through: i64,
+}
+
+/// Freezes every closed hour: one outbound event per (resource, dimension, hour) with its exact total.
+///
+/// The plan is taken from the records when they name one (the one with the largest share if they disagree: the
+/// marketplace keeps one event per resource, dimension and hour); otherwise it is decided before the first send.
+pub fn freeze(conn: &Connection, now: DateTime<Utc>, grace: Duration, safety_margin: Duration) -> Result<FreezeSummary, JournalError> {
+    let old = frozen_through(conn)?;
+    let through = first_open_hour(now, grace).max(old);
+    let mut summary = FreezeSummary { frozen: 0, through };
+    if through == old {
+        return Ok(summary);
+    }
+    let rows: Vec<(String, String, String, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT resource, plan, dimension, hour, quantity FROM hourly_totals
+             WHERE outbound_id IS NULL AND hour < ?1 ORDER BY hour, resource, dimension, plan",
+        )?
+        .query_map([through], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .collect::<Result<_, _>>()?;
+    // Group by the marketplace's key.
+    let mut groups: BTreeMap<(i64, String, String), (i64, BTreeMap<String, i64>)> = BTreeMap::new();
+    for (resource, plan, dimension, hour, qty) in rows {
+        let g = groups.entry((hour, resource, dimension)).or_default();
+        g.0 = g.0.checked_add(qty).ok_or_else(|| JournalError::Invalid("hourly total overflows".into()))?;
+        if !plan.is_empty() {
+            *g.1.entry(plan).or_default() += qty;
+        }
+    }
+    let now_s = now.timestamp();
+    for ((hour, resource, dimension), (qty, plans)) in groups {
+        if plans.len() > 1 {
+            tracing::warn!(
+                message = "Records of one hour name different plans; the marketplace takes one event per hour, so the plan with the largest share is used.",
+                %resource, %dimension, hour = %fmt_time(hour), plans = ?plans.keys().collect::<Vec<_>>()
+            );
+        }
+        let plan = plans.iter().max_by_key(|(_, q)| **q).map(|(p, _)| p.clone()).unwrap_or_default();
+        let existing: Option<i64> = conn
+            .prepare_cached("SELECT id FROM outbound_events WHERE resource = ?1 AND dimension = ?2 AND hour = ?3")?
+            .query_row(params![resource, dimension, hour], |r| r.get(0))
+            .optional()?;
+        if existing.is_some() {
+            // Cannot happen while the watermark only moves forward; never lose the units if it does.
+            let target = hour_of(now).max(through);
+            tracing::error!(message = "Hour already has an outbound event; carrying the new units forward.", %resource, %dimension, hour = %fmt_time(hour));
+            add_to_hour(conn, &resource, &plan, &dimension, target, qty, 0, qty)?;
+            record_carry(conn, &resource, &plan, &dimension, hour, target, qty, "late", None, now_s)?;
+            conn.prepare_cached("DELETE FROM hourly_totals WHERE resource = ?1 AND dimension = ?2 AND hour = ?3 AND outbound_id IS NULL")?
+                .execute(params![resource, dimension, hour])?;
+            continue;
+        }
+        let deadline = hour + 24 * HOUR - safety_margin.num_seconds();
+        conn.prepare_cached(
+            "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at, deadline, frozen_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, '', 'pending', ?6, ?7, ?6)",
+        )?
+        .execute(params![resource, plan, dimension, hour, qty, now_s, deadline])?;
+        let id = conn.last_insert_rowid();
+        conn.prepare_cached("UPDATE hourly_totals SET outbound_id = ?1 WHERE resource = ?2 AND dimension = ?3 AND hour = ?4 AND outbound_id IS NULL")?
+            .execute(params![id, resource, dimension, hour])?;
+        summary.frozen += 1;
+    }
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES ('frozen_through', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+    )?
+    .execute([through])?;
+    Ok(summary)
+}
+
+/// A pending outbound event as the emitter sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingEvent {
+    /// Row id.
+    pub id: i64,
+    /// Subscription id or resource URI.
+    pub resource: String,
+    /// Plan ('' until decided).
+    pub plan: String,
+    /// Dimension.
+    pub dimension: String,
+    /// Hour start, unix seconds.
+    pub hour: i64,
+    /// Frozen quantity, micro-units.
+    pub quantity: i64,
+    /// Frozen JSON ('' until the first send).
+    pub body: String,
+    /// Attempts so far.
+    pub attempts: i64,
+    /// Retries stop here, unix seconds.
+    pub deadline: i64,
+    /// Some attempt may have been recorded without an answer.
+    pub ambiguous: bool,
+}
+
+/// Pending events due at `now`, oldest hour first.
+pub fn due_events(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<Vec<PendingEvent>, JournalError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, resource, plan, dimension, hour, quantity, body, attempts, deadline, ambiguous FROM outbound_events
+         WHERE state = 'pending' AND next_attempt_at <= ?1 AND deadline > ?1 ORDER BY hour, id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![now.timestamp(), limit], |r| {
+        Ok(PendingEvent {
+            id: r.get(0)?,
+            resource: r.get(1)?,
+            plan: r.get(2)?,
+            dimension: r.get(3)?,
+            hour: r.get(4)?,
+            quantity: r.get(5)?,
+            body: r.get(6)?,
+            attempts: r.get(7)?,
+            deadline: r.get(8)?,
+            ambiguous: r.get::<_, i64>(9)? != 0,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// When the next pending event becomes due (unix seconds), if any.
+pub fn next_due(conn: &Connection) -> Result<Option<i64>, JournalError> {
+    Ok(conn.query_row("SELECT MIN(next_attempt_at) FROM outbound_events WHERE state = 'pending'", [], |r| r.get(0))?)
+}
+
+/// Writes the frozen body and plan of an event, once: an event that already has a body keeps it.
+pub fn set_body(conn: &Connection, id: i64, plan: &str, body: &str) -> Result<String, JournalError> {
+    conn.prepare_cached("UPDATE outbound_events SET plan = ?2, body = ?3 WHERE id = ?1 AND body = ''")?
+        .execute(params![id, plan, body])?;
+    Ok(conn.prepare_cached("SELECT body FROM outbound_events WHERE id = ?1")?.query_row([id], |r| r.get(0))?)
+}
+
+/// How one event's attempt ended, as the journal records it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    /// Recorded by the marketplace.
+    Accepted {
+        /// The marketplace's id.
+        usage_event_id: Option<String>,
+    },
+    /// Already recorded with the same quantity.
+    Duplicate {
+        /// Quantity the marketplace holds.
+        market_quantity: Option<i64>,
+    },
+    /// Already recorded with another quantity.
+    DuplicateMismatch {
+        /// Quantity the marketplace holds.
+        market_quantity: i64,
+    },
+    /// The marketplace said `Expired`.
+    Expired {
+        /// What it said.
+        message: String,
+    },
+    /// Terminal refusal (`InvalidDimension`, `ResourceNotAuthorized`, ...).
+    Rejected {
+        /// The marketplace's reason.
+        reason: String,
+    },
+    /// The subscription was cancelled before this hour closed.
+    SkippedUnsubscribed,
+    /// Not sendable now (subscription not active); re-check at `next_at`.
+    Hold {
+        /// Why.
+        reason: String,
+        /// When to look again.
+        next_at: DateTime<Utc>,
+    },
+    /// Not sent this time for a passing reason (subscription list unavailable); look again at `next_at`.
+    Defer {
+        /// Why.
+        reason: String,
+        /// When to look again.
+        next_at: DateTime<Utc>,
+    },
+    /// The attempt failed; try again at `next_at`.
+    Retry {
+        /// What went wrong.
+        error: String,
+        /// When.
+        next_at: DateTime<Utc>,
+        /// The attempt may have been recorded.
+        ambiguous: bool,
+    },
+}
+
+/// Records the outcome of one attempt (or decision) for event `id`. `late` is the policy for expired units.
+/// Returns the state written.
+pub fn settle(conn: &Connection, id: i64, outcome: &Settle, now: DateTime<Utc>, late: LateUsage) -> Result<&'static str, JournalError> {
+    let now_s = now.timestamp();
+    let mut finish = |state: &'static str, error: Option<&str>, usage_event_id: Option<&str>, market: Option<i64>| -> Result<&'static str, JournalError> {
+        conn.prepare_cached(
+            "UPDATE outbound_events SET state = ?2, last_error = COALESCE(?3, last_error), usage_event_id = ?4,
+                    market_quantity = ?5, finished_at = ?6, held = NULL, in_flight = 0
+             WHERE id = ?1 AND state = 'pending'",
+        )?
+        .execute(params![id, state, error, usage_event_id, market, now_s])?;
+        Ok(state)
+    };
+    match outcome {
+        Settle::Accepted { usage_event_id } => finish("accepted", None, usage_event_id.as_deref(), None),
+        Settle::Duplicate { market_quantity } => finish("duplicate", None, None, *market_quantity),
+        Settle::DuplicateMismatch { market_quantity } => finish("duplicate_mismatch", Some("the marketplace holds another quantity for this hour"), None, Some(*market_quantity)),
+        Settle::Rejected { reason } => finish("rejected", Some(reason), None, None),
+        Settle::SkippedUnsubscribed => finish("skipped_unsubscribed", Some("the subscription was cancelled before this hour closed"), None, None),
+        Settle::Expired { message } => expire(conn, id, message, now, late, false),
+        Settle::Hold { reason, next_at } => {
+            conn.prepare_cached(
+                "UPDATE outbound_events SET held = ?2, last_error = ?2, next_attempt_at = ?3 WHERE id = ?1 AND state = 'pending'",
+            )?
+            .execute(params![id, reason, next_at.timestamp()])?;
+            Ok("pending")
+        }
+        Settle::Defer { reason, next_at } => {
+            conn.prepare_cached(
+                "UPDATE outbound_events SET last_error = ?2, next_attempt_at = ?3, held = NULL WHERE id = ?1 AND state = 'pending'",
+            )?
+            .execute(params![id, reason, next_at.timestamp()])?;
+            Ok("pending")
+        }
+        Settle::Retry { error, next_at, ambiguous } => {
+            conn.prepare_cached(
+                "UPDATE outbound_events SET last_error = ?2, next_attempt_at = ?3,
+                        ambiguous = MAX(ambiguous, ?4), held = NULL, in_flight = 0
+                 WHERE id = ?1 AND state = 'pending'",
+            )?
+            .execute(params![id, error, next_at.timestamp(), *ambiguous as i64])?;
+            Ok("pending")
+        }
+    }
+}
+
+/// Marks an attempt as under way (committed before the call), so that a crash during the call is remembered as
+/// a possibly recorded attempt.
+pub fn mark_attempt(conn: &Connection, ids: &[i64]) -> Result<(), JournalError> {
+    let mut stmt = conn.prepare_cached("UPDATE outbound_events SET attempts = attempts + 1, in_flight = 1 WHERE id = ?1 AND state = 'pending'")?;
+    for id in ids {
+        stmt.execute([id])?;
+    }
+    Ok(())
+}
+
+/// After a crash: attempts left in flight may have reached the marketplace. Call only while holding the lease.
+pub fn recover_in_flight(conn: &Connection) -> Result<usize, JournalError> {
+    Ok(conn.execute("UPDATE outbound_events SET ambiguous = 1, in_flight = 0 WHERE in_flight = 1 AND state = 'pending'", [])?)
+}
+
+/// Ends event `id` after its window: `expired_unconfirmed` if some attempt was ambiguous (carrying could bill
+/// twice), `not_active` if it was held for its subscription, else `expired` with its units carried into the open
+/// hour under `carry_forward`.
+fn expire(conn: &Connection, id: i64, message: &str, now: DateTime<Utc>, late: LateUsage, by_deadline: bool) -> Result<&'static str, JournalError> {
+    let row: Option<(String, String, String, i64, i64, i64, Option<String>)> = conn
+        .prepare_cached("SELECT resource, plan, dimension, hour, quantity, ambiguous, held FROM outbound_events WHERE id = ?1 AND state = 'pending'")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
+        .optional()?;
+    let Some((resource, plan, dimension, hour, qty, ambiguous, held)) = row else {
+        return Ok("pending");
+    };
+    let now_s = now.timestamp();
+    let (state, carried_to) = if ambiguous != 0 {
+        ("expired_unconfirmed", None)
+    } else if by_deadline && held.is_some() {
+        ("not_active", None)
+    } else if late == LateUsage::CarryForward {
+        let target = hour_of(now).max(frozen_through(conn)?);
+        add_to_hour(conn, &resource, &plan, &dimension, target, qty, 0, qty)?;
+        record_carry(conn, &resource, &plan, &dimension, hour, target, qty, "expired", Some(id), now_s)?;
+        ("expired", Some(target))
+    } else {
+        ("expired", None)
+    };
+    let error = match (state, &held) {
+        ("not_active", Some(h)) => format!("window ran out while held: {h}"),
+        ("expired_unconfirmed", _) => format!("{message}; an earlier attempt may have been recorded: run `meterd reconcile`"),
+        _ => message.to_string(),
+    };
+    conn.prepare_cached(
+        "UPDATE outbound_events SET state = ?2, last_error = ?3, carried_to = ?4, finished_at = ?5 WHERE id = ?1",
+    )?
+    .execute(params![id, state, error, carried_to, now_s])?;
+    Ok(state)
+}
+
+/// An event ended by its deadline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Expired {
+    /// Row id.
+    pub id: i64,
+    /// Resource.
+    pub resource: String,
+    /// Dimension.
+    pub dimension: String,
+    /// Hour, RFC 3339.
+    pub hour: String,
+    /// State written.
+    pub state: String,
+}
+
+/// Ends every pending event whose retry deadline has passed.
+pub fn expire_overdue(conn: &Connection, now: DateTime<Utc>, late: LateUsage) -> Result<Vec<Expired>, JournalError> {
+    let ids: Vec<(i64, String, String, i64, Option<String>)> = conn
+        .prepare_cached("SELECT id, resource, dimension, hour, last_error FROM outbound_events WHERE state = 'pending' AND deadline <= ?1 ORDER BY hour")?
+        .query_map([now.timestamp()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for (id, resource, dimension, hour, last_error) in ids {
+        let msg = format!(
+            "retries stopped at the end of the 24-hour window (less emit.safety_margin){}",
+            last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
+        );
+        let state = expire(conn, id, &msg, now, late, true)?;
+        out.push(Expired { id, resource, dimension, hour: fmt_time(hour), state: state.to_string() });
+    }
+    Ok(out)
+}
+
+/// What meterd knows of a SaaS subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownSubscription {
+    /// Subscription id (lower case).
+    pub id: String,
+    /// `Subscribed`, `Suspended`, ...
+    pub status: String,
+    /// Current plan.
+    pub plan: String,
+    /// When meterd first saw it `Unsubscribed`, unix seconds.
+    pub unsubscribed_seen_at: Option<i64>,
+    /// Term start, unix seconds.
+    pub term_start: Option<i64>,
+    /// Term end, unix seconds.
+    pub term_end: Option<i64>,
+}
+
+/// A subscription as listed by the marketplace.
+#[derive(Debug, Clone)]
+pub struct ListedSubscription {
+    /// Id.
+    pub id: String,
+    /// Status, trimmed.
+    pub status: String,
+    /// Plan id.
+    pub plan: String,
+    /// Offer id.
+    pub offer: String,
+    /// Term start.
+    pub term_start: Option<i64>,
+    /// Term end.
+    pub term_end: Option<i64>,
+    /// Term unit.
+    pub term_unit: Option<String>,
+}
+
+/// Stores a full subscription list. Remembers when a cancellation was first seen; subscriptions missing from
+/// the list become `Unknown`.
+pub fn store_subscriptions(conn: &Connection, list: &[ListedSubscription], now: DateTime<Utc>) -> Result<(), JournalError> {
+    let now_s = now.timestamp();
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO subscriptions (id, status, plan, offer, term_start, term_end, term_unit, unsubscribed_seen_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?2 = 'Unsubscribed' THEN ?8 END, ?8)
+         ON CONFLICT (id) DO UPDATE SET
+             status = excluded.status, plan = excluded.plan, offer = excluded.offer,
+             term_start = excluded.term_start, term_end = excluded.term_end, term_unit = excluded.term_unit,
+             unsubscribed_seen_at = CASE WHEN excluded.status = 'Unsubscribed'
+                                         THEN COALESCE(subscriptions.unsubscribed_seen_at, excluded.updated_at)
+                                         ELSE NULL END,
+             updated_at = excluded.updated_at",
+    )?;
+    for s in list {
+        stmt.execute(params![s.id.to_ascii_lowercase(), s.status, s.plan, s.offer, s.term_start, s.term_end, s.term_unit, now_s])?;
+    }
+    conn.prepare_cached("UPDATE subscriptions SET status = 'Unknown' WHERE updated_at < ?1 AND status != 'Unsubscribed'")?
+        .execute([now_s])?;
+    Ok(())
+}
+
+/// Every subscription meterd knows, by id.
+pub fn known_subscriptions(conn: &Connection) -> Result<BTreeMap<String, KnownSubscription>, JournalError> {
+    let mut stmt = conn.prepare_cached("SELECT id, status, plan, unsubscribed_seen_at, term_start, term_end FROM subscriptions")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(KnownSubscription {
+            id: r.get(0)?,
+            status: r.get(1)?,
+            plan: r.get(2)?,
+            unsubscribed_seen_at: r.get(3)?,
+            term_start: r.get(4)?,
+            term_end: r.get(5)?,
+        })
+    })?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let s = r?;
+        out.insert(s.id.clone(), s);
+    }
+    Ok(out)
+}
+
+/// Takes (or renews) the lease `name` for `owner` until `now + ttl`. `Err(holder)` when someone else holds it.
+pub fn acquire_lease(conn: &Connection, name: &str, owner: &str, now: DateTime<Utc>, ttl: Duration) -> Result<Result<(), String>, JournalError> {
+    let changed = conn
+        .prepare_cached(
+            "INSERT INTO leases (name, owner, expires_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+             WHERE leases.owner = excluded.owner OR leases.expires_at <= ?4",
+        )?
+        .execute(params![name, owner, (now + ttl).timestamp(), now.timestamp()])?;
+    if changed == 1 {
+        return Ok(Ok(()));
+    }
+    let holder: (String, i64) = conn
+        .prepare_cached("SELECT owner, expires_at FROM leases WHERE name = ?1")?
+        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(Err(format!("{} (until {})", holder.0, fmt_time(holder.1))))
+}
+
+/// Gives the lease back if `owner` holds it.
+pub fn release_lease(conn: &Connection, name: &str, owner: &str) -> Result<(), JournalError> {
+    conn.prepare_cached("DELETE FROM leases WHERE name = ?1 AND owner = ?2")?.execute(params![name, owner])?;
+    Ok(())
+}
