@@ -1,0 +1,721 @@
+//! Entra ID access tokens for the marketplace API.
+//!
+//! Every marketplace call needs a bearer token for the marketplace application
+//! ([`MARKETPLACE_RESOURCE_ID`]). Fetching one per call would be slow and would hit Entra's throttling, so
+//! [`CachedTokenProvider`] caches it and refreshes it *before* it expires (five minutes early, or at 80 % of the
+//! lifetime for short-lived tokens), using an injected clock so tests control expiry. Concurrent callers share a
+//! single in-flight fetch, and callers that waited on a fetch that failed get that failure instead of starting a
+//! new one each. If a refresh fails while the cached token is still valid, the cached token keeps being served.
+//!
+//! The emitter calls [`TokenProvider::invalidate`] after a 401 so the next call fetches a new token.
+//!
+//! Nothing in here prints a secret: [`Secret`] redacts itself, and [`AuthError`] holds Entra's `error` and
+//! `error_description` (with its `AADSTS` code) but never the request, the secret or the token.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use super::MARKETPLACE_RESOURCE_ID;
+use super::advice::{aadsts_advice, excerpt, find_aadsts_code};
+use super::secret::Secret;
+use crate::clock::SharedClock;
+
+/// A boxed, sendable future (what [`TokenProvider::token`] returns, to keep the trait object-safe).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The default IMDS token endpoint (VMs, managed applications).
+pub const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+
+/// Refresh at the latest this long before expiry.
+const REFRESH_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
+
+/// Assumed lifetime when a token response states none (Entra always does; be conservative anyway).
+const FALLBACK_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
+
+/// A bearer token and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessToken {
+    token: Secret,
+    expires_at: DateTime<Utc>,
+}
+
+impl AccessToken {
+    /// A token valid until `expires_at`.
+    pub fn new(token: Secret, expires_at: DateTime<Utc>) -> Self {
+        Self { token, expires_at }
+    }
+
+    /// The token (use `.expose()` only to put it in the `Authorization` header).
+    pub fn secret(&self) -> &Secret {
+        &self.token
+    }
+
+    /// When it stops being valid (by the local clock).
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        self.expires_at
+    }
+}
+
+/// Something that hands out bearer tokens for the marketplace API.
+pub trait TokenProvider: Send + Sync + fmt::Debug {
+    /// A currently valid token, from the cache or freshly fetched.
+    fn token(&self) -> BoxFuture<'_, Result<AccessToken, AuthError>>;
+
+    /// Drops the cached token (the marketplace answered 401 with it); the next [`TokenProvider::token`] fetches.
+    fn invalidate(&self);
+}
+
+/// Which Entra token endpoint a client secret is used with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndpointVersion {
+    /// `/oauth2/token` with `resource=`; numbers come back as strings.
+    V1,
+    /// `/oauth2/v2.0/token` with `scope=<resource>/.default`.
+    #[default]
+    V2,
+}
+
+/// How meterd authenticates. `Debug` never shows a secret.
+#[derive(Debug, Clone)]
+pub enum AuthConfig {
+    /// An Entra app registration with a client secret (the app registered on the offer in Partner Center).
+    ClientSecret {
+        /// The tenant that owns the app (its id, not `common`).
+        tenant_id: String,
+        /// The app (client) id.
+        client_id: String,
+        /// The secret's value.
+        secret: Secret,
+        /// Overrides the endpoint (default from `tenant_id` and `version`).
+        token_url: Option<String>,
+        /// v1 or v2 endpoint.
+        version: EndpointVersion,
+    },
+    /// A managed identity: IMDS, or App Service style when `identity_header` is set.
+    ManagedIdentity {
+        /// Overrides the endpoint (default [`IMDS_ENDPOINT`], or `$IDENTITY_ENDPOINT`).
+        endpoint: Option<String>,
+        /// A user-assigned identity's client id.
+        client_id: Option<String>,
+        /// `$IDENTITY_HEADER`, sent as `X-IDENTITY-HEADER` (App Service style).
+        identity_header: Option<Secret>,
+    },
+    /// A fixed token (tests, the emulator).
+    StaticToken {
+        /// The token.
+        token: Secret,
+    },
+}
+
+impl AuthConfig {
+    /// A managed identity configuration that uses `$IDENTITY_ENDPOINT` and `$IDENTITY_HEADER` when both are set
+    /// (App Service, Container Apps), else IMDS.
+    pub fn managed_identity_from_env(client_id: Option<String>) -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        match (var("IDENTITY_ENDPOINT"), var("IDENTITY_HEADER")) {
+            (Some(endpoint), Some(header)) => Self::ManagedIdentity {
+                endpoint: Some(endpoint),
+                client_id,
+                identity_header: Some(Secret::new(header)),
+            },
+            _ => Self::ManagedIdentity {
+                endpoint: None,
+                client_id,
+                identity_header: None,
+            },
+        }
+    }
+
+    /// The URL tokens are fetched from (`None` for a static token).
+    pub fn token_url(&self) -> Option<String> {
+        match self {
+            Self::ClientSecret {
+                tenant_id,
+                token_url,
+                version,
+                ..
+            } => Some(token_url.clone().filter(|u| !u.is_empty()).unwrap_or_else(
+                || match version {
+                    EndpointVersion::V1 => {
+                        format!("https://login.microsoftonline.com/{tenant_id}/oauth2/token")
+                    }
+                    EndpointVersion::V2 => {
+                        format!("https://login.microsoftonline.com/{tenant_id}/oauth2/v2.0/token")
+                    }
+                },
+            )),
+            Self::ManagedIdentity { endpoint, .. } => Some(
+                endpoint
+                    .clone()
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| IMDS_ENDPOINT.to_owned()),
+            ),
+            Self::StaticToken { .. } => None,
+        }
+    }
+}
+
+/// Why no token could be had. Never holds a secret or a token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    /// Entra (or the identity endpoint) answered with an OAuth error.
+    #[error("token request refused ({status}): {error}: {description}")]
+    Entra {
+        /// HTTP status.
+        status: u16,
+        /// OAuth `error`, e.g. `invalid_client`.
+        error: String,
+        /// `error_description`, with the `AADSTS` code.
+        description: String,
+    },
+    /// Another error answer.
+    #[error("token endpoint answered {status}: {body}")]
+    Http {
+        /// HTTP status.
+        status: u16,
+        /// An excerpt of the body.
+        body: String,
+    },
+    /// The endpoint could not be reached, or did not answer in time.
+    #[error("token endpoint unreachable: {message}")]
+    Network {
+        /// What failed.
+        message: String,
+        /// It was a timeout.
+        timeout: bool,
+    },
+    /// A success answer that is not a token response (its body is not repeated: it may hold a token).
+    #[error("token response not understood: {reason}")]
+    Decode {
+        /// What was wrong.
+        reason: String,
+    },
+    /// The configuration cannot work (e.g. an unparsable endpoint URL).
+    #[error("authentication misconfigured: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl AuthError {
+    /// Actionable advice for an `AADSTS` code in the answer, if any.
+    pub fn advice(&self) -> Option<&'static str> {
+        match self {
+            Self::Entra { description, .. } => {
+                find_aadsts_code(description).and_then(aadsts_advice)
+            }
+            Self::Http { body, .. } => find_aadsts_code(body).and_then(aadsts_advice),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status of the answer, if there was one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Entra { status, .. } | Self::Http { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// How token fetches are retried (only failures that can pass: network, 429, 5xx, and 404 from IMDS).
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: usize,
+    /// First delay.
+    pub min_delay: Duration,
+    /// Largest delay.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 4,
+            min_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A [`TokenProvider`] for any [`AuthConfig`]: caches, refreshes early, single-flight.
+pub struct CachedTokenProvider {
+    config: AuthConfig,
+    http: reqwest::Client,
+    clock: SharedClock,
+    retry: RetryPolicy,
+    state: Mutex<CacheState>,
+    /// Held while fetching, so concurrent callers wait for one fetch instead of starting their own.
+    fetch: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    cached: Option<Cached>,
+    /// Completed fetches so far.
+    fetches: u64,
+    /// The last fetch's error, with its number, while it is the latest fetch.
+    last_failure: Option<(u64, AuthError)>,
+}
+
+struct Cached {
+    token: AccessToken,
+    refresh_at: DateTime<Utc>,
+}
+
+impl fmt::Debug for CachedTokenProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cached_until = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.cached.as_ref().map(|c| c.token.expires_at));
+        f.debug_struct("CachedTokenProvider")
+            .field("config", &self.config)
+            .field("cached_until", &cached_until)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CachedTokenProvider {
+    /// A provider with a 30-second request timeout and the default retry policy.
+    pub fn new(config: AuthConfig, clock: SharedClock) -> Result<Self, AuthError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10));
+        if matches!(config, AuthConfig::ManagedIdentity { .. }) {
+            // The identity endpoint is link-local or loopback: a proxy would break it.
+            builder = builder.no_proxy();
+        }
+        let http = builder.build().map_err(|e| AuthError::Config {
+            reason: format!("cannot build the HTTP client: {e}"),
+        })?;
+        Ok(Self::with_http_client(config, clock, http))
+    }
+
+    /// A provider using `http` (its timeouts apply).
+    pub fn with_http_client(config: AuthConfig, clock: SharedClock, http: reqwest::Client) -> Self {
+        Self {
+            config,
+            http,
+            clock,
+            retry: RetryPolicy::default(),
+            state: Mutex::new(CacheState::default()),
+            fetch: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Replaces the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        // A panic while holding this lock cannot leave the cache inconsistent: recover the guard.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fresh_cached(&self) -> Option<AccessToken> {
+        let now = self.clock.now();
+        self.state()
+            .cached
+            .as_ref()
+            .filter(|c| now < c.refresh_at)
+            .map(|c| c.token.clone())
+    }
+
+    async fn token_inner(&self) -> Result<AccessToken, AuthError> {
+        if let Some(token) = self.fresh_cached() {
+            return Ok(token);
+        }
+        let fetches_seen = self.state().fetches;
+        let _in_flight = self.fetch.lock().await;
+        if let Some(token) = self.fresh_cached() {
+            return Ok(token);
+        }
+        {
+            let state = self.state();
+            if state.fetches != fetches_seen
+                && let Some((n, error)) = &state.last_failure
+                && *n == state.fetches
+            {
+                // The fetch we waited for failed: share its answer rather than hammer the endpoint.
+                return Err(error.clone());
+            }
+        }
+
+        let result = self.fetch_with_retry().await;
+        let now = self.clock.now();
+        let mut state = self.state();
+        state.fetches += 1;
+        match result {
+            Ok(token) => {
+                let refresh_at = refresh_at(now, token.expires_at);
+                state.cached = Some(Cached {
+                    token: token.clone(),
+                    refresh_at,
+                });
+                state.last_failure = None;
+                tracing::debug!(
+                    message = "Fetched an access token.",
+                    expires_at = %token.expires_at,
+                    refresh_at = %refresh_at,
+                );
+                Ok(token)
+            }
+            Err(error) => {
+                state.last_failure = Some((state.fetches, error.clone()));
+                if let Some(cached) = state.cached.as_ref().filter(|c| now < c.token.expires_at) {
+                    tracing::warn!(
+                        message = "Token refresh failed; using the cached token until it expires.",
+                        %error,
+                        expires_at = %cached.token.expires_at,
+                    );
+                    return Ok(cached.token.clone());
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn fetch_with_retry(&self) -> Result<AccessToken, AuthError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_max_times(self.retry.max_retries)
+            .with_jitter();
+        (|| self.fetch_once())
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e| self.is_retryable(e))
+            .notify(|error, delay| {
+                tracing::warn!(
+                    message = "Token request failed; retrying.",
+                    %error,
+                    delay_ms = delay.as_millis() as u64,
+                );
+            })
+            .await
+    }
+
+    /// Network failures, 429 and 5xx can pass; so can IMDS's 404 (identity not assigned yet). Other 4xx cannot.
+    fn is_retryable(&self, error: &AuthError) -> bool {
+        match error {
+            AuthError::Network { .. } => true,
+            AuthError::Entra { status, .. } | AuthError::Http { status, .. } => {
+                *status == 429
+                    || *status >= 500
+                    || (*status == 404 && matches!(self.config, AuthConfig::ManagedIdentity { .. }))
+            }
+            AuthError::Decode { .. } | AuthError::Config { .. } => false,
+        }
+    }
+
+    async fn fetch_once(&self) -> Result<AccessToken, AuthError> {
+        let url = self.config.token_url();
+        let request = match (&self.config, url) {
+            (AuthConfig::StaticToken { token }, _) => {
+                return Ok(AccessToken::new(token.clone(), DateTime::<Utc>::MAX_UTC));
+            }
+            (
+                AuthConfig::ClientSecret {
+                    client_id,
+                    secret,
+                    version,
+                    ..
+                },
+                Some(url),
+            ) => {
+                let audience = match version {
+                    EndpointVersion::V1 => ("resource", MARKETPLACE_RESOURCE_ID.to_owned()),
+                    EndpointVersion::V2 => ("scope", format!("{MARKETPLACE_RESOURCE_ID}/.default")),
+                };
+                let body = form_encode(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", client_id),
+                    ("client_secret", secret.expose()),
+                    (audience.0, &audience.1),
+                ]);
+                self.http
+                    .post(url)
+                    .header("Content-Type", "application/x-www-form-urlencoded")
+                    .header("Accept", "application/json")
+                    .body(body)
+            }
+            (
+                AuthConfig::ManagedIdentity {
+                    client_id,
+                    identity_header,
+                    ..
+                },
+                Some(url),
+            ) => {
+                let mut url = reqwest::Url::parse(&url).map_err(|e| AuthError::Config {
+                    reason: format!("invalid managed identity endpoint: {e}"),
+                })?;
+                {
+                    let mut query = url.query_pairs_mut();
+                    let api_version = if identity_header.is_some() {
+                        "2019-08-01"
+                    } else {
+                        "2018-02-01"
+                    };
+                    query.append_pair("api-version", api_version);
+                    query.append_pair("resource", MARKETPLACE_RESOURCE_ID);
+                    if let Some(id) = client_id.as_deref().filter(|i| !i.is_empty()) {
+                        query.append_pair("client_id", id);
+                    }
+                }
+                let request = self.http.get(url);
+                match identity_header {
+                    Some(header) => request.header("X-IDENTITY-HEADER", header.expose()),
+                    None => request.header("Metadata", "true"),
+                }
+            }
+            (_, None) => {
+                return Err(AuthError::Config {
+                    reason: "no token endpoint".into(),
+                });
+            }
+        };
+
+        let response = request.send().await.map_err(network_error)?;
+        let status = response.status();
+        let body = response.text().await.map_err(network_error)?;
+        if !status.is_success() {
+            return Err(error_from_body(status.as_u16(), &body));
+        }
+        parse_token_response(&body, self.clock.now())
+    }
+}
+
+impl TokenProvider for CachedTokenProvider {
+    fn token(&self) -> BoxFuture<'_, Result<AccessToken, AuthError>> {
+        Box::pin(self.token_inner())
+    }
+
+    fn invalidate(&self) {
+        self.state().cached = None;
+    }
+}
+
+/// When to refresh a token obtained at `now`: five minutes before expiry, or at 80 % of a short lifetime.
+pub fn refresh_at(now: DateTime<Utc>, expires_at: DateTime<Utc>) -> DateTime<Utc> {
+    let lifetime = expires_at.signed_duration_since(now);
+    if lifetime <= chrono::Duration::zero() {
+        return now;
+    }
+    let margin = REFRESH_MARGIN.min(lifetime / 5);
+    expires_at - margin
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<serde_json::Value>,
+    #[serde(default)]
+    expires_on: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct OAuthErrorBody {
+    error: String,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
+/// A number, or a string holding one; anything else (e.g. App Service's old date format) is `None`.
+fn lenient_secs(value: Option<&serde_json::Value>) -> Option<i64> {
+    match value? {
+        serde_json::Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Parses a token answer (v1, v2 or managed identity) received at `now`.
+///
+/// The expiry is the earlier of `now + expires_in` and `expires_on`, ignoring an `expires_on` that is already past
+/// by the local clock (a skewed clock must not cause a refresh on every call).
+pub fn parse_token_response(body: &str, now: DateTime<Utc>) -> Result<AccessToken, AuthError> {
+    let parsed: TokenResponse = serde_json::from_str(body).map_err(|e| AuthError::Decode {
+        // serde_json's message names a position and a type, never the content.
+        reason: format!("not a token response: {e}"),
+    })?;
+    let token = parsed
+        .access_token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| AuthError::Decode {
+            reason: "no access_token".into(),
+        })?;
+    let from_in = lenient_secs(parsed.expires_in.as_ref())
+        .filter(|s| *s > 0)
+        .map(|s| now + chrono::Duration::seconds(s));
+    let from_on = lenient_secs(parsed.expires_on.as_ref())
+        .and_then(|s| DateTime::from_timestamp(s, 0))
+        .filter(|t| *t > now);
+    let expires_at = match (from_in, from_on) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => now + FALLBACK_LIFETIME,
+    };
+    Ok(AccessToken::new(Secret::new(token), expires_at))
+}
+
+fn error_from_body(status: u16, body: &str) -> AuthError {
+    match serde_json::from_str::<OAuthErrorBody>(body) {
+        Ok(oauth) => AuthError::Entra {
+            status,
+            error: oauth.error,
+            description: oauth
+                .error_description
+                .map(|d| excerpt(&d))
+                .unwrap_or_default(),
+        },
+        Err(_) => AuthError::Http {
+            status,
+            body: excerpt(body),
+        },
+    }
+}
+
+fn network_error(error: reqwest::Error) -> AuthError {
+    AuthError::Network {
+        timeout: error.is_timeout(),
+        message: super::client::error_chain(&error),
+    }
+}
+
+/// `application/x-www-form-urlencoded` encoding (reqwest's `form` feature is not enabled).
+fn form_encode(pairs: &[(&str, &str)]) -> String {
+    let mut url = reqwest::Url::parse("http://form.invalid/").expect("a valid constant URL");
+    url.query_pairs_mut().extend_pairs(pairs);
+    url.query().unwrap_or_default().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn fixture(name: &str) -> String {
+        let path = format!("{}/../shared/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn at(h: u32, m: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2024, 5, 1, h, m, 0)
+            .single()
+            .expect("valid")
+    }
+
+    #[test]
+    fn v2_numbers() {
+        let token = parse_token_response(&fixture("token_v2_response.json"), at(9, 0)).expect("v2");
+        assert_eq!(
+            token.expires_at(),
+            at(9, 0) + chrono::Duration::seconds(3599)
+        );
+        assert_eq!(token.secret().expose(), "eyJ0eXAiOiJKV1Qi...redacted");
+    }
+
+    #[test]
+    fn v1_strings_and_expires_on() {
+        // expires_on 1714560000 = 2024-05-01T10:40:00Z comes before 9:45 + expires_in (10:44:59): the earlier wins.
+        let token =
+            parse_token_response(&fixture("token_v1_response.json"), at(9, 45)).expect("v1");
+        assert_eq!(token.expires_at(), at(10, 40));
+        // From a clock past expires_on, expires_in is used instead.
+        let token =
+            parse_token_response(&fixture("token_v1_response.json"), at(11, 0)).expect("v1");
+        assert_eq!(
+            token.expires_at(),
+            at(11, 0) + chrono::Duration::seconds(3599)
+        );
+    }
+
+    #[test]
+    fn imds_strings() {
+        // expires_on 1714642399 = 2024-05-02T09:33:19Z, expires_in 86399.
+        let now = at(9, 33) + chrono::Duration::seconds(20);
+        let token = parse_token_response(&fixture("token_imds_response.json"), now).expect("imds");
+        assert_eq!(
+            token.expires_at(),
+            Utc.with_ymd_and_hms(2024, 5, 2, 9, 33, 19)
+                .single()
+                .expect("valid")
+        );
+    }
+
+    #[test]
+    fn decode_errors_do_not_repeat_the_body() {
+        let err = parse_token_response(r#"{"token_type":"Bearer","expires_in":"x"}"#, at(9, 0))
+            .expect_err("no token");
+        assert!(matches!(err, AuthError::Decode { .. }));
+        let err = parse_token_response("access_token=SECRETTOKEN", at(9, 0)).expect_err("not json");
+        assert!(!format!("{err} {err:?}").contains("SECRETTOKEN"));
+    }
+
+    #[test]
+    fn refresh_schedule() {
+        // One hour: five minutes early.
+        assert_eq!(refresh_at(at(9, 0), at(10, 0)), at(9, 55));
+        // Ten minutes: at 80 %.
+        assert_eq!(refresh_at(at(9, 0), at(9, 10)), at(9, 8));
+        assert_eq!(refresh_at(at(9, 0), at(8, 0)), at(9, 0));
+    }
+
+    #[test]
+    fn entra_errors_keep_code_and_description() {
+        let err = error_from_body(
+            401,
+            r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.","error_codes":[7000215]}"#,
+        );
+        assert!(err.to_string().contains("invalid_client"));
+        assert!(err.to_string().contains("AADSTS7000215"));
+        assert!(err.advice().is_some_and(|a| a.contains("secret")));
+        assert!(matches!(
+            error_from_body(502, "<html>bad gateway</html>"),
+            AuthError::Http { status: 502, .. }
+        ));
+    }
+
+    #[test]
+    fn urls_and_form() {
+        let cfg = AuthConfig::ClientSecret {
+            tenant_id: "contoso.onmicrosoft.com".into(),
+            client_id: "app".into(),
+            secret: Secret::new("s3cr3t-value"),
+            token_url: None,
+            version: EndpointVersion::V1,
+        };
+        assert_eq!(
+            cfg.token_url().as_deref(),
+            Some("https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/token")
+        );
+        assert!(!format!("{cfg:?}").contains("s3cr3t-value"));
+        let mi = AuthConfig::ManagedIdentity {
+            endpoint: None,
+            client_id: None,
+            identity_header: Some(Secret::new("hdr-value")),
+        };
+        assert_eq!(mi.token_url().as_deref(), Some(IMDS_ENDPOINT));
+        assert!(!format!("{mi:?}").contains("hdr-value"));
+        assert_eq!(
+            form_encode(&[("scope", "20e940b3/.default"), ("client_secret", "a+b c&d")]),
+            "scope=20e940b3%2F.default&client_secret=a%2Bb+c%26d"
+        );
+    }
+}
