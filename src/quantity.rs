@@ -91,16 +91,7 @@ impl Micros {
 
     /// The quantity as the shortest exact decimal (`4`, `2.5`, `0.000001`).
     pub fn to_decimal_string(self) -> String {
-        let sign = if self.0 < 0 { "-" } else { "" };
-        let abs = self.0.unsigned_abs();
-        let whole = abs / MICROS as u64;
-        let frac = abs % MICROS as u64;
-        if frac == 0 {
-            format!("{sign}{whole}")
-        } else {
-            let f = format!("{frac:06}");
-            format!("{sign}{whole}.{}", f.trim_end_matches('0'))
-        }
+        crate::marketplace::quantity::micros_to_decimal_string(self.0)
     }
 
     /// The quantity as a float, for the JSON sent to the marketplace (which takes a double).

@@ -226,7 +226,7 @@ pub enum Settle {
 /// Returns the state written.
 pub fn settle(conn: &Connection, id: i64, outcome: &Settle, now: DateTime<Utc>, late: LateUsage) -> Result<&'static str, JournalError> {
     let now_s = now.timestamp();
-    let mut finish = |state: &'static str, error: Option<&str>, usage_event_id: Option<&str>, market: Option<i64>| -> Result<&'static str, JournalError> {
+    let finish = |state: &'static str, error: Option<&str>, usage_event_id: Option<&str>, market: Option<i64>| -> Result<&'static str, JournalError> {
         conn.prepare_cached(
             "UPDATE outbound_events SET state = ?2, last_error = COALESCE(?3, last_error), usage_event_id = ?4,
                     market_quantity = ?5, finished_at = ?6, held = NULL, in_flight = 0
