@@ -1,7 +1,8 @@
 //! `meterd run`: opens the journal, binds the listener, starts emission, and shuts down in order.
 
 use crate::clock::SharedClock;
-use crate::config::{ListenAddr, LogFormat, Settings};
+use crate::config::{ListenAddr, LogFormat, MarketplaceMode, Settings};
+use crate::emit::{Emitter, PassSummary, schedule};
 use crate::ingest::{self, AppState};
 use crate::journal::Journal;
 use crate::secret::load_secret;
@@ -128,52 +129,93 @@ pub struct RunContext {
 }
 
 /// The daemon. Returns when a shutdown signal has been handled.
-pub async fn run(settings: Settings, ctx: RunContext) -> anyhow::Result<()> {
+pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> {
+    // Try-it mode: the built-in emulator, in-process, so a newcomer sees the whole flow without credentials.
+    let mut _emulator = None;
+    if settings.marketplace.mode == MarketplaceMode::Emulator {
+        let (addr, emu, task) = crate::emulator::Emulator::spawn_local(crate::emulator::EmulatorConfig::default())
+            .await
+            .context("cannot start the built-in emulator")?;
+        settings.marketplace.base_url = format!("http://{addr}/api");
+        tracing::warn!(
+            message = "No marketplace credentials in use: reporting to the built-in emulator. Nothing is billed.",
+            emulator = %format!("http://{addr}"),
+            hint = "configure [marketplace.auth] and mode = \"azure\" to report to the Azure Marketplace"
+        );
+        _emulator = Some((emu, task));
+    }
     let settings = Arc::new(settings);
-    let journal = Journal::open(&settings.journal.path).with_context(|| {
-        format!(
-            "cannot open the journal at {}",
-            settings.journal.path.display()
-        )
-    })?;
+    let journal = Journal::open(&settings.journal.path)
+        .with_context(|| format!("cannot open the journal at {}", settings.journal.path.display()))?;
     let token = ingest_token(&settings, &ctx.env)?.map(Arc::new);
-    if token.is_none()
-        && !matches!(&settings.ingest.listen, ListenAddr::Tcp(a) if a.starts_with("127.") || a.starts_with("[::1]"))
-        && matches!(settings.ingest.listen, ListenAddr::Tcp(_))
+    if let ListenAddr::Tcp(a) = &settings.ingest.listen
+        && token.is_none()
+        && !(a.starts_with("127.") || a.starts_with("[::1]"))
     {
         tracing::warn!(
             message = "Ingest listens beyond loopback without a token; anyone who reaches it can report usage.",
             listen = %settings.ingest.listen
         );
     }
+    let client = crate::emit::client(&settings, &ctx.env, ctx.clock.clone())?;
+    let emitter = Arc::new(Emitter::new(settings.clone(), journal.clone(), ctx.clock.clone(), client));
     let listener = Listener::bind(&settings.ingest.listen).await?;
     let ready = Arc::new(AtomicBool::new(false));
+    let liveness = Arc::new(crate::ops::Liveness::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync> = Arc::new(|s: &PassSummary| {
+        crate::ops::notify_status(s);
+    });
+    let (handle, mut scheduler, loop_task) =
+        schedule::start(emitter.clone(), &settings.emit.schedule, liveness.clone(), stop_rx.clone(), on_pass).await?;
     let state = AppState {
         settings: settings.clone(),
         journal: journal.clone(),
         clock: ctx.clock.clone(),
         token,
-        emitter: None,
-        metrics: None,
+        emitter: Some(Arc::new(handle)),
+        metrics: crate::ops::install_metrics(),
         ready: ready.clone(),
-        liveness: Arc::new(crate::ops::Liveness::default()),
+        liveness: liveness.clone(),
     };
     tracing::info!(
         message = "meterd listening.",
         addr = %listener.describe(),
         journal = %settings.journal.path.display(),
-        config = %settings.source
+        config = %settings.source,
+        marketplace = %settings.marketplace.base_url
     );
-    ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(serve(listener, state, async move {
-        let mut rx = stop_rx;
-        let _ = rx.wait_for(|v| *v).await;
+        let _ = server_stop.wait_for(|v| *v).await;
     }));
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    crate::ops::notify_ready();
+    let watchdog = crate::ops::spawn_watchdog(journal.clone(), liveness.clone(), &ctx.env);
+
     shutdown_signal().await;
+    crate::ops::notify_stopping();
     tracing::info!(message = "Shutting down: no new requests; finishing the ones in flight.");
+    // A second signal ends the process at once; everything acknowledged is already committed.
+    tokio::spawn(async {
+        shutdown_signal().await;
+        tracing::warn!(message = "Second signal: exiting now.");
+        std::process::exit(130);
+    });
+    ready.store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = stop_tx.send(true);
     server.await.context("server task")??;
+    let _ = loop_task.await;
+    let _ = scheduler.shutdown().await;
+    let bound = settings.emit.shutdown_timeout.to_std().unwrap_or(std::time::Duration::from_secs(20));
+    match tokio::time::timeout(bound, emitter.pass()).await {
+        Ok(Ok(s)) => tracing::info!(message = "Final emission pass done.", frozen = s.frozen, sent = s.sent, pending = s.pending_after),
+        Ok(Err(e)) => tracing::warn!(message = "Final emission pass failed; pending events go at the next start.", error = %format!("{e:#}")),
+        Err(_) => tracing::warn!(message = "Final emission pass cut short by emit.shutdown_timeout; pending events go at the next start."),
+    }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     journal.checkpoint().await.ok();
     journal.close();
     tracing::info!(message = "meterd stopped.");

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod emit;
 pub mod emulator;
 pub mod ingest;
 pub mod journal;

@@ -12,3 +12,16 @@ pub struct EmulatorArgs {
 pub async fn run_cli(_args: EmulatorArgs) -> anyhow::Result<()> {
     anyhow::bail!("the emulator is not merged yet")
 }
+/// Placeholder until the emulator branch lands.
+pub const DEFAULT_STATIC_TOKEN: &str = "emulator-token";
+/// Placeholder.
+#[derive(Default)]
+pub struct EmulatorConfig;
+/// Placeholder.
+pub struct Emulator;
+impl Emulator {
+    /// Placeholder.
+    pub async fn spawn_local(_c: EmulatorConfig) -> std::io::Result<(std::net::SocketAddr, Emulator, tokio::task::JoinHandle<()>)> {
+        Err(std::io::Error::other("emulator not merged"))
+    }
+}

@@ -1,0 +1,585 @@
+//! Emission: one pass freezes closed hours, checks subscriptions, sends due events in batches of at most 25,
+//! and writes each event's outcome back into the journal.
+//!
+//! A pass works from the journal alone, so a missed wake-up, a crash or a restart loses nothing: the next pass
+//! finds the same pending events. Passes are single-flight twice over: a mutex inside the process and a lease
+//! row in the journal across processes. An event is finished only by a classified answer, never by "request
+//! sent"; only the transient subset of a batch is retried, with the retry state persisted in the journal.
+
+pub mod schedule;
+
+use crate::clock::SharedClock;
+use crate::config::{AuthKind, EndpointVersion, LateUsage, MarketplaceMode, Settings};
+use crate::ingest::validate::is_guid;
+use crate::journal::Journal;
+use crate::journal::outbound::{self, KnownSubscription, ListedSubscription, PendingEvent, Settle};
+use crate::journal::usage::{HOUR, fmt_time, to_utc};
+use crate::marketplace::auth::{AuthConfig, CachedTokenProvider, TokenProvider};
+use crate::marketplace::client::{CallError, MarketplaceClient};
+use crate::marketplace::outcome::{Classified, SentKey, classify, match_results, unmatched};
+use crate::marketplace::types::{ResourceRef, batch_body, event_json};
+use crate::quantity::Micros;
+use anyhow::Context;
+use backon::BackoffBuilder;
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Most events in one marketplace call.
+pub const BATCH_SIZE: usize = 25;
+/// Most due events taken into one pass (the rest follow in the next).
+const PASS_LIMIT: i64 = 200_000;
+/// How long a pass may hold the emitter lease before another process may take it over.
+const LEASE_TTL_SECS: i64 = 600;
+/// How soon a held event (subscription not active yet) is looked at again.
+const HOLD_RECHECK_SECS: i64 = 300;
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PassSummary {
+    /// When the pass started (RFC 3339).
+    pub started: String,
+    /// Outbound events frozen from newly closed hours.
+    pub frozen: usize,
+    /// Marketplace calls made.
+    pub calls: usize,
+    /// Events sent (counting each attempt).
+    pub sent: usize,
+    /// Outcomes written in this pass, by name (`retry`, `held`, `deferred` for events still pending).
+    pub outcomes: BTreeMap<String, usize>,
+    /// Events ended by their deadline.
+    pub expired: Vec<outbound::Expired>,
+    /// Set when another process holds the emitter lease (nothing was done).
+    pub lease_held_by: Option<String>,
+    /// Pending events left after the pass.
+    pub pending_after: i64,
+}
+
+/// What happened at the last pass, for status and systemd `STATUS=`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LastPass {
+    /// Summary of the last pass.
+    pub last_pass: Option<PassSummary>,
+    /// Error of the last pass, if it failed.
+    pub last_error: Option<String>,
+    /// When a pass last completed, RFC 3339.
+    pub last_completed: Option<String>,
+}
+
+/// Builds the token provider for the configured auth kind, loading the secret.
+pub fn token_provider(settings: &Settings, env: &BTreeMap<String, String>, clock: SharedClock) -> anyhow::Result<Arc<dyn TokenProvider>> {
+    let a = &settings.marketplace.auth;
+    let config = match a.kind {
+        AuthKind::StaticToken => {
+            let token = crate::secret::load_secret(a.static_token_file.as_deref(), "static-token", "METERD_MARKETPLACE__AUTH__STATIC_TOKEN", env)?;
+            let token = match (token, settings.marketplace.mode) {
+                (Some(t), _) => t,
+                (None, MarketplaceMode::Emulator) => crate::secret::Secret::new(crate::emulator::DEFAULT_STATIC_TOKEN),
+                (None, MarketplaceMode::Azure) => anyhow::bail!(
+                    "marketplace.auth.kind = \"static_token\" needs a token: set static_token_file, \
+                     $CREDENTIALS_DIRECTORY/static-token or METERD_MARKETPLACE__AUTH__STATIC_TOKEN"
+                ),
+            };
+            AuthConfig::StaticToken { token: crate::marketplace::secret::Secret::new(token.expose()) }
+        }
+        AuthKind::ClientSecret => {
+            let secret = crate::secret::load_secret(a.client_secret_file.as_deref(), "client-secret", "METERD_MARKETPLACE__AUTH__CLIENT_SECRET", env)?
+                .context(
+                    "no client secret: set marketplace.auth.client_secret_file, pass it as the systemd credential \
+                     `client-secret` (LoadCredential=client-secret:/path), or set METERD_MARKETPLACE__AUTH__CLIENT_SECRET; \
+                     to try meterd without credentials run `meterd run --emulator`",
+                )?;
+            AuthConfig::ClientSecret {
+                tenant_id: a.tenant_id.clone(),
+                client_id: a.client_id.clone(),
+                secret: crate::marketplace::secret::Secret::new(secret.expose()),
+                token_url: a.token_url.clone(),
+                version: match a.endpoint_version {
+                    EndpointVersion::V1 => crate::marketplace::auth::EndpointVersion::V1,
+                    EndpointVersion::V2 => crate::marketplace::auth::EndpointVersion::V2,
+                },
+            }
+        }
+        AuthKind::ManagedIdentity => {
+            let client_id = Some(a.client_id.clone()).filter(|c| !c.is_empty());
+            match &a.identity_endpoint {
+                Some(e) => AuthConfig::ManagedIdentity {
+                    endpoint: Some(e.clone()),
+                    client_id,
+                    identity_header: env.get("IDENTITY_HEADER").map(|h| crate::marketplace::secret::Secret::new(h.clone())),
+                },
+                None => AuthConfig::managed_identity_from_env(client_id),
+            }
+        }
+    };
+    Ok(Arc::new(CachedTokenProvider::new(config, clock)?))
+}
+
+/// Builds the marketplace client from the settings.
+pub fn client(settings: &Settings, env: &BTreeMap<String, String>, clock: SharedClock) -> anyhow::Result<MarketplaceClient> {
+    let auth = token_provider(settings, env, clock.clone())?;
+    let timeout = settings.marketplace.timeout.to_std().unwrap_or(std::time::Duration::from_secs(30));
+    Ok(MarketplaceClient::new(settings.marketplace.base_url.clone(), auth, clock, timeout)?)
+}
+
+/// The emitter.
+pub struct Emitter {
+    settings: Arc<Settings>,
+    journal: Journal,
+    clock: SharedClock,
+    client: Arc<MarketplaceClient>,
+    /// Lease owner name: host, pid and a random suffix, so two processes never share it.
+    owner: String,
+    /// When the subscription list was last fetched, and whether a refresh is forced.
+    subscriptions: tokio::sync::Mutex<(Option<DateTime<Utc>>, bool)>,
+    /// In-process single flight.
+    pass_lock: tokio::sync::Mutex<()>,
+    last: std::sync::Mutex<LastPass>,
+}
+
+/// What to do with one due event.
+enum Decision {
+    Send { plan: String },
+    Settle(Settle),
+}
+
+impl Emitter {
+    /// An emitter over `journal`, sending through `client`.
+    pub fn new(settings: Arc<Settings>, journal: Journal, clock: SharedClock, client: MarketplaceClient) -> Self {
+        let owner = format!(
+            "pid{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Emitter {
+            settings,
+            journal,
+            clock,
+            client: Arc::new(client),
+            owner,
+            subscriptions: tokio::sync::Mutex::new((None, false)),
+            pass_lock: tokio::sync::Mutex::new(()),
+            last: std::sync::Mutex::new(LastPass::default()),
+        }
+    }
+
+    /// The last pass, for status.
+    pub fn last(&self) -> LastPass {
+        self.last.lock().expect("last pass lock").clone()
+    }
+
+    /// The journal this emitter works from.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Runs one pass and remembers its result.
+    pub async fn pass(&self) -> anyhow::Result<PassSummary> {
+        let _single = self.pass_lock.lock().await;
+        let started = std::time::Instant::now();
+        let result = self.pass_inner().await;
+        metrics::histogram!("meterd_emit_pass_seconds").record(started.elapsed().as_secs_f64());
+        let mut last = self.last.lock().expect("last pass lock");
+        match &result {
+            Ok(s) => {
+                last.last_pass = Some(s.clone());
+                last.last_error = None;
+                last.last_completed = Some(self.clock.now().format("%Y-%m-%dT%H:%M:%SZ").to_string());
+            }
+            Err(e) => {
+                tracing::error!(message = "Emission pass failed; it will be retried at the next wake-up.", error = %format!("{e:#}"));
+                last.last_error = Some(format!("{e:#}"));
+            }
+        }
+        result
+    }
+
+    async fn pass_inner(&self) -> anyhow::Result<PassSummary> {
+        let now = self.clock.now();
+        let mut summary = PassSummary {
+            started: now.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            ..Default::default()
+        };
+        let (owner, late) = (self.owner.clone(), self.settings.late_usage);
+        let (grace, margin) = (self.settings.emit.grace, self.settings.emit.safety_margin);
+        let lease = self
+            .journal
+            .write(move |c| outbound::acquire_lease(c, "emitter", &owner, now, Duration::seconds(LEASE_TTL_SECS)))
+            .await?;
+        if let Err(holder) = lease {
+            tracing::info!(message = "Another emitter holds the lease; skipping this pass.", holder = %holder);
+            summary.lease_held_by = Some(holder);
+            return Ok(summary);
+        }
+        let result = self.pass_locked(now, late, grace, margin, &mut summary).await;
+        let owner = self.owner.clone();
+        self.journal.write(move |c| outbound::release_lease(c, "emitter", &owner)).await?;
+        result?;
+        summary.pending_after = self
+            .journal
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbound_events WHERE state = 'pending'", [], |r| r.get(0))?))
+            .await?;
+        metrics::gauge!("meterd_pending_events").set(summary.pending_after as f64);
+        Ok(summary)
+    }
+
+    async fn pass_locked(&self, now: DateTime<Utc>, late: LateUsage, grace: Duration, margin: Duration, summary: &mut PassSummary) -> anyhow::Result<()> {
+        let (frozen, expired) = self
+            .journal
+            .write(move |c| {
+                let recovered = outbound::recover_in_flight(c)?;
+                if recovered > 0 {
+                    tracing::warn!(message = "Events were in flight when meterd stopped; they count as possibly recorded.", events = recovered);
+                }
+                let f = outbound::freeze(c, now, grace, margin)?;
+                let e = outbound::expire_overdue(c, now, late)?;
+                Ok((f, e))
+            })
+            .await?;
+        summary.frozen = frozen.frozen;
+        if frozen.frozen > 0 {
+            tracing::info!(message = "Closed hours frozen.", events = frozen.frozen, through = %fmt_time(frozen.through));
+        }
+        for e in &expired {
+            match e.state.as_str() {
+                "expired_unconfirmed" => tracing::error!(
+                    message = "Event expired after an ambiguous attempt; nothing carried. Run `meterd reconcile` for its day.",
+                    resource = %e.resource, dimension = %e.dimension, hour = %e.hour, alert = "expired_unconfirmed"
+                ),
+                state => tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = state),
+            }
+            *summary.outcomes.entry(e.state.clone()).or_default() += 1;
+            metrics::counter!("meterd_events_total", "outcome" => e.state.clone()).increment(1);
+        }
+        summary.expired = expired;
+
+        let due = self.journal.read(move |c| outbound::due_events(c, now, PASS_LIMIT)).await?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        let known = self.subscription_view(&due, now).await;
+        let mut decisions = Vec::with_capacity(due.len());
+        for ev in &due {
+            decisions.push(self.decide(ev, &known, now));
+        }
+        // Write holds/skips and freeze bodies (once) for what will be sent.
+        let default_plan = self.settings.default_plan.clone();
+        let _ = default_plan;
+        let to_write: Vec<(i64, Decision, PendingEvent)> = due.into_iter().zip(decisions).map(|(e, d)| (e.id, d, e)).collect();
+        let (sendable, counts) = self
+            .journal
+            .write(move |c| {
+                let mut sendable = Vec::new();
+                let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+                for (id, decision, ev) in to_write {
+                    match decision {
+                        Decision::Settle(s) => {
+                            let state = outbound::settle(c, id, &s, now, late)?;
+                            let name = match (&s, state) {
+                                (Settle::Hold { .. }, _) => "held",
+                                (Settle::Defer { .. }, _) => "deferred",
+                                (_, st) => st,
+                            };
+                            *counts.entry(name.to_string()).or_default() += 1;
+                        }
+                        Decision::Send { plan } => {
+                            let body = if ev.body.is_empty() {
+                                let json = event_json(&ResourceRef::parse(&ev.resource), &plan, &ev.dimension, to_utc(ev.hour), ev.quantity);
+                                outbound::set_body(c, id, &plan, &json)?
+                            } else {
+                                ev.body.clone()
+                            };
+                            sendable.push(PendingEvent { body, plan, ..ev });
+                        }
+                    }
+                }
+                Ok((sendable, counts))
+            })
+            .await?;
+        for (k, n) in counts {
+            *summary.outcomes.entry(k).or_default() += n;
+        }
+        if sendable.is_empty() {
+            return Ok(());
+        }
+        // Oldest first, 25 per call, `emit.concurrency` calls in flight.
+        let batches: Vec<Vec<PendingEvent>> = sendable.chunks(BATCH_SIZE).map(|c| c.to_vec()).collect();
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(self.settings.emit.concurrency));
+        let mut tasks = tokio::task::JoinSet::new();
+        for batch in batches {
+            let permit = semaphore.clone().acquire_owned().await?;
+            let (client, journal, clock) = (self.client.clone(), self.journal.clone(), self.clock.clone());
+            tasks.spawn(async move {
+                let r = send_batch(&client, &journal, &clock, late, batch).await;
+                drop(permit);
+                r
+            });
+        }
+        let mut force_refresh = false;
+        while let Some(joined) = tasks.join_next().await {
+            let result = joined.context("batch task")??;
+            summary.calls += 1;
+            summary.sent += result.sent;
+            force_refresh |= result.recheck_subscriptions;
+            for (k, n) in result.outcomes {
+                *summary.outcomes.entry(k).or_default() += n;
+            }
+        }
+        if force_refresh {
+            self.subscriptions.lock().await.1 = true;
+        }
+        Ok(())
+    }
+
+    /// The subscriptions as known to the journal, refreshed from the marketplace when stale or when forced.
+    async fn subscription_view(&self, due: &[PendingEvent], now: DateTime<Utc>) -> Option<BTreeMap<String, KnownSubscription>> {
+        if !self.settings.subscriptions.check || !due.iter().any(|e| is_guid(&e.resource)) {
+            return self.journal.read(outbound::known_subscriptions).await.ok();
+        }
+        let mut cache = self.subscriptions.lock().await;
+        let stale = match cache.0 {
+            None => true,
+            Some(t) => cache.1 || now - t >= self.settings.subscriptions.refresh || now < t,
+        };
+        if stale {
+            let started = std::time::Instant::now();
+            match self.client.list_subscriptions().await {
+                Ok(list) => {
+                    metrics::counter!("meterd_subscription_refreshes_total", "result" => "ok").increment(1);
+                    metrics::histogram!("meterd_subscription_refresh_seconds").record(started.elapsed().as_secs_f64());
+                    let listed: Vec<ListedSubscription> = list
+                        .iter()
+                        .map(|s| ListedSubscription {
+                            id: s.id.clone(),
+                            status: s.saas_subscription_status.trim().to_string(),
+                            plan: s.plan_id.clone().unwrap_or_default(),
+                            offer: s.offer_id.clone().unwrap_or_default(),
+                            term_start: s.term.as_ref().and_then(|t| t.start_date).map(|d| d.timestamp()),
+                            term_end: s.term.as_ref().and_then(|t| t.end_date).map(|d| d.timestamp()),
+                            term_unit: s.term.as_ref().and_then(|t| t.term_unit.clone()),
+                        })
+                        .collect();
+                    let n = listed.len();
+                    match self.journal.write(move |c| outbound::store_subscriptions(c, &listed, now)).await {
+                        Ok(()) => {
+                            tracing::info!(message = "Subscription list refreshed.", subscriptions = n);
+                            *cache = (Some(now), false);
+                        }
+                        Err(e) => tracing::warn!(message = "Could not store the subscription list.", error = %e),
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("meterd_subscription_refreshes_total", "result" => "error").increment(1);
+                    tracing::warn!(
+                        message = "Could not fetch the subscription list; using what meterd saw last.",
+                        error = %e, advice = e.advice().unwrap_or("")
+                    );
+                    if cache.0.is_none() {
+                        return None;
+                    }
+                }
+            }
+        }
+        self.journal.read(outbound::known_subscriptions).await.ok()
+    }
+
+    fn decide(&self, ev: &PendingEvent, known: &Option<BTreeMap<String, KnownSubscription>>, now: DateTime<Utc>) -> Decision {
+        let recheck = now + Duration::seconds(HOLD_RECHECK_SECS);
+        let sub = known.as_ref().and_then(|k| k.get(&ev.resource.to_ascii_lowercase()));
+        let checked = self.settings.subscriptions.check && is_guid(&ev.resource);
+        if checked {
+            let Some(known) = known else {
+                return Decision::Settle(Settle::Defer {
+                    reason: "the subscription list could not be fetched; waiting to check the subscription".into(),
+                    next_at: now + Duration::seconds(60),
+                });
+            };
+            match known.get(&ev.resource.to_ascii_lowercase()) {
+                None => {
+                    return Decision::Settle(Settle::Hold {
+                        reason: "subscription not in the marketplace's list; holding until it appears".into(),
+                        next_at: recheck,
+                    });
+                }
+                Some(s) if s.status == "Subscribed" => {}
+                Some(s) if s.status == "Unsubscribed" => {
+                    let seen = s.unsubscribed_seen_at.unwrap_or(now.timestamp());
+                    if ev.hour + HOUR > seen {
+                        return Decision::Settle(Settle::SkippedUnsubscribed);
+                    }
+                }
+                Some(s) => {
+                    return Decision::Settle(Settle::Hold {
+                        reason: format!("subscription is {}; holding until it is Subscribed", s.status),
+                        next_at: recheck,
+                    });
+                }
+            }
+        }
+        let plan = if !ev.plan.is_empty() {
+            ev.plan.clone()
+        } else if let Some(p) = sub.map(|s| s.plan.clone()).filter(|p| !p.is_empty()) {
+            p
+        } else if let Some(p) = &self.settings.default_plan {
+            p.clone()
+        } else {
+            return Decision::Settle(Settle::Defer {
+                reason: "no plan id: the records name none, the subscription list has none for this resource, and \
+                         default_plan is empty; set default_plan or send `plan` with the records"
+                    .into(),
+                next_at: recheck,
+            });
+        };
+        Decision::Send { plan }
+    }
+}
+
+/// What one batch call did.
+#[derive(Debug, Default)]
+struct BatchResult {
+    sent: usize,
+    outcomes: BTreeMap<String, usize>,
+    recheck_subscriptions: bool,
+}
+
+/// The delay before retry number `attempts` (1-based): exponential from 30 s, doubling, at most 30 min, jittered.
+pub fn backoff_delay(attempts: i64) -> std::time::Duration {
+    let mut it = backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_secs(30))
+        .with_max_delay(std::time::Duration::from_secs(1800))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let n = attempts.clamp(1, 64) as usize;
+    it.nth(n - 1).unwrap_or(std::time::Duration::from_secs(1800))
+}
+
+async fn send_batch(client: &MarketplaceClient, journal: &Journal, clock: &SharedClock, late: LateUsage, batch: Vec<PendingEvent>) -> anyhow::Result<BatchResult> {
+    let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
+    let mark = ids.clone();
+    journal.write(move |c| outbound::mark_attempt(c, &mark)).await?;
+    let bodies: Vec<&str> = batch.iter().map(|e| e.body.as_str()).collect();
+    let body = batch_body(&bodies);
+    let started = std::time::Instant::now();
+    let answer = client.batch_usage(&body).await;
+    metrics::histogram!("meterd_marketplace_call_seconds", "call" => "batchUsageEvent").record(started.elapsed().as_secs_f64());
+    let now = clock.now();
+    let mut result = BatchResult { sent: batch.len(), ..Default::default() };
+    let mut settles: Vec<(i64, Settle)> = Vec::with_capacity(batch.len());
+    match answer {
+        Ok(call) => {
+            metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => call.status.to_string()).increment(1);
+            let keys: Vec<SentKey> = batch
+                .iter()
+                .map(|e| SentKey::new(ResourceRef::parse(&e.resource), e.plan.clone(), e.dimension.clone(), to_utc(e.hour)))
+                .collect();
+            let pairs = match_results(&keys, &call.response);
+            for (i, r) in &pairs {
+                let ev = &batch[*i];
+                let settle = match classify(r, ev.quantity) {
+                    Classified::Accepted { usage_event_id } => Settle::Accepted { usage_event_id },
+                    Classified::Duplicate => Settle::Duplicate { market_quantity: Some(ev.quantity) },
+                    Classified::DuplicateMismatch { ours_micros, theirs_micros } => {
+                        tracing::error!(
+                            message = "The marketplace already holds another quantity for this hour; ours can never replace it.",
+                            resource = %ev.resource, dimension = %ev.dimension, hour = %fmt_time(ev.hour),
+                            ours = %Micros(ours_micros), theirs = %Micros(theirs_micros), alert = "duplicate_mismatch",
+                            request_id = %call.ids.request_id
+                        );
+                        Settle::DuplicateMismatch { market_quantity: theirs_micros }
+                    }
+                    Classified::Expired => Settle::Expired { message: "the marketplace answered Expired".into() },
+                    Classified::NotFoundOrNotActive { status } => {
+                        result.recheck_subscriptions = true;
+                        Settle::Hold {
+                            reason: format!("the marketplace answered {}; re-checking the subscription", status.as_str()),
+                            next_at: now + Duration::seconds(HOLD_RECHECK_SECS),
+                        }
+                    }
+                    Classified::NotAuthorized { message } => {
+                        tracing::error!(
+                            message = "This identity may not report usage for the resource (ResourceNotAuthorized).",
+                            resource = %ev.resource, detail = %message, alert = "resource_not_authorized"
+                        );
+                        Settle::Rejected { reason: format!("ResourceNotAuthorized: {message}") }
+                    }
+                    Classified::Invalid { status, message } => {
+                        tracing::error!(
+                            message = "The marketplace rejected the event.", resource = %ev.resource, dimension = %ev.dimension,
+                            plan = %ev.plan, status = %status.as_str(), detail = %message, alert = "rejected"
+                        );
+                        Settle::Rejected { reason: format!("{}: {message}", status.as_str()) }
+                    }
+                    Classified::Transient { message } => Settle::Retry {
+                        error: message,
+                        next_at: now + chrono::Duration::from_std(backoff_delay(ev.attempts + 1)).unwrap_or_default(),
+                        ambiguous: false,
+                    },
+                };
+                settles.push((ev.id, settle));
+            }
+            for i in unmatched(&keys, &pairs) {
+                let ev = &batch[i];
+                settles.push((
+                    ev.id,
+                    Settle::Retry {
+                        error: "the batch answer had no result for this event".into(),
+                        next_at: now + chrono::Duration::from_std(backoff_delay(ev.attempts + 1)).unwrap_or_default(),
+                        ambiguous: true,
+                    },
+                ));
+            }
+            tracing::info!(
+                message = "Batch sent.",
+                request_id = %call.ids.request_id, correlation_id = %call.ids.correlation_id,
+                events = batch.len(), results = call.response.result.len()
+            );
+        }
+        Err(e) => {
+            let status = e.status().map(|s| s.to_string()).unwrap_or_else(|| "none".into());
+            metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => status).increment(1);
+            let ambiguous = e.is_ambiguous();
+            let ids = e.ids();
+            match &e {
+                CallError::Fatal { advice, .. } => tracing::error!(
+                    message = "Batch call refused; the events stay pending and are retried.",
+                    error = %e, advice = advice.as_deref().unwrap_or(""), request_id = %ids.request_id,
+                    correlation_id = %ids.correlation_id, events = batch.len(), alert = "marketplace_call_refused"
+                ),
+                CallError::Transient { .. } => tracing::warn!(
+                    message = "Batch call failed; retrying later.",
+                    error = %e, ambiguous, request_id = %ids.request_id, correlation_id = %ids.correlation_id, events = batch.len()
+                ),
+            }
+            for ev in &batch {
+                let mut delay = chrono::Duration::from_std(backoff_delay(ev.attempts + 1)).unwrap_or_default();
+                if let Some(ra) = e.retry_after() {
+                    delay = chrono::Duration::from_std(ra).unwrap_or(delay).max(Duration::seconds(1));
+                }
+                settles.push((ev.id, Settle::Retry { error: e.to_string(), next_at: now + delay, ambiguous }));
+            }
+        }
+    }
+    let outcomes = journal
+        .write(move |c| {
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for (id, s) in &settles {
+                let state = outbound::settle(c, *id, s, now, late)?;
+                let name = match (s, state) {
+                    (Settle::Hold { .. }, _) => "held",
+                    (Settle::Retry { .. }, _) => "retry",
+                    (_, st) => st,
+                };
+                *counts.entry(name.to_string()).or_default() += 1;
+            }
+            Ok(counts)
+        })
+        .await?;
+    for (k, n) in &outcomes {
+        metrics::counter!("meterd_events_total", "outcome" => k.clone()).increment(*n as u64);
+    }
+    result.outcomes = outcomes;
+    Ok(result)
+}

@@ -1,0 +1,130 @@
+//! Wake-ups: a UTC cron (`emit.schedule`), one catch-up pass at startup, `POST /v1/flush`, and a timer for the
+//! next retry that is due. tokio-cron-scheduler only wakes the loop: it does not replay missed ticks, and it need
+//! not, because every pass works from the journal. One task runs the passes, so they never overlap.
+
+use super::{Emitter, PassSummary};
+use crate::ingest::{EmitControl, FlushFuture};
+use crate::journal::outbound;
+use crate::ops::Liveness;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+/// Why the loop woke up.
+pub enum Wake {
+    /// The cron fired.
+    Cron,
+    /// Someone asked for a pass and waits for its summary.
+    Flush(oneshot::Sender<anyhow::Result<PassSummary>>),
+}
+
+/// Handle used by the HTTP routes and the daemon.
+#[derive(Clone)]
+pub struct EmitterHandle {
+    tx: mpsc::Sender<Wake>,
+    emitter: Arc<Emitter>,
+}
+
+impl EmitterHandle {
+    /// Runs a pass now (after any pass under way) and returns its summary.
+    pub async fn flush(&self) -> anyhow::Result<PassSummary> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Wake::Flush(reply))
+            .await
+            .map_err(|_| anyhow::anyhow!("the emitter has stopped"))?;
+        rx.await.map_err(|_| anyhow::anyhow!("the emitter stopped during the pass"))?
+    }
+
+    /// The emitter.
+    pub fn emitter(&self) -> &Arc<Emitter> {
+        &self.emitter
+    }
+}
+
+impl EmitControl for EmitterHandle {
+    fn flush(&self) -> FlushFuture {
+        let this = self.clone();
+        Box::pin(async move { Ok(serde_json::to_value(EmitterHandle::flush(&this).await?)?) })
+    }
+
+    fn status_extra(&self) -> serde_json::Value {
+        serde_json::to_value(self.emitter.last()).unwrap_or_default()
+    }
+}
+
+/// Starts the cron scheduler (UTC) and the pass loop. The loop ends when `shutdown` turns true.
+pub async fn start(
+    emitter: Arc<Emitter>,
+    schedule: &str,
+    liveness: Arc<Liveness>,
+    shutdown: watch::Receiver<bool>,
+    on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync>,
+) -> anyhow::Result<(EmitterHandle, JobScheduler, tokio::task::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<Wake>(64);
+    let scheduler = JobScheduler::new().await?;
+    let cron_tx = tx.clone();
+    let job = Job::new_async(schedule, move |_, _| {
+        let tx = cron_tx.clone();
+        Box::pin(async move {
+            // A full queue means a pass is already waiting to run: nothing is lost by skipping.
+            let _ = tx.try_send(Wake::Cron);
+        })
+    })
+    .map_err(|e| anyhow::anyhow!("emit.schedule `{schedule}` is not a valid cron expression: {e}"))?;
+    scheduler.add(job).await?;
+    let beat = liveness.clone();
+    scheduler
+        .add(Job::new_async("*/10 * * * * *", move |_, _| {
+            let beat = beat.clone();
+            Box::pin(async move { beat.tick() })
+        })?)
+        .await?;
+    liveness.tick();
+    scheduler.start().await?;
+    let handle = EmitterHandle { tx, emitter: emitter.clone() };
+    let task = tokio::spawn(run_loop(emitter, rx, shutdown, on_pass));
+    Ok((handle, scheduler, task))
+}
+
+async fn run_loop(
+    emitter: Arc<Emitter>,
+    mut rx: mpsc::Receiver<Wake>,
+    mut shutdown: watch::Receiver<bool>,
+    on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync>,
+) {
+    // Catch-up after downtime: whatever closed while meterd was down goes now.
+    let mut next_reply: Option<oneshot::Sender<anyhow::Result<PassSummary>>> = None;
+    loop {
+        let result = emitter.pass().await;
+        if let Ok(s) = &result {
+            on_pass(s);
+        }
+        if let Some(reply) = next_reply.take() {
+            let _ = reply.send(result);
+        }
+        let wait = next_wait(&emitter).await;
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|v| *v) => break,
+            wake = rx.recv() => match wake {
+                None => break,
+                Some(Wake::Cron) => {}
+                Some(Wake::Flush(reply)) => next_reply = Some(reply),
+            },
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// How long to sleep until the next retry is due (at most a minute, so clock steps are noticed). With nothing
+/// pending, only the cron or a flush wakes the loop.
+async fn next_wait(emitter: &Emitter) -> std::time::Duration {
+    let now = emitter.clock.now().timestamp();
+    match emitter.journal().read(outbound::next_due).await {
+        Ok(Some(due)) if due > now => std::time::Duration::from_secs(((due - now) as u64).min(60)),
+        Ok(Some(_)) => std::time::Duration::from_secs(1),
+        Ok(None) => std::time::Duration::from_secs(365 * 86_400),
+        Err(_) => std::time::Duration::from_secs(60),
+    }
+}
