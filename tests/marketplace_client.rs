@@ -884,3 +884,23 @@ async fn usage_events_query_uses_capital_u() {
         "{query}"
     );
 }
+
+#[tokio::test]
+async fn failed_refresh_keeps_serving_the_valid_token() {
+    let mock = Mock::start().await;
+    let (manual, clock) = clock();
+    let provider = secret_provider(&mock, clock, EndpointVersion::V2);
+    let first = provider.token().await.expect("token");
+    manual.advance(chrono::Duration::minutes(56));
+    // The refresh fails: 1 try + 3 retries, all 503.
+    mock.script("/token", (0..4).map(|_| Reply::new(503, "down")));
+    assert_eq!(provider.token().await.expect("cached"), first);
+    assert_eq!(mock.requests("/token").len(), 5);
+    // Right after a failed refresh, no new attempt.
+    assert_eq!(provider.token().await.expect("cached"), first);
+    assert_eq!(mock.requests("/token").len(), 5);
+    // Once the token has expired, a new one is fetched (the endpoint is back).
+    manual.advance(chrono::Duration::minutes(5));
+    let second = provider.token().await.expect("new token");
+    assert_eq!(second.secret().expose(), "tok-secret-2");
+}
