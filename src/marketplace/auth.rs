@@ -36,6 +36,9 @@ pub const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2
 /// Refresh at the latest this long before expiry.
 const REFRESH_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
 
+/// After a failed refresh, a still-valid token is served this long before the next attempt.
+const RETRY_REFRESH_AFTER: chrono::Duration = chrono::Duration::seconds(30);
+
 /// Assumed lifetime when a token response states none (Entra always does; be conservative anyway).
 const FALLBACK_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
 
@@ -130,6 +133,43 @@ impl AuthConfig {
                 client_id,
                 identity_header: None,
             },
+        }
+    }
+
+    /// Rejects configurations that cannot work, with a message that says what to change.
+    pub fn validate(&self) -> Result<(), AuthError> {
+        let reason = match self {
+            Self::ClientSecret {
+                tenant_id,
+                client_id,
+                token_url,
+                ..
+            } => {
+                let tenant = tenant_id.trim().to_ascii_lowercase();
+                if token_url.as_deref().is_some_and(|u| !u.is_empty()) {
+                    None
+                } else if tenant.is_empty() {
+                    Some("tenant_id is empty".to_owned())
+                } else if ["common", "organizations", "consumers"].contains(&tenant.as_str()) {
+                    Some(format!(
+                        "tenant_id {tenant_id:?} cannot issue app tokens: use the id of the tenant that owns the \
+                         app registered on the offer in Partner Center"
+                    ))
+                } else if client_id.trim().is_empty() {
+                    Some("client_id is empty".to_owned())
+                } else {
+                    None
+                }
+            }
+            Self::ManagedIdentity { .. } => None,
+            Self::StaticToken { token } => token
+                .expose()
+                .is_empty()
+                .then(|| "the static token is empty".to_owned()),
+        };
+        match reason {
+            Some(reason) => Err(AuthError::Config { reason }),
+            None => Ok(()),
         }
     }
 
@@ -263,13 +303,62 @@ struct CacheState {
     cached: Option<Cached>,
     /// Completed fetches so far.
     fetches: u64,
-    /// The last fetch's error, with its number, while it is the latest fetch.
-    last_failure: Option<(u64, AuthError)>,
+    /// The latest fetch, if it failed.
+    last_failure: Option<Failure>,
 }
 
 struct Cached {
     token: AccessToken,
     refresh_at: DateTime<Utc>,
+}
+
+struct Failure {
+    /// Which fetch (its number in `fetches`).
+    fetch: u64,
+    at: DateTime<Utc>,
+    error: AuthError,
+}
+
+impl CacheState {
+    /// The cached token, if it has not expired.
+    fn valid(&self, now: DateTime<Utc>) -> Option<&Cached> {
+        self.cached.as_ref().filter(|c| now < c.token.expires_at)
+    }
+
+    /// The answer for a caller that need not fetch, if any. `fetches_seen` is the fetch count a caller saw before
+    /// waiting for the in-flight fetch.
+    fn answer(
+        &self,
+        now: DateTime<Utc>,
+        fetches_seen: Option<u64>,
+    ) -> Option<Result<AccessToken, AuthError>> {
+        let valid = self.valid(now);
+        if let Some(cached) = valid {
+            if now < cached.refresh_at {
+                return Some(Ok(cached.token.clone()));
+            }
+            // Due for a refresh, but one just failed: keep serving the valid token for a while rather than
+            // making every call wait for another round of retries.
+            if self
+                .last_failure
+                .as_ref()
+                .is_some_and(|f| now < f.at + RETRY_REFRESH_AFTER)
+            {
+                return Some(Ok(cached.token.clone()));
+            }
+        }
+        // The fetch this caller waited for failed: share its answer rather than hammer the endpoint.
+        if let (Some(seen), Some(failure)) = (fetches_seen, &self.last_failure)
+            && seen != self.fetches
+            && failure.fetch == self.fetches
+        {
+            return Some(match valid {
+                Some(cached) => Ok(cached.token.clone()),
+                None => Err(failure.error.clone()),
+            });
+        }
+        None
+    }
 }
 
 impl fmt::Debug for CachedTokenProvider {
@@ -288,8 +377,9 @@ impl fmt::Debug for CachedTokenProvider {
 }
 
 impl CachedTokenProvider {
-    /// A provider with a 30-second request timeout and the default retry policy.
+    /// A provider with a 30-second request timeout and the default retry policy; validates `config`.
     pub fn new(config: AuthConfig, clock: SharedClock) -> Result<Self, AuthError> {
+        config.validate()?;
         let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10));
@@ -326,33 +416,17 @@ impl CachedTokenProvider {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn fresh_cached(&self) -> Option<AccessToken> {
-        let now = self.clock.now();
-        self.state()
-            .cached
-            .as_ref()
-            .filter(|c| now < c.refresh_at)
-            .map(|c| c.token.clone())
-    }
-
     async fn token_inner(&self) -> Result<AccessToken, AuthError> {
-        if let Some(token) = self.fresh_cached() {
-            return Ok(token);
-        }
-        let fetches_seen = self.state().fetches;
-        let _in_flight = self.fetch.lock().await;
-        if let Some(token) = self.fresh_cached() {
-            return Ok(token);
-        }
-        {
+        let fetches_seen = {
             let state = self.state();
-            if state.fetches != fetches_seen
-                && let Some((n, error)) = &state.last_failure
-                && *n == state.fetches
-            {
-                // The fetch we waited for failed: share its answer rather than hammer the endpoint.
-                return Err(error.clone());
+            if let Some(answer) = state.answer(self.clock.now(), None) {
+                return answer;
             }
+            state.fetches
+        };
+        let _in_flight = self.fetch.lock().await;
+        if let Some(answer) = self.state().answer(self.clock.now(), Some(fetches_seen)) {
+            return answer;
         }
 
         let result = self.fetch_with_retry().await;
@@ -375,8 +449,12 @@ impl CachedTokenProvider {
                 Ok(token)
             }
             Err(error) => {
-                state.last_failure = Some((state.fetches, error.clone()));
-                if let Some(cached) = state.cached.as_ref().filter(|c| now < c.token.expires_at) {
+                state.last_failure = Some(Failure {
+                    fetch: state.fetches,
+                    at: now,
+                    error: error.clone(),
+                });
+                if let Some(cached) = state.valid(now) {
                     tracing::warn!(
                         message = "Token refresh failed; using the cached token until it expires.",
                         %error,
@@ -713,6 +791,16 @@ mod tests {
         };
         assert_eq!(mi.token_url().as_deref(), Some(IMDS_ENDPOINT));
         assert!(!format!("{mi:?}").contains("hdr-value"));
+        assert!(mi.validate().is_ok());
+        let common = AuthConfig::ClientSecret {
+            tenant_id: "Common".into(),
+            client_id: "app".into(),
+            secret: Secret::new("x"),
+            token_url: None,
+            version: EndpointVersion::V2,
+        };
+        let err = common.validate().expect_err("common");
+        assert!(err.to_string().contains("Partner Center"), "{err}");
         assert_eq!(
             form_encode(&[("scope", "20e940b3/.default"), ("client_secret", "a+b c&d")]),
             "scope=20e940b3%2F.default&client_secret=a%2Bb+c%26d"

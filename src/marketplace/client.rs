@@ -30,7 +30,7 @@ use reqwest::{Method, StatusCode, Url};
 use uuid::Uuid;
 
 use super::API_VERSION;
-use super::advice::{advice as advice_text, excerpt};
+use super::advice::excerpt;
 use super::auth::{AuthError, TokenProvider};
 use super::types::{
     ApiError, BatchUsageResponse, Subscription, SubscriptionPage, UsageEventsDaily,
@@ -527,7 +527,7 @@ impl MarketplaceClient {
                     status: Some(401),
                     message: format!(
                         "token refused after a refresh: {}",
-                        advice_text(401, &answer.body)
+                        advice(401, &answer.body)
                     ),
                     ids: *ids,
                 });
@@ -685,7 +685,7 @@ fn status_error(answer: &Answer, ids: RequestIds, now: DateTime<Utc>) -> CallErr
         408 | 503 => transient(TransientKind::Server, false),
         500..=599 => transient(TransientKind::Server, true),
         400 => fatal(FatalKind::BadRequest, None),
-        403 => fatal(FatalKind::Forbidden, Some(advice_text(403, &answer.body))),
+        403 => fatal(FatalKind::Forbidden, Some(advice(403, &answer.body))),
         404 => fatal(
             FatalKind::NotFound,
             Some(

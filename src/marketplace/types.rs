@@ -8,7 +8,7 @@
 //! strings, fields appear and disappear), so every response type ignores unknown fields, defaults missing ones and
 //! parses numbers leniently.
 
-use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 
@@ -593,14 +593,6 @@ pub fn parse_utc(s: &str) -> Option<DateTime<Utc>> {
         .ok()
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc())
-}
-
-/// Truncates an instant to the start of its UTC hour.
-pub fn start_of_hour(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.with_nanosecond(0)
-        .and_then(|t| t.with_second(0))
-        .and_then(|t| t.with_minute(0))
-        .unwrap_or(t)
 }
 
 #[cfg(test)]
