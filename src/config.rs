@@ -187,6 +187,10 @@ pub struct EmitSettings {
     pub safety_margin: Duration,
     /// Upper bound on the final pass at shutdown.
     pub shutdown_timeout: Duration,
+    /// First retry delay after a failed attempt (doubles each time, jittered).
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
 }
 
 /// Subscription check settings.
@@ -326,6 +330,8 @@ struct RawEmit {
     concurrency: Option<i64>,
     safety_margin: Option<String>,
     shutdown_timeout: Option<String>,
+    retry_min: Option<String>,
+    retry_max: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -742,7 +748,12 @@ impl Settings {
                 raw.emit.shutdown_timeout,
                 "20s",
             )?,
+            retry_min: v.duration("emit.retry_min", raw.emit.retry_min, "30s")?,
+            retry_max: v.duration("emit.retry_max", raw.emit.retry_max, "30m")?,
         };
+        if emit.retry_min < Duration::seconds(1) || emit.retry_max < emit.retry_min {
+            return Err(v.err("emit.retry_min", "must be at least 1s and not above emit.retry_max"));
+        }
         if emit.grace >= Duration::hours(12) {
             return Err(v.err(
                 "emit.grace",
@@ -886,7 +897,8 @@ mod tests {
     #[test]
     fn example_file_parses_with_documented_defaults() {
         let text = include_str!("../config.toml.example");
-        let s = load_str(text, "config.toml.example", &env(&[])).expect("example parses");
+        let s = load_str(text, "config.toml.example", &env(&[("METERD_MARKETPLACE__MODE", "emulator")]))
+            .expect("example parses");
         assert_eq!(s.late_usage, LateUsage::CarryForward);
         assert_eq!(s.ingest.listen, ListenAddr::Tcp("127.0.0.1:8787".into()));
         assert_eq!(s.ingest.max_body_bytes, 4_194_304);
@@ -941,7 +953,7 @@ mod tests {
     #[test]
     fn errors_name_source_key_and_problem() {
         let e = load_str(
-            "[emit]\ngrace = \"5 minutes\"\n",
+            "[marketplace]\nmode = \"emulator\"\n[emit]\ngrace = \"5 minutes\"\n",
             "/etc/meterd/meterd.toml",
             &env(&[]),
         )

@@ -169,6 +169,13 @@ impl Emitter {
         self.last.lock().expect("last pass lock").clone()
     }
 
+    fn delays(&self) -> RetryDelays {
+        RetryDelays {
+            min: self.settings.emit.retry_min.to_std().unwrap_or(std::time::Duration::from_secs(30)),
+            max: self.settings.emit.retry_max.to_std().unwrap_or(std::time::Duration::from_secs(1800)),
+        }
+    }
+
     /// The journal this emitter works from.
     pub fn journal(&self) -> &Journal {
         &self.journal
@@ -310,8 +317,9 @@ impl Emitter {
         for batch in batches {
             let permit = semaphore.clone().acquire_owned().await?;
             let (client, journal, clock) = (self.client.clone(), self.journal.clone(), self.clock.clone());
+            let delays = self.delays();
             tasks.spawn(async move {
-                let r = send_batch(&client, &journal, &clock, late, batch).await;
+                let r = send_batch(&client, &journal, &clock, late, delays, batch).await;
                 drop(permit);
                 r
             });
@@ -443,20 +451,37 @@ struct BatchResult {
     recheck_subscriptions: bool,
 }
 
-/// The delay before retry number `attempts` (1-based): exponential from 30 s, doubling, at most 30 min, jittered.
-pub fn backoff_delay(attempts: i64) -> std::time::Duration {
+/// Retry delays (from the settings).
+#[derive(Debug, Clone, Copy)]
+pub struct RetryDelays {
+    /// First delay.
+    pub min: std::time::Duration,
+    /// Largest delay.
+    pub max: std::time::Duration,
+}
+
+impl RetryDelays {
+    /// Delay before the retry that follows attempt number `attempts`, as a chrono duration.
+    fn after(&self, attempts: i64) -> Duration {
+        Duration::from_std(backoff_delay(attempts, *self)).unwrap_or(Duration::seconds(60))
+    }
+}
+
+/// The delay before retry number `attempts` (1-based): exponential from `min`, doubling, at most `max`, jittered
+/// (backon computes the sequence).
+pub fn backoff_delay(attempts: i64, delays: RetryDelays) -> std::time::Duration {
     let mut it = backon::ExponentialBuilder::default()
-        .with_min_delay(std::time::Duration::from_secs(30))
-        .with_max_delay(std::time::Duration::from_secs(1800))
+        .with_min_delay(delays.min)
+        .with_max_delay(delays.max)
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
         .build();
     let n = attempts.clamp(1, 64) as usize;
-    it.nth(n - 1).unwrap_or(std::time::Duration::from_secs(1800))
+    it.nth(n - 1).unwrap_or(delays.max)
 }
 
-async fn send_batch(client: &MarketplaceClient, journal: &Journal, clock: &SharedClock, late: LateUsage, batch: Vec<PendingEvent>) -> anyhow::Result<BatchResult> {
+async fn send_batch(client: &MarketplaceClient, journal: &Journal, clock: &SharedClock, late: LateUsage, delays: RetryDelays, batch: Vec<PendingEvent>) -> anyhow::Result<BatchResult> {
     let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
     let mark = ids.clone();
     journal.write(move |c| outbound::mark_attempt(c, &mark)).await?;
@@ -514,7 +539,7 @@ async fn send_batch(client: &MarketplaceClient, journal: &Journal, clock: &Share
                     }
                     Classified::Transient { message } => Settle::Retry {
                         error: message,
-                        next_at: now + chrono::Duration::from_std(backoff_delay(ev.attempts + 1)).unwrap_or_default(),
+                        next_at: now + delays.after(ev.attempts + 1),
                         ambiguous: false,
                     },
                 };
@@ -526,7 +551,7 @@ async fn send_batch(client: &MarketplaceClient, journal: &Journal, clock: &Share
                     ev.id,
                     Settle::Retry {
                         error: "the batch answer had no result for this event".into(),
-                        next_at: now + chrono::Duration::from_std(backoff_delay(ev.attempts + 1)).unwrap_or_default(),
+                        next_at: now + delays.after(ev.attempts + 1),
                         ambiguous: true,
                     },
                 ));
@@ -554,7 +579,7 @@ async fn send_batch(client: &MarketplaceClient, journal: &Journal, clock: &Share
                 ),
             }
             for ev in &batch {
-                let mut delay = chrono::Duration::from_std(backoff_delay(ev.attempts + 1)).unwrap_or_default();
+                let mut delay = delays.after(ev.attempts + 1);
                 if let Some(ra) = e.retry_after() {
                     delay = chrono::Duration::from_std(ra).unwrap_or(delay).max(Duration::seconds(1));
                 }
