@@ -81,7 +81,7 @@ pub fn token_provider(settings: &Settings, env: &BTreeMap<String, String>, clock
                      $CREDENTIALS_DIRECTORY/static-token or METERD_MARKETPLACE__AUTH__STATIC_TOKEN"
                 ),
             };
-            AuthConfig::StaticToken { token: crate::marketplace::secret::Secret::new(token.expose()) }
+            AuthConfig::StaticToken { token }
         }
         AuthKind::ClientSecret => {
             let secret = crate::secret::load_secret(a.client_secret_file.as_deref(), "client-secret", "METERD_MARKETPLACE__AUTH__CLIENT_SECRET", env)?
@@ -93,7 +93,7 @@ pub fn token_provider(settings: &Settings, env: &BTreeMap<String, String>, clock
             AuthConfig::ClientSecret {
                 tenant_id: a.tenant_id.clone(),
                 client_id: a.client_id.clone(),
-                secret: crate::marketplace::secret::Secret::new(secret.expose()),
+                secret,
                 token_url: a.token_url.clone(),
                 version: match a.endpoint_version {
                     EndpointVersion::V1 => crate::marketplace::auth::EndpointVersion::V1,

@@ -83,7 +83,7 @@ pub fn load_secret(
 }
 
 /// [`load_secret`] with the environment passed in, so tests need not mutate the process environment.
-fn load_secret_with(
+pub fn load_secret_with(
     file: Option<&Path>,
     credential_name: &str,
     env_var: &str,
