@@ -133,9 +133,10 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     // Try-it mode: the built-in emulator, in-process, so a newcomer sees the whole flow without credentials.
     let mut _emulator = None;
     if settings.marketplace.mode == MarketplaceMode::Emulator {
-        let (addr, emu, task) = crate::emulator::Emulator::spawn_local(crate::emulator::EmulatorConfig::default())
-            .await
-            .context("cannot start the built-in emulator")?;
+        let (addr, emu, task) =
+            crate::emulator::Emulator::spawn_local(crate::emulator::EmulatorConfig::default())
+                .await
+                .context("cannot start the built-in emulator")?;
         settings.marketplace.base_url = format!("http://{addr}/api");
         tracing::warn!(
             message = "No marketplace credentials in use: reporting to the built-in emulator. Nothing is billed.",
@@ -145,8 +146,12 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         _emulator = Some((emu, task));
     }
     let settings = Arc::new(settings);
-    let journal = Journal::open(&settings.journal.path)
-        .with_context(|| format!("cannot open the journal at {}", settings.journal.path.display()))?;
+    let journal = Journal::open(&settings.journal.path).with_context(|| {
+        format!(
+            "cannot open the journal at {}",
+            settings.journal.path.display()
+        )
+    })?;
     let token = ingest_token(&settings, &ctx.env)?.map(Arc::new);
     if let ListenAddr::Tcp(a) = &settings.ingest.listen
         && token.is_none()
@@ -158,7 +163,12 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         );
     }
     let client = crate::emit::client(&settings, &ctx.env, ctx.clock.clone())?;
-    let emitter = Arc::new(Emitter::new(settings.clone(), journal.clone(), ctx.clock.clone(), client));
+    let emitter = Arc::new(Emitter::new(
+        settings.clone(),
+        journal.clone(),
+        ctx.clock.clone(),
+        client,
+    ));
     let listener = Listener::bind(&settings.ingest.listen).await?;
     let ready = Arc::new(AtomicBool::new(false));
     let liveness = Arc::new(crate::ops::Liveness::default());
@@ -166,8 +176,14 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     let on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync> = Arc::new(|s: &PassSummary| {
         crate::ops::notify_status(s);
     });
-    let (handle, mut scheduler, loop_task) =
-        schedule::start(emitter.clone(), &settings.emit.schedule, liveness.clone(), stop_rx.clone(), on_pass).await?;
+    let (handle, mut scheduler, loop_task) = schedule::start(
+        emitter.clone(),
+        &settings.emit.schedule,
+        liveness.clone(),
+        stop_rx.clone(),
+        on_pass,
+    )
+    .await?;
     let state = AppState {
         settings: settings.clone(),
         journal: journal.clone(),
@@ -207,11 +223,24 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     server.await.context("server task")??;
     let _ = loop_task.await;
     let _ = scheduler.shutdown().await;
-    let bound = settings.emit.shutdown_timeout.to_std().unwrap_or(std::time::Duration::from_secs(20));
+    let bound = settings
+        .emit
+        .shutdown_timeout
+        .to_std()
+        .unwrap_or(std::time::Duration::from_secs(20));
     match tokio::time::timeout(bound, emitter.pass()).await {
-        Ok(Ok(s)) => tracing::info!(message = "Final emission pass done.", frozen = s.frozen, sent = s.sent, pending = s.pending_after),
-        Ok(Err(e)) => tracing::warn!(message = "Final emission pass failed; pending events go at the next start.", error = %format!("{e:#}")),
-        Err(_) => tracing::warn!(message = "Final emission pass cut short by emit.shutdown_timeout; pending events go at the next start."),
+        Ok(Ok(s)) => tracing::info!(
+            message = "Final emission pass done.",
+            frozen = s.frozen,
+            sent = s.sent,
+            pending = s.pending_after
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(message = "Final emission pass failed; pending events go at the next start.", error = %format!("{e:#}"))
+        }
+        Err(_) => tracing::warn!(
+            message = "Final emission pass cut short by emit.shutdown_timeout; pending events go at the next start."
+        ),
     }
     if let Some(w) = watchdog {
         w.abort();

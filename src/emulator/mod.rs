@@ -21,7 +21,9 @@ pub struct EmulatorConfig;
 pub struct Emulator;
 impl Emulator {
     /// Placeholder.
-    pub async fn spawn_local(_c: EmulatorConfig) -> std::io::Result<(std::net::SocketAddr, Emulator, tokio::task::JoinHandle<()>)> {
+    pub async fn spawn_local(
+        _c: EmulatorConfig,
+    ) -> std::io::Result<(std::net::SocketAddr, Emulator, tokio::task::JoinHandle<()>)> {
         Err(std::io::Error::other("emulator not merged"))
     }
 }
