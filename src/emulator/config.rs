@@ -60,8 +60,8 @@ pub enum NextLinkMode {
     /// The host the request came to (`Host` header).
     #[default]
     SameHost,
-    /// Another name for the same server, as production does (`main.prod.marketplaceapi.azure.com`):
-    /// `127.0.0.1:P` becomes `localhost:P` and anything else becomes `127.0.0.1:P`.
+    /// Another name for the same server, as production does (`main.prod.marketplaceapi.azure.com`): always
+    /// `http://localhost:PORT/api`, so a client that starts at `http://127.0.0.1:PORT/api` is sent to another host.
     ForeignHost,
     /// A fixed base URL ending in `/api`, e.g. `http://localhost:8788/api`.
     Base(String),

@@ -66,7 +66,7 @@ pub struct EmulatorArgs {
     /// Latency added to every marketplace call, like 200ms or 2s (default none).
     #[arg(long)]
     pub latency: Option<String>,
-    /// Make @nextLink point at another host name of this server (localhost <-> 127.0.0.1), as production does.
+    /// Make @nextLink point at another host name of this server (http://localhost:PORT/api; start at 127.0.0.1), as production does.
     #[arg(long)]
     pub foreign_next_link: bool,
     /// Make @nextLink start with this base URL (ending in /api), e.g. http://localhost:8788/api.

@@ -46,12 +46,7 @@ fn next_link_base(mode: &NextLinkMode, host: &str) -> String {
         NextLinkMode::SameHost => format!("http://{host}/api"),
         NextLinkMode::ForeignHost => {
             let port = host.rsplit_once(':').map(|(_, p)| p).unwrap_or("80");
-            let other = if host.starts_with("127.0.0.1") {
-                "localhost"
-            } else {
-                "127.0.0.1"
-            };
-            format!("http://{other}:{port}/api")
+            format!("http://localhost:{port}/api")
         }
         NextLinkMode::Base(base) => base.trim_end_matches('/').to_owned(),
     }
@@ -140,14 +135,14 @@ mod tests {
     }
 
     #[test]
-    fn foreign_host_swaps_names() {
+    fn foreign_host_is_always_localhost() {
         assert_eq!(
             next_link_base(&NextLinkMode::ForeignHost, "127.0.0.1:8788"),
             "http://localhost:8788/api"
         );
         assert_eq!(
             next_link_base(&NextLinkMode::ForeignHost, "localhost:9"),
-            "http://127.0.0.1:9/api"
+            "http://localhost:9/api"
         );
     }
 }

@@ -385,7 +385,11 @@ pub fn accepted_json(event: &AcceptedEvent, status: Status) -> Value {
     if let Some(id) = &event.resource_id {
         map.insert("resourceId".into(), json!(id));
     }
-    if let Some(uri) = &event.resource_uri {
+    // The acceptedMessage of a duplicate carries only what was sent: not the resourceUri production adds to SaaS
+    // events (see `batch_response_mixed.json`). An event sent with a resourceUri has no resourceId.
+    if let Some(uri) = &event.resource_uri
+        && (status == Status::Accepted || event.resource_id.is_none())
+    {
         map.insert("resourceUri".into(), json!(uri));
     }
     map.insert("quantity".into(), quantity_json(event.quantity));
