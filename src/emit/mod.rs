@@ -85,7 +85,7 @@ pub fn token_provider(
             let token = match (token, settings.marketplace.mode) {
                 (Some(t), _) => t,
                 (None, MarketplaceMode::Emulator) => {
-                    crate::secret::Secret::new(crate::emulator::DEFAULT_STATIC_TOKEN)
+                    crate::secret::Secret::new(crate::emulator::config::DEFAULT_STATIC_TOKEN)
                 }
                 (None, MarketplaceMode::Azure) => anyhow::bail!(
                     "marketplace.auth.kind = \"static_token\" needs a token: set static_token_file, \

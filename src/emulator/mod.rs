@@ -235,6 +235,7 @@ impl Emulator {
 
     /// Changes a subscription's status; false if the id is unknown.
     pub fn set_status(&self, id: &str, status: SubscriptionStatus) -> bool {
+        let now = self.now();
         let mut state = self.lock();
         match state
             .subscriptions
@@ -242,6 +243,10 @@ impl Emulator {
             .find(|s| s.id.eq_ignore_ascii_case(id))
         {
             Some(s) => {
+                s.unsubscribed_at = match status {
+                    SubscriptionStatus::Unsubscribed => s.unsubscribed_at.or(Some(now)),
+                    _ => None,
+                };
                 s.saas_subscription_status = status;
                 true
             }

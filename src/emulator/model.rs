@@ -136,6 +136,10 @@ pub struct Subscription {
     /// in the `resourceUri` the marketplace adds to accepted SaaS events.
     #[serde(default = "default_azure_subscription", skip_serializing)]
     pub azure_subscription_id: String,
+    /// When the subscription was cancelled (emulator clock). Azure still accepts usage for hours that ended
+    /// before the cancellation; set by `set_status(Unsubscribed)` or a seed's `unsubscribedAt`.
+    #[serde(default, skip_serializing, alias = "unsubscribed_at")]
+    pub unsubscribed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn default_publisher() -> String {

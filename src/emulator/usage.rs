@@ -318,7 +318,12 @@ fn resolve(state: &State, parsed: &Parsed<'_>) -> Result<Resolved, Rejection> {
         "The resourceId value provided cannot be found or this resource is not active.";
     if let Some(id) = parsed.resource_id {
         if let Some(sub) = state.subscription(id) {
-            if sub.saas_subscription_status != SubscriptionStatus::Subscribed {
+            // After a cancellation, hours that ended before it may still be reported (as Azure allows).
+            let before_cancellation = sub.saas_subscription_status == SubscriptionStatus::Unsubscribed
+                && sub
+                    .unsubscribed_at
+                    .is_some_and(|at| parsed.effective_start + Duration::hours(1) <= at);
+            if sub.saas_subscription_status != SubscriptionStatus::Subscribed && !before_cancellation {
                 return Err(reject(Status::ResourceNotActive, "resourceId", NOT_FOUND));
             }
             return Ok((
