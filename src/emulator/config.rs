@@ -48,6 +48,8 @@ pub enum ConfigError {
     },
     #[error("seed file {0} must end in .toml or .json")]
     Extension(PathBuf),
+    #[error("invalid result_order {0:?}: expected as-sent, reversed or shuffled")]
+    ResultOrder(String),
     #[error(
         "invalid duration {0:?}: expected a number and a unit (ms, s, m, h, d), like 30s, 5m or -2h"
     )]
@@ -247,8 +249,8 @@ impl EmulatorConfig {
             self.next_link = NextLinkMode::Base(base);
         }
         if let Some(order) = seed.result_order {
-            self.result_order = parse_result_order(&order)
-                .ok_or_else(|| ConfigError::Duration(format!("result_order {order}")))?;
+            self.result_order =
+                parse_result_order(&order).ok_or(ConfigError::ResultOrder(order))?;
         }
         if let Some(l) = seed.latency {
             self.latency = parse_std_duration(&l)?;
