@@ -145,11 +145,7 @@ impl std::fmt::Debug for EmulatorConfig {
 
 impl Default for EmulatorConfig {
     fn default() -> Self {
-        let term = Term {
-            start_date: Some("2026-01-01T00:00:00Z".into()),
-            end_date: Some("2026-12-31T00:00:00Z".into()),
-            term_unit: "P1Y".into(),
-        };
+        let term = current_monthly_term(chrono::Utc::now());
         let mut a = Subscription::new(DEFAULT_SUBSCRIPTION_A, "gold");
         a.name = "Emulator customer A".into();
         a.term = term.clone();
@@ -182,6 +178,19 @@ impl Default for EmulatorConfig {
             echo_saas_resource_uri: true,
             clock: None,
         }
+    }
+}
+
+/// A monthly term around `now`: from the first of this month to the first of the next, like a purchase made on the
+/// first.
+fn current_monthly_term(now: chrono::DateTime<chrono::Utc>) -> Term {
+    use chrono::{Datelike, Months, NaiveDate};
+    let start = NaiveDate::from_ymd_opt(now.year(), now.month(), 1).unwrap_or_default();
+    let end = start.checked_add_months(Months::new(1)).unwrap_or(start);
+    Term {
+        start_date: Some(format!("{start}T00:00:00Z")),
+        end_date: Some(format!("{end}T00:00:00Z")),
+        term_unit: "P1M".into(),
     }
 }
 
