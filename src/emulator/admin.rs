@@ -256,12 +256,13 @@ async fn accepted(State(emulator): State<Emulator>) -> axum::Json<Value> {
 }
 
 async fn stats(State(emulator): State<Emulator>) -> axum::Json<Value> {
+    let now = emulator.now();
     let world = emulator.lock();
     axum::Json(json!({
         "requests": world.requests,
         "eventsReceived": world.received.len(),
         "eventsAccepted": world.accepted.len(),
-        "tokensIssued": world.tokens.len(),
+        "tokensActive": world.tokens.values().filter(|exp| **exp > now).count(),
     }))
 }
 

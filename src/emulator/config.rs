@@ -48,6 +48,8 @@ pub enum ConfigError {
     },
     #[error("seed file {0} must end in .toml or .json")]
     Extension(PathBuf),
+    #[error("invalid result_order {0:?}: expected as-sent, reversed or shuffled")]
+    ResultOrder(String),
     #[error(
         "invalid duration {0:?}: expected a number and a unit (ms, s, m, h, d), like 30s, 5m or -2h"
     )]
@@ -143,11 +145,7 @@ impl std::fmt::Debug for EmulatorConfig {
 
 impl Default for EmulatorConfig {
     fn default() -> Self {
-        let term = Term {
-            start_date: Some("2026-01-01T00:00:00Z".into()),
-            end_date: Some("2026-12-31T00:00:00Z".into()),
-            term_unit: "P1Y".into(),
-        };
+        let term = current_monthly_term(chrono::Utc::now());
         let mut a = Subscription::new(DEFAULT_SUBSCRIPTION_A, "gold");
         a.name = "Emulator customer A".into();
         a.term = term.clone();
@@ -180,6 +178,19 @@ impl Default for EmulatorConfig {
             echo_saas_resource_uri: true,
             clock: None,
         }
+    }
+}
+
+/// A monthly term around `now`: from the first of this month to the first of the next, like a purchase made on the
+/// first.
+fn current_monthly_term(now: chrono::DateTime<chrono::Utc>) -> Term {
+    use chrono::{Datelike, Months, NaiveDate};
+    let start = NaiveDate::from_ymd_opt(now.year(), now.month(), 1).unwrap_or_default();
+    let end = start.checked_add_months(Months::new(1)).unwrap_or(start);
+    Term {
+        start_date: Some(format!("{start}T00:00:00Z")),
+        end_date: Some(format!("{end}T00:00:00Z")),
+        term_unit: "P1M".into(),
     }
 }
 
@@ -247,8 +258,8 @@ impl EmulatorConfig {
             self.next_link = NextLinkMode::Base(base);
         }
         if let Some(order) = seed.result_order {
-            self.result_order = parse_result_order(&order)
-                .ok_or_else(|| ConfigError::Duration(format!("result_order {order}")))?;
+            self.result_order =
+                parse_result_order(&order).ok_or(ConfigError::ResultOrder(order))?;
         }
         if let Some(l) = seed.latency {
             self.latency = parse_std_duration(&l)?;
