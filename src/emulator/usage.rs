@@ -319,11 +319,14 @@ fn resolve(state: &State, parsed: &Parsed<'_>) -> Result<Resolved, Rejection> {
     if let Some(id) = parsed.resource_id {
         if let Some(sub) = state.subscription(id) {
             // After a cancellation, hours that ended before it may still be reported (as Azure allows).
-            let before_cancellation = sub.saas_subscription_status == SubscriptionStatus::Unsubscribed
+            let before_cancellation = sub.saas_subscription_status
+                == SubscriptionStatus::Unsubscribed
                 && sub
                     .unsubscribed_at
                     .is_some_and(|at| parsed.effective_start + Duration::hours(1) <= at);
-            if sub.saas_subscription_status != SubscriptionStatus::Subscribed && !before_cancellation {
+            if sub.saas_subscription_status != SubscriptionStatus::Subscribed
+                && !before_cancellation
+            {
                 return Err(reject(Status::ResourceNotActive, "resourceId", NOT_FOUND));
             }
             return Ok((
