@@ -199,8 +199,6 @@ fn closed_hours_go_exactly_once_with_exact_sums_and_the_open_hour_waits() {
     assert_eq!(status["pending_events"], 0);
     assert!(status["last_success"].is_string());
     // A flush sends nothing new: the hour is accepted once, ever.
-    let out = d.cli(&["flush"]);
-    let _ = out;
     let f: Value = http()
         .post(format!("{}/v1/flush", d.url))
         .send()
@@ -355,14 +353,14 @@ fn an_expired_token_is_refreshed() {
 fn events_the_marketplace_calls_expired_are_carried_into_the_open_hour() {
     let r = rig(EmulatorConfig::default());
     let d = r.collecting("");
-    let old = hour_start(20);
+    let old = hour_start(10);
     post(
         &d,
         &json!([{"resource": A, "dimension": "api_calls", "quantity": 3, "time": ts(old)}]),
     );
     stop(d);
-    // For the marketplace, 20 hours ago is now more than 24 hours ago.
-    r.emu.shift_clock(Duration::hours(6));
+    // For the marketplace, 10 hours ago is now more than 24 hours ago.
+    r.emu.shift_clock(Duration::hours(15));
     let d = r.sending("");
     let report = d.wait_report(StdDuration::from_secs(30), |rep| {
         rep["hours"]
@@ -444,8 +442,8 @@ fn subscription_statuses_decide_what_is_sent() {
     assert!(status["nearest_expiry_seconds"].as_i64().unwrap() > 0);
     // The pending subscription is activated: the held event goes at a later pass.
     r.emu.set_status(pending, SubscriptionStatus::Subscribed);
-    let out = d.cli(&["flush"]);
-    let _ = out;
+    let f: Value = http().post(format!("{}/v1/flush", d.url)).send().unwrap().json().unwrap();
+    assert!(f["outcomes"]["accepted"] == 1, "{f}");
     let report = d.wait_report(StdDuration::from_secs(30), |rep| {
         frozen_rows(rep)
             .get(&(pending.to_string(), "api_calls".to_string(), ts(h)))

@@ -32,8 +32,10 @@ pub const BATCH_SIZE: usize = 25;
 const PASS_LIMIT: i64 = 200_000;
 /// How long a pass may hold the emitter lease before another process may take it over.
 const LEASE_TTL_SECS: i64 = 600;
-/// How soon a held event (subscription not active yet) is looked at again.
-const HOLD_RECHECK_SECS: i64 = 300;
+/// A held event (subscription not active yet) is due again at once: every pass looks at it.
+const HOLD_RECHECK_SECS: i64 = 0;
+/// With held events waiting, the subscription list is re-read at most this often (passes can be frequent).
+const HELD_REFRESH_SECS: i64 = 60;
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -215,6 +217,12 @@ impl Emitter {
                 .to_std()
                 .unwrap_or(std::time::Duration::from_secs(1800)),
         }
+    }
+
+    /// Makes the next pass re-read the subscription list (an operator's flush: a subscription may just have been
+    /// activated).
+    pub async fn request_subscription_refresh(&self) {
+        self.subscriptions.lock().await.1 = true;
     }
 
     /// The journal this emitter works from.
@@ -437,9 +445,15 @@ impl Emitter {
             return self.journal.read(outbound::known_subscriptions).await.ok();
         }
         let mut cache = self.subscriptions.lock().await;
+        let any_held = due.iter().any(|e| e.held);
         let stale = match cache.0 {
             None => true,
-            Some(t) => cache.1 || now - t >= self.settings.subscriptions.refresh || now < t,
+            Some(t) => {
+                cache.1
+                    || now - t >= self.settings.subscriptions.refresh
+                    || (any_held && now - t >= Duration::seconds(HELD_REFRESH_SECS))
+                    || now < t
+            }
         };
         if stale {
             let started = std::time::Instant::now();

@@ -145,6 +145,8 @@ pub struct PendingEvent {
     pub deadline: i64,
     /// Some attempt may have been recorded without an answer.
     pub ambiguous: bool,
+    /// Held for its subscription (not active yet).
+    pub held: bool,
 }
 
 /// Pending events due at `now`, oldest hour first.
@@ -154,7 +156,7 @@ pub fn due_events(
     limit: i64,
 ) -> Result<Vec<PendingEvent>, JournalError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, resource, plan, dimension, hour, quantity, body, attempts, deadline, ambiguous FROM outbound_events
+        "SELECT id, resource, plan, dimension, hour, quantity, body, attempts, deadline, ambiguous, held IS NOT NULL FROM outbound_events
          WHERE state = 'pending' AND next_attempt_at <= ?1 AND deadline > ?1 ORDER BY hour, id LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![now.timestamp(), limit], |r| {
@@ -169,6 +171,7 @@ pub fn due_events(
             attempts: r.get(7)?,
             deadline: r.get(8)?,
             ambiguous: r.get::<_, i64>(9)? != 0,
+            held: r.get::<_, i64>(10)? != 0,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -568,4 +571,10 @@ pub fn release_lease(conn: &Connection, name: &str, owner: &str) -> Result<(), J
     conn.prepare_cached("DELETE FROM leases WHERE name = ?1 AND owner = ?2")?
         .execute(params![name, owner])?;
     Ok(())
+}
+
+/// Drops every lease. Only for a process that holds the journal's exclusive lock: no other process can be
+/// running, so any lease left is a crashed process's.
+pub fn clear_leases(conn: &Connection) -> Result<usize, JournalError> {
+    Ok(conn.execute("DELETE FROM leases", [])?)
 }
