@@ -442,7 +442,12 @@ fn subscription_statuses_decide_what_is_sent() {
     assert!(status["nearest_expiry_seconds"].as_i64().unwrap() > 0);
     // The pending subscription is activated: the held event goes at a later pass.
     r.emu.set_status(pending, SubscriptionStatus::Subscribed);
-    let f: Value = http().post(format!("{}/v1/flush", d.url)).send().unwrap().json().unwrap();
+    let f: Value = http()
+        .post(format!("{}/v1/flush", d.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert!(f["outcomes"]["accepted"] == 1, "{f}");
     let report = d.wait_report(StdDuration::from_secs(30), |rep| {
         frozen_rows(rep)

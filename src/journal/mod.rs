@@ -176,7 +176,7 @@ struct Inner {
     path: PathBuf,
     /// Exclusive lock on `<journal>.lock`, held for the writer's life: a second writer process on the same
     /// journal is refused at open, and a lease left by a crashed process can be cleared safely.
-    _lock: std::fs::File,
+    lock: Mutex<Option<std::fs::File>>,
     tx: Mutex<Option<mpsc::Sender<Command>>>,
     readers: Mutex<Vec<Connection>>,
     stats: Arc<Mutex<WriterStats>>,
@@ -218,7 +218,9 @@ impl Journal {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| JournalError::Invalid(format!("cannot open {}: {e}", lock_path.display())))?;
+            .map_err(|e| {
+                JournalError::Invalid(format!("cannot open {}: {e}", lock_path.display()))
+            })?;
         if lock.try_lock().is_err() {
             return Err(JournalError::Invalid(format!(
                 "another meterd process is using the journal at {} (it holds {}); stop it first",
@@ -257,7 +259,7 @@ impl Journal {
         Ok(Journal {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
-                _lock: lock,
+                lock: Mutex::new(Some(lock)),
                 tx: Mutex::new(Some(tx)),
                 readers: Mutex::new(Vec::new()),
                 stats,
@@ -373,6 +375,7 @@ impl Journal {
         if let Some(t) = self.inner.thread.lock().expect("thread lock").take() {
             let _ = t.join();
         }
+        self.inner.lock.lock().expect("journal lock").take();
     }
 }
 
