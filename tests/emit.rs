@@ -551,3 +551,74 @@ fn more_than_25_events_split_into_calls_and_every_subscription_page_is_read() {
         "all pages of 18 subscriptions at 4 per page"
     );
 }
+
+#[test]
+fn secrets_never_appear_in_logs_status_reports_or_errors() {
+    let r = rig(EmulatorConfig::default());
+    let token_file = r.dir.path().join("ingest-token");
+    std::fs::write(&token_file, "ingest-s3cret-value\n").unwrap();
+    let cfg = r.config("").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"",
+            token_file.display()
+        ),
+    );
+    // Debug-level logs, the most talkative setting.
+    let cfg = cfg.replace("level = \"info,meterd=debug\"", "level = \"debug\"");
+    let d = Daemon::start(r.dir.path(), &cfg, &[TOKEN_ENV]);
+    let h = hour_start(0);
+    let c = http();
+    let resp = c
+        .post(format!("{}/v1/usage", d.url))
+        .bearer_auth("ingest-s3cret-value")
+        .json(&json!([{"resource": A, "dimension": "api_calls", "quantity": 1, "time": ts(h)}]))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    // A wrong token is refused without echoing either token.
+    let bad = c
+        .get(format!("{}/v1/status", d.url))
+        .bearer_auth("guess")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let status = c
+        .get(format!("{}/v1/status", d.url))
+        .bearer_auth("ingest-s3cret-value")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let flush = c
+        .post(format!("{}/v1/flush", d.url))
+        .bearer_auth("ingest-s3cret-value")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let metrics = c
+        .get(format!("{}/metrics", d.url))
+        .bearer_auth("ingest-s3cret-value")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let report = d.cli(&["report", "--format", "json"]);
+    let cli_status = d.cli(&["status", "--json"]);
+    let check = d.cli(&["check-config"]);
+    let logs = stop(d);
+    let everything = format!(
+        "{bad}{status}{flush}{metrics}{}{}{}{}{}{logs}",
+        String::from_utf8_lossy(&report.stdout),
+        String::from_utf8_lossy(&report.stderr),
+        String::from_utf8_lossy(&cli_status.stdout),
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for secret in ["ingest-s3cret-value", "emulator-token"] {
+        assert!(!everything.contains(secret), "`{secret}` leaked");
+    }
+    assert!(logs.contains("meterd listening."), "the logs were captured");
+}
