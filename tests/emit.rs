@@ -391,8 +391,7 @@ fn events_the_marketplace_calls_expired_are_carried_into_the_open_hour() {
 
 #[test]
 fn subscription_statuses_decide_what_is_sent() {
-    let cfg = EmulatorConfig::default();
-    let r = rig(cfg);
+    let r = rig(EmulatorConfig::default());
     let pending = "44444444-4444-4444-8444-444444444444";
     let suspended = "55555555-5555-4555-8555-555555555555";
     let cancelled = "66666666-6666-4666-8666-666666666666";
@@ -514,10 +513,11 @@ fn invalid_dimension_and_not_authorized_surface_as_rejected() {
 
 #[test]
 fn more_than_25_events_split_into_calls_and_every_subscription_page_is_read() {
-    let mut cfg = EmulatorConfig::default();
-    cfg.next_link = NextLinkMode::ForeignHost;
-    cfg.page_size = 4;
-    let r = rig(cfg);
+    let r = rig(EmulatorConfig {
+        next_link: NextLinkMode::ForeignHost,
+        page_size: 4,
+        ..Default::default()
+    });
     let subs: Vec<String> = (0..15)
         .map(|i| format!("{i:08x}-aaaa-4aaa-8aaa-{i:012x}"))
         .collect();

@@ -508,9 +508,7 @@ impl Emitter {
                         message = "Could not fetch the subscription list; using what meterd saw last.",
                         error = %e, advice = e.advice().unwrap_or("")
                     );
-                    if cache.0.is_none() {
-                        return None;
-                    }
+                    cache.0?;
                 }
             }
         }

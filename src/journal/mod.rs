@@ -132,10 +132,7 @@ where
     R: FnOnce(Result<T, JournalError>) + Send + 'static,
 {
     Box::new(move |conn: Option<&Connection>| {
-        let result = match conn {
-            Some(c) => Some(f(c)),
-            None => None,
-        };
+        let result = conn.map(f);
         let ok = matches!(result, Some(Ok(_)));
         let finisher: Finisher = Box::new(move |commit: Result<(), Arc<JournalError>>| {
             let answer = match (commit, result) {

@@ -64,7 +64,9 @@ pub fn freeze(
         })?
         .collect::<Result<_, _>>()?;
     // Group by the marketplace's key.
-    let mut groups: BTreeMap<(i64, String, String), (i64, BTreeMap<String, i64>)> = BTreeMap::new();
+    // (hour, resource, dimension) -> (total, quantity per explicitly named plan)
+    type Group = (i64, BTreeMap<String, i64>);
+    let mut groups: BTreeMap<(i64, String, String), Group> = BTreeMap::new();
     for (resource, plan, dimension, hour, qty) in rows {
         let g = groups.entry((hour, resource, dimension)).or_default();
         g.0 =
@@ -355,7 +357,8 @@ fn expire(
     late: LateUsage,
     by_deadline: bool,
 ) -> Result<&'static str, JournalError> {
-    let row: Option<(String, String, String, i64, i64, i64, Option<String>)> = conn
+    type Row = (String, String, String, i64, i64, i64, Option<String>);
+    let row: Option<Row> = conn
         .prepare_cached("SELECT resource, plan, dimension, hour, quantity, ambiguous, held FROM outbound_events WHERE id = ?1 AND state = 'pending'")?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
         .optional()?;
