@@ -350,9 +350,8 @@ impl Emitter {
         for ev in &due {
             decisions.push(self.decide(ev, &known, now));
         }
-        // Write holds/skips and freeze bodies (once) for what will be sent.
-        let default_plan = self.settings.default_plan.clone();
-        let _ = default_plan;
+        // Write holds/skips, bill and freeze bodies (once) for what will be sent.
+        let settings = self.settings.clone();
         let to_write: Vec<(i64, Decision, PendingEvent)> = due
             .into_iter()
             .zip(decisions)
@@ -375,19 +374,20 @@ impl Emitter {
                             *counts.entry(name.to_string()).or_default() += 1;
                         }
                         Decision::Send { plan } => {
-                            let body = if ev.body.is_empty() {
-                                let json = event_json(
-                                    &ResourceRef::parse(&ev.resource),
-                                    &plan,
-                                    &ev.dimension,
-                                    to_utc(ev.hour),
-                                    ev.quantity,
-                                );
-                                outbound::set_body(c, id, &plan, &json)?
-                            } else {
-                                ev.body.clone()
-                            };
-                            sendable.push(PendingEvent { body, plan, ..ev });
+                            if !ev.body.is_empty() {
+                                sendable.push(PendingEvent { plan, ..ev });
+                                continue;
+                            }
+                            // Billed once, with the body: allowance, billing units, thresholds.
+                            let bill = crate::billing::bill(c, &settings, &ev.resource, &ev.dimension, &plan, ev.hour, ev.quantity, ev.prebilled, now)?;
+                            if bill.send == 0 {
+                                let state = outbound::settle_unbilled(c, id, &plan, &bill, now)?;
+                                *counts.entry(state.to_string()).or_default() += 1;
+                                continue;
+                            }
+                            let json = event_json(&ResourceRef::parse(&ev.resource), &plan, &ev.dimension, to_utc(ev.hour), bill.send);
+                            let body = outbound::set_body(c, id, &plan, &json, &bill)?;
+                            sendable.push(PendingEvent { body, plan, send_quantity: Some(bill.send), ..ev });
                         }
                     }
                 }
@@ -658,7 +658,8 @@ async fn send_batch(
             let pairs = match_results(&keys, &call.response);
             for (i, r) in &pairs {
                 let ev = &batch[*i];
-                let settle = match classify(r, ev.quantity) {
+                let sent_quantity = ev.send_quantity.unwrap_or(ev.quantity);
+                let settle = match classify(r, sent_quantity) {
                     Classified::Accepted { usage_event_id } => Settle::Accepted { usage_event_id },
                     Classified::Duplicate => Settle::Duplicate {
                         market_quantity: Some(ev.quantity),
