@@ -219,6 +219,12 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     crate::ops::notify_ready();
     let watchdog = crate::ops::spawn_watchdog(journal.clone(), liveness.clone(), &ctx.env);
+    let alerts = crate::alerts::spawn(
+        journal.clone(),
+        ctx.clock.clone(),
+        settings.alerts.webhook_url.clone(),
+        stop_rx.clone(),
+    );
 
     shutdown_signal().await;
     crate::ops::notify_stopping();
@@ -256,6 +262,8 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     if let Some(w) = watchdog {
         w.abort();
     }
+    // One last delivery attempt for alerts raised by the final pass; undelivered ones wait in the journal.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), alerts).await;
     journal.checkpoint().await.ok();
     journal.close();
     tracing::info!(message = "meterd stopped.");

@@ -422,3 +422,30 @@ pub fn compact_records(
         .prepare_cached("DELETE FROM usage_records WHERE seq IN (SELECT seq FROM usage_records WHERE received_at < ?1 ORDER BY received_at LIMIT ?2)")?
         .execute(params![before, limit])?)
 }
+
+/// Deletes what the retention settings no longer keep: hourly totals (and their settled outbound events and
+/// carries) older than `retention`, and raw records past the dedupe window (their sums stay in the totals).
+pub fn apply_retention(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    retention: Duration,
+    dedupe_window: Duration,
+) -> Result<(usize, usize), JournalError> {
+    let cutoff = hour_of(now - retention);
+    let hours = conn.execute(
+        "DELETE FROM hourly_totals WHERE hour < ?1
+           AND (outbound_id IS NULL OR outbound_id IN (SELECT id FROM outbound_events WHERE state != 'pending'))",
+        [cutoff],
+    )?;
+    conn.execute(
+        "DELETE FROM outbound_events WHERE hour < ?1 AND state != 'pending'",
+        [cutoff],
+    )?;
+    conn.execute("DELETE FROM carries WHERE from_hour < ?1", [cutoff])?;
+    conn.execute(
+        "DELETE FROM alerts WHERE created_at < ?1 AND delivered_at IS NOT NULL",
+        [cutoff],
+    )?;
+    let records = compact_records(conn, now, dedupe_window, 100_000)?;
+    Ok((hours, records))
+}
