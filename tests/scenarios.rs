@@ -1015,3 +1015,247 @@ async fn scenario_11_more_than_25() {
     assert_eq!(rig.emu.accepted_events().len(), 85);
     assert_eq!(rig.status().await.outcomes.get("accepted"), Some(&85));
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Invariant 6, "nothing vanishes", over random histories.
+
+mod nothing_vanishes {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One record of a random ingest request.
+    #[derive(Debug, Clone)]
+    struct Rec {
+        resource_b: bool,
+        gb: bool,
+        /// Stamped this many minutes before the clock (late ones land in frozen hours).
+        minutes_back: i64,
+        /// At most six decimals.
+        micros: i64,
+        /// Idempotency key from a small pool, so that some repeat.
+        key: Option<u8>,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Fault {
+        Fail { status: u16, times: u32 },
+        EventErrors(u32),
+        Drop(Phase),
+        SubscriptionsDown(u32),
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Ingest(Vec<Rec>),
+        Pass,
+        /// Minutes; negative moves the clock back.
+        Advance(i64),
+        Fault(Fault),
+    }
+
+    fn rec() -> impl Strategy<Value = Rec> {
+        (
+            any::<bool>(),
+            any::<bool>(),
+            prop_oneof![6 => 0i64..60, 3 => 60i64..240, 1 => 240i64..1800],
+            1i64..=50_000_000,
+            prop::option::weighted(0.5, 0u8..8),
+        )
+            .prop_map(|(resource_b, gb, minutes_back, micros, key)| Rec {
+                resource_b,
+                gb,
+                minutes_back,
+                micros,
+                key,
+            })
+    }
+
+    fn fault() -> impl Strategy<Value = Fault> {
+        prop_oneof![
+            (prop::sample::select(vec![429u16, 500, 503]), 1u32..8)
+                .prop_map(|(status, times)| Fault::Fail { status, times }),
+            (1u32..3).prop_map(Fault::EventErrors),
+            prop::sample::select(vec![Phase::Before, Phase::After]).prop_map(Fault::Drop),
+            (1u32..3).prop_map(Fault::SubscriptionsDown),
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => prop::collection::vec(rec(), 1..6).prop_map(Step::Ingest),
+            2 => Just(Step::Pass),
+            3 => (1i64..150).prop_map(Step::Advance),
+            1 => (600i64..1500).prop_map(Step::Advance),
+            2 => fault().prop_map(Step::Fault),
+        ]
+    }
+
+    /// Steps with one backwards clock step inserted somewhere.
+    fn history() -> impl Strategy<Value = Vec<Step>> {
+        (
+            prop::collection::vec(step(), 4..24),
+            any::<prop::sample::Index>(),
+            1i64..90,
+        )
+            .prop_map(|(mut steps, at, back)| {
+                let i = at.index(steps.len() + 1);
+                steps.insert(i, Step::Advance(-back));
+                steps
+            })
+    }
+
+    const FINAL: &[&str] = &[
+        "accepted",
+        "duplicate",
+        "duplicate_mismatch",
+        "expired",
+        "expired_unconfirmed",
+        "rejected",
+        "skipped_unsubscribed",
+        "not_active",
+        "carried",
+    ];
+
+    async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
+        let rig = Rig::new("09:00").await;
+        let mut now = t("09:00");
+        let mut seen_keys: BTreeSet<String> = BTreeSet::new();
+        let mut expected: i64 = 0;
+        for step in steps {
+            match step {
+                Step::Ingest(recs) => {
+                    let records: Vec<NewRecord> = recs
+                        .iter()
+                        .map(|r| NewRecord {
+                            resource: if r.resource_b { B } else { A }.to_string(),
+                            plan: None,
+                            dimension: if r.gb { GB } else { API }.to_string(),
+                            time: now - Duration::minutes(r.minutes_back),
+                            quantity: Micros(r.micros),
+                            key: r.key.map(|k| format!("k{k}")),
+                        })
+                        .collect();
+                    for r in &records {
+                        if r.key.as_ref().is_none_or(|k| seen_keys.insert(k.clone())) {
+                            expected += r.quantity.0;
+                        }
+                    }
+                    rig.ingest(now, records).await;
+                }
+                Step::Pass => {
+                    rig.pass_at(now).await;
+                }
+                Step::Advance(minutes) => {
+                    now += Duration::minutes(minutes);
+                    rig.clock.set(now);
+                }
+                Step::Fault(Fault::Fail { status, times }) => {
+                    let retry_after = (status == 429).then_some(30);
+                    rig.emu
+                        .fail_next(Route::BatchUsageEvent, times, status, retry_after);
+                }
+                Step::Fault(Fault::EventErrors(n)) => rig.emu.fail_next_events(n),
+                Step::Fault(Fault::Drop(phase)) => {
+                    rig.emu.drop_next(Route::BatchUsageEvent, 1, phase)
+                }
+                Step::Fault(Fault::SubscriptionsDown(n)) => {
+                    rig.emu.fail_next(Route::Subscriptions, n, 503, None)
+                }
+            }
+        }
+        // The marketplace recovers; hours pass until every hour has a final outcome.
+        rig.emu.clear_faults();
+        let mut settled = false;
+        for _ in 0..40 {
+            now += Duration::hours(1);
+            rig.pass_at(now).await;
+            if rig
+                .report()
+                .await
+                .iter()
+                .all(|r| FINAL.contains(&r.outcome.as_str()))
+            {
+                settled = true;
+                break;
+            }
+        }
+        let report = rig.report().await;
+        prop_assert!(settled, "not settled: {report:#?}");
+        let mut by_outcome: BTreeMap<&str, i64> = BTreeMap::new();
+        for r in &report {
+            *by_outcome.entry(r.outcome.as_str()).or_default() += r.quantity_micros;
+        }
+        let total: i64 = report
+            .iter()
+            .filter(|r| r.outcome != "carried")
+            .map(|r| r.quantity_micros)
+            .sum();
+        prop_assert_eq!(total, expected, "outcomes: {:?}", by_outcome);
+        for bad in [
+            "duplicate_mismatch",
+            "rejected",
+            "not_active",
+            "skipped_unsubscribed",
+        ] {
+            prop_assert!(!by_outcome.contains_key(bad), "{bad}: {report:#?}");
+        }
+
+        // The marketplace holds at most one event per (resource, dimension, hour), with meterd's frozen quantity,
+        // and only for events meterd counts as billed (or possibly billed).
+        let frozen: BTreeMap<(String, String, String), (i64, String)> = rig
+            .journal
+            .read(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT resource, dimension, hour, quantity, state FROM outbound_events",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((
+                        (
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            usage::fmt_time(r.get(2)?),
+                        ),
+                        (r.get::<_, i64>(3)?, r.get::<_, String>(4)?),
+                    ))
+                })?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await
+            .unwrap();
+        let mut keys = BTreeSet::new();
+        for e in rig.emu.accepted_events() {
+            let key = accepted_key(&e);
+            prop_assert!(keys.insert(key.clone()), "two accepted events for {key:?}");
+            let Some((qty, state)) = frozen.get(&key) else {
+                return Err(TestCaseError::fail(format!(
+                    "accepted {key:?} unknown to meterd"
+                )));
+            };
+            prop_assert_eq!((e.quantity * 1e6).round() as i64, *qty, "{:?}", key);
+            prop_assert!(
+                ["accepted", "duplicate", "expired_unconfirmed"].contains(&state.as_str()),
+                "{key:?} is {state} in the journal but billed"
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 32,
+            max_shrink_iters: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn nothing_vanishes(steps in history()) {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(run(steps))?;
+        }
+    }
+}
