@@ -669,7 +669,8 @@ async fn scenario_08_outage_past_the_window() {
     let rig = Rig::new("09:00").await;
     rig.record_now(A, API, "09:05", "2.5").await;
     rig.record_now(A, API, "09:40", "1.5").await;
-    // The marketplace answers 503 to every usage call from 09:10 until 09:10 the next day.
+    // The marketplace answers 503 to every usage call from 09:10 until 09:10 the next day. The subscription list
+    // stays up: were it down too, the event would never be sent (deferred) and the outcome at 08:45 the same.
     rig.clock.set(t("09:10"));
     rig.emu.fail_next(Route::BatchUsageEvent, 10_000, 503, None);
 
