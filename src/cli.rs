@@ -733,8 +733,11 @@ pub async fn reconcile(
         let (Some(r), Some(dim)) = (d.usage_resource_id.clone(), d.dimension.clone()) else {
             continue;
         };
-        let q = crate::marketplace::quantity::f64_to_micros(d.processed_quantity.unwrap_or(0.0))
-            .unwrap_or(0);
+        // What was submitted and recorded; `processedQuantity` lags behind it.
+        let q = crate::marketplace::quantity::f64_to_micros(
+            d.submitted_quantity.or(d.processed_quantity).unwrap_or(0.0),
+        )
+        .unwrap_or(0);
         *market.entry((r.to_ascii_lowercase(), dim)).or_default() += q;
     }
     let conn = crate::journal::open_read_only(&settings.journal.path)?;
