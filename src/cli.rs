@@ -421,12 +421,12 @@ pub fn report(
         Format::Csv => {
             writeln!(
                 out,
-                "hour,resource,plan,dimension,quantity,records,carried_in,outcome,usage_event_id,carried_to"
+                "hour,resource,plan,dimension,quantity,records,carried_in,included,billed,outcome,usage_event_id,carried_to"
             )?;
             for h in &hours {
                 writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{}",
                     h.hour,
                     csv(&h.resource),
                     csv(&h.plan),
@@ -434,6 +434,8 @@ pub fn report(
                     h.quantity,
                     h.records,
                     crate::quantity::Micros(h.carried_in_micros),
+                    h.included.as_deref().unwrap_or(""),
+                    h.billed.as_deref().unwrap_or(""),
                     h.outcome,
                     h.usage_event_id.as_deref().unwrap_or(""),
                     h.carried_to.as_deref().unwrap_or("")
@@ -446,8 +448,8 @@ pub fn report(
             } else {
                 writeln!(
                     out,
-                    "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  OUTCOME",
-                    "HOUR", "RESOURCE", "PLAN", "DIMENSION", "QUANTITY", "RECORDS"
+                    "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  {:>12}  {:>10}  OUTCOME",
+                    "HOUR", "RESOURCE", "PLAN", "DIMENSION", "QUANTITY", "RECORDS", "INCLUDED", "BILLED"
                 )?;
                 for h in &hours {
                     let mut outcome = h.outcome.clone();
@@ -462,8 +464,15 @@ pub fn report(
                     }
                     writeln!(
                         out,
-                        "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  {outcome}",
-                        h.hour, h.resource, h.plan, h.dimension, h.quantity, h.records
+                        "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  {:>12}  {:>10}  {outcome}",
+                        h.hour,
+                        h.resource,
+                        h.plan,
+                        h.dimension,
+                        h.quantity,
+                        h.records,
+                        h.included.as_deref().unwrap_or("-"),
+                        h.billed.as_deref().unwrap_or("-")
                     )?;
                 }
             }

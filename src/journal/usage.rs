@@ -293,6 +293,10 @@ pub struct HourlyRow {
     pub carried_to: Option<String>,
     /// Last error while sending.
     pub last_error: Option<String>,
+    /// Usage of the hour's event covered by the plan's included quantity (billing policy), decimal.
+    pub included: Option<String>,
+    /// Quantity the hour's event billed (sent), in billing units, decimal.
+    pub billed: Option<String>,
 }
 
 /// A quantity moved between hours.
@@ -338,7 +342,7 @@ pub fn hourly_report(
     let closed_before = hour_of(now - Duration::hours(1) - grace) + HOUR;
     let mut stmt = conn.prepare_cached(
         "SELECT h.resource, h.plan, h.dimension, h.hour, h.quantity, h.records, h.carried_in,
-                o.state, o.usage_event_id, o.carried_to, o.last_error, o.plan
+                o.state, o.usage_event_id, o.carried_to, o.last_error, o.plan, o.included, o.send_quantity
          FROM hourly_totals h LEFT JOIN outbound_events o ON o.id = h.outbound_id
          WHERE (?1 IS NULL OR h.resource = ?1) AND h.hour >= ?2 AND h.hour < ?3
          ORDER BY h.hour, h.resource, h.dimension, h.plan",
@@ -374,6 +378,8 @@ pub fn hourly_report(
             usage_event_id: r.get(8)?,
             carried_to: carried_to.map(fmt_time),
             last_error: r.get(10)?,
+            included: r.get::<_, Option<i64>>(12)?.map(|q| Micros(q).to_decimal_string()),
+            billed: r.get::<_, Option<i64>>(13)?.map(|q| Micros(q).to_decimal_string()),
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
