@@ -135,14 +135,17 @@ fn threshold_value(t: Threshold, included: Included) -> Option<i64> {
 pub fn bill(
     conn: &Connection,
     settings: &Settings,
-    resource: &str,
-    dimension: &str,
+    ev: &crate::journal::outbound::PendingEvent,
     plan: &str,
-    hour: i64,
-    raw: i64,
-    prebilled: i64,
     now: DateTime<Utc>,
 ) -> Result<Bill, JournalError> {
+    let (resource, dimension, hour, raw, prebilled) = (
+        ev.resource.as_str(),
+        ev.dimension.as_str(),
+        ev.hour,
+        ev.quantity,
+        ev.prebilled,
+    );
     let (term_start, term_end) = term_for(conn, settings, resource, hour)?;
     let included = settings.included(plan, dimension);
     let before: i64 = conn

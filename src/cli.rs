@@ -449,7 +449,14 @@ pub fn report(
                 writeln!(
                     out,
                     "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  {:>12}  {:>10}  OUTCOME",
-                    "HOUR", "RESOURCE", "PLAN", "DIMENSION", "QUANTITY", "RECORDS", "INCLUDED", "BILLED"
+                    "HOUR",
+                    "RESOURCE",
+                    "PLAN",
+                    "DIMENSION",
+                    "QUANTITY",
+                    "RECORDS",
+                    "INCLUDED",
+                    "BILLED"
                 )?;
                 for h in &hours {
                     let mut outcome = h.outcome.clone();

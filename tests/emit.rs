@@ -622,3 +622,83 @@ fn secrets_never_appear_in_logs_status_reports_or_errors() {
     }
     assert!(logs.contains("meterd listening."), "the logs were captured");
 }
+
+#[test]
+fn balance_and_consumption_routes_and_command() {
+    let r = rig(EmulatorConfig::default());
+    let plans =
+        "[[plans]]\nid = \"gold\"\nincluded = { api_calls = 10, gb_processed = \"infinite\" }\n";
+    let cfg = format!("{}{plans}", r.config(""));
+    let d = Daemon::start(
+        r.dir.path(),
+        &cfg,
+        &[TOKEN_ENV, ("METERD_EMIT__GRACE", "11h")],
+    );
+    let h = hour_start(2);
+    post(
+        &d,
+        &json!([
+            {"resource": A, "dimension": "api_calls", "quantity": 4, "time": ts(h)},
+            {"resource": A, "dimension": "api_calls", "quantity": 9, "time": ts(h + Duration::minutes(1))},
+            {"resource": A, "dimension": "gb_processed", "quantity": 5, "time": ts(h)}
+        ]),
+    );
+    stop(d);
+    let d = Daemon::start(r.dir.path(), &cfg, &[TOKEN_ENV]);
+    d.wait_report(StdDuration::from_secs(30), |rep| {
+        frozen_rows(rep).len() == 2 && all_settled(rep)
+    });
+    // 13 used, 10 included: 3 billed; gb_processed is infinite.
+    let accepted = r.emu.accepted_events();
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(accepted[0].quantity, 3.0);
+    let b: Value = http()
+        .get(format!("{}/v1/subscriptions/{A}/balance", d.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let api = b["dimensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["dimension"] == "api_calls")
+        .unwrap();
+    assert_eq!(
+        (
+            api["included"].as_str(),
+            api["consumed"].as_str(),
+            api["remaining"].as_str()
+        ),
+        (Some("10"), Some("13"), Some("0"))
+    );
+    assert_eq!(api["overage_accepted"], "3");
+    let c: Value = http()
+        .get(format!(
+            "{}/v1/consumption?resource={A}&dimension=gb_processed&from={}",
+            d.url,
+            ts(h)
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(c["dimensions"][0]["quantity"], "5");
+    let out = d.cli(&["balance", "--resource", A]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("api_calls") && text.contains("infinite"),
+        "{text}"
+    );
+    let report = d.report();
+    let row = report["hours"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["dimension"] == "api_calls")
+        .unwrap();
+    assert_eq!(
+        (row["included"].as_str(), row["billed"].as_str()),
+        (Some("10"), Some("3"))
+    );
+}

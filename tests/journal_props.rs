@@ -239,3 +239,52 @@ fn a_failing_job_does_not_take_its_batch_down() {
     assert_eq!(v, meterd::journal::current_version());
     again.close();
 }
+
+/// Retention: old hourly totals (with settled events) go; pending ones and recent ones stay; raw records past
+/// the dedupe window are compacted while their sums stay.
+#[test]
+fn retention_keeps_what_it_must() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(&dir.path().join("j.db")).unwrap();
+    let old = base() - Duration::days(800);
+    let recent = base() + Duration::hours(1);
+    for (t, key) in [(old, "old"), (recent, "new")] {
+        let rec = vec![NewRecord {
+            resource: RESOURCES[0].into(),
+            plan: None,
+            dimension: "api_calls".into(),
+            time: t,
+            quantity: Micros(1_000_000),
+            key: Some(key.into()),
+        }];
+        let r = IngestRules {
+            now: t + Duration::minutes(1),
+            late: LateUsage::CarryForward,
+            safety_margin: Duration::minutes(15),
+        };
+        journal
+            .write_blocking(move |c| usage::ingest(c, &rec, &r))
+            .unwrap()
+            .unwrap();
+    }
+    let now = base() + Duration::days(10);
+    let (hours, records) = journal
+        .write_blocking(move |c| {
+            usage::apply_retention(c, now, Duration::days(730), Duration::days(7))
+        })
+        .unwrap();
+    assert_eq!(
+        (hours, records),
+        (1, 2),
+        "the 800-day-old hour goes; both raw records are past 7 days"
+    );
+    let left: Vec<(i64, i64)> = journal
+        .read_blocking(|c| {
+            let mut s = c.prepare("SELECT hour, quantity FROM hourly_totals")?;
+            Ok(s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?)
+        })
+        .unwrap();
+    assert_eq!(left, vec![(usage::hour_of(recent), 1_000_000)]);
+    journal.close();
+}

@@ -400,17 +400,7 @@ impl Emitter {
                                 continue;
                             }
                             // Billed once, with the body: allowance, billing units, thresholds.
-                            let bill = crate::billing::bill(
-                                c,
-                                &settings,
-                                &ev.resource,
-                                &ev.dimension,
-                                &plan,
-                                ev.hour,
-                                ev.quantity,
-                                ev.prebilled,
-                                now,
-                            )?;
+                            let bill = crate::billing::bill(c, &settings, &ev, &plan, now)?;
                             if bill.send == 0 {
                                 let state = outbound::settle_unbilled(c, id, &plan, &bill, now)?;
                                 *counts.entry(state.to_string()).or_default() += 1;

@@ -378,8 +378,12 @@ pub fn hourly_report(
             usage_event_id: r.get(8)?,
             carried_to: carried_to.map(fmt_time),
             last_error: r.get(10)?,
-            included: r.get::<_, Option<i64>>(12)?.map(|q| Micros(q).to_decimal_string()),
-            billed: r.get::<_, Option<i64>>(13)?.map(|q| Micros(q).to_decimal_string()),
+            included: r
+                .get::<_, Option<i64>>(12)?
+                .map(|q| Micros(q).to_decimal_string()),
+            billed: r
+                .get::<_, Option<i64>>(13)?
+                .map(|q| Micros(q).to_decimal_string()),
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
