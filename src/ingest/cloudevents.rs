@@ -63,34 +63,8 @@ pub fn parse_events(
             "{BATCH} needs a JSON array of events"
         ))]);
     }
-    let events: Vec<&RawValue> = if is_array {
-        serde_json::from_str(text).map_err(|e| {
-            vec![FieldError::request(format!(
-                "body is not a JSON array of CloudEvents: {e}"
-            ))]
-        })?
-    } else {
-        vec![
-            serde_json::from_str(text)
-                .map_err(|e| vec![FieldError::request(format!("body is not valid JSON: {e}"))])?,
-        ]
-    };
-    if events.is_empty() {
-        return Err(vec![FieldError::request("the batch holds no events")]);
-    }
-    let mut out = Vec::with_capacity(events.len());
-    let mut errors = Vec::new();
-    for (index, raw) in events.into_iter().enumerate() {
-        match parse_event(state, index, raw, now) {
-            Ok(r) => out.push(r),
-            Err(mut e) => errors.append(&mut e),
-        }
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    let events = validate::items(text, "CloudEvents")?;
+    validate::parse_all(events, |index, raw| parse_event(state, index, raw, now))
 }
 
 fn parse_event(

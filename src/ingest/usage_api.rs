@@ -24,39 +24,13 @@ pub fn parse_usage(
 ) -> Result<Vec<NewRecord>, Vec<FieldError>> {
     let text = std::str::from_utf8(body)
         .map_err(|_| vec![FieldError::request("body is not valid UTF-8")])?;
-    let trimmed = text.trim_start();
-    let items: Vec<&RawValue> = if trimmed.starts_with('[') {
-        serde_json::from_str(text).map_err(|e| {
-            vec![FieldError::request(format!(
-                "body is not a JSON array of records: {e}"
-            ))]
-        })?
-    } else if trimmed.starts_with('{') {
-        vec![
-            serde_json::from_str(text)
-                .map_err(|e| vec![FieldError::request(format!("body is not valid JSON: {e}"))])?,
-        ]
-    } else {
+    if !text.trim_start().starts_with(['[', '{']) {
         return Err(vec![FieldError::request(
             "body must be one JSON record {\"resource\": ..., \"dimension\": ..., \"quantity\": ...} or an array of them",
         )]);
-    };
-    if items.is_empty() {
-        return Err(vec![FieldError::request("the array holds no records")]);
     }
-    let mut records = Vec::with_capacity(items.len());
-    let mut errors = Vec::new();
-    for (index, raw) in items.into_iter().enumerate() {
-        match parse_record(state, index, raw, now) {
-            Ok(r) => records.push(r),
-            Err(mut e) => errors.append(&mut e),
-        }
-    }
-    if errors.is_empty() {
-        Ok(records)
-    } else {
-        Err(errors)
-    }
+    let items = validate::items(text, "records")?;
+    validate::parse_all(items, |index, raw| parse_record(state, index, raw, now))
 }
 
 fn string_field(

@@ -192,6 +192,53 @@ pub fn plan(s: &str) -> Result<String, String> {
     Ok(t.to_string())
 }
 
+/// Splits a JSON body into its items: the elements of an array, or one object. `what` names them in errors.
+pub fn items<'a>(text: &'a str, what: &str) -> Result<Vec<&'a RawValue>, Vec<FieldError>> {
+    let trimmed = text.trim_start();
+    let items: Vec<&RawValue> = if trimmed.starts_with('[') {
+        serde_json::from_str(text).map_err(|e| {
+            vec![FieldError::request(format!(
+                "body is not a JSON array of {what}: {e}"
+            ))]
+        })?
+    } else if trimmed.starts_with('{') {
+        vec![
+            serde_json::from_str(text)
+                .map_err(|e| vec![FieldError::request(format!("body is not valid JSON: {e}"))])?,
+        ]
+    } else {
+        return Err(vec![FieldError::request(format!(
+            "body must be one JSON object or an array of {what}"
+        ))]);
+    };
+    if items.is_empty() {
+        return Err(vec![FieldError::request(format!(
+            "the array holds no {what}"
+        ))]);
+    }
+    Ok(items)
+}
+
+/// Parses every item, collecting every problem: a request is accepted whole or not at all.
+pub fn parse_all<T>(
+    items: Vec<&RawValue>,
+    mut parse: impl FnMut(usize, &RawValue) -> Result<T, Vec<FieldError>>,
+) -> Result<Vec<T>, Vec<FieldError>> {
+    let mut out = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (index, raw) in items.into_iter().enumerate() {
+        match parse(index, raw) {
+            Ok(r) => out.push(r),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
 /// Builds the record once every field passed.
 pub fn record(
     resource: String,
