@@ -437,8 +437,31 @@ impl Emitter {
             sendable.chunks(BATCH_SIZE).map(|c| c.to_vec()).collect();
         let semaphore = Arc::new(tokio::sync::Semaphore::new(self.settings.emit.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
+        let mut renewed = std::time::Instant::now();
         for batch in batches {
             let permit = semaphore.clone().acquire_owned().await?;
+            // A long pass keeps its lease: renew it well before it could expire.
+            if renewed.elapsed() > std::time::Duration::from_secs(LEASE_TTL_SECS as u64 / 3) {
+                let (owner, at) = (self.owner.clone(), self.clock.now());
+                let kept = self
+                    .journal
+                    .write(move |c| {
+                        outbound::acquire_lease(
+                            c,
+                            "emitter",
+                            &owner,
+                            at,
+                            Duration::seconds(LEASE_TTL_SECS),
+                        )
+                    })
+                    .await?;
+                if let Err(holder) = kept {
+                    anyhow::bail!(
+                        "lost the emission lease to {holder} during a pass; stopping this pass"
+                    );
+                }
+                renewed = std::time::Instant::now();
+            }
             let (client, journal, clock) = (
                 self.client.clone(),
                 self.journal.clone(),
