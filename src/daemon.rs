@@ -33,11 +33,38 @@ pub enum Listener {
     Tcp(tokio::net::TcpListener),
     /// Unix domain socket (path removed on shutdown).
     Unix(tokio::net::UnixListener, std::path::PathBuf),
+    /// Unix domain socket passed by systemd (socket activation); systemd owns the path, it is left alone.
+    UnixActivated(tokio::net::UnixListener, Option<std::path::PathBuf>),
 }
 
 impl Listener {
-    /// Binds `addr`; a stale unix socket file is replaced.
+    /// Binds `addr`; a stale unix socket file is replaced. Under socket activation (`LISTEN_FDS=1`,
+    /// `LISTEN_PID` = this process, read from the process environment) takes fd 3 instead.
     pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Listener> {
+        Self::bind_env(addr, &std::env::vars().collect()).await
+    }
+
+    /// [`Listener::bind`] with the environment given: fd 3 when systemd passed it (`meterd.socket`), else `addr`.
+    pub async fn bind_env(
+        addr: &ListenAddr,
+        env: &BTreeMap<String, String>,
+    ) -> anyhow::Result<Listener> {
+        use crate::ops::activation::{Activated, take_listener};
+        match take_listener(env).map_err(anyhow::Error::msg)? {
+            Some(Activated::Tcp(l)) => {
+                let l = tokio::net::TcpListener::from_std(l)
+                    .context("socket activation: cannot use the TCP socket on fd 3")?;
+                tracing::info!(message = "Using the listener passed by systemd (socket activation); ingest.listen is not used.", configured = %addr);
+                return Ok(Listener::Tcp(l));
+            }
+            Some(Activated::Unix(l, path)) => {
+                let l = tokio::net::UnixListener::from_std(l)
+                    .context("socket activation: cannot use the unix socket on fd 3")?;
+                tracing::info!(message = "Using the listener passed by systemd (socket activation); ingest.listen is not used.", configured = %addr);
+                return Ok(Listener::UnixActivated(l, path));
+            }
+            None => {}
+        }
         match addr {
             ListenAddr::Tcp(a) => {
                 let l = tokio::net::TcpListener::bind(a).await.with_context(|| {
@@ -72,6 +99,8 @@ impl Listener {
                 .map(|a| format!("http://{a}"))
                 .unwrap_or_else(|_| "tcp".into()),
             Listener::Unix(_, p) => format!("unix:{}", p.display()),
+            Listener::UnixActivated(_, Some(p)) => format!("unix:{}", p.display()),
+            Listener::UnixActivated(_, None) => "unix:(socket activation)".into(),
         }
     }
 }
@@ -116,6 +145,9 @@ pub async fn serve(
             let _ = std::fs::remove_file(&path);
             r?
         }
+        Listener::UnixActivated(l, _) => {
+            axum::serve(l, app).with_graceful_shutdown(shutdown).await?
+        }
     }
     Ok(())
 }
@@ -133,9 +165,10 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     // Try-it mode: the built-in emulator, in-process, so a newcomer sees the whole flow without credentials.
     let mut _emulator = None;
     if settings.marketplace.mode == MarketplaceMode::Emulator {
-        let (addr, emu, task) = crate::emulator::Emulator::spawn_local(crate::emulator::EmulatorConfig::default())
-            .await
-            .context("cannot start the built-in emulator")?;
+        let (addr, emu, task) =
+            crate::emulator::Emulator::spawn_local(crate::emulator::EmulatorConfig::default())
+                .await
+                .context("cannot start the built-in emulator")?;
         settings.marketplace.base_url = format!("http://{addr}/api");
         tracing::warn!(
             message = "No marketplace credentials in use: reporting to the built-in emulator. Nothing is billed.",
@@ -145,8 +178,12 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         _emulator = Some((emu, task));
     }
     let settings = Arc::new(settings);
-    let journal = Journal::open(&settings.journal.path)
-        .with_context(|| format!("cannot open the journal at {}", settings.journal.path.display()))?;
+    let journal = Journal::open(&settings.journal.path).with_context(|| {
+        format!(
+            "cannot open the journal at {}",
+            settings.journal.path.display()
+        )
+    })?;
     let token = ingest_token(&settings, &ctx.env)?.map(Arc::new);
     if let ListenAddr::Tcp(a) = &settings.ingest.listen
         && token.is_none()
@@ -158,23 +195,40 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         );
     }
     let client = crate::emit::client(&settings, &ctx.env, ctx.clock.clone())?;
-    let emitter = Arc::new(Emitter::new(settings.clone(), journal.clone(), ctx.clock.clone(), client));
-    let listener = Listener::bind(&settings.ingest.listen).await?;
+    let emitter = Arc::new(Emitter::new(
+        settings.clone(),
+        journal.clone(),
+        ctx.clock.clone(),
+        client,
+    ));
+    let listener = Listener::bind_env(&settings.ingest.listen, &ctx.env).await?;
+    // Journal open (migrations ran in `Journal::open`) and listener bound: ready. Sent before the first pass
+    // starts so that systemd sees READY=1 before any STATUS= of a pass.
+    crate::ops::notify_ready();
     let ready = Arc::new(AtomicBool::new(false));
     let liveness = Arc::new(crate::ops::Liveness::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync> = Arc::new(|s: &PassSummary| {
+    let gauges = Arc::new(crate::ops::metrics::JournalGauges::default());
+    let pass_gauges = gauges.clone();
+    let on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync> = Arc::new(move |s: &PassSummary| {
         crate::ops::notify_status(s);
+        pass_gauges.request_refresh();
     });
-    let (handle, mut scheduler, loop_task) =
-        schedule::start(emitter.clone(), &settings.emit.schedule, liveness.clone(), stop_rx.clone(), on_pass).await?;
+    let (handle, mut scheduler, loop_task) = schedule::start(
+        emitter.clone(),
+        &settings.emit.schedule,
+        liveness.clone(),
+        stop_rx.clone(),
+        on_pass,
+    )
+    .await?;
     let state = AppState {
         settings: settings.clone(),
         journal: journal.clone(),
         clock: ctx.clock.clone(),
         token,
         emitter: Some(Arc::new(handle)),
-        metrics: crate::ops::install_metrics(),
+        metrics: crate::ops::metrics::renderer(Some((gauges.clone(), ctx.clock.clone()))),
         ready: ready.clone(),
         liveness: liveness.clone(),
     };
@@ -190,7 +244,12 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         let _ = server_stop.wait_for(|v| *v).await;
     }));
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    crate::ops::notify_ready();
+    let gauge_task = crate::ops::metrics::spawn_journal_gauges(
+        gauges,
+        journal.clone(),
+        ctx.clock.clone(),
+        stop_rx.clone(),
+    );
     let watchdog = crate::ops::spawn_watchdog(journal.clone(), liveness.clone(), &ctx.env);
 
     shutdown_signal().await;
@@ -207,15 +266,29 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     server.await.context("server task")??;
     let _ = loop_task.await;
     let _ = scheduler.shutdown().await;
-    let bound = settings.emit.shutdown_timeout.to_std().unwrap_or(std::time::Duration::from_secs(20));
+    let bound = settings
+        .emit
+        .shutdown_timeout
+        .to_std()
+        .unwrap_or(std::time::Duration::from_secs(20));
     match tokio::time::timeout(bound, emitter.pass()).await {
-        Ok(Ok(s)) => tracing::info!(message = "Final emission pass done.", frozen = s.frozen, sent = s.sent, pending = s.pending_after),
-        Ok(Err(e)) => tracing::warn!(message = "Final emission pass failed; pending events go at the next start.", error = %format!("{e:#}")),
-        Err(_) => tracing::warn!(message = "Final emission pass cut short by emit.shutdown_timeout; pending events go at the next start."),
+        Ok(Ok(s)) => tracing::info!(
+            message = "Final emission pass done.",
+            frozen = s.frozen,
+            sent = s.sent,
+            pending = s.pending_after
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(message = "Final emission pass failed; pending events go at the next start.", error = %format!("{e:#}"))
+        }
+        Err(_) => tracing::warn!(
+            message = "Final emission pass cut short by emit.shutdown_timeout; pending events go at the next start."
+        ),
     }
     if let Some(w) = watchdog {
         w.abort();
     }
+    gauge_task.abort();
     journal.checkpoint().await.ok();
     journal.close();
     tracing::info!(message = "meterd stopped.");

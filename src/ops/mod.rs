@@ -1,4 +1,9 @@
-//! Operations: liveness of the daemon's moving parts (health probes and the systemd watchdog read it).
+//! Operations: liveness of the daemon's moving parts (health probes and the systemd watchdog read it), the
+//! systemd notify protocol (`READY=1`, `WATCHDOG=1`, `STATUS=`, `STOPPING=1`), socket activation
+//! ([`activation`]) and Prometheus metrics ([`metrics`]).
+
+pub mod activation;
+pub mod metrics;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -41,12 +46,18 @@ impl Liveness {
 
 /// Tells systemd the daemon is ready (journal open, migrations run, listener bound). No-op outside systemd.
 pub fn notify_ready() {
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("ready; first pass under way")]);
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("ready; first pass under way"),
+    ]);
 }
 
 /// Tells systemd the daemon is stopping.
 pub fn notify_stopping() {
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("stopping: draining ingest, final pass")]);
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: draining ingest, final pass"),
+    ]);
 }
 
 /// `STATUS=` after each pass: pending count and when the pass ran.
@@ -57,7 +68,11 @@ pub fn notify_status(summary: &crate::emit::PassSummary) {
         summary.started,
         summary.frozen,
         summary.sent,
-        summary.lease_held_by.as_ref().map(|h| format!("; lease held by {h}")).unwrap_or_default()
+        summary
+            .lease_held_by
+            .as_ref()
+            .map(|h| format!("; lease held by {h}"))
+            .unwrap_or_default()
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
 }
@@ -80,7 +95,9 @@ pub fn spawn_watchdog(
         loop {
             let writer_ok = matches!(
                 tokio::time::timeout(every, journal.ping()).await,
-                Ok(Ok(())) | Ok(Err(crate::journal::JournalError::Full { .. })) | Ok(Err(crate::journal::JournalError::ReadOnly { .. }))
+                Ok(Ok(()))
+                    | Ok(Err(crate::journal::JournalError::Full { .. }))
+                    | Ok(Err(crate::journal::JournalError::ReadOnly { .. }))
             );
             match (writer_ok, liveness.scheduler_ok()) {
                 (true, Ok(())) => {
@@ -97,21 +114,8 @@ pub fn spawn_watchdog(
     }))
 }
 
-/// Installs the Prometheus recorder (once per process) and returns a renderer for `/metrics`.
+/// Installs the Prometheus recorder (once per process) and returns a renderer for `/metrics` (without the
+/// journal gauges; the daemon uses [`metrics::renderer`] with them).
 pub fn install_metrics() -> Option<std::sync::Arc<dyn Fn() -> String + Send + Sync>> {
-    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
-    let handle = HANDLE
-        .get_or_init(|| {
-            let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
-                .ok()?
-                .set_buckets_for_metric(Matcher::Full("meterd_journal_commit_jobs".into()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0])
-                .ok()?
-                .install_recorder()
-                .ok()
-        })
-        .clone()?;
-    Some(std::sync::Arc::new(move || handle.render()))
+    metrics::renderer(None)
 }
