@@ -752,7 +752,10 @@ impl Settings {
             retry_max: v.duration("emit.retry_max", raw.emit.retry_max, "30m")?,
         };
         if emit.retry_min < Duration::seconds(1) || emit.retry_max < emit.retry_min {
-            return Err(v.err("emit.retry_min", "must be at least 1s and not above emit.retry_max"));
+            return Err(v.err(
+                "emit.retry_min",
+                "must be at least 1s and not above emit.retry_max",
+            ));
         }
         if emit.grace >= Duration::hours(12) {
             return Err(v.err(
@@ -897,8 +900,12 @@ mod tests {
     #[test]
     fn example_file_parses_with_documented_defaults() {
         let text = include_str!("../config.toml.example");
-        let s = load_str(text, "config.toml.example", &env(&[("METERD_MARKETPLACE__MODE", "emulator")]))
-            .expect("example parses");
+        let s = load_str(
+            text,
+            "config.toml.example",
+            &env(&[("METERD_MARKETPLACE__MODE", "emulator")]),
+        )
+        .expect("example parses");
         assert_eq!(s.late_usage, LateUsage::CarryForward);
         assert_eq!(s.ingest.listen, ListenAddr::Tcp("127.0.0.1:8787".into()));
         assert_eq!(s.ingest.max_body_bytes, 4_194_304);

@@ -14,7 +14,9 @@ use std::sync::atomic::AtomicBool;
 /// Sets up tracing: text or JSON on stderr, filtered by `log.level` (or `RUST_LOG`).
 pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| {
+            tracing_subscriber::EnvFilter::try_new(format!("{level},tokio_cron_scheduler=warn"))
+        })
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()

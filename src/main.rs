@@ -97,15 +97,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Subscriptions { config } => {
-            let _settings = load_settings(&config, &env, false)?;
-            anyhow::bail!("`meterd subscriptions` arrives with the marketplace client")
+            let settings = load_settings(&config, &env, false)?;
+            meterd::cli::subscriptions(&settings, &env, clock).await
         }
         Command::CheckConfig { config, online } => {
             let path = meterd::cli::find_config(&config, &env);
             let settings = load_settings(&config, &env, false)?;
             meterd::cli::check_config(&settings, path.as_deref());
             if online {
-                anyhow::bail!("--online arrives with the marketplace client");
+                meterd::cli::check_online(&settings, &env, clock).await?;
             }
             Ok(())
         }

@@ -29,17 +29,28 @@ mod tests {
         std::fs::write(&f, "from-file\n").unwrap();
         std::fs::write(dir.path().join("client-secret"), "from-creds\n").unwrap();
         let mut env = BTreeMap::new();
-        env.insert("CREDENTIALS_DIRECTORY".to_string(), dir.path().display().to_string());
+        env.insert(
+            "CREDENTIALS_DIRECTORY".to_string(),
+            dir.path().display().to_string(),
+        );
         env.insert("X".to_string(), "from-env".to_string());
         let get = |file: Option<&Path>, env: &BTreeMap<String, String>| {
-            load_secret(file, "client-secret", "X", env).unwrap().unwrap().expose().to_string()
+            load_secret(file, "client-secret", "X", env)
+                .unwrap()
+                .unwrap()
+                .expose()
+                .to_string()
         };
         assert_eq!(get(Some(&f), &env), "from-file");
         assert_eq!(get(None, &env), "from-creds");
         env.remove("CREDENTIALS_DIRECTORY");
         assert_eq!(get(None, &env), "from-env");
         env.remove("X");
-        assert!(load_secret(None, "client-secret", "X", &env).unwrap().is_none());
+        assert!(
+            load_secret(None, "client-secret", "X", &env)
+                .unwrap()
+                .is_none()
+        );
         let err = load_secret(Some(Path::new("/nonexistent/x")), "c", "X", &env).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x"));
     }

@@ -68,14 +68,25 @@ pub struct LastPass {
 }
 
 /// Builds the token provider for the configured auth kind, loading the secret.
-pub fn token_provider(settings: &Settings, env: &BTreeMap<String, String>, clock: SharedClock) -> anyhow::Result<Arc<dyn TokenProvider>> {
+pub fn token_provider(
+    settings: &Settings,
+    env: &BTreeMap<String, String>,
+    clock: SharedClock,
+) -> anyhow::Result<Arc<dyn TokenProvider>> {
     let a = &settings.marketplace.auth;
     let config = match a.kind {
         AuthKind::StaticToken => {
-            let token = crate::secret::load_secret(a.static_token_file.as_deref(), "static-token", "METERD_MARKETPLACE__AUTH__STATIC_TOKEN", env)?;
+            let token = crate::secret::load_secret(
+                a.static_token_file.as_deref(),
+                "static-token",
+                "METERD_MARKETPLACE__AUTH__STATIC_TOKEN",
+                env,
+            )?;
             let token = match (token, settings.marketplace.mode) {
                 (Some(t), _) => t,
-                (None, MarketplaceMode::Emulator) => crate::secret::Secret::new(crate::emulator::DEFAULT_STATIC_TOKEN),
+                (None, MarketplaceMode::Emulator) => {
+                    crate::secret::Secret::new(crate::emulator::config::DEFAULT_STATIC_TOKEN)
+                }
                 (None, MarketplaceMode::Azure) => anyhow::bail!(
                     "marketplace.auth.kind = \"static_token\" needs a token: set static_token_file, \
                      $CREDENTIALS_DIRECTORY/static-token or METERD_MARKETPLACE__AUTH__STATIC_TOKEN"
@@ -107,7 +118,9 @@ pub fn token_provider(settings: &Settings, env: &BTreeMap<String, String>, clock
                 Some(e) => AuthConfig::ManagedIdentity {
                     endpoint: Some(e.clone()),
                     client_id,
-                    identity_header: env.get("IDENTITY_HEADER").map(|h| crate::marketplace::secret::Secret::new(h.clone())),
+                    identity_header: env
+                        .get("IDENTITY_HEADER")
+                        .map(|h| crate::marketplace::secret::Secret::new(h.clone())),
                 },
                 None => AuthConfig::managed_identity_from_env(client_id),
             }
@@ -117,10 +130,23 @@ pub fn token_provider(settings: &Settings, env: &BTreeMap<String, String>, clock
 }
 
 /// Builds the marketplace client from the settings.
-pub fn client(settings: &Settings, env: &BTreeMap<String, String>, clock: SharedClock) -> anyhow::Result<MarketplaceClient> {
+pub fn client(
+    settings: &Settings,
+    env: &BTreeMap<String, String>,
+    clock: SharedClock,
+) -> anyhow::Result<MarketplaceClient> {
     let auth = token_provider(settings, env, clock.clone())?;
-    let timeout = settings.marketplace.timeout.to_std().unwrap_or(std::time::Duration::from_secs(30));
-    Ok(MarketplaceClient::new(settings.marketplace.base_url.clone(), auth, clock, timeout)?)
+    let timeout = settings
+        .marketplace
+        .timeout
+        .to_std()
+        .unwrap_or(std::time::Duration::from_secs(30));
+    Ok(MarketplaceClient::new(
+        settings.marketplace.base_url.clone(),
+        auth,
+        clock,
+        timeout,
+    )?)
 }
 
 /// The emitter.
@@ -146,7 +172,12 @@ enum Decision {
 
 impl Emitter {
     /// An emitter over `journal`, sending through `client`.
-    pub fn new(settings: Arc<Settings>, journal: Journal, clock: SharedClock, client: MarketplaceClient) -> Self {
+    pub fn new(
+        settings: Arc<Settings>,
+        journal: Journal,
+        clock: SharedClock,
+        client: MarketplaceClient,
+    ) -> Self {
         let owner = format!(
             "pid{}-{}",
             std::process::id(),
@@ -171,8 +202,18 @@ impl Emitter {
 
     fn delays(&self) -> RetryDelays {
         RetryDelays {
-            min: self.settings.emit.retry_min.to_std().unwrap_or(std::time::Duration::from_secs(30)),
-            max: self.settings.emit.retry_max.to_std().unwrap_or(std::time::Duration::from_secs(1800)),
+            min: self
+                .settings
+                .emit
+                .retry_min
+                .to_std()
+                .unwrap_or(std::time::Duration::from_secs(30)),
+            max: self
+                .settings
+                .emit
+                .retry_max
+                .to_std()
+                .unwrap_or(std::time::Duration::from_secs(1800)),
         }
     }
 
@@ -192,7 +233,8 @@ impl Emitter {
             Ok(s) => {
                 last.last_pass = Some(s.clone());
                 last.last_error = None;
-                last.last_completed = Some(self.clock.now().format("%Y-%m-%dT%H:%M:%SZ").to_string());
+                last.last_completed =
+                    Some(self.clock.now().format("%Y-%m-%dT%H:%M:%SZ").to_string());
             }
             Err(e) => {
                 tracing::error!(message = "Emission pass failed; it will be retried at the next wake-up.", error = %format!("{e:#}"));
@@ -212,26 +254,51 @@ impl Emitter {
         let (grace, margin) = (self.settings.emit.grace, self.settings.emit.safety_margin);
         let lease = self
             .journal
-            .write(move |c| outbound::acquire_lease(c, "emitter", &owner, now, Duration::seconds(LEASE_TTL_SECS)))
+            .write(move |c| {
+                outbound::acquire_lease(
+                    c,
+                    "emitter",
+                    &owner,
+                    now,
+                    Duration::seconds(LEASE_TTL_SECS),
+                )
+            })
             .await?;
         if let Err(holder) = lease {
             tracing::info!(message = "Another emitter holds the lease; skipping this pass.", holder = %holder);
             summary.lease_held_by = Some(holder);
             return Ok(summary);
         }
-        let result = self.pass_locked(now, late, grace, margin, &mut summary).await;
+        let result = self
+            .pass_locked(now, late, grace, margin, &mut summary)
+            .await;
         let owner = self.owner.clone();
-        self.journal.write(move |c| outbound::release_lease(c, "emitter", &owner)).await?;
+        self.journal
+            .write(move |c| outbound::release_lease(c, "emitter", &owner))
+            .await?;
         result?;
         summary.pending_after = self
             .journal
-            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM outbound_events WHERE state = 'pending'", [], |r| r.get(0))?))
+            .read(|c| {
+                Ok(c.query_row(
+                    "SELECT COUNT(*) FROM outbound_events WHERE state = 'pending'",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
             .await?;
         metrics::gauge!("meterd_pending_events").set(summary.pending_after as f64);
         Ok(summary)
     }
 
-    async fn pass_locked(&self, now: DateTime<Utc>, late: LateUsage, grace: Duration, margin: Duration, summary: &mut PassSummary) -> anyhow::Result<()> {
+    async fn pass_locked(
+        &self,
+        now: DateTime<Utc>,
+        late: LateUsage,
+        grace: Duration,
+        margin: Duration,
+        summary: &mut PassSummary,
+    ) -> anyhow::Result<()> {
         let (frozen, expired) = self
             .journal
             .write(move |c| {
@@ -254,14 +321,19 @@ impl Emitter {
                     message = "Event expired after an ambiguous attempt; nothing carried. Run `meterd reconcile` for its day.",
                     resource = %e.resource, dimension = %e.dimension, hour = %e.hour, alert = "expired_unconfirmed"
                 ),
-                state => tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = state),
+                state => {
+                    tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = state)
+                }
             }
             *summary.outcomes.entry(e.state.clone()).or_default() += 1;
             metrics::counter!("meterd_events_total", "outcome" => e.state.clone()).increment(1);
         }
         summary.expired = expired;
 
-        let due = self.journal.read(move |c| outbound::due_events(c, now, PASS_LIMIT)).await?;
+        let due = self
+            .journal
+            .read(move |c| outbound::due_events(c, now, PASS_LIMIT))
+            .await?;
         if due.is_empty() {
             return Ok(());
         }
@@ -273,7 +345,11 @@ impl Emitter {
         // Write holds/skips and freeze bodies (once) for what will be sent.
         let default_plan = self.settings.default_plan.clone();
         let _ = default_plan;
-        let to_write: Vec<(i64, Decision, PendingEvent)> = due.into_iter().zip(decisions).map(|(e, d)| (e.id, d, e)).collect();
+        let to_write: Vec<(i64, Decision, PendingEvent)> = due
+            .into_iter()
+            .zip(decisions)
+            .map(|(e, d)| (e.id, d, e))
+            .collect();
         let (sendable, counts) = self
             .journal
             .write(move |c| {
@@ -292,7 +368,13 @@ impl Emitter {
                         }
                         Decision::Send { plan } => {
                             let body = if ev.body.is_empty() {
-                                let json = event_json(&ResourceRef::parse(&ev.resource), &plan, &ev.dimension, to_utc(ev.hour), ev.quantity);
+                                let json = event_json(
+                                    &ResourceRef::parse(&ev.resource),
+                                    &plan,
+                                    &ev.dimension,
+                                    to_utc(ev.hour),
+                                    ev.quantity,
+                                );
                                 outbound::set_body(c, id, &plan, &json)?
                             } else {
                                 ev.body.clone()
@@ -311,12 +393,17 @@ impl Emitter {
             return Ok(());
         }
         // Oldest first, 25 per call, `emit.concurrency` calls in flight.
-        let batches: Vec<Vec<PendingEvent>> = sendable.chunks(BATCH_SIZE).map(|c| c.to_vec()).collect();
+        let batches: Vec<Vec<PendingEvent>> =
+            sendable.chunks(BATCH_SIZE).map(|c| c.to_vec()).collect();
         let semaphore = Arc::new(tokio::sync::Semaphore::new(self.settings.emit.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
         for batch in batches {
             let permit = semaphore.clone().acquire_owned().await?;
-            let (client, journal, clock) = (self.client.clone(), self.journal.clone(), self.clock.clone());
+            let (client, journal, clock) = (
+                self.client.clone(),
+                self.journal.clone(),
+                self.clock.clone(),
+            );
             let delays = self.delays();
             tasks.spawn(async move {
                 let r = send_batch(&client, &journal, &clock, late, delays, batch).await;
@@ -341,7 +428,11 @@ impl Emitter {
     }
 
     /// The subscriptions as known to the journal, refreshed from the marketplace when stale or when forced.
-    async fn subscription_view(&self, due: &[PendingEvent], now: DateTime<Utc>) -> Option<BTreeMap<String, KnownSubscription>> {
+    async fn subscription_view(
+        &self,
+        due: &[PendingEvent],
+        now: DateTime<Utc>,
+    ) -> Option<BTreeMap<String, KnownSubscription>> {
         if !self.settings.subscriptions.check || !due.iter().any(|e| is_guid(&e.resource)) {
             return self.journal.read(outbound::known_subscriptions).await.ok();
         }
@@ -354,8 +445,10 @@ impl Emitter {
             let started = std::time::Instant::now();
             match self.client.list_subscriptions().await {
                 Ok(list) => {
-                    metrics::counter!("meterd_subscription_refreshes_total", "result" => "ok").increment(1);
-                    metrics::histogram!("meterd_subscription_refresh_seconds").record(started.elapsed().as_secs_f64());
+                    metrics::counter!("meterd_subscription_refreshes_total", "result" => "ok")
+                        .increment(1);
+                    metrics::histogram!("meterd_subscription_refresh_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     let listed: Vec<ListedSubscription> = list
                         .iter()
                         .map(|s| ListedSubscription {
@@ -363,22 +456,40 @@ impl Emitter {
                             status: s.saas_subscription_status.trim().to_string(),
                             plan: s.plan_id.clone().unwrap_or_default(),
                             offer: s.offer_id.clone().unwrap_or_default(),
-                            term_start: s.term.as_ref().and_then(|t| t.start_date).map(|d| d.timestamp()),
-                            term_end: s.term.as_ref().and_then(|t| t.end_date).map(|d| d.timestamp()),
+                            term_start: s
+                                .term
+                                .as_ref()
+                                .and_then(|t| t.start_date)
+                                .map(|d| d.timestamp()),
+                            term_end: s
+                                .term
+                                .as_ref()
+                                .and_then(|t| t.end_date)
+                                .map(|d| d.timestamp()),
                             term_unit: s.term.as_ref().and_then(|t| t.term_unit.clone()),
                         })
                         .collect();
                     let n = listed.len();
-                    match self.journal.write(move |c| outbound::store_subscriptions(c, &listed, now)).await {
+                    match self
+                        .journal
+                        .write(move |c| outbound::store_subscriptions(c, &listed, now))
+                        .await
+                    {
                         Ok(()) => {
-                            tracing::info!(message = "Subscription list refreshed.", subscriptions = n);
+                            tracing::info!(
+                                message = "Subscription list refreshed.",
+                                subscriptions = n
+                            );
                             *cache = (Some(now), false);
                         }
-                        Err(e) => tracing::warn!(message = "Could not store the subscription list.", error = %e),
+                        Err(e) => {
+                            tracing::warn!(message = "Could not store the subscription list.", error = %e)
+                        }
                     }
                 }
                 Err(e) => {
-                    metrics::counter!("meterd_subscription_refreshes_total", "result" => "error").increment(1);
+                    metrics::counter!("meterd_subscription_refreshes_total", "result" => "error")
+                        .increment(1);
                     tracing::warn!(
                         message = "Could not fetch the subscription list; using what meterd saw last.",
                         error = %e, advice = e.advice().unwrap_or("")
@@ -392,9 +503,16 @@ impl Emitter {
         self.journal.read(outbound::known_subscriptions).await.ok()
     }
 
-    fn decide(&self, ev: &PendingEvent, known: &Option<BTreeMap<String, KnownSubscription>>, now: DateTime<Utc>) -> Decision {
+    fn decide(
+        &self,
+        ev: &PendingEvent,
+        known: &Option<BTreeMap<String, KnownSubscription>>,
+        now: DateTime<Utc>,
+    ) -> Decision {
         let recheck = now + Duration::seconds(HOLD_RECHECK_SECS);
-        let sub = known.as_ref().and_then(|k| k.get(&ev.resource.to_ascii_lowercase()));
+        let sub = known
+            .as_ref()
+            .and_then(|k| k.get(&ev.resource.to_ascii_lowercase()));
         let checked = self.settings.subscriptions.check && is_guid(&ev.resource);
         if checked {
             let Some(known) = known else {
@@ -406,7 +524,9 @@ impl Emitter {
             match known.get(&ev.resource.to_ascii_lowercase()) {
                 None => {
                     return Decision::Settle(Settle::Hold {
-                        reason: "subscription not in the marketplace's list; holding until it appears".into(),
+                        reason:
+                            "subscription not in the marketplace's list; holding until it appears"
+                                .into(),
                         next_at: recheck,
                     });
                 }
@@ -419,7 +539,10 @@ impl Emitter {
                 }
                 Some(s) => {
                     return Decision::Settle(Settle::Hold {
-                        reason: format!("subscription is {}; holding until it is Subscribed", s.status),
+                        reason: format!(
+                            "subscription is {}; holding until it is Subscribed",
+                            s.status
+                        ),
                         next_at: recheck,
                     });
                 }
@@ -481,45 +604,77 @@ pub fn backoff_delay(attempts: i64, delays: RetryDelays) -> std::time::Duration 
     it.nth(n - 1).unwrap_or(delays.max)
 }
 
-async fn send_batch(client: &MarketplaceClient, journal: &Journal, clock: &SharedClock, late: LateUsage, delays: RetryDelays, batch: Vec<PendingEvent>) -> anyhow::Result<BatchResult> {
+async fn send_batch(
+    client: &MarketplaceClient,
+    journal: &Journal,
+    clock: &SharedClock,
+    late: LateUsage,
+    delays: RetryDelays,
+    batch: Vec<PendingEvent>,
+) -> anyhow::Result<BatchResult> {
     let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
     let mark = ids.clone();
-    journal.write(move |c| outbound::mark_attempt(c, &mark)).await?;
+    journal
+        .write(move |c| outbound::mark_attempt(c, &mark))
+        .await?;
     let bodies: Vec<&str> = batch.iter().map(|e| e.body.as_str()).collect();
     let body = batch_body(&bodies);
     let started = std::time::Instant::now();
     let answer = client.batch_usage(&body).await;
-    metrics::histogram!("meterd_marketplace_call_seconds", "call" => "batchUsageEvent").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("meterd_marketplace_call_seconds", "call" => "batchUsageEvent")
+        .record(started.elapsed().as_secs_f64());
     let now = clock.now();
-    let mut result = BatchResult { sent: batch.len(), ..Default::default() };
+    let mut result = BatchResult {
+        sent: batch.len(),
+        ..Default::default()
+    };
     let mut settles: Vec<(i64, Settle)> = Vec::with_capacity(batch.len());
     match answer {
         Ok(call) => {
             metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => call.status.to_string()).increment(1);
             let keys: Vec<SentKey> = batch
                 .iter()
-                .map(|e| SentKey::new(ResourceRef::parse(&e.resource), e.plan.clone(), e.dimension.clone(), to_utc(e.hour)))
+                .map(|e| {
+                    SentKey::new(
+                        ResourceRef::parse(&e.resource),
+                        e.plan.clone(),
+                        e.dimension.clone(),
+                        to_utc(e.hour),
+                    )
+                })
                 .collect();
             let pairs = match_results(&keys, &call.response);
             for (i, r) in &pairs {
                 let ev = &batch[*i];
                 let settle = match classify(r, ev.quantity) {
                     Classified::Accepted { usage_event_id } => Settle::Accepted { usage_event_id },
-                    Classified::Duplicate => Settle::Duplicate { market_quantity: Some(ev.quantity) },
-                    Classified::DuplicateMismatch { ours_micros, theirs_micros } => {
+                    Classified::Duplicate => Settle::Duplicate {
+                        market_quantity: Some(ev.quantity),
+                    },
+                    Classified::DuplicateMismatch {
+                        ours_micros,
+                        theirs_micros,
+                    } => {
                         tracing::error!(
                             message = "The marketplace already holds another quantity for this hour; ours can never replace it.",
                             resource = %ev.resource, dimension = %ev.dimension, hour = %fmt_time(ev.hour),
                             ours = %Micros(ours_micros), theirs = %Micros(theirs_micros), alert = "duplicate_mismatch",
                             request_id = %call.ids.request_id
                         );
-                        Settle::DuplicateMismatch { market_quantity: theirs_micros }
+                        Settle::DuplicateMismatch {
+                            market_quantity: theirs_micros,
+                        }
                     }
-                    Classified::Expired => Settle::Expired { message: "the marketplace answered Expired".into() },
+                    Classified::Expired => Settle::Expired {
+                        message: "the marketplace answered Expired".into(),
+                    },
                     Classified::NotFoundOrNotActive { status } => {
                         result.recheck_subscriptions = true;
                         Settle::Hold {
-                            reason: format!("the marketplace answered {}; re-checking the subscription", status.as_str()),
+                            reason: format!(
+                                "the marketplace answered {}; re-checking the subscription",
+                                status.as_str()
+                            ),
                             next_at: now + Duration::seconds(HOLD_RECHECK_SECS),
                         }
                     }
@@ -528,14 +683,18 @@ async fn send_batch(client: &MarketplaceClient, journal: &Journal, clock: &Share
                             message = "This identity may not report usage for the resource (ResourceNotAuthorized).",
                             resource = %ev.resource, detail = %message, alert = "resource_not_authorized"
                         );
-                        Settle::Rejected { reason: format!("ResourceNotAuthorized: {message}") }
+                        Settle::Rejected {
+                            reason: format!("ResourceNotAuthorized: {message}"),
+                        }
                     }
                     Classified::Invalid { status, message } => {
                         tracing::error!(
                             message = "The marketplace rejected the event.", resource = %ev.resource, dimension = %ev.dimension,
                             plan = %ev.plan, status = %status.as_str(), detail = %message, alert = "rejected"
                         );
-                        Settle::Rejected { reason: format!("{}: {message}", status.as_str()) }
+                        Settle::Rejected {
+                            reason: format!("{}: {message}", status.as_str()),
+                        }
                     }
                     Classified::Transient { message } => Settle::Retry {
                         error: message,
@@ -563,7 +722,10 @@ async fn send_batch(client: &MarketplaceClient, journal: &Journal, clock: &Share
             );
         }
         Err(e) => {
-            let status = e.status().map(|s| s.to_string()).unwrap_or_else(|| "none".into());
+            let status = e
+                .status()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "none".into());
             metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => status).increment(1);
             let ambiguous = e.is_ambiguous();
             let ids = e.ids();
@@ -581,9 +743,18 @@ async fn send_batch(client: &MarketplaceClient, journal: &Journal, clock: &Share
             for ev in &batch {
                 let mut delay = delays.after(ev.attempts + 1);
                 if let Some(ra) = e.retry_after() {
-                    delay = chrono::Duration::from_std(ra).unwrap_or(delay).max(Duration::seconds(1));
+                    delay = chrono::Duration::from_std(ra)
+                        .unwrap_or(delay)
+                        .max(Duration::seconds(1));
                 }
-                settles.push((ev.id, Settle::Retry { error: e.to_string(), next_at: now + delay, ambiguous }));
+                settles.push((
+                    ev.id,
+                    Settle::Retry {
+                        error: e.to_string(),
+                        next_at: now + delay,
+                        ambiguous,
+                    },
+                ));
             }
         }
     }

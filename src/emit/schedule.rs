@@ -33,7 +33,8 @@ impl EmitterHandle {
             .send(Wake::Flush(reply))
             .await
             .map_err(|_| anyhow::anyhow!("the emitter has stopped"))?;
-        rx.await.map_err(|_| anyhow::anyhow!("the emitter stopped during the pass"))?
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the emitter stopped during the pass"))?
     }
 
     /// The emitter.
@@ -71,7 +72,9 @@ pub async fn start(
             let _ = tx.try_send(Wake::Cron);
         })
     })
-    .map_err(|e| anyhow::anyhow!("emit.schedule `{schedule}` is not a valid cron expression: {e}"))?;
+    .map_err(|e| {
+        anyhow::anyhow!("emit.schedule `{schedule}` is not a valid cron expression: {e}")
+    })?;
     scheduler.add(job).await?;
     let beat = liveness.clone();
     scheduler
@@ -82,7 +85,10 @@ pub async fn start(
         .await?;
     liveness.tick();
     scheduler.start().await?;
-    let handle = EmitterHandle { tx, emitter: emitter.clone() };
+    let handle = EmitterHandle {
+        tx,
+        emitter: emitter.clone(),
+    };
     let task = tokio::spawn(run_loop(emitter, rx, shutdown, on_pass));
     Ok((handle, scheduler, task))
 }

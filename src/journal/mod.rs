@@ -34,8 +34,8 @@
 //! marketplace answer and the journal update leaves the event `pending`; the next pass sends the same bytes and
 //! the marketplace answers `Duplicate` with the original quantity, which counts as billed once.
 
-mod schema;
 pub mod outbound;
+mod schema;
 pub mod status;
 pub mod usage;
 

@@ -42,7 +42,12 @@ pub struct FreezeSummary {
 ///
 /// The plan is taken from the records when they name one (the one with the largest share if they disagree: the
 /// marketplace keeps one event per resource, dimension and hour); otherwise it is decided before the first send.
-pub fn freeze(conn: &Connection, now: DateTime<Utc>, grace: Duration, safety_margin: Duration) -> Result<FreezeSummary, JournalError> {
+pub fn freeze(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    grace: Duration,
+    safety_margin: Duration,
+) -> Result<FreezeSummary, JournalError> {
     let old = frozen_through(conn)?;
     let through = first_open_hour(now, grace).max(old);
     let mut summary = FreezeSummary { frozen: 0, through };
@@ -54,13 +59,17 @@ pub fn freeze(conn: &Connection, now: DateTime<Utc>, grace: Duration, safety_mar
             "SELECT resource, plan, dimension, hour, quantity FROM hourly_totals
              WHERE outbound_id IS NULL AND hour < ?1 ORDER BY hour, resource, dimension, plan",
         )?
-        .query_map([through], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .query_map([through], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
         .collect::<Result<_, _>>()?;
     // Group by the marketplace's key.
     let mut groups: BTreeMap<(i64, String, String), (i64, BTreeMap<String, i64>)> = BTreeMap::new();
     for (resource, plan, dimension, hour, qty) in rows {
         let g = groups.entry((hour, resource, dimension)).or_default();
-        g.0 = g.0.checked_add(qty).ok_or_else(|| JournalError::Invalid("hourly total overflows".into()))?;
+        g.0 =
+            g.0.checked_add(qty)
+                .ok_or_else(|| JournalError::Invalid("hourly total overflows".into()))?;
         if !plan.is_empty() {
             *g.1.entry(plan).or_default() += qty;
         }
@@ -73,7 +82,11 @@ pub fn freeze(conn: &Connection, now: DateTime<Utc>, grace: Duration, safety_mar
                 %resource, %dimension, hour = %fmt_time(hour), plans = ?plans.keys().collect::<Vec<_>>()
             );
         }
-        let plan = plans.iter().max_by_key(|(_, q)| **q).map(|(p, _)| p.clone()).unwrap_or_default();
+        let plan = plans
+            .iter()
+            .max_by_key(|(_, q)| **q)
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default();
         let existing: Option<i64> = conn
             .prepare_cached("SELECT id FROM outbound_events WHERE resource = ?1 AND dimension = ?2 AND hour = ?3")?
             .query_row(params![resource, dimension, hour], |r| r.get(0))
@@ -83,7 +96,9 @@ pub fn freeze(conn: &Connection, now: DateTime<Utc>, grace: Duration, safety_mar
             let target = hour_of(now).max(through);
             tracing::error!(message = "Hour already has an outbound event; carrying the new units forward.", %resource, %dimension, hour = %fmt_time(hour));
             add_to_hour(conn, &resource, &plan, &dimension, target, qty, 0, qty)?;
-            record_carry(conn, &resource, &plan, &dimension, hour, target, qty, "late", None, now_s)?;
+            record_carry(
+                conn, &resource, &plan, &dimension, hour, target, qty, "late", None, now_s,
+            )?;
             conn.prepare_cached("DELETE FROM hourly_totals WHERE resource = ?1 AND dimension = ?2 AND hour = ?3 AND outbound_id IS NULL")?
                 .execute(params![resource, dimension, hour])?;
             continue;
@@ -133,7 +148,11 @@ pub struct PendingEvent {
 }
 
 /// Pending events due at `now`, oldest hour first.
-pub fn due_events(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<Vec<PendingEvent>, JournalError> {
+pub fn due_events(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<PendingEvent>, JournalError> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, resource, plan, dimension, hour, quantity, body, attempts, deadline, ambiguous FROM outbound_events
          WHERE state = 'pending' AND next_attempt_at <= ?1 AND deadline > ?1 ORDER BY hour, id LIMIT ?2",
@@ -157,14 +176,27 @@ pub fn due_events(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<V
 
 /// When the next pending event becomes due (unix seconds), if any.
 pub fn next_due(conn: &Connection) -> Result<Option<i64>, JournalError> {
-    Ok(conn.query_row("SELECT MIN(next_attempt_at) FROM outbound_events WHERE state = 'pending'", [], |r| r.get(0))?)
+    Ok(conn.query_row(
+        "SELECT MIN(next_attempt_at) FROM outbound_events WHERE state = 'pending'",
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 /// Writes the frozen body and plan of an event, once: an event that already has a body keeps it.
-pub fn set_body(conn: &Connection, id: i64, plan: &str, body: &str) -> Result<String, JournalError> {
-    conn.prepare_cached("UPDATE outbound_events SET plan = ?2, body = ?3 WHERE id = ?1 AND body = ''")?
-        .execute(params![id, plan, body])?;
-    Ok(conn.prepare_cached("SELECT body FROM outbound_events WHERE id = ?1")?.query_row([id], |r| r.get(0))?)
+pub fn set_body(
+    conn: &Connection,
+    id: i64,
+    plan: &str,
+    body: &str,
+) -> Result<String, JournalError> {
+    conn.prepare_cached(
+        "UPDATE outbound_events SET plan = ?2, body = ?3 WHERE id = ?1 AND body = ''",
+    )?
+    .execute(params![id, plan, body])?;
+    Ok(conn
+        .prepare_cached("SELECT body FROM outbound_events WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))?)
 }
 
 /// How one event's attempt ended, as the journal records it.
@@ -224,9 +256,19 @@ pub enum Settle {
 
 /// Records the outcome of one attempt (or decision) for event `id`. `late` is the policy for expired units.
 /// Returns the state written.
-pub fn settle(conn: &Connection, id: i64, outcome: &Settle, now: DateTime<Utc>, late: LateUsage) -> Result<&'static str, JournalError> {
+pub fn settle(
+    conn: &Connection,
+    id: i64,
+    outcome: &Settle,
+    now: DateTime<Utc>,
+    late: LateUsage,
+) -> Result<&'static str, JournalError> {
     let now_s = now.timestamp();
-    let finish = |state: &'static str, error: Option<&str>, usage_event_id: Option<&str>, market: Option<i64>| -> Result<&'static str, JournalError> {
+    let finish = |state: &'static str,
+                  error: Option<&str>,
+                  usage_event_id: Option<&str>,
+                  market: Option<i64>|
+     -> Result<&'static str, JournalError> {
         conn.prepare_cached(
             "UPDATE outbound_events SET state = ?2, last_error = COALESCE(?3, last_error), usage_event_id = ?4,
                     market_quantity = ?5, finished_at = ?6, held = NULL, in_flight = 0
@@ -236,11 +278,23 @@ pub fn settle(conn: &Connection, id: i64, outcome: &Settle, now: DateTime<Utc>, 
         Ok(state)
     };
     match outcome {
-        Settle::Accepted { usage_event_id } => finish("accepted", None, usage_event_id.as_deref(), None),
+        Settle::Accepted { usage_event_id } => {
+            finish("accepted", None, usage_event_id.as_deref(), None)
+        }
         Settle::Duplicate { market_quantity } => finish("duplicate", None, None, *market_quantity),
-        Settle::DuplicateMismatch { market_quantity } => finish("duplicate_mismatch", Some("the marketplace holds another quantity for this hour"), None, Some(*market_quantity)),
+        Settle::DuplicateMismatch { market_quantity } => finish(
+            "duplicate_mismatch",
+            Some("the marketplace holds another quantity for this hour"),
+            None,
+            Some(*market_quantity),
+        ),
         Settle::Rejected { reason } => finish("rejected", Some(reason), None, None),
-        Settle::SkippedUnsubscribed => finish("skipped_unsubscribed", Some("the subscription was cancelled before this hour closed"), None, None),
+        Settle::SkippedUnsubscribed => finish(
+            "skipped_unsubscribed",
+            Some("the subscription was cancelled before this hour closed"),
+            None,
+            None,
+        ),
         Settle::Expired { message } => expire(conn, id, message, now, late, false),
         Settle::Hold { reason, next_at } => {
             conn.prepare_cached(
@@ -256,7 +310,11 @@ pub fn settle(conn: &Connection, id: i64, outcome: &Settle, now: DateTime<Utc>, 
             .execute(params![id, reason, next_at.timestamp()])?;
             Ok("pending")
         }
-        Settle::Retry { error, next_at, ambiguous } => {
+        Settle::Retry {
+            error,
+            next_at,
+            ambiguous,
+        } => {
             conn.prepare_cached(
                 "UPDATE outbound_events SET last_error = ?2, next_attempt_at = ?3,
                         ambiguous = MAX(ambiguous, ?4), held = NULL, in_flight = 0
@@ -286,7 +344,14 @@ pub fn recover_in_flight(conn: &Connection) -> Result<usize, JournalError> {
 /// Ends event `id` after its window: `expired_unconfirmed` if some attempt was ambiguous (carrying could bill
 /// twice), `not_active` if it was held for its subscription, else `expired` with its units carried into the open
 /// hour under `carry_forward`.
-fn expire(conn: &Connection, id: i64, message: &str, now: DateTime<Utc>, late: LateUsage, by_deadline: bool) -> Result<&'static str, JournalError> {
+fn expire(
+    conn: &Connection,
+    id: i64,
+    message: &str,
+    now: DateTime<Utc>,
+    late: LateUsage,
+    by_deadline: bool,
+) -> Result<&'static str, JournalError> {
     let row: Option<(String, String, String, i64, i64, i64, Option<String>)> = conn
         .prepare_cached("SELECT resource, plan, dimension, hour, quantity, ambiguous, held FROM outbound_events WHERE id = ?1 AND state = 'pending'")?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
@@ -302,14 +367,27 @@ fn expire(conn: &Connection, id: i64, message: &str, now: DateTime<Utc>, late: L
     } else if late == LateUsage::CarryForward {
         let target = hour_of(now).max(frozen_through(conn)?);
         add_to_hour(conn, &resource, &plan, &dimension, target, qty, 0, qty)?;
-        record_carry(conn, &resource, &plan, &dimension, hour, target, qty, "expired", Some(id), now_s)?;
+        record_carry(
+            conn,
+            &resource,
+            &plan,
+            &dimension,
+            hour,
+            target,
+            qty,
+            "expired",
+            Some(id),
+            now_s,
+        )?;
         ("expired", Some(target))
     } else {
         ("expired", None)
     };
     let error = match (state, &held) {
         ("not_active", Some(h)) => format!("window ran out while held: {h}"),
-        ("expired_unconfirmed", _) => format!("{message}; an earlier attempt may have been recorded: run `meterd reconcile`"),
+        ("expired_unconfirmed", _) => {
+            format!("{message}; an earlier attempt may have been recorded: run `meterd reconcile`")
+        }
         _ => message.to_string(),
     };
     conn.prepare_cached(
@@ -335,7 +413,11 @@ pub struct Expired {
 }
 
 /// Ends every pending event whose retry deadline has passed.
-pub fn expire_overdue(conn: &Connection, now: DateTime<Utc>, late: LateUsage) -> Result<Vec<Expired>, JournalError> {
+pub fn expire_overdue(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    late: LateUsage,
+) -> Result<Vec<Expired>, JournalError> {
     let ids: Vec<(i64, String, String, i64, Option<String>)> = conn
         .prepare_cached("SELECT id, resource, dimension, hour, last_error FROM outbound_events WHERE state = 'pending' AND deadline <= ?1 ORDER BY hour")?
         .query_map([now.timestamp()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
@@ -344,10 +426,18 @@ pub fn expire_overdue(conn: &Connection, now: DateTime<Utc>, late: LateUsage) ->
     for (id, resource, dimension, hour, last_error) in ids {
         let msg = format!(
             "retries stopped at the end of the 24-hour window (less emit.safety_margin){}",
-            last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
+            last_error
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
         );
         let state = expire(conn, id, &msg, now, late, true)?;
-        out.push(Expired { id, resource, dimension, hour: fmt_time(hour), state: state.to_string() });
+        out.push(Expired {
+            id,
+            resource,
+            dimension,
+            hour: fmt_time(hour),
+            state: state.to_string(),
+        });
     }
     Ok(out)
 }
@@ -390,7 +480,11 @@ pub struct ListedSubscription {
 
 /// Stores a full subscription list. Remembers when a cancellation was first seen; subscriptions missing from
 /// the list become `Unknown`.
-pub fn store_subscriptions(conn: &Connection, list: &[ListedSubscription], now: DateTime<Utc>) -> Result<(), JournalError> {
+pub fn store_subscriptions(
+    conn: &Connection,
+    list: &[ListedSubscription],
+    now: DateTime<Utc>,
+) -> Result<(), JournalError> {
     let now_s = now.timestamp();
     let mut stmt = conn.prepare_cached(
         "INSERT INTO subscriptions (id, status, plan, offer, term_start, term_end, term_unit, unsubscribed_seen_at, updated_at)
@@ -404,7 +498,16 @@ pub fn store_subscriptions(conn: &Connection, list: &[ListedSubscription], now: 
              updated_at = excluded.updated_at",
     )?;
     for s in list {
-        stmt.execute(params![s.id.to_ascii_lowercase(), s.status, s.plan, s.offer, s.term_start, s.term_end, s.term_unit, now_s])?;
+        stmt.execute(params![
+            s.id.to_ascii_lowercase(),
+            s.status,
+            s.plan,
+            s.offer,
+            s.term_start,
+            s.term_end,
+            s.term_unit,
+            now_s
+        ])?;
     }
     conn.prepare_cached("UPDATE subscriptions SET status = 'Unknown' WHERE updated_at < ?1 AND status != 'Unsubscribed'")?
         .execute([now_s])?;
@@ -412,8 +515,12 @@ pub fn store_subscriptions(conn: &Connection, list: &[ListedSubscription], now: 
 }
 
 /// Every subscription meterd knows, by id.
-pub fn known_subscriptions(conn: &Connection) -> Result<BTreeMap<String, KnownSubscription>, JournalError> {
-    let mut stmt = conn.prepare_cached("SELECT id, status, plan, unsubscribed_seen_at, term_start, term_end FROM subscriptions")?;
+pub fn known_subscriptions(
+    conn: &Connection,
+) -> Result<BTreeMap<String, KnownSubscription>, JournalError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, status, plan, unsubscribed_seen_at, term_start, term_end FROM subscriptions",
+    )?;
     let rows = stmt.query_map([], |r| {
         Ok(KnownSubscription {
             id: r.get(0)?,
@@ -433,7 +540,13 @@ pub fn known_subscriptions(conn: &Connection) -> Result<BTreeMap<String, KnownSu
 }
 
 /// Takes (or renews) the lease `name` for `owner` until `now + ttl`. `Err(holder)` when someone else holds it.
-pub fn acquire_lease(conn: &Connection, name: &str, owner: &str, now: DateTime<Utc>, ttl: Duration) -> Result<Result<(), String>, JournalError> {
+pub fn acquire_lease(
+    conn: &Connection,
+    name: &str,
+    owner: &str,
+    now: DateTime<Utc>,
+    ttl: Duration,
+) -> Result<Result<(), String>, JournalError> {
     let changed = conn
         .prepare_cached(
             "INSERT INTO leases (name, owner, expires_at) VALUES (?1, ?2, ?3)
@@ -452,6 +565,7 @@ pub fn acquire_lease(conn: &Connection, name: &str, owner: &str, now: DateTime<U
 
 /// Gives the lease back if `owner` holds it.
 pub fn release_lease(conn: &Connection, name: &str, owner: &str) -> Result<(), JournalError> {
-    conn.prepare_cached("DELETE FROM leases WHERE name = ?1 AND owner = ?2")?.execute(params![name, owner])?;
+    conn.prepare_cached("DELETE FROM leases WHERE name = ?1 AND owner = ?2")?
+        .execute(params![name, owner])?;
     Ok(())
 }

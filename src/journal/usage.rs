@@ -90,16 +90,16 @@ pub fn carry_target(conn: &Connection, now: DateTime<Utc>) -> Result<i64, Journa
 
 /// Why a record of `hour` cannot go into its own hour, if it cannot.
 fn lateness(hour: i64, frozen: i64, rules: &IngestRules) -> Option<String> {
-    if hour < frozen {
-        return Some(format!(
-            "the hour {} is already closed and frozen for sending",
-            fmt_time(hour)
-        ));
-    }
     let window_end = hour + 24 * HOUR - rules.safety_margin.num_seconds();
     if window_end <= rules.now.timestamp() {
         return Some(format!(
             "the hour {} is outside the marketplace's 24-hour window",
+            fmt_time(hour)
+        ));
+    }
+    if hour < frozen {
+        return Some(format!(
+            "the hour {} is already closed and frozen for sending",
             fmt_time(hour)
         ));
     }

@@ -73,7 +73,10 @@ impl Daemon {
     pub fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
         let config_path = dir.join("meterd.toml");
         std::fs::write(&config_path, config).unwrap();
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Self::spawn(config_path, env)
     }
 
@@ -109,10 +112,19 @@ impl Daemon {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
-                panic!("meterd did not start; logs:\n{}", logs.lock().unwrap().join("\n"));
+                panic!(
+                    "meterd did not start; logs:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
             }
         };
-        Daemon { child: Some(child), url, config_path, logs, env }
+        Daemon {
+            child: Some(child),
+            url,
+            config_path,
+            logs,
+            env,
+        }
     }
 
     /// Starts the daemon again with the same configuration (killing it first if it still runs).
@@ -140,7 +152,10 @@ impl Daemon {
     /// Sends SIGTERM and waits for the exit (at most `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let start = Instant::now();
         loop {
             if let Ok(Some(s)) = c.try_wait() {
@@ -173,19 +188,31 @@ impl Daemon {
     /// `meterd report --format json`, parsed.
     pub fn report(&self) -> serde_json::Value {
         let out = self.cli(&["report", "--format", "json"]);
-        assert!(out.status.success(), "report failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "report failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("report json")
     }
 
     /// `meterd status --json`, parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = self.cli(&["status", "--json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status json")
     }
 
     /// Waits until `pred(report)` holds, up to `timeout`; returns the last report.
-    pub fn wait_report(&self, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait_report(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let start = Instant::now();
         loop {
             let r = self.report();
@@ -193,7 +220,11 @@ impl Daemon {
                 return r;
             }
             if start.elapsed() > timeout {
-                panic!("condition not reached; report:\n{}\nlogs:\n{}", serde_json::to_string_pretty(&r).unwrap(), self.log_text());
+                panic!(
+                    "condition not reached; report:\n{}\nlogs:\n{}",
+                    serde_json::to_string_pretty(&r).unwrap(),
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -214,7 +245,10 @@ pub fn json_field(line: &str, field: &str) -> Option<String> {
 
 /// A blocking HTTP client for tests.
 pub fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 /// Hour totals from a report: (resource, dimension, hour) -> (quantity string, outcome).

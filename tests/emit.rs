@@ -1,0 +1,550 @@
+//! Black-box tests of emission: the real `meterd` binary against the emulator (in this test process).
+//!
+//! Time is the wall clock on both sides. Records are stamped in hours that closed a few hours ago; the daemon is
+//! first started with a long grace (so nothing is frozen while records arrive), then restarted with `grace = 0s`,
+//! whose startup catch-up pass freezes and sends them. The emulator's own clock is shifted where a test needs
+//! the marketplace to see time pass.
+
+mod common;
+
+use chrono::{Duration, Timelike, Utc};
+use common::{Daemon, http};
+use meterd::emulator::{
+    Emulator, EmulatorConfig, NextLinkMode, Phase, Route, Subscription, SubscriptionStatus,
+};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::Duration as StdDuration;
+
+const A: &str = "11111111-1111-4111-8111-111111111111";
+const B: &str = "22222222-2222-4222-8222-222222222222";
+const TOKEN_ENV: (&str, &str) = ("METERD_MARKETPLACE__AUTH__STATIC_TOKEN", "emulator-token");
+
+struct Rig {
+    _rt: tokio::runtime::Runtime,
+    emu: Emulator,
+    base: String,
+    dir: tempfile::TempDir,
+}
+
+fn rig(config: EmulatorConfig) -> Rig {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (addr, emu, _task) = rt.block_on(Emulator::spawn_local(config)).unwrap();
+    Rig {
+        _rt: rt,
+        emu,
+        base: format!("http://{addr}"),
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Rig {
+    fn config(&self, emit_extra: &str) -> String {
+        common::config(
+            self.dir.path(),
+            "",
+            &common::emulator_sections(&self.base, emit_extra),
+        )
+    }
+
+    /// Starts the daemon with a long grace: records can be posted for past hours without freezing them.
+    fn collecting(&self, emit_extra: &str) -> Daemon {
+        Daemon::start(
+            self.dir.path(),
+            &self.config(emit_extra),
+            &[TOKEN_ENV, ("METERD_EMIT__GRACE", "11h")],
+        )
+    }
+
+    /// Starts the daemon with grace 0s: the startup pass freezes and sends every closed hour.
+    fn sending(&self, emit_extra: &str) -> Daemon {
+        Daemon::start(self.dir.path(), &self.config(emit_extra), &[TOKEN_ENV])
+    }
+}
+
+fn hour_start(hours_ago: i64) -> chrono::DateTime<Utc> {
+    let t = Utc::now() - Duration::hours(hours_ago);
+    t.with_minute(0)
+        .unwrap()
+        .with_second(0)
+        .unwrap()
+        .with_nanosecond(0)
+        .unwrap()
+}
+
+fn ts(t: chrono::DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn post(d: &Daemon, records: &Value) {
+    let r = http()
+        .post(format!("{}/v1/usage", d.url))
+        .json(records)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    assert_eq!(status, 202, "{}", r.text().unwrap());
+}
+
+fn stop(mut d: Daemon) -> String {
+    let status = d.terminate(StdDuration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clean exit; logs:\n{}",
+        d.log_text()
+    );
+    d.log_text()
+}
+
+/// Rows of the report whose hour is not open, keyed (resource, dimension, hour) -> (quantity, outcome).
+fn frozen_rows(report: &Value) -> BTreeMap<(String, String, String), (String, String)> {
+    report["hours"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["outcome"] != "open")
+        .map(|h| {
+            (
+                (
+                    h["resource"].as_str().unwrap().into(),
+                    h["dimension"].as_str().unwrap().into(),
+                    h["hour"].as_str().unwrap().into(),
+                ),
+                (
+                    h["quantity"].as_str().unwrap().into(),
+                    h["outcome"].as_str().unwrap().into(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn all_settled(report: &Value) -> bool {
+    report["hours"].as_array().unwrap().iter().all(|h| {
+        !matches!(
+            h["outcome"].as_str(),
+            Some("pending" | "closed" | "closing")
+        )
+    })
+}
+
+#[test]
+fn closed_hours_go_exactly_once_with_exact_sums_and_the_open_hour_waits() {
+    let r = rig(EmulatorConfig::default());
+    let d = r.collecting("");
+    let (h3, h2, open) = (hour_start(3), hour_start(2), Utc::now());
+    let mut records = Vec::new();
+    let mut expected: BTreeMap<(String, String, String), i64> = BTreeMap::new();
+    for (res, dim) in [
+        (A, "api_calls"),
+        (A, "gb_processed"),
+        (B, "api_calls"),
+        (B, "gb_processed"),
+    ] {
+        for (hour, qs) in [(h3, [0.25, 0.5, 1.0]), (h2, [2.5, 1.0, 0.5])] {
+            for (i, q) in qs.iter().enumerate() {
+                records.push(json!({"resource": res, "dimension": dim, "quantity": q, "time": ts(hour + Duration::minutes(i as i64 * 20))}));
+                *expected
+                    .entry((res.into(), dim.into(), ts(hour)))
+                    .or_default() += (q * 1e6) as i64;
+            }
+        }
+    }
+    records.push(json!({"resource": A, "dimension": "api_calls", "quantity": 7, "time": ts(open)}));
+    post(&d, &Value::Array(records));
+    stop(d);
+
+    let d = r.sending("");
+    let report = d.wait_report(StdDuration::from_secs(30), |rep| {
+        frozen_rows(rep).len() == 8 && all_settled(rep)
+    });
+    let rows = frozen_rows(&report);
+    for ((res, dim, hour), micros) in &expected {
+        let (q, outcome) = &rows[&(res.clone(), dim.clone(), hour.clone())];
+        assert_eq!(outcome, "accepted", "{res}/{dim}/{hour}");
+        assert_eq!(meterd::quantity::Micros(*micros).to_decimal_string(), *q);
+    }
+    // The emulator holds exactly one event per (resource, dimension, hour), with our quantities.
+    let accepted = r.emu.accepted_events();
+    assert_eq!(accepted.len(), 8, "{accepted:?}");
+    for e in &accepted {
+        let key = (
+            e.resource_id.clone().unwrap(),
+            e.dimension.clone(),
+            e.effective_start_time.clone(),
+        );
+        assert_eq!((e.quantity * 1e6).round() as i64, expected[&key], "{key:?}");
+        assert_eq!(e.plan_id, "gold", "plan from the subscription list");
+    }
+    // Nothing of the open hour was sent.
+    let open_row = report["hours"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["outcome"] == "open")
+        .expect("open hour row");
+    assert_eq!(open_row["quantity"], "7");
+    assert!(
+        accepted
+            .iter()
+            .all(|e| e.effective_start_time != ts(hour_start(0)))
+    );
+    // Status agrees.
+    let status = d.status();
+    assert_eq!(status["outcomes"]["accepted"], 8);
+    assert_eq!(status["pending_events"], 0);
+    assert!(status["last_success"].is_string());
+    // A flush sends nothing new: the hour is accepted once, ever.
+    let out = d.cli(&["flush"]);
+    let _ = out;
+    let f: Value = http()
+        .post(format!("{}/v1/flush", d.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(f["sent"], 0, "{f}");
+    assert_eq!(r.emu.accepted_events().len(), 8);
+    // Every unit ingested is accounted for under exactly one outcome.
+    let mut by_outcome: BTreeMap<String, i64> = BTreeMap::new();
+    for h in report["hours"].as_array().unwrap() {
+        *by_outcome
+            .entry(h["outcome"].as_str().unwrap().into())
+            .or_default() += h["quantity_micros"].as_i64().unwrap();
+    }
+    let ingested: i64 = expected.values().sum::<i64>() + 7_000_000;
+    assert_eq!(by_outcome.values().sum::<i64>(), ingested, "{by_outcome:?}");
+    assert_eq!(by_outcome["open"], 7_000_000);
+}
+
+#[test]
+fn a_crash_between_send_and_record_ends_as_duplicate_never_twice() {
+    let r = rig(EmulatorConfig::default());
+    let d = r.collecting("");
+    let h = hour_start(2);
+    post(
+        &d,
+        &json!([{"resource": A, "dimension": "api_calls", "quantity": 4, "time": ts(h)}]),
+    );
+    stop(d);
+    // The marketplace records the batch, then answers slowly: meterd is killed while it waits.
+    r.emu.delay_next(
+        Route::BatchUsageEvent,
+        1,
+        StdDuration::from_secs(20),
+        Phase::After,
+    );
+    let mut d = r.sending("");
+    let start = std::time::Instant::now();
+    while r.emu.accepted_events().is_empty() {
+        assert!(
+            start.elapsed() < StdDuration::from_secs(20),
+            "the batch never reached the emulator:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(StdDuration::from_millis(50));
+    }
+    d.kill9();
+    d.restart();
+    let report = d.wait_report(StdDuration::from_secs(30), all_settled);
+    let rows = frozen_rows(&report);
+    assert_eq!(
+        rows[&(A.to_string(), "api_calls".to_string(), ts(h))],
+        ("4".to_string(), "duplicate".to_string())
+    );
+    assert_eq!(r.emu.accepted_events().len(), 1, "billed once");
+    let received = r.emu.received_events();
+    assert!(received.len() >= 2, "the same event was resent");
+}
+
+#[test]
+fn throttling_server_errors_timeouts_and_drops_are_retried_until_accepted() {
+    let r = rig(EmulatorConfig::default());
+    let d = r.collecting("");
+    let h = hour_start(2);
+    post(
+        &d,
+        &json!([
+            {"resource": A, "dimension": "api_calls", "quantity": 1, "time": ts(h)},
+            {"resource": B, "dimension": "api_calls", "quantity": 2, "time": ts(h)}
+        ]),
+    );
+    stop(d);
+    r.emu.fail_next(Route::BatchUsageEvent, 1, 429, Some(1));
+    r.emu.fail_next(Route::BatchUsageEvent, 1, 503, None);
+    r.emu.fail_next(Route::BatchUsageEvent, 1, 500, None);
+    r.emu.drop_next(Route::BatchUsageEvent, 1, Phase::Before);
+    // Past the client timeout (3s in the test config), after the marketplace recorded it.
+    r.emu.delay_next(
+        Route::BatchUsageEvent,
+        1,
+        StdDuration::from_secs(5),
+        Phase::After,
+    );
+    let d = r.sending("");
+    let report = d.wait_report(StdDuration::from_secs(60), |rep| {
+        frozen_rows(rep).len() == 2 && all_settled(rep)
+    });
+    let rows = frozen_rows(&report);
+    // The timed-out attempt was recorded, so the resend is a Duplicate with the same quantity: billed once.
+    for (res, q) in [(A, "1"), (B, "2")] {
+        let (quantity, outcome) = &rows[&(res.to_string(), "api_calls".to_string(), ts(h))];
+        assert_eq!(quantity, q);
+        assert!(outcome == "duplicate" || outcome == "accepted", "{outcome}");
+    }
+    assert_eq!(r.emu.accepted_events().len(), 2);
+    assert!(r.emu.request_count(Route::BatchUsageEvent) >= 6);
+    let logs = d.log_text();
+    assert!(
+        logs.contains("Batch call failed; retrying later."),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("x-ms-requestid") || logs.contains("request_id"),
+        "calls are logged with their request ids"
+    );
+}
+
+#[test]
+fn an_expired_token_is_refreshed() {
+    let r = rig(EmulatorConfig::default());
+    let auth = format!(
+        "[marketplace.auth]\nkind = \"client_secret\"\ntenant_id = \"emulator-tenant\"\nclient_id = \"00000000-0000-0000-0000-00000000c11e\"\ntoken_url = \"{}/emulator-tenant/oauth2/v2.0/token\"\n",
+        r.base
+    );
+    let cfg = r
+        .config("")
+        .replace("[marketplace.auth]\nkind = \"static_token\"\n", &auth);
+    let secret = ("METERD_MARKETPLACE__AUTH__CLIENT_SECRET", "emulator-secret");
+    let d = Daemon::start(r.dir.path(), &cfg, &[secret, ("METERD_EMIT__GRACE", "11h")]);
+    let h = hour_start(3);
+    post(
+        &d,
+        &json!([{"resource": A, "dimension": "api_calls", "quantity": 1, "time": ts(h)}]),
+    );
+    stop(d);
+    // The first send fails (after a token was issued); the emulator's clock then jumps past the token's life.
+    r.emu.fail_next(Route::BatchUsageEvent, 2, 503, None);
+    let d = Daemon::start(r.dir.path(), &cfg, &[secret]);
+    let start = std::time::Instant::now();
+    while r.emu.request_count(Route::BatchUsageEvent) == 0 {
+        assert!(start.elapsed() < StdDuration::from_secs(20));
+        std::thread::sleep(StdDuration::from_millis(20));
+    }
+    r.emu.shift_clock(Duration::minutes(70));
+    let report = d.wait_report(StdDuration::from_secs(30), |rep| {
+        frozen_rows(rep).len() == 1 && all_settled(rep)
+    });
+    assert_eq!(frozen_rows(&report).values().next().unwrap().1, "accepted");
+    assert!(
+        r.emu.request_count(Route::Token) >= 2,
+        "a new token was fetched"
+    );
+    let logs = d.log_text();
+    assert!(
+        !logs.contains("emulator-secret"),
+        "the client secret never appears in logs"
+    );
+}
+
+#[test]
+fn events_the_marketplace_calls_expired_are_carried_into_the_open_hour() {
+    let r = rig(EmulatorConfig::default());
+    let d = r.collecting("");
+    let old = hour_start(20);
+    post(
+        &d,
+        &json!([{"resource": A, "dimension": "api_calls", "quantity": 3, "time": ts(old)}]),
+    );
+    stop(d);
+    // For the marketplace, 20 hours ago is now more than 24 hours ago.
+    r.emu.shift_clock(Duration::hours(6));
+    let d = r.sending("");
+    let report = d.wait_report(StdDuration::from_secs(30), |rep| {
+        rep["hours"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["outcome"] == "carried")
+    });
+    let carried = report["hours"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["outcome"] == "carried")
+        .unwrap();
+    assert_eq!(carried["hour"], ts(old));
+    assert_eq!(carried["carried_to"], ts(hour_start(0)));
+    let target = report["hours"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hour"] == ts(hour_start(0)))
+        .unwrap();
+    assert_eq!(target["quantity"], "3");
+    assert_eq!(target["carried_in_micros"], 3_000_000);
+    assert_eq!(report["carries"][0]["reason"], "expired");
+    assert!(r.emu.accepted_events().is_empty());
+}
+
+#[test]
+fn subscription_statuses_decide_what_is_sent() {
+    let cfg = EmulatorConfig::default();
+    let r = rig(cfg);
+    let pending = "44444444-4444-4444-8444-444444444444";
+    let suspended = "55555555-5555-4555-8555-555555555555";
+    let cancelled = "66666666-6666-4666-8666-666666666666";
+    let unknown = "77777777-7777-4777-8777-777777777777";
+    r.emu.add_subscription(
+        Subscription::new(pending, "gold").with_status(SubscriptionStatus::PendingFulfillmentStart),
+    );
+    r.emu.add_subscription(
+        Subscription::new(suspended, "gold").with_status(SubscriptionStatus::Suspended),
+    );
+    r.emu.add_subscription(Subscription::new(cancelled, "gold"));
+    // Cancelled ten minutes ago: the hour three hours ago closed before that, so it is still billable.
+    r.emu.shift_clock(Duration::minutes(-10));
+    r.emu
+        .set_status(cancelled, SubscriptionStatus::Unsubscribed);
+    r.emu.shift_clock(Duration::minutes(10));
+    let d = r.collecting("");
+    let h = hour_start(3);
+    let recs: Vec<Value> = [pending, suspended, cancelled, unknown]
+        .iter()
+        .map(|s| json!({"resource": s, "dimension": "api_calls", "quantity": 1, "time": ts(h)}))
+        .collect();
+    post(&d, &Value::Array(recs));
+    stop(d);
+    let d = r.sending("");
+    let report = d.wait_report(StdDuration::from_secs(30), |rep| {
+        frozen_rows(rep)
+            .get(&(cancelled.to_string(), "api_calls".to_string(), ts(h)))
+            .is_some_and(|v| v.1 == "accepted")
+    });
+    let full = &report["hours"];
+    for s in [pending, suspended, unknown] {
+        let row = full
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resource"] == s)
+            .unwrap();
+        assert_eq!(row["outcome"], "pending", "{s} is held: {row}");
+        assert!(
+            row["last_error"].as_str().unwrap().contains("holding"),
+            "{row}"
+        );
+    }
+    let status = d.status();
+    assert_eq!(status["pending_events"], 3);
+    assert!(status["nearest_expiry_seconds"].as_i64().unwrap() > 0);
+    // The pending subscription is activated: the held event goes at a later pass.
+    r.emu.set_status(pending, SubscriptionStatus::Subscribed);
+    let out = d.cli(&["flush"]);
+    let _ = out;
+    let report = d.wait_report(StdDuration::from_secs(30), |rep| {
+        frozen_rows(rep)
+            .get(&(pending.to_string(), "api_calls".to_string(), ts(h)))
+            .is_some_and(|v| v.1 == "accepted")
+    });
+    let _ = report;
+}
+
+#[test]
+fn invalid_dimension_and_not_authorized_surface_as_rejected() {
+    let r = rig(EmulatorConfig::default());
+    r.emu.forbid_resource(B);
+    let d = r.collecting("");
+    let h = hour_start(2);
+    post(
+        &d,
+        &json!([
+            {"resource": A, "dimension": "api_calls", "quantity": 1, "time": ts(h), "plan": "silver"},
+            {"resource": B, "dimension": "api_calls", "quantity": 1, "time": ts(h)}
+        ]),
+    );
+    stop(d);
+    let d = r.sending("");
+    let report = d.wait_report(StdDuration::from_secs(30), |rep| {
+        frozen_rows(rep).len() == 2 && all_settled(rep)
+    });
+    for h in report["hours"].as_array().unwrap() {
+        assert_eq!(h["outcome"], "rejected", "{h}");
+    }
+    let a = report["hours"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["resource"] == A)
+        .unwrap();
+    assert!(
+        a["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("InvalidDimension"),
+        "{a}"
+    );
+    let b = report["hours"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["resource"] == B)
+        .unwrap();
+    assert!(
+        b["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("ResourceNotAuthorized"),
+        "{b}"
+    );
+    assert_eq!(d.status()["outcomes"]["rejected"], 2);
+    let logs = d.log_text();
+    assert!(
+        logs.contains("resource_not_authorized") && logs.contains("\"alert\":\"rejected\""),
+        "{logs}"
+    );
+}
+
+#[test]
+fn more_than_25_events_split_into_calls_and_every_subscription_page_is_read() {
+    let mut cfg = EmulatorConfig::default();
+    cfg.next_link = NextLinkMode::ForeignHost;
+    cfg.page_size = 4;
+    let r = rig(cfg);
+    let subs: Vec<String> = (0..15)
+        .map(|i| format!("{i:08x}-aaaa-4aaa-8aaa-{i:012x}"))
+        .collect();
+    for s in &subs {
+        r.emu.add_subscription(Subscription::new(s.clone(), "gold"));
+    }
+    let d = r.collecting("concurrency = 2\n");
+    let h = hour_start(2);
+    let recs: Vec<Value> = subs
+        .iter()
+        .flat_map(|s| {
+            ["api_calls", "gb_processed"]
+                .map(|dim| json!({"resource": s, "dimension": dim, "quantity": 1, "time": ts(h)}))
+        })
+        .collect();
+    post(&d, &Value::Array(recs));
+    stop(d);
+    let d = r.sending("concurrency = 2\n");
+    let report = d.wait_report(StdDuration::from_secs(30), |rep| {
+        frozen_rows(rep).len() == 30 && all_settled(rep)
+    });
+    assert!(frozen_rows(&report).values().all(|(_, o)| o == "accepted"));
+    assert_eq!(r.emu.accepted_events().len(), 30);
+    assert_eq!(
+        r.emu.request_count(Route::BatchUsageEvent),
+        2,
+        "30 events go as 25 + 5"
+    );
+    assert!(
+        r.emu.request_count(Route::Subscriptions) >= 5,
+        "all pages of 18 subscriptions at 4 per page"
+    );
+}
