@@ -2,7 +2,8 @@
 # Operations checks for meterd (called from .ci/run):
 #   1. systemd-analyze verify of systemd/meterd.service and systemd/meterd.socket
 #   2. systemd-analyze security --offline=true: exposure of meterd.service at most 1.5 (the score is printed)
-#   3. promtool present, and `promtool check metrics` on a running daemon's /metrics
+#   3. promtool present, `promtool check metrics` on a running daemon's /metrics, and
+#      `promtool check rules` on deploy/prometheus/meterd-alerts.yaml
 #
 # Installs what is missing with apt-get (systemd for systemd-analyze, prometheus for promtool).
 #
@@ -102,6 +103,8 @@ curl -sf --unix-socket "$sock" http://meterd/metrics >"$work/metrics.txt"
 promtool check metrics <"$work/metrics.txt"
 [ -z "${OPS_SHOW_METRICS:-}" ] || cat "$work/metrics.txt"
 echo "ops-checks: promtool check metrics passed ($(grep -c '^# HELP' "$work/metrics.txt") metrics with HELP)"
+promtool check rules deploy/prometheus/meterd-alerts.yaml >/dev/null
+echo "ops-checks: promtool check rules deploy/prometheus/meterd-alerts.yaml passed"
 kill -TERM "$pid"
 wait "$pid" || { echo "ops-checks: meterd did not exit 0 on SIGTERM" >&2; cat "$work/meterd.log" >&2; exit 1; }
 pid=
