@@ -393,3 +393,39 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         .find(|p| p.is_file())
         .ok_or(())
 }
+
+/// Every metric recorded anywhere in `src/` has its `# HELP` in `src/ops/metrics.rs`, and the operations guide
+/// lists it.
+#[test]
+fn every_metric_is_described_and_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let described = std::fs::read_to_string(root.join("src/ops/metrics.rs")).unwrap();
+    let guide = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let mut names = BTreeSet::new();
+    let mut stack = vec![root.join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for macro_name in ["counter!(", "gauge!(", "histogram!("] {
+                    for (i, _) in text.match_indices(macro_name) {
+                        let rest = text[i + macro_name.len()..].trim_start();
+                        if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next())
+                            && name.starts_with("meterd_")
+                        {
+                            names.insert(name.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(names.len() >= 15, "{names:?}");
+    for name in &names {
+        assert!(described.contains(&format!("\"{name}\",")), "{name} has no describe_* in src/ops/metrics.rs");
+        assert!(guide.contains(&format!("`{name}`")), "{name} is not in docs/operations.md");
+    }
+}
