@@ -41,7 +41,8 @@ fn systemd_notify_protocol_ready_watchdog_status_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
@@ -51,7 +52,10 @@ fn systemd_notify_protocol_ready_watchdog_status_stopping() {
             while !done.load(Ordering::SeqCst) {
                 if let Ok(n) = sock.recv(&mut buf) {
                     let msg = String::from_utf8_lossy(&buf[..n]).to_string();
-                    lines.lock().unwrap().extend(msg.lines().map(str::to_string));
+                    lines
+                        .lock()
+                        .unwrap()
+                        .extend(msg.lines().map(str::to_string));
                 }
             }
         })
@@ -77,11 +81,18 @@ fn systemd_notify_protocol_ready_watchdog_status_stopping() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = d.terminate(Duration::from_secs(30)).expect("meterd exits after SIGTERM");
+    let status = d
+        .terminate(Duration::from_secs(30))
+        .expect("meterd exits after SIGTERM");
     std::thread::sleep(Duration::from_millis(300));
     done.store(true, Ordering::SeqCst);
     reader.join().unwrap();
-    assert_eq!(status.code(), Some(0), "exit status; logs:\n{}", d.log_text());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status; logs:\n{}",
+        d.log_text()
+    );
 
     let l = lines.lock().unwrap().clone();
     eprintln!("notify messages: {l:#?}");
@@ -96,7 +107,10 @@ fn systemd_notify_protocol_ready_watchdog_status_stopping() {
     let pings_before_stop = l[..stopping].iter().filter(|x| *x == "WATCHDOG=1").count();
     assert!(pings_before_stop >= 2, "{l:?}");
     assert_eq!(l.iter().filter(|x| *x == "READY=1").count(), 1, "{l:?}");
-    assert!(l.iter().filter(|x| x.starts_with("STATUS=")).count() >= 2, "{l:?}");
+    assert!(
+        l.iter().filter(|x| x.starts_with("STATUS=")).count() >= 2,
+        "{l:?}"
+    );
 }
 
 #[test]
@@ -135,14 +149,19 @@ fn sigterm_under_load_commits_every_acknowledged_record() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let before = acked.lock().unwrap().len();
-    let status = d.terminate(Duration::from_secs(30)).expect("meterd exits after SIGTERM");
+    let status = d
+        .terminate(Duration::from_secs(30))
+        .expect("meterd exits after SIGTERM");
     stop.store(true, Ordering::SeqCst);
     for w in workers {
         w.join().unwrap();
     }
     let logs = d.log_text();
     assert_eq!(status.code(), Some(0), "exit status; logs:\n{logs}");
-    assert!(logs.contains("Final emission pass"), "no final pass in logs:\n{logs}");
+    assert!(
+        logs.contains("Final emission pass"),
+        "no final pass in logs:\n{logs}"
+    );
     assert!(logs.contains("meterd stopped."), "{logs}");
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= before && before > 0);
@@ -152,8 +171,15 @@ fn sigterm_under_load_commits_every_acknowledged_record() {
     // Every acknowledged record is in the journal: the record count covers them ...
     let s = d.status();
     let records = s["records"].as_i64().expect("records");
-    eprintln!("acknowledged {} records; journal holds {records}", acked.len());
-    assert!(records >= acked.len() as i64, "journal has {records} records, {} were acknowledged", acked.len());
+    eprintln!(
+        "acknowledged {} records; journal holds {records}",
+        acked.len()
+    );
+    assert!(
+        records >= acked.len() as i64,
+        "journal has {records} records, {} were acknowledged",
+        acked.len()
+    );
     // ... the quantities add up ...
     let report = d.report();
     let total: f64 = common::hours(&report)
@@ -184,8 +210,11 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
     let mut samples = BTreeMap::new();
     let name_ok = |n: &str| {
         !n.is_empty()
-            && n.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && n.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
     };
     for line in text.lines() {
         if line.is_empty() {
@@ -199,8 +228,14 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, ty) = rest.split_once(' ').expect("TYPE has a type");
-            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&ty), "{line}");
-            assert!(types.insert(name.to_string(), ty.to_string()).is_none(), "duplicate TYPE: {line}");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&ty),
+                "{line}"
+            );
+            assert!(
+                types.insert(name.to_string(), ty.to_string()).is_none(),
+                "duplicate TYPE: {line}"
+            );
             continue;
         }
         assert!(!line.starts_with('#'), "unexpected comment: {line}");
@@ -216,15 +251,24 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
         if let Some(labels) = series.strip_prefix(name) {
             if !labels.is_empty() {
                 assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
-                for pair in labels[1..labels.len() - 1].split(',').filter(|p| !p.is_empty()) {
+                for pair in labels[1..labels.len() - 1]
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                {
                     let (k, v) = pair.split_once('=').expect("label k=v");
-                    assert!(name_ok(k) && v.starts_with('"') && v.ends_with('"'), "{line}");
+                    assert!(
+                        name_ok(k) && v.starts_with('"') && v.ends_with('"'),
+                        "{line}"
+                    );
                 }
             }
         }
         let family = ["_bucket", "_sum", "_count"]
             .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|f| types.get(*f).is_some_and(|t| t == "histogram")))
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
             .unwrap_or(name);
         assert!(types.contains_key(family), "sample before its TYPE: {line}");
         assert!(help.contains(family), "no HELP for {family}");
@@ -245,7 +289,10 @@ fn metrics_pass_promtool_and_show_pending_age() {
     );
     assert_eq!(r.status().as_u16(), 202);
     assert_eq!(r.json::<serde_json::Value>().unwrap()["carried"], 0);
-    assert_eq!(first.terminate(Duration::from_secs(30)).unwrap().code(), Some(0));
+    assert_eq!(
+        first.terminate(Duration::from_secs(30)).unwrap().code(),
+        Some(0)
+    );
     // ... then, with grace 0s, the startup pass freezes it; the marketplace is unreachable, so it stays pending
     // and ages.
     let d = start(dir.path(), &[]);
@@ -255,25 +302,46 @@ fn metrics_pass_promtool_and_show_pending_age() {
     );
     assert_eq!(r.status().as_u16(), 202);
     // A duplicate and an invalid request, so those series exist too.
-    post_usage(&d.url, &serde_json::json!({"resource": RESOURCE, "dimension": "api_calls", "quantity": 1, "id": "m-2"}));
-    post_usage(&d.url, &serde_json::json!({"resource": RESOURCE, "dimension": "nope", "quantity": 1}));
+    post_usage(
+        &d.url,
+        &serde_json::json!({"resource": RESOURCE, "dimension": "api_calls", "quantity": 1, "id": "m-2"}),
+    );
+    post_usage(
+        &d.url,
+        &serde_json::json!({"resource": RESOURCE, "dimension": "nope", "quantity": 1}),
+    );
     let _ = http().post(format!("{}/v1/flush", d.url)).send();
 
     let start = Instant::now();
     let (text, samples) = loop {
-        let text = http().get(format!("{}/metrics", d.url)).send().unwrap().text().unwrap();
+        let text = http()
+            .get(format!("{}/metrics", d.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
         let samples = parse_exposition(&text);
         if samples.get("meterd_pending_events").copied().unwrap_or(0.0) >= 1.0 {
             break (text, samples);
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "no pending event in /metrics:\n{text}\nlogs:\n{}", d.log_text());
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no pending event in /metrics:\n{text}\nlogs:\n{}",
+            d.log_text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     let age = samples["meterd_oldest_pending_age_seconds"];
     assert!((3600.0..7300.0).contains(&age), "oldest pending age {age}");
     let expiry = samples["meterd_nearest_expiry_seconds"];
-    assert!(expiry > 0.0 && expiry < 86_400.0 - 3600.0, "nearest expiry {expiry}");
-    assert_eq!(samples[r#"meterd_journal_events{outcome="pending"}"#], samples["meterd_pending_events"]);
+    assert!(
+        expiry > 0.0 && expiry < 86_400.0 - 3600.0,
+        "nearest expiry {expiry}"
+    );
+    assert_eq!(
+        samples[r#"meterd_journal_events{outcome="pending"}"#],
+        samples["meterd_pending_events"]
+    );
     for name in [
         r#"meterd_ingest_records_total{result="accepted"}"#,
         r#"meterd_ingest_records_total{result="duplicate"}"#,
@@ -299,7 +367,9 @@ fn metrics_pass_promtool_and_show_pending_age() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
-        Err(e) => eprintln!("promtool not available ({e}); the strict parser above checked the format (ci/ops-checks.sh installs promtool)"),
+        Err(e) => eprintln!(
+            "promtool not available ({e}); the strict parser above checked the format (ci/ops-checks.sh installs promtool)"
+        ),
     }
 }
 
@@ -321,11 +391,21 @@ fn health_probes_are_open_and_everything_else_needs_the_token() {
     for route in ["metrics", "v1/status"] {
         let r = c.get(format!("{}/{route}", d.url)).send().unwrap();
         assert_eq!(r.status().as_u16(), 401, "/{route} without the token");
-        let r = c.get(format!("{}/{route}", d.url)).bearer_auth("s3cret-token").send().unwrap();
+        let r = c
+            .get(format!("{}/{route}", d.url))
+            .bearer_auth("s3cret-token")
+            .send()
+            .unwrap();
         assert_eq!(r.status().as_u16(), 200, "/{route} with the token");
     }
-    assert!(!d.log_text().contains("s3cret-token"), "the token must never be logged");
-    assert_eq!(d.terminate(Duration::from_secs(30)).unwrap().code(), Some(0));
+    assert!(
+        !d.log_text().contains("s3cret-token"),
+        "the token must never be logged"
+    );
+    assert_eq!(
+        d.terminate(Duration::from_secs(30)).unwrap().code(),
+        Some(0)
+    );
 }
 
 /// `systemd-socket-activate` (from the systemd package) plays systemd's part: it binds the socket and execs
@@ -342,8 +422,10 @@ fn socket_activation_takes_the_passed_listener() {
         l.local_addr().unwrap().port()
     };
     // ingest.listen names a unix socket that must not be created: the passed TCP socket wins.
-    let config = common::config(dir.path(), "", &nowhere_sections())
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"unix:{}/unused.sock\"", dir.path().display()));
+    let config = common::config(dir.path(), "", &nowhere_sections()).replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"unix:{}/unused.sock\"", dir.path().display()),
+    );
     let config_path = dir.path().join("meterd.toml");
     std::fs::write(&config_path, config).unwrap();
     let mut child = Command::new(tool)
@@ -373,10 +455,19 @@ fn socket_activation_takes_the_passed_listener() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let r = post_usage(&url, &serde_json::json!({"resource": RESOURCE, "dimension": "api_calls", "quantity": 1}));
+    let r = post_usage(
+        &url,
+        &serde_json::json!({"resource": RESOURCE, "dimension": "api_calls", "quantity": 1}),
+    );
     assert_eq!(r.status().as_u16(), 202);
-    assert!(!dir.path().join("unused.sock").exists(), "ingest.listen must not be bound under socket activation");
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    assert!(
+        !dir.path().join("unused.sock").exists(),
+        "ingest.listen must not be bound under socket activation"
+    );
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     let status = child.wait().unwrap();
     let mut logs = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut logs).unwrap();
@@ -425,7 +516,13 @@ fn every_metric_is_described_and_documented() {
     }
     assert!(names.len() >= 15, "{names:?}");
     for name in &names {
-        assert!(described.contains(&format!("\"{name}\",")), "{name} has no describe_* in src/ops/metrics.rs");
-        assert!(guide.contains(&format!("`{name}`")), "{name} is not in docs/operations.md");
+        assert!(
+            described.contains(&format!("\"{name}\",")),
+            "{name} has no describe_* in src/ops/metrics.rs"
+        );
+        assert!(
+            guide.contains(&format!("`{name}`")),
+            "{name} is not in docs/operations.md"
+        );
     }
 }
