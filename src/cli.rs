@@ -600,3 +600,33 @@ pub async fn check_online(
         Err(e) => Err(explain_call_error(e)).context("subscriptions: FAILED"),
     }
 }
+
+/// Prints a flush answer (a pass summary) for people.
+pub fn print_flush(body: &str) {
+    let v: serde_json::Value = match serde_json::from_str(body) {
+        Ok(v) => v,
+        Err(_) => {
+            println!("{body}");
+            return;
+        }
+    };
+    if let Some(holder) = v["lease_held_by"].as_str() {
+        println!("another emitter holds the lease ({holder}); nothing done");
+        return;
+    }
+    println!(
+        "pass at {}: froze {} hourly events, made {} calls sending {} events",
+        v["started"].as_str().unwrap_or("?"),
+        v["frozen"],
+        v["calls"],
+        v["sent"]
+    );
+    if let Some(o) = v["outcomes"].as_object().filter(|o| !o.is_empty()) {
+        for (k, n) in o {
+            println!("  {k:<22} {n}");
+        }
+    } else {
+        println!("  nothing was due (only closed hours are sent)");
+    }
+    println!("pending after the pass: {}", v["pending_after"]);
+}

@@ -209,6 +209,64 @@ pub struct DimensionSettings {
     pub id: String,
     /// Plans that have this dimension; empty means every plan.
     pub plans: Vec<String>,
+    /// Usage per billed unit (e.g. 1200 seconds per unit): meterd sends whole units and carries the remainder.
+    pub unit: Option<i64>,
+    /// Consumption thresholds that raise an alert once per subscription, dimension and term.
+    pub thresholds: Vec<Threshold>,
+}
+
+/// A consumption threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threshold {
+    /// Hundredths of a percent of the included quantity (`80%` is 8000).
+    Percent(i64),
+    /// An absolute quantity, micro-units.
+    Absolute(i64),
+}
+
+impl std::fmt::Display for Threshold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Threshold::Percent(bp) if bp % 100 == 0 => write!(f, "{}%", bp / 100),
+            Threshold::Percent(bp) => write!(f, "{}.{:02}%", bp / 100, bp % 100),
+            Threshold::Absolute(m) => write!(f, "{}", crate::quantity::Micros(*m)),
+        }
+    }
+}
+
+/// How much of a dimension a plan includes per term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Included {
+    /// This much (micro-units); usage above it is billed.
+    Quantity(i64),
+    /// Never billed.
+    Infinite,
+}
+
+/// A plan's included quantities.
+#[derive(Debug, Clone)]
+pub struct PlanSettings {
+    /// Plan id as in Partner Center.
+    pub id: String,
+    /// Included quantity per dimension; a dimension not listed includes nothing (everything is billed).
+    pub included: BTreeMap<String, Included>,
+}
+
+/// Billing policy settings.
+#[derive(Debug, Clone)]
+pub struct BillingSettings {
+    /// Term length in months for resources whose subscription has no term (managed applications): terms start
+    /// on the first of a UTC month.
+    pub fallback_term_months: u32,
+}
+
+/// Alert settings.
+#[derive(Debug, Clone)]
+pub struct AlertSettings {
+    /// Where alerts are POSTed as JSON; `None`: log and metric only.
+    pub webhook_url: Option<String>,
+    /// An event pending longer than this (since its hour ended) raises an alert.
+    pub pending_age: Duration,
 }
 
 /// A CloudEvents meter: maps an event `type` to a dimension and says where the quantity is.
@@ -249,6 +307,12 @@ pub struct Settings {
     pub dimensions: Vec<DimensionSettings>,
     /// CloudEvents meters.
     pub meters: Vec<MeterSettings>,
+    /// Plans with included quantities.
+    pub plans: Vec<PlanSettings>,
+    /// Billing policy.
+    pub billing: BillingSettings,
+    /// Alerts.
+    pub alerts: AlertSettings,
     /// Where the settings came from, for messages.
     pub source: String,
 }
@@ -278,6 +342,12 @@ pub struct RawConfig {
     dimensions: Vec<RawDimension>,
     #[serde(default)]
     meters: Vec<RawMeter>,
+    #[serde(default)]
+    plans: Vec<RawPlan>,
+    #[serde(default)]
+    billing: RawBilling,
+    #[serde(default)]
+    alerts: RawAlerts,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -354,6 +424,30 @@ struct RawDimension {
     id: String,
     #[serde(default)]
     plans: Vec<String>,
+    unit: Option<i64>,
+    #[serde(default)]
+    thresholds: Vec<toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    id: String,
+    #[serde(default)]
+    included: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBilling {
+    fallback_term: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    webhook_url: Option<String>,
+    pending_age: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -539,6 +633,37 @@ impl Validator<'_> {
 
 fn non_empty(v: Option<String>) -> Option<String> {
     v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+/// `10000`, `12.5`, `"infinite"`.
+fn parse_included(v: &toml::Value) -> Result<Included, String> {
+    match v {
+        toml::Value::String(s) if s.eq_ignore_ascii_case("infinite") => Ok(Included::Infinite),
+        toml::Value::Integer(n) if *n >= 0 => Ok(Included::Quantity(n.checked_mul(1_000_000).ok_or("too large")?)),
+        toml::Value::Float(f) if *f >= 0.0 => crate::quantity::Micros::parse_decimal(&f.to_string())
+            .map(|m| Included::Quantity(m.0))
+            .or(if *f == 0.0 { Ok(Included::Quantity(0)) } else { Err("must have at most 6 decimals".to_string()) }),
+        _ => Err("must be a quantity >= 0 or \"infinite\"".to_string()),
+    }
+}
+
+/// `"80%"` or an absolute quantity.
+fn parse_threshold(v: &toml::Value) -> Result<Threshold, String> {
+    match v {
+        toml::Value::String(s) if s.trim().ends_with('%') => {
+            let n = s.trim().trim_end_matches('%');
+            let m = crate::quantity::Micros::parse_decimal(n).map_err(|e| format!("`{s}`: {e}"))?;
+            if m.0 % 10_000 != 0 {
+                return Err(format!("`{s}`: at most two decimals in a percentage"));
+            }
+            Ok(Threshold::Percent(m.0 / 10_000))
+        }
+        toml::Value::Integer(n) if *n > 0 => Ok(Threshold::Absolute(n * 1_000_000)),
+        toml::Value::Float(f) if *f > 0.0 => crate::quantity::Micros::parse_decimal(&f.to_string())
+            .map(|m| Threshold::Absolute(m.0))
+            .map_err(|e| e.to_string()),
+        _ => Err("a threshold is a percentage of the included quantity (\"80%\") or a quantity (1000)".into()),
+    }
 }
 
 fn json_path(v: &str) -> Option<Vec<String>> {
@@ -798,7 +923,16 @@ impl Settings {
             if !seen.insert(id.clone()) {
                 return Err(v.err(&key, format!("dimension `{id}` is declared twice")));
             }
-            dimensions.push(DimensionSettings { id, plans: d.plans });
+            if let Some(u) = d.unit
+                && !(1..=1_000_000_000).contains(&u)
+            {
+                return Err(v.err(&format!("dimensions[{i}].unit"), "must be a whole number from 1 to 1000000000"));
+            }
+            let mut thresholds = Vec::new();
+            for t in &d.thresholds {
+                thresholds.push(parse_threshold(t).map_err(|m| v.err(&format!("dimensions[{i}].thresholds"), m))?);
+            }
+            dimensions.push(DimensionSettings { id, plans: d.plans, unit: d.unit.filter(|u| *u > 1), thresholds });
         }
         if dimensions.len() > 30 {
             return Err(v.err("dimensions", "an offer has at most 30 dimensions"));
@@ -845,7 +979,42 @@ impl Settings {
             });
         }
 
+        let mut plans = Vec::new();
+        let mut plan_ids = BTreeSet::new();
+        for (i, p) in raw.plans.into_iter().enumerate() {
+            if !plan_ids.insert(p.id.clone()) {
+                return Err(v.err(&format!("plans[{i}].id"), format!("plan `{}` is declared twice", p.id)));
+            }
+            let mut included = BTreeMap::new();
+            for (dim, value) in p.included {
+                let key = format!("plans[{i}].included.{dim}");
+                if !seen.contains(&dim) {
+                    return Err(v.err(&key, format!("`{dim}` is not a declared dimension")));
+                }
+                included.insert(dim, parse_included(&value).map_err(|m| v.err(&key, m))?);
+            }
+            plans.push(PlanSettings { id: p.id, included });
+        }
+        let fallback_term_months = match raw.billing.fallback_term.as_deref().unwrap_or("P1M") {
+            "P1M" => 1,
+            "P1Y" => 12,
+            other => return Err(v.err("billing.fallback_term", format!("`{other}` is not \"P1M\" or \"P1Y\""))),
+        };
+        let webhook_url = non_empty(raw.alerts.webhook_url);
+        if let Some(u) = &webhook_url
+            && !(u.starts_with("https://") || u.starts_with("http://"))
+        {
+            return Err(v.err("alerts.webhook_url", format!("`{u}` is not an http(s) URL")));
+        }
+        let alerts = AlertSettings {
+            webhook_url,
+            pending_age: v.duration("alerts.pending_age", raw.alerts.pending_age, "6h")?,
+        };
+
         Ok(Settings {
+            plans,
+            billing: BillingSettings { fallback_term_months },
+            alerts,
             late_usage,
             default_plan: non_empty(raw.default_plan),
             journal,
@@ -859,6 +1028,15 @@ impl Settings {
             meters,
             source: source.to_string(),
         })
+    }
+
+    /// The included quantity of `dimension` on `plan` (nothing configured: everything is billed).
+    pub fn included(&self, plan: &str, dimension: &str) -> Included {
+        self.plans
+            .iter()
+            .find(|p| p.id == plan)
+            .and_then(|p| p.included.get(dimension).copied())
+            .unwrap_or(Included::Quantity(0))
     }
 
     /// The dimension named `id`, if declared.

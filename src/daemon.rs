@@ -186,6 +186,15 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
             settings.journal.path.display()
         )
     })?;
+    // The journal lock proves no other meterd uses this journal: a lease left behind is a crashed process's.
+    let stale = journal
+        .write(crate::journal::outbound::clear_leases)
+        .await?;
+    if stale > 0 {
+        tracing::info!(
+            message = "Cleared the emission lease of a process that stopped without releasing it."
+        );
+    }
     let token = ingest_token(&settings, &ctx.env)?.map(Arc::new);
     if let ListenAddr::Tcp(a) = &settings.ingest.listen
         && token.is_none()

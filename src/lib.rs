@@ -17,6 +17,8 @@
 //! - [`emulator`]: `meterd emulator`, a local Azure Marketplace (token, metering, subscriptions) with fault injection.
 //! - [`marketplace`]: the marketplace wire types, token providers, HTTP client and outcome classification.
 
+pub mod alerts;
+pub mod billing;
 pub mod cli;
 pub mod clock;
 pub mod config;

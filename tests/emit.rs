@@ -199,8 +199,6 @@ fn closed_hours_go_exactly_once_with_exact_sums_and_the_open_hour_waits() {
     assert_eq!(status["pending_events"], 0);
     assert!(status["last_success"].is_string());
     // A flush sends nothing new: the hour is accepted once, ever.
-    let out = d.cli(&["flush"]);
-    let _ = out;
     let f: Value = http()
         .post(format!("{}/v1/flush", d.url))
         .send()
@@ -355,14 +353,14 @@ fn an_expired_token_is_refreshed() {
 fn events_the_marketplace_calls_expired_are_carried_into_the_open_hour() {
     let r = rig(EmulatorConfig::default());
     let d = r.collecting("");
-    let old = hour_start(20);
+    let old = hour_start(10);
     post(
         &d,
         &json!([{"resource": A, "dimension": "api_calls", "quantity": 3, "time": ts(old)}]),
     );
     stop(d);
-    // For the marketplace, 20 hours ago is now more than 24 hours ago.
-    r.emu.shift_clock(Duration::hours(6));
+    // For the marketplace, 10 hours ago is now more than 24 hours ago.
+    r.emu.shift_clock(Duration::hours(15));
     let d = r.sending("");
     let report = d.wait_report(StdDuration::from_secs(30), |rep| {
         rep["hours"]
@@ -393,8 +391,7 @@ fn events_the_marketplace_calls_expired_are_carried_into_the_open_hour() {
 
 #[test]
 fn subscription_statuses_decide_what_is_sent() {
-    let cfg = EmulatorConfig::default();
-    let r = rig(cfg);
+    let r = rig(EmulatorConfig::default());
     let pending = "44444444-4444-4444-8444-444444444444";
     let suspended = "55555555-5555-4555-8555-555555555555";
     let cancelled = "66666666-6666-4666-8666-666666666666";
@@ -444,8 +441,13 @@ fn subscription_statuses_decide_what_is_sent() {
     assert!(status["nearest_expiry_seconds"].as_i64().unwrap() > 0);
     // The pending subscription is activated: the held event goes at a later pass.
     r.emu.set_status(pending, SubscriptionStatus::Subscribed);
-    let out = d.cli(&["flush"]);
-    let _ = out;
+    let f: Value = http()
+        .post(format!("{}/v1/flush", d.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(f["outcomes"]["accepted"] == 1, "{f}");
     let report = d.wait_report(StdDuration::from_secs(30), |rep| {
         frozen_rows(rep)
             .get(&(pending.to_string(), "api_calls".to_string(), ts(h)))
@@ -511,10 +513,11 @@ fn invalid_dimension_and_not_authorized_surface_as_rejected() {
 
 #[test]
 fn more_than_25_events_split_into_calls_and_every_subscription_page_is_read() {
-    let mut cfg = EmulatorConfig::default();
-    cfg.next_link = NextLinkMode::ForeignHost;
-    cfg.page_size = 4;
-    let r = rig(cfg);
+    let r = rig(EmulatorConfig {
+        next_link: NextLinkMode::ForeignHost,
+        page_size: 4,
+        ..Default::default()
+    });
     let subs: Vec<String> = (0..15)
         .map(|i| format!("{i:08x}-aaaa-4aaa-8aaa-{i:012x}"))
         .collect();
@@ -547,4 +550,75 @@ fn more_than_25_events_split_into_calls_and_every_subscription_page_is_read() {
         r.emu.request_count(Route::Subscriptions) >= 5,
         "all pages of 18 subscriptions at 4 per page"
     );
+}
+
+#[test]
+fn secrets_never_appear_in_logs_status_reports_or_errors() {
+    let r = rig(EmulatorConfig::default());
+    let token_file = r.dir.path().join("ingest-token");
+    std::fs::write(&token_file, "ingest-s3cret-value\n").unwrap();
+    let cfg = r.config("").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"",
+            token_file.display()
+        ),
+    );
+    // Debug-level logs, the most talkative setting.
+    let cfg = cfg.replace("level = \"info,meterd=debug\"", "level = \"debug\"");
+    let d = Daemon::start(r.dir.path(), &cfg, &[TOKEN_ENV]);
+    let h = hour_start(0);
+    let c = http();
+    let resp = c
+        .post(format!("{}/v1/usage", d.url))
+        .bearer_auth("ingest-s3cret-value")
+        .json(&json!([{"resource": A, "dimension": "api_calls", "quantity": 1, "time": ts(h)}]))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    // A wrong token is refused without echoing either token.
+    let bad = c
+        .get(format!("{}/v1/status", d.url))
+        .bearer_auth("guess")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let status = c
+        .get(format!("{}/v1/status", d.url))
+        .bearer_auth("ingest-s3cret-value")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let flush = c
+        .post(format!("{}/v1/flush", d.url))
+        .bearer_auth("ingest-s3cret-value")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let metrics = c
+        .get(format!("{}/metrics", d.url))
+        .bearer_auth("ingest-s3cret-value")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let report = d.cli(&["report", "--format", "json"]);
+    let cli_status = d.cli(&["status", "--json"]);
+    let check = d.cli(&["check-config"]);
+    let logs = stop(d);
+    let everything = format!(
+        "{bad}{status}{flush}{metrics}{}{}{}{}{}{logs}",
+        String::from_utf8_lossy(&report.stdout),
+        String::from_utf8_lossy(&report.stderr),
+        String::from_utf8_lossy(&cli_status.stdout),
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for secret in ["ingest-s3cret-value", "emulator-token"] {
+        assert!(!everything.contains(secret), "`{secret}` leaked");
+    }
+    assert!(logs.contains("meterd listening."), "the logs were captured");
 }

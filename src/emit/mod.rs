@@ -32,8 +32,10 @@ pub const BATCH_SIZE: usize = 25;
 const PASS_LIMIT: i64 = 200_000;
 /// How long a pass may hold the emitter lease before another process may take it over.
 const LEASE_TTL_SECS: i64 = 600;
-/// How soon a held event (subscription not active yet) is looked at again.
-const HOLD_RECHECK_SECS: i64 = 300;
+/// A held event (subscription not active yet) is due again at once: every pass looks at it.
+const HOLD_RECHECK_SECS: i64 = 0;
+/// With held events waiting, the subscription list is re-read at most this often (passes can be frequent).
+const HELD_REFRESH_SECS: i64 = 60;
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -217,6 +219,12 @@ impl Emitter {
         }
     }
 
+    /// Makes the next pass re-read the subscription list (an operator's flush: a subscription may just have been
+    /// activated).
+    pub async fn request_subscription_refresh(&self) {
+        self.subscriptions.lock().await.1 = true;
+    }
+
     /// The journal this emitter works from.
     pub fn journal(&self) -> &Journal {
         &self.journal
@@ -342,9 +350,8 @@ impl Emitter {
         for ev in &due {
             decisions.push(self.decide(ev, &known, now));
         }
-        // Write holds/skips and freeze bodies (once) for what will be sent.
-        let default_plan = self.settings.default_plan.clone();
-        let _ = default_plan;
+        // Write holds/skips, bill and freeze bodies (once) for what will be sent.
+        let settings = self.settings.clone();
         let to_write: Vec<(i64, Decision, PendingEvent)> = due
             .into_iter()
             .zip(decisions)
@@ -367,19 +374,20 @@ impl Emitter {
                             *counts.entry(name.to_string()).or_default() += 1;
                         }
                         Decision::Send { plan } => {
-                            let body = if ev.body.is_empty() {
-                                let json = event_json(
-                                    &ResourceRef::parse(&ev.resource),
-                                    &plan,
-                                    &ev.dimension,
-                                    to_utc(ev.hour),
-                                    ev.quantity,
-                                );
-                                outbound::set_body(c, id, &plan, &json)?
-                            } else {
-                                ev.body.clone()
-                            };
-                            sendable.push(PendingEvent { body, plan, ..ev });
+                            if !ev.body.is_empty() {
+                                sendable.push(PendingEvent { plan, ..ev });
+                                continue;
+                            }
+                            // Billed once, with the body: allowance, billing units, thresholds.
+                            let bill = crate::billing::bill(c, &settings, &ev.resource, &ev.dimension, &plan, ev.hour, ev.quantity, ev.prebilled, now)?;
+                            if bill.send == 0 {
+                                let state = outbound::settle_unbilled(c, id, &plan, &bill, now)?;
+                                *counts.entry(state.to_string()).or_default() += 1;
+                                continue;
+                            }
+                            let json = event_json(&ResourceRef::parse(&ev.resource), &plan, &ev.dimension, to_utc(ev.hour), bill.send);
+                            let body = outbound::set_body(c, id, &plan, &json, &bill)?;
+                            sendable.push(PendingEvent { body, plan, send_quantity: Some(bill.send), ..ev });
                         }
                     }
                 }
@@ -437,9 +445,15 @@ impl Emitter {
             return self.journal.read(outbound::known_subscriptions).await.ok();
         }
         let mut cache = self.subscriptions.lock().await;
+        let any_held = due.iter().any(|e| e.held);
         let stale = match cache.0 {
             None => true,
-            Some(t) => cache.1 || now - t >= self.settings.subscriptions.refresh || now < t,
+            Some(t) => {
+                cache.1
+                    || now - t >= self.settings.subscriptions.refresh
+                    || (any_held && now - t >= Duration::seconds(HELD_REFRESH_SECS))
+                    || now < t
+            }
         };
         if stale {
             let started = std::time::Instant::now();
@@ -494,9 +508,7 @@ impl Emitter {
                         message = "Could not fetch the subscription list; using what meterd saw last.",
                         error = %e, advice = e.advice().unwrap_or("")
                     );
-                    if cache.0.is_none() {
-                        return None;
-                    }
+                    cache.0?;
                 }
             }
         }
@@ -646,7 +658,8 @@ async fn send_batch(
             let pairs = match_results(&keys, &call.response);
             for (i, r) in &pairs {
                 let ev = &batch[*i];
-                let settle = match classify(r, ev.quantity) {
+                let sent_quantity = ev.send_quantity.unwrap_or(ev.quantity);
+                let settle = match classify(r, sent_quantity) {
                     Classified::Accepted { usage_event_id } => Settle::Accepted { usage_event_id },
                     Classified::Duplicate => Settle::Duplicate {
                         market_quantity: Some(ev.quantity),

@@ -110,15 +110,19 @@ async fn run_loop(
             let _ = reply.send(result);
         }
         let wait = next_wait(&emitter).await;
-        tokio::select! {
+        let wake = tokio::select! {
             biased;
             _ = shutdown.wait_for(|v| *v) => break,
             wake = rx.recv() => match wake {
                 None => break,
-                Some(Wake::Cron) => {}
-                Some(Wake::Flush(reply)) => next_reply = Some(reply),
+                Some(w) => Some(w),
             },
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait) => None,
+        };
+        if let Some(Wake::Flush(reply)) = wake {
+            // An operator asked: a subscription may just have been activated, so look again.
+            emitter.request_subscription_refresh().await;
+            next_reply = Some(reply);
         }
     }
 }

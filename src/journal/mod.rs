@@ -132,10 +132,7 @@ where
     R: FnOnce(Result<T, JournalError>) + Send + 'static,
 {
     Box::new(move |conn: Option<&Connection>| {
-        let result = match conn {
-            Some(c) => Some(f(c)),
-            None => None,
-        };
+        let result = conn.map(f);
         let ok = matches!(result, Some(Ok(_)));
         let finisher: Finisher = Box::new(move |commit: Result<(), Arc<JournalError>>| {
             let answer = match (commit, result) {
@@ -174,6 +171,9 @@ pub struct Journal {
 
 struct Inner {
     path: PathBuf,
+    /// Exclusive lock on `<journal>.lock`, held for the writer's life: a second writer process on the same
+    /// journal is refused at open, and a lease left by a crashed process can be cleared safely.
+    lock: Mutex<Option<std::fs::File>>,
     tx: Mutex<Option<mpsc::Sender<Command>>>,
     readers: Mutex<Vec<Connection>>,
     stats: Arc<Mutex<WriterStats>>,
@@ -209,6 +209,22 @@ impl Journal {
                 ))
             })?;
         }
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| {
+                JournalError::Invalid(format!("cannot open {}: {e}", lock_path.display()))
+            })?;
+        if lock.try_lock().is_err() {
+            return Err(JournalError::Invalid(format!(
+                "another meterd process is using the journal at {} (it holds {}); stop it first",
+                path.display(),
+                lock_path.display()
+            )));
+        }
         let mut conn = Connection::open(path).map_err(|e| JournalError::classify(e, path))?;
         configure(&conn).map_err(|e| JournalError::classify(e, path))?;
         let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
@@ -240,6 +256,7 @@ impl Journal {
         Ok(Journal {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
+                lock: Mutex::new(Some(lock)),
                 tx: Mutex::new(Some(tx)),
                 readers: Mutex::new(Vec::new()),
                 stats,
@@ -355,6 +372,7 @@ impl Journal {
         if let Some(t) = self.inner.thread.lock().expect("thread lock").take() {
             let _ = t.join();
         }
+        self.inner.lock.lock().expect("journal lock").take();
     }
 }
 

@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 /// Terminal states an outbound event can end in (plus `pending`).
 pub const STATES: &[&str] = &[
     "pending",
+    "included",
+    "remainder",
     "accepted",
     "duplicate",
     "duplicate_mismatch",
@@ -54,28 +56,31 @@ pub fn freeze(
     if through == old {
         return Ok(summary);
     }
-    let rows: Vec<(String, String, String, i64, i64)> = conn
+    let rows: Vec<(String, String, String, i64, i64, i64)> = conn
         .prepare_cached(
-            "SELECT resource, plan, dimension, hour, quantity FROM hourly_totals
+            "SELECT resource, plan, dimension, hour, quantity, prebilled FROM hourly_totals
              WHERE outbound_id IS NULL AND hour < ?1 ORDER BY hour, resource, dimension, plan",
         )?
         .query_map([through], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
         })?
         .collect::<Result<_, _>>()?;
     // Group by the marketplace's key.
-    let mut groups: BTreeMap<(i64, String, String), (i64, BTreeMap<String, i64>)> = BTreeMap::new();
-    for (resource, plan, dimension, hour, qty) in rows {
+    // (hour, resource, dimension) -> (total, prebilled, quantity per explicitly named plan)
+    type Group = (i64, i64, BTreeMap<String, i64>);
+    let mut groups: BTreeMap<(i64, String, String), Group> = BTreeMap::new();
+    for (resource, plan, dimension, hour, qty, prebilled) in rows {
         let g = groups.entry((hour, resource, dimension)).or_default();
         g.0 =
             g.0.checked_add(qty)
                 .ok_or_else(|| JournalError::Invalid("hourly total overflows".into()))?;
+        g.1 += prebilled;
         if !plan.is_empty() {
-            *g.1.entry(plan).or_default() += qty;
+            *g.2.entry(plan).or_default() += qty;
         }
     }
     let now_s = now.timestamp();
-    for ((hour, resource, dimension), (qty, plans)) in groups {
+    for ((hour, resource, dimension), (qty, prebilled, plans)) in groups {
         if plans.len() > 1 {
             tracing::warn!(
                 message = "Records of one hour name different plans; the marketplace takes one event per hour, so the plan with the largest share is used.",
@@ -105,10 +110,10 @@ pub fn freeze(
         }
         let deadline = hour + 24 * HOUR - safety_margin.num_seconds();
         conn.prepare_cached(
-            "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at, deadline, frozen_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, '', 'pending', ?6, ?7, ?6)",
+            "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at, deadline, frozen_at, prebilled)
+             VALUES (?1, ?2, ?3, ?4, ?5, '', 'pending', ?6, ?7, ?6, ?8)",
         )?
-        .execute(params![resource, plan, dimension, hour, qty, now_s, deadline])?;
+        .execute(params![resource, plan, dimension, hour, qty, now_s, deadline, prebilled])?;
         let id = conn.last_insert_rowid();
         conn.prepare_cached("UPDATE hourly_totals SET outbound_id = ?1 WHERE resource = ?2 AND dimension = ?3 AND hour = ?4 AND outbound_id IS NULL")?
             .execute(params![id, resource, dimension, hour])?;
@@ -145,6 +150,12 @@ pub struct PendingEvent {
     pub deadline: i64,
     /// Some attempt may have been recorded without an answer.
     pub ambiguous: bool,
+    /// Held for its subscription (not active yet).
+    pub held: bool,
+    /// Part of `quantity` that already went through the allowance (carried after an expiry).
+    pub prebilled: i64,
+    /// Quantity sent, billing units in micro-units (set with the body).
+    pub send_quantity: Option<i64>,
 }
 
 /// Pending events due at `now`, oldest hour first.
@@ -154,7 +165,8 @@ pub fn due_events(
     limit: i64,
 ) -> Result<Vec<PendingEvent>, JournalError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, resource, plan, dimension, hour, quantity, body, attempts, deadline, ambiguous FROM outbound_events
+        "SELECT id, resource, plan, dimension, hour, quantity, body, attempts, deadline, ambiguous, held IS NOT NULL,
+                prebilled, send_quantity FROM outbound_events
          WHERE state = 'pending' AND next_attempt_at <= ?1 AND deadline > ?1 ORDER BY hour, id LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![now.timestamp(), limit], |r| {
@@ -169,6 +181,9 @@ pub fn due_events(
             attempts: r.get(7)?,
             deadline: r.get(8)?,
             ambiguous: r.get::<_, i64>(9)? != 0,
+            held: r.get::<_, i64>(10)? != 0,
+            prebilled: r.get(11)?,
+            send_quantity: r.get(12)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -183,20 +198,36 @@ pub fn next_due(conn: &Connection) -> Result<Option<i64>, JournalError> {
     )?)
 }
 
-/// Writes the frozen body and plan of an event, once: an event that already has a body keeps it.
-pub fn set_body(
-    conn: &Connection,
-    id: i64,
-    plan: &str,
-    body: &str,
-) -> Result<String, JournalError> {
+/// Writes the frozen body, plan and billing figures of an event, once: an event that has a body keeps it.
+pub fn set_body(conn: &Connection, id: i64, plan: &str, body: &str, bill: &crate::billing::Bill) -> Result<String, JournalError> {
     conn.prepare_cached(
-        "UPDATE outbound_events SET plan = ?2, body = ?3 WHERE id = ?1 AND body = ''",
+        "UPDATE outbound_events SET plan = ?2, body = ?3, included = ?4, billable = ?5, send_quantity = ?6, term_start = ?7
+         WHERE id = ?1 AND body = ''",
     )?
-    .execute(params![id, plan, body])?;
-    Ok(conn
-        .prepare_cached("SELECT body FROM outbound_events WHERE id = ?1")?
-        .query_row([id], |r| r.get(0))?)
+    .execute(params![id, plan, body, bill.included, bill.billable, bill.send, bill.term_start])?;
+    Ok(conn.prepare_cached("SELECT body FROM outbound_events WHERE id = ?1")?.query_row([id], |r| r.get(0))?)
+}
+
+/// Settles an event that billing left nothing to send for: `included` (the allowance covered it) or
+/// `remainder` (below one billing unit, carried to the next hour).
+pub fn settle_unbilled(conn: &Connection, id: i64, plan: &str, bill: &crate::billing::Bill, now: DateTime<Utc>) -> Result<&'static str, JournalError> {
+    let state = if bill.billable == 0 { "included" } else { "remainder" };
+    conn.prepare_cached(
+        "UPDATE outbound_events SET plan = ?2, state = ?3, included = ?4, billable = ?5, send_quantity = 0, term_start = ?6,
+                finished_at = ?7, held = NULL, in_flight = 0
+         WHERE id = ?1 AND state = 'pending'",
+    )?
+    .execute(params![id, plan, state, bill.included, bill.billable, bill.term_start, now.timestamp()])?;
+    Ok(state)
+}
+
+/// Adds already-billed usage (carried after an expiry) to an hour: it skips the allowance when that hour is billed.
+pub fn add_prebilled(conn: &Connection, resource: &str, plan: &str, dimension: &str, hour: i64, amount: i64) -> Result<(), JournalError> {
+    if amount != 0 {
+        conn.prepare_cached("UPDATE hourly_totals SET prebilled = prebilled + ?5 WHERE resource = ?1 AND plan = ?2 AND dimension = ?3 AND hour = ?4")?
+            .execute(params![resource, plan, dimension, hour, amount])?;
+    }
+    Ok(())
 }
 
 /// How one event's attempt ended, as the journal records it.
@@ -352,12 +383,22 @@ fn expire(
     late: LateUsage,
     by_deadline: bool,
 ) -> Result<&'static str, JournalError> {
-    let row: Option<(String, String, String, i64, i64, i64, Option<String>)> = conn
-        .prepare_cached("SELECT resource, plan, dimension, hour, quantity, ambiguous, held FROM outbound_events WHERE id = ?1 AND state = 'pending'")?
-        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
+    type Row = (String, String, String, i64, i64, i64, Option<String>, Option<i64>, i64);
+    let row: Option<Row> = conn
+        .prepare_cached(
+            "SELECT resource, plan, dimension, hour, quantity, ambiguous, held, billable, prebilled FROM outbound_events
+             WHERE id = ?1 AND state = 'pending'",
+        )?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)))
         .optional()?;
-    let Some((resource, plan, dimension, hour, qty, ambiguous, held)) = row else {
+    let Some((resource, plan, dimension, hour, raw, ambiguous, held, billable, prebilled)) = row else {
         return Ok("pending");
+    };
+    // A billed event carries what was billable (it already went through the allowance and took the remainder);
+    // an event never billed carries its raw usage, which meets the allowance again in its new hour.
+    let (qty, carry_prebilled) = match billable {
+        Some(b) => (b, b),
+        None => (raw, prebilled),
     };
     let now_s = now.timestamp();
     let (state, carried_to) = if ambiguous != 0 {
@@ -367,6 +408,7 @@ fn expire(
     } else if late == LateUsage::CarryForward {
         let target = hour_of(now).max(frozen_through(conn)?);
         add_to_hour(conn, &resource, &plan, &dimension, target, qty, 0, qty)?;
+        add_prebilled(conn, &resource, &plan, &dimension, target, carry_prebilled)?;
         record_carry(
             conn,
             &resource,
@@ -568,4 +610,10 @@ pub fn release_lease(conn: &Connection, name: &str, owner: &str) -> Result<(), J
     conn.prepare_cached("DELETE FROM leases WHERE name = ?1 AND owner = ?2")?
         .execute(params![name, owner])?;
     Ok(())
+}
+
+/// Drops every lease. Only for a process that holds the journal's exclusive lock: no other process can be
+/// running, so any lease left is a crashed process's.
+pub fn clear_leases(conn: &Connection) -> Result<usize, JournalError> {
+    Ok(conn.execute("DELETE FROM leases", [])?)
 }

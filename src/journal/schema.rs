@@ -114,6 +114,61 @@ pub const MIGRATIONS: &[&str] = &[
         expires_at INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 2: billing policy (included quantities, billing units, thresholds) and alerts.
+    r#"
+    -- Raw usage that already went through the allowance (carried after expiry): billed as it stands.
+    ALTER TABLE hourly_totals ADD COLUMN prebilled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbound_events ADD COLUMN prebilled INTEGER NOT NULL DEFAULT 0;
+    -- Set once, with the body: what the allowance covered, what was billable (overage + prebilled + the
+    -- remainder carried in, raw units), and what was sent (billing units, micro-units).
+    ALTER TABLE outbound_events ADD COLUMN included INTEGER;
+    ALTER TABLE outbound_events ADD COLUMN billable INTEGER;
+    ALTER TABLE outbound_events ADD COLUMN send_quantity INTEGER;
+    ALTER TABLE outbound_events ADD COLUMN term_start INTEGER;
+
+    -- Consumption per subscription term and plan (a plan change starts a fresh allowance).
+    CREATE TABLE term_usage (
+        resource   TEXT NOT NULL,
+        dimension  TEXT NOT NULL,
+        plan       TEXT NOT NULL,
+        term_start INTEGER NOT NULL,
+        term_end   INTEGER NOT NULL,
+        consumed   INTEGER NOT NULL DEFAULT 0,
+        overage    INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (resource, dimension, plan, term_start)
+    ) WITHOUT ROWID;
+
+    -- The part of a billing unit not yet sent, per subscription and dimension (never reset, never lost).
+    CREATE TABLE remainders (
+        resource  TEXT NOT NULL,
+        dimension TEXT NOT NULL,
+        remainder INTEGER NOT NULL,
+        PRIMARY KEY (resource, dimension)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE thresholds_fired (
+        resource   TEXT NOT NULL,
+        dimension  TEXT NOT NULL,
+        term_start INTEGER NOT NULL,
+        threshold  TEXT NOT NULL,
+        fired_at   INTEGER NOT NULL,
+        PRIMARY KEY (resource, dimension, term_start, threshold)
+    ) WITHOUT ROWID;
+
+    -- Alerts to deliver to alerts.webhook_url; `dedupe` makes each fire once.
+    CREATE TABLE alerts (
+        id              INTEGER PRIMARY KEY,
+        kind            TEXT NOT NULL,
+        dedupe          TEXT NOT NULL UNIQUE,
+        body            TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        delivered_at    INTEGER,
+        last_error      TEXT
+    );
+    CREATE INDEX alerts_undelivered ON alerts(delivered_at, next_attempt_at);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1,0 +1,224 @@
+//! Billing policy: included quantities per subscription term, billing units with carried remainders, thresholds.
+//!
+//! Azure bills only the usage above what a plan includes, so the publisher must subtract the allowance itself.
+//! meterd does it once per outbound event, in the same transaction that writes the event's frozen body (just
+//! before its first send, when the plan is known):
+//!
+//! 1. The **term** holding the event's hour comes from the subscription list (`term.startDate` + `termUnit`,
+//!    rolled forward or back in whole terms, so a renewal needs no new list), or, for resources without a term
+//!    (managed applications), from `billing.fallback_term` (calendar months, UTC).
+//! 2. **Included quantity**: the term's consumption (per subscription, dimension, term and plan) draws the plan's
+//!    allowance first; only the part above it is billable. The hour in which the allowance runs out bills just
+//!    the excess. `"infinite"` never bills; a dimension a plan does not list includes nothing.
+//!    **Plan change rule:** consumption is kept per plan, so a new plan mid-term starts from its own full
+//!    allowance; usage already billed under the old plan stays billed.
+//! 3. **Billing units**: with `unit = N`, the billable quantity plus the remainder carried from earlier hours is
+//!    divided by N; whole units are sent, the rest is carried to the next hour of the same subscription and
+//!    dimension (the `remainders` table), never billed early and never lost.
+//! 4. **Thresholds** (a percentage of the included quantity, or an absolute quantity) fire once per
+//!    subscription, dimension and term when the consumption crosses them: a log event, a metric and an alert.
+//!
+//! An event whose billable quantity rounds to zero whole units is settled as `included` (within the allowance)
+//! or `remainder` (below one unit, carried), without a marketplace call.
+
+use crate::config::{Included, Settings, Threshold};
+use crate::journal::JournalError;
+use crate::journal::usage::fmt_time;
+use chrono::{DateTime, Datelike, Months, TimeZone, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// What billing decided for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bill {
+    /// Quantity to send, micro-units of billing units (0: nothing to send).
+    pub send: i64,
+    /// Raw usage covered by the allowance.
+    pub included: i64,
+    /// Raw usage that was billable (overage + prebilled + remainder carried in).
+    pub billable: i64,
+    /// Remainder carried to the next hour, raw micro-units.
+    pub remainder: i64,
+    /// Term start, unix seconds.
+    pub term_start: i64,
+    /// Term end (exclusive), unix seconds.
+    pub term_end: i64,
+    /// Thresholds crossed by this event, as configured text.
+    pub crossed: Vec<String>,
+}
+
+fn months_of(unit: &str) -> Option<u32> {
+    match unit.trim() {
+        "P1M" => Some(1),
+        "P1Y" => Some(12),
+        "P2Y" => Some(24),
+        "P3Y" => Some(36),
+        "P4Y" => Some(48),
+        "P5Y" => Some(60),
+        _ => None,
+    }
+}
+
+fn add_months(anchor: DateTime<Utc>, months: i64) -> DateTime<Utc> {
+    if months >= 0 {
+        anchor.checked_add_months(Months::new(months as u32)).unwrap_or(anchor)
+    } else {
+        anchor.checked_sub_months(Months::new((-months) as u32)).unwrap_or(anchor)
+    }
+}
+
+/// The term `[start, end)` of `months` months anchored at `anchor` that holds `at`.
+pub fn term_around(anchor: DateTime<Utc>, months: u32, at: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let m = months.max(1) as i64;
+    let diff = (at.year() as i64 - anchor.year() as i64) * 12 + (at.month() as i64 - anchor.month() as i64);
+    let mut k = diff.div_euclid(m);
+    // Month arithmetic clamps days (Jan 31 + 1 month = Feb 28); step until the term holds `at`.
+    while add_months(anchor, k * m) > at {
+        k -= 1;
+    }
+    while add_months(anchor, (k + 1) * m) <= at {
+        k += 1;
+    }
+    (add_months(anchor, k * m), add_months(anchor, (k + 1) * m))
+}
+
+/// The term holding `hour` for `resource`.
+pub fn term_for(conn: &Connection, settings: &Settings, resource: &str, hour: i64) -> Result<(i64, i64), JournalError> {
+    let at = crate::journal::usage::to_utc(hour);
+    let sub: Option<(Option<i64>, Option<String>)> = conn
+        .prepare_cached("SELECT term_start, term_unit FROM subscriptions WHERE id = ?1")?
+        .query_row([resource.to_ascii_lowercase()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (anchor, months) = match sub {
+        Some((Some(start), Some(unit))) if months_of(&unit).is_some() => (crate::journal::usage::to_utc(start), months_of(&unit).unwrap_or(1)),
+        _ => (Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0).single().unwrap_or_default(), settings.billing.fallback_term_months),
+    };
+    let (s, e) = term_around(anchor, months, at);
+    Ok((s.timestamp(), e.timestamp()))
+}
+
+fn threshold_value(t: Threshold, included: Included) -> Option<i64> {
+    match (t, included) {
+        (Threshold::Absolute(v), _) => Some(v),
+        (Threshold::Percent(bp), Included::Quantity(q)) if q > 0 => Some(((q as i128 * bp as i128) / 10_000) as i64),
+        _ => None,
+    }
+}
+
+/// Applies the allowance, units and thresholds to an event's raw quantity. Runs once per event, inside the
+/// writer transaction that stores its body.
+pub fn bill(
+    conn: &Connection,
+    settings: &Settings,
+    resource: &str,
+    dimension: &str,
+    plan: &str,
+    hour: i64,
+    raw: i64,
+    prebilled: i64,
+    now: DateTime<Utc>,
+) -> Result<Bill, JournalError> {
+    let (term_start, term_end) = term_for(conn, settings, resource, hour)?;
+    let included = settings.included(plan, dimension);
+    let before: i64 = conn
+        .prepare_cached("SELECT consumed FROM term_usage WHERE resource = ?1 AND dimension = ?2 AND plan = ?3 AND term_start = ?4")?
+        .query_row(params![resource, dimension, plan, term_start], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let fresh = raw - prebilled;
+    let after = before.checked_add(fresh).ok_or_else(|| JournalError::Invalid("term consumption overflows".into()))?;
+    let overage = match included {
+        Included::Infinite => 0,
+        Included::Quantity(q) => (after - q).max(0) - (before - q).max(0),
+    };
+    let included_part = fresh - overage;
+    conn.prepare_cached(
+        "INSERT INTO term_usage (resource, dimension, plan, term_start, term_end, consumed, overage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (resource, dimension, plan, term_start) DO UPDATE SET consumed = consumed + excluded.consumed, overage = overage + excluded.overage",
+    )?
+    .execute(params![resource, dimension, plan, term_start, term_end, fresh, overage])?;
+
+    let unit = settings.dimension(dimension).and_then(|d| d.unit).unwrap_or(1);
+    let carried_in: i64 = conn
+        .prepare_cached("SELECT remainder FROM remainders WHERE resource = ?1 AND dimension = ?2")?
+        .query_row(params![resource, dimension], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let billable = overage + prebilled + carried_in;
+    let (send, remainder) = if unit > 1 {
+        let per_unit = unit * crate::quantity::MICROS;
+        let whole = billable / per_unit;
+        (whole * crate::quantity::MICROS, billable - whole * per_unit)
+    } else {
+        (billable, 0)
+    };
+    if unit > 1 || carried_in != 0 {
+        conn.prepare_cached(
+            "INSERT INTO remainders (resource, dimension, remainder) VALUES (?1, ?2, ?3)
+             ON CONFLICT (resource, dimension) DO UPDATE SET remainder = excluded.remainder",
+        )?
+        .execute(params![resource, dimension, remainder])?;
+    }
+
+    let mut crossed = Vec::new();
+    if let Some(decl) = settings.dimension(dimension) {
+        for t in &decl.thresholds {
+            let Some(value) = threshold_value(*t, included) else { continue };
+            if before < value && after >= value {
+                let text = t.to_string();
+                let inserted = conn
+                    .prepare_cached(
+                        "INSERT INTO thresholds_fired (resource, dimension, term_start, threshold, fired_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT DO NOTHING",
+                    )?
+                    .execute(params![resource, dimension, term_start, text, now.timestamp()])?;
+                if inserted == 1 {
+                    let body = serde_json::json!({
+                        "kind": "threshold",
+                        "resource": resource,
+                        "dimension": dimension,
+                        "plan": plan,
+                        "threshold": text,
+                        "threshold_quantity": crate::quantity::Micros(value).to_decimal_string(),
+                        "consumed": crate::quantity::Micros(after).to_decimal_string(),
+                        "included": match included { Included::Infinite => "infinite".to_string(), Included::Quantity(q) => crate::quantity::Micros(q).to_decimal_string() },
+                        "hour": fmt_time(hour),
+                        "term_start": fmt_time(term_start),
+                        "term_end": fmt_time(term_end),
+                    });
+                    crate::alerts::raise(conn, "threshold", &format!("threshold:{resource}:{dimension}:{term_start}:{text}"), body, now)?;
+                    tracing::warn!(
+                        message = "Consumption crossed a threshold.",
+                        %resource, %dimension, threshold = %text, consumed = %crate::quantity::Micros(after), alert = "threshold"
+                    );
+                    metrics::counter!("meterd_thresholds_crossed_total", "dimension" => dimension.to_string()).increment(1);
+                    crossed.push(text);
+                }
+            }
+        }
+    }
+    Ok(Bill { send, included: included_part, billable, remainder, term_start, term_end, crossed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn terms_roll_forward_and_back_from_the_anchor() {
+        let anchor = t("2026-01-31T00:00:00Z");
+        let (s, e) = term_around(anchor, 1, t("2026-03-10T09:00:00Z"));
+        assert_eq!((s, e), (t("2026-02-28T00:00:00Z"), t("2026-03-31T00:00:00Z")));
+        let (s, e) = term_around(t("2026-03-01T00:00:00Z"), 1, t("2026-03-10T09:00:00Z"));
+        assert_eq!((s, e), (t("2026-03-01T00:00:00Z"), t("2026-04-01T00:00:00Z")));
+        let (s, e) = term_around(t("2026-03-01T00:00:00Z"), 12, t("2025-12-31T23:00:00Z"));
+        assert_eq!((s, e), (t("2025-03-01T00:00:00Z"), t("2026-03-01T00:00:00Z")));
+        let (s, _) = term_around(t("2024-06-15T00:00:00Z"), 36, t("2026-03-10T00:00:00Z"));
+        assert_eq!(s, t("2024-06-15T00:00:00Z"));
+        let (s, e) = term_around(t("1970-01-01T00:00:00Z"), 1, t("2026-03-31T23:59:59Z"));
+        assert_eq!((s, e), (t("2026-03-01T00:00:00Z"), t("2026-04-01T00:00:00Z")));
+    }
+}
