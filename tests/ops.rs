@@ -248,19 +248,18 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
         };
         let name = series.split('{').next().unwrap();
         assert!(name_ok(name), "{line}");
-        if let Some(labels) = series.strip_prefix(name) {
-            if !labels.is_empty() {
-                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
-                for pair in labels[1..labels.len() - 1]
-                    .split(',')
-                    .filter(|p| !p.is_empty())
-                {
-                    let (k, v) = pair.split_once('=').expect("label k=v");
-                    assert!(
-                        name_ok(k) && v.starts_with('"') && v.ends_with('"'),
-                        "{line}"
-                    );
-                }
+        let labels = &series[name.len()..];
+        if !labels.is_empty() {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+            for pair in labels[1..labels.len() - 1]
+                .split(',')
+                .filter(|p| !p.is_empty())
+            {
+                let (k, v) = pair.split_once('=').expect("label k=v");
+                assert!(
+                    name_ok(k) && v.starts_with('"') && v.ends_with('"'),
+                    "{line}"
+                );
             }
         }
         let family = ["_bucket", "_sum", "_count"]
