@@ -116,6 +116,19 @@ pub fn describe() {
         Unit::Seconds,
         "Duration of a full (all pages) subscription list refresh."
     );
+    // Billing policy and alerts.
+    describe_counter!(
+        "meterd_thresholds_crossed_total",
+        "Consumption thresholds crossed (each raises a `threshold` alert once per term), by dimension."
+    );
+    describe_counter!(
+        "meterd_alerts_total",
+        "Alerts raised (written to the journal for webhook delivery) by kind, e.g. threshold, duplicate_mismatch."
+    );
+    describe_counter!(
+        "meterd_webhook_deliveries_total",
+        "Alert webhook delivery attempts by result (delivered, failed; failed ones are retried)."
+    );
     describe_counter!(
         "meterd_token_refreshes_total",
         "Access token fetches from Entra ID / managed identity by result (ok, error); an error while a cached token is still valid keeps serving it."
