@@ -271,7 +271,7 @@ impl JournalGauges {
 }
 
 /// Refreshes the journal gauges every [`REFRESH_EVERY`] and whenever [`JournalGauges::request_refresh`] is
-/// called. Ends when `stop` turns true.
+/// called (after each pass, on each scrape). Ends when `stop` turns true.
 pub fn spawn_journal_gauges(
     gauges: Arc<JournalGauges>,
     journal: Journal,
@@ -279,13 +279,15 @@ pub fn spawn_journal_gauges(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // The first read waits for the startup pass (which asks for it) or a scrape, so it does not compete
+        // with the startup catch-up pass.
         loop {
-            gauges.refresh(&journal, &clock).await;
             tokio::select! {
                 _ = stop.wait_for(|v| *v) => break,
                 _ = gauges.refresh.notified() => {}
                 _ = tokio::time::sleep(REFRESH_EVERY) => {}
             }
+            gauges.refresh(&journal, &clock).await;
         }
     })
 }
