@@ -11,7 +11,13 @@ use rusqlite::{Connection, params};
 use std::sync::Arc;
 
 /// Records an alert once per `dedupe` key. Returns true when it is new.
-pub fn raise(conn: &Connection, kind: &str, dedupe: &str, mut body: serde_json::Value, now: DateTime<Utc>) -> Result<bool, JournalError> {
+pub fn raise(
+    conn: &Connection,
+    kind: &str,
+    dedupe: &str,
+    mut body: serde_json::Value,
+    now: DateTime<Utc>,
+) -> Result<bool, JournalError> {
     body["kind"] = kind.into();
     body["raised_at"] = crate::journal::usage::fmt_time(now.timestamp()).into();
     let n = conn
@@ -42,17 +48,28 @@ pub fn due(conn: &Connection, now: DateTime<Utc>) -> Result<Vec<PendingAlert>, J
     let mut stmt = conn.prepare_cached(
         "SELECT id, body, attempts FROM alerts WHERE delivered_at IS NULL AND next_attempt_at <= ?1 ORDER BY id LIMIT 100",
     )?;
-    let rows = stmt.query_map([now.timestamp()], |r| Ok(PendingAlert { id: r.get(0)?, body: r.get(1)?, attempts: r.get(2)? }))?;
+    let rows = stmt.query_map([now.timestamp()], |r| {
+        Ok(PendingAlert {
+            id: r.get(0)?,
+            body: r.get(1)?,
+            attempts: r.get(2)?,
+        })
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Every alert (newest first), for status and tests.
 pub fn list(conn: &Connection, limit: i64) -> Result<Vec<serde_json::Value>, JournalError> {
-    let mut stmt = conn.prepare_cached("SELECT body, delivered_at, attempts, last_error FROM alerts ORDER BY id DESC LIMIT ?1")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT body, delivered_at, attempts, last_error FROM alerts ORDER BY id DESC LIMIT ?1",
+    )?;
     let rows = stmt.query_map([limit], |r| {
         let body: String = r.get(0)?;
         let mut v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        v["delivered_at"] = r.get::<_, Option<i64>>(1)?.map(crate::journal::usage::fmt_time).into();
+        v["delivered_at"] = r
+            .get::<_, Option<i64>>(1)?
+            .map(crate::journal::usage::fmt_time)
+            .into();
         v["attempts"] = r.get::<_, i64>(2)?.into();
         v["last_error"] = r.get::<_, Option<String>>(3)?.into();
         Ok(v)
@@ -68,7 +85,10 @@ pub async fn deliver_loop(
     every: std::time::Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().ok();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .ok();
     loop {
         if let Err(e) = deliver_once(&journal, &clock, url.as_deref(), http.as_ref()).await {
             tracing::warn!(message = "Alert delivery pass failed.", error = %e);
@@ -104,11 +124,19 @@ pub async fn deliver_once(
                         .send()
                         .await
                         .map_err(|e| format!("webhook call failed: {e}"))?;
-                    if r.status().is_success() { Ok(()) } else { Err(format!("webhook answered HTTP {}", r.status().as_u16())) }
+                    if r.status().is_success() {
+                        Ok(())
+                    } else {
+                        Err(format!("webhook answered HTTP {}", r.status().as_u16()))
+                    }
                 };
                 use backon::Retryable;
-                send.retry(backon::ExponentialBuilder::default().with_min_delay(std::time::Duration::from_millis(200)).with_max_times(2))
-                    .await
+                send.retry(
+                    backon::ExponentialBuilder::default()
+                        .with_min_delay(std::time::Duration::from_millis(200))
+                        .with_max_times(2),
+                )
+                .await
             }
         };
         let id = alert.id;
@@ -146,7 +174,18 @@ pub async fn deliver_once(
 }
 
 /// Starts the delivery task.
-pub fn spawn(journal: Journal, clock: crate::clock::SharedClock, url: Option<String>, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    journal: Journal,
+    clock: crate::clock::SharedClock,
+    url: Option<String>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     let _ = Arc::new(());
-    tokio::spawn(deliver_loop(journal, clock, url, std::time::Duration::from_secs(2), stop))
+    tokio::spawn(deliver_loop(
+        journal,
+        clock,
+        url,
+        std::time::Duration::from_secs(2),
+        stop,
+    ))
 }

@@ -60,16 +60,25 @@ fn months_of(unit: &str) -> Option<u32> {
 
 fn add_months(anchor: DateTime<Utc>, months: i64) -> DateTime<Utc> {
     if months >= 0 {
-        anchor.checked_add_months(Months::new(months as u32)).unwrap_or(anchor)
+        anchor
+            .checked_add_months(Months::new(months as u32))
+            .unwrap_or(anchor)
     } else {
-        anchor.checked_sub_months(Months::new((-months) as u32)).unwrap_or(anchor)
+        anchor
+            .checked_sub_months(Months::new((-months) as u32))
+            .unwrap_or(anchor)
     }
 }
 
 /// The term `[start, end)` of `months` months anchored at `anchor` that holds `at`.
-pub fn term_around(anchor: DateTime<Utc>, months: u32, at: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+pub fn term_around(
+    anchor: DateTime<Utc>,
+    months: u32,
+    at: DateTime<Utc>,
+) -> (DateTime<Utc>, DateTime<Utc>) {
     let m = months.max(1) as i64;
-    let diff = (at.year() as i64 - anchor.year() as i64) * 12 + (at.month() as i64 - anchor.month() as i64);
+    let diff = (at.year() as i64 - anchor.year() as i64) * 12
+        + (at.month() as i64 - anchor.month() as i64);
     let mut k = diff.div_euclid(m);
     // Month arithmetic clamps days (Jan 31 + 1 month = Feb 28); step until the term holds `at`.
     while add_months(anchor, k * m) > at {
@@ -82,15 +91,30 @@ pub fn term_around(anchor: DateTime<Utc>, months: u32, at: DateTime<Utc>) -> (Da
 }
 
 /// The term holding `hour` for `resource`.
-pub fn term_for(conn: &Connection, settings: &Settings, resource: &str, hour: i64) -> Result<(i64, i64), JournalError> {
+pub fn term_for(
+    conn: &Connection,
+    settings: &Settings,
+    resource: &str,
+    hour: i64,
+) -> Result<(i64, i64), JournalError> {
     let at = crate::journal::usage::to_utc(hour);
     let sub: Option<(Option<i64>, Option<String>)> = conn
         .prepare_cached("SELECT term_start, term_unit FROM subscriptions WHERE id = ?1")?
-        .query_row([resource.to_ascii_lowercase()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row([resource.to_ascii_lowercase()], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
     let (anchor, months) = match sub {
-        Some((Some(start), Some(unit))) if months_of(&unit).is_some() => (crate::journal::usage::to_utc(start), months_of(&unit).unwrap_or(1)),
-        _ => (Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0).single().unwrap_or_default(), settings.billing.fallback_term_months),
+        Some((Some(start), Some(unit))) if months_of(&unit).is_some() => (
+            crate::journal::usage::to_utc(start),
+            months_of(&unit).unwrap_or(1),
+        ),
+        _ => (
+            Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0)
+                .single()
+                .unwrap_or_default(),
+            settings.billing.fallback_term_months,
+        ),
     };
     let (s, e) = term_around(anchor, months, at);
     Ok((s.timestamp(), e.timestamp()))
@@ -99,7 +123,9 @@ pub fn term_for(conn: &Connection, settings: &Settings, resource: &str, hour: i6
 fn threshold_value(t: Threshold, included: Included) -> Option<i64> {
     match (t, included) {
         (Threshold::Absolute(v), _) => Some(v),
-        (Threshold::Percent(bp), Included::Quantity(q)) if q > 0 => Some(((q as i128 * bp as i128) / 10_000) as i64),
+        (Threshold::Percent(bp), Included::Quantity(q)) if q > 0 => {
+            Some(((q as i128 * bp as i128) / 10_000) as i64)
+        }
         _ => None,
     }
 }
@@ -125,7 +151,9 @@ pub fn bill(
         .optional()?
         .unwrap_or(0);
     let fresh = raw - prebilled;
-    let after = before.checked_add(fresh).ok_or_else(|| JournalError::Invalid("term consumption overflows".into()))?;
+    let after = before
+        .checked_add(fresh)
+        .ok_or_else(|| JournalError::Invalid("term consumption overflows".into()))?;
     let overage = match included {
         Included::Infinite => 0,
         Included::Quantity(q) => (after - q).max(0) - (before - q).max(0),
@@ -137,7 +165,10 @@ pub fn bill(
     )?
     .execute(params![resource, dimension, plan, term_start, term_end, fresh, overage])?;
 
-    let unit = settings.dimension(dimension).and_then(|d| d.unit).unwrap_or(1);
+    let unit = settings
+        .dimension(dimension)
+        .and_then(|d| d.unit)
+        .unwrap_or(1);
     let carried_in: i64 = conn
         .prepare_cached("SELECT remainder FROM remainders WHERE resource = ?1 AND dimension = ?2")?
         .query_row(params![resource, dimension], |r| r.get(0))
@@ -162,7 +193,9 @@ pub fn bill(
     let mut crossed = Vec::new();
     if let Some(decl) = settings.dimension(dimension) {
         for t in &decl.thresholds {
-            let Some(value) = threshold_value(*t, included) else { continue };
+            let Some(value) = threshold_value(*t, included) else {
+                continue;
+            };
             if before < value && after >= value {
                 let text = t.to_string();
                 let inserted = conn
@@ -185,7 +218,13 @@ pub fn bill(
                         "term_start": fmt_time(term_start),
                         "term_end": fmt_time(term_end),
                     });
-                    crate::alerts::raise(conn, "threshold", &format!("threshold:{resource}:{dimension}:{term_start}:{text}"), body, now)?;
+                    crate::alerts::raise(
+                        conn,
+                        "threshold",
+                        &format!("threshold:{resource}:{dimension}:{term_start}:{text}"),
+                        body,
+                        now,
+                    )?;
                     tracing::warn!(
                         message = "Consumption crossed a threshold.",
                         %resource, %dimension, threshold = %text, consumed = %crate::quantity::Micros(after), alert = "threshold"
@@ -196,7 +235,15 @@ pub fn bill(
             }
         }
     }
-    Ok(Bill { send, included: included_part, billable, remainder, term_start, term_end, crossed })
+    Ok(Bill {
+        send,
+        included: included_part,
+        billable,
+        remainder,
+        term_start,
+        term_end,
+        crossed,
+    })
 }
 
 #[cfg(test)]
@@ -211,14 +258,146 @@ mod tests {
     fn terms_roll_forward_and_back_from_the_anchor() {
         let anchor = t("2026-01-31T00:00:00Z");
         let (s, e) = term_around(anchor, 1, t("2026-03-10T09:00:00Z"));
-        assert_eq!((s, e), (t("2026-02-28T00:00:00Z"), t("2026-03-31T00:00:00Z")));
+        assert_eq!(
+            (s, e),
+            (t("2026-02-28T00:00:00Z"), t("2026-03-31T00:00:00Z"))
+        );
         let (s, e) = term_around(t("2026-03-01T00:00:00Z"), 1, t("2026-03-10T09:00:00Z"));
-        assert_eq!((s, e), (t("2026-03-01T00:00:00Z"), t("2026-04-01T00:00:00Z")));
+        assert_eq!(
+            (s, e),
+            (t("2026-03-01T00:00:00Z"), t("2026-04-01T00:00:00Z"))
+        );
         let (s, e) = term_around(t("2026-03-01T00:00:00Z"), 12, t("2025-12-31T23:00:00Z"));
-        assert_eq!((s, e), (t("2025-03-01T00:00:00Z"), t("2026-03-01T00:00:00Z")));
+        assert_eq!(
+            (s, e),
+            (t("2025-03-01T00:00:00Z"), t("2026-03-01T00:00:00Z"))
+        );
         let (s, _) = term_around(t("2024-06-15T00:00:00Z"), 36, t("2026-03-10T00:00:00Z"));
         assert_eq!(s, t("2024-06-15T00:00:00Z"));
         let (s, e) = term_around(t("1970-01-01T00:00:00Z"), 1, t("2026-03-31T23:59:59Z"));
-        assert_eq!((s, e), (t("2026-03-01T00:00:00Z"), t("2026-04-01T00:00:00Z")));
+        assert_eq!(
+            (s, e),
+            (t("2026-03-01T00:00:00Z"), t("2026-04-01T00:00:00Z"))
+        );
     }
+}
+
+/// One dimension's balance for a subscription's current term.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct DimensionBalance {
+    /// Dimension.
+    pub dimension: String,
+    /// Plan the balance is for.
+    pub plan: String,
+    /// Term start (RFC 3339).
+    pub term_start: String,
+    /// Term end, exclusive (RFC 3339).
+    pub term_end: String,
+    /// Included quantity, or `infinite`.
+    pub included: String,
+    /// Consumed this term under this plan (frozen and not yet frozen usage).
+    pub consumed: String,
+    /// Included quantity left (`infinite` when unlimited).
+    pub remaining: String,
+    /// Overage frozen into outbound events this term (billing units).
+    pub overage_frozen: String,
+    /// Of which the marketplace accepted (billing units).
+    pub overage_accepted: String,
+    /// Partial billing unit carried to the next hour (usage units).
+    pub carried_remainder: String,
+    /// Usage per billing unit.
+    pub unit: i64,
+}
+
+/// The balance of every declared dimension for `resource` at `now`.
+pub fn balance(
+    conn: &Connection,
+    settings: &Settings,
+    resource: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<DimensionBalance>, JournalError> {
+    use crate::quantity::Micros;
+    let hour = crate::journal::usage::hour_of(now);
+    let (term_start, term_end) = term_for(conn, settings, resource, hour)?;
+    let sub_plan: Option<String> = conn
+        .prepare_cached("SELECT plan FROM subscriptions WHERE id = ?1")?
+        .query_row([resource.to_ascii_lowercase()], |r| r.get(0))
+        .optional()?
+        .filter(|p: &String| !p.is_empty());
+    let mut out = Vec::new();
+    for d in &settings.dimensions {
+        let last_plan: Option<String> = conn
+            .prepare_cached("SELECT plan FROM term_usage WHERE resource = ?1 AND dimension = ?2 AND term_start = ?3 ORDER BY rowid DESC LIMIT 1")
+            .and_then(|mut s| s.query_row(params![resource, d.id, term_start], |r| r.get(0)).optional())
+            .unwrap_or(None);
+        let plan = sub_plan
+            .clone()
+            .or(last_plan)
+            .or_else(|| settings.default_plan.clone())
+            .unwrap_or_default();
+        let billed: i64 = conn
+            .prepare_cached("SELECT COALESCE(SUM(consumed), 0) FROM term_usage WHERE resource = ?1 AND dimension = ?2 AND plan = ?3 AND term_start = ?4")?
+            .query_row(params![resource, d.id, plan, term_start], |r| r.get(0))?;
+        let unbilled: i64 = conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(h.quantity - h.prebilled), 0) FROM hourly_totals h LEFT JOIN outbound_events o ON o.id = h.outbound_id
+                 WHERE h.resource = ?1 AND h.dimension = ?2 AND h.hour >= ?3 AND h.hour < ?4
+                   AND (o.id IS NULL OR (o.state = 'pending' AND o.billable IS NULL))",
+            )?
+            .query_row(params![resource, d.id, term_start, term_end], |r| r.get(0))?;
+        let consumed = billed + unbilled;
+        let (frozen, accepted): (i64, i64) = conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(send_quantity), 0),
+                        COALESCE(SUM(CASE WHEN state IN ('accepted', 'duplicate') THEN send_quantity ELSE 0 END), 0)
+                 FROM outbound_events WHERE resource = ?1 AND dimension = ?2 AND term_start = ?3",
+            )?
+            .query_row(params![resource, d.id, term_start], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let remainder: i64 = conn
+            .prepare_cached(
+                "SELECT remainder FROM remainders WHERE resource = ?1 AND dimension = ?2",
+            )?
+            .query_row(params![resource, d.id], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        let (included, remaining) = match settings.included(&plan, &d.id) {
+            Included::Infinite => ("infinite".to_string(), "infinite".to_string()),
+            Included::Quantity(q) => (
+                Micros(q).to_decimal_string(),
+                Micros((q - consumed).max(0)).to_decimal_string(),
+            ),
+        };
+        out.push(DimensionBalance {
+            dimension: d.id.clone(),
+            plan,
+            term_start: fmt_time(term_start),
+            term_end: fmt_time(term_end),
+            included,
+            consumed: Micros(consumed).to_decimal_string(),
+            remaining,
+            overage_frozen: Micros(frozen).to_decimal_string(),
+            overage_accepted: Micros(accepted).to_decimal_string(),
+            carried_remainder: Micros(remainder).to_decimal_string(),
+            unit: d.unit.unwrap_or(1),
+        });
+    }
+    Ok(out)
+}
+
+/// Raw consumption of `resource` (optionally one dimension) over `[from, to)`, per dimension, micro-units.
+pub fn consumption(
+    conn: &Connection,
+    resource: &str,
+    dimension: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(String, i64, i64)>, JournalError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT dimension, COALESCE(SUM(quantity), 0), COUNT(DISTINCT hour) FROM hourly_totals
+         WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND hour >= ?3 AND hour < ?4 GROUP BY dimension ORDER BY dimension",
+    )?;
+    let rows = stmt.query_map(params![resource, dimension, from, to], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }

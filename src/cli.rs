@@ -108,6 +108,25 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// A subscription's balance this term: included, consumed, remaining, overage, carried remainder.
+    Balance {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// SaaS subscription id or resource URI.
+        #[arg(long)]
+        resource: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare the marketplace's daily totals (GET /usageEvents) with what meterd recorded as accepted.
+    Reconcile {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The UTC day, YYYY-MM-DD.
+        #[arg(long)]
+        date: String,
+    },
     /// List the SaaS subscriptions as meterd sees them (with advice on 401/403).
     Subscriptions {
         #[command(flatten)]
@@ -402,12 +421,12 @@ pub fn report(
         Format::Csv => {
             writeln!(
                 out,
-                "hour,resource,plan,dimension,quantity,records,carried_in,outcome,usage_event_id,carried_to"
+                "hour,resource,plan,dimension,quantity,records,carried_in,included,billed,outcome,usage_event_id,carried_to"
             )?;
             for h in &hours {
                 writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{}",
                     h.hour,
                     csv(&h.resource),
                     csv(&h.plan),
@@ -415,6 +434,8 @@ pub fn report(
                     h.quantity,
                     h.records,
                     crate::quantity::Micros(h.carried_in_micros),
+                    h.included.as_deref().unwrap_or(""),
+                    h.billed.as_deref().unwrap_or(""),
                     h.outcome,
                     h.usage_event_id.as_deref().unwrap_or(""),
                     h.carried_to.as_deref().unwrap_or("")
@@ -427,8 +448,8 @@ pub fn report(
             } else {
                 writeln!(
                     out,
-                    "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  OUTCOME",
-                    "HOUR", "RESOURCE", "PLAN", "DIMENSION", "QUANTITY", "RECORDS"
+                    "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  {:>12}  {:>10}  OUTCOME",
+                    "HOUR", "RESOURCE", "PLAN", "DIMENSION", "QUANTITY", "RECORDS", "INCLUDED", "BILLED"
                 )?;
                 for h in &hours {
                     let mut outcome = h.outcome.clone();
@@ -443,8 +464,15 @@ pub fn report(
                     }
                     writeln!(
                         out,
-                        "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  {outcome}",
-                        h.hour, h.resource, h.plan, h.dimension, h.quantity, h.records
+                        "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  {:>12}  {:>10}  {outcome}",
+                        h.hour,
+                        h.resource,
+                        h.plan,
+                        h.dimension,
+                        h.quantity,
+                        h.records,
+                        h.included.as_deref().unwrap_or("-"),
+                        h.billed.as_deref().unwrap_or("-")
                     )?;
                 }
             }
@@ -629,4 +657,130 @@ pub fn print_flush(body: &str) {
         println!("  nothing was due (only closed hours are sent)");
     }
     println!("pending after the pass: {}", v["pending_after"]);
+}
+
+/// `meterd balance`.
+pub fn balance(
+    settings: &Settings,
+    now: chrono::DateTime<chrono::Utc>,
+    resource: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let resource = crate::ingest::validate::resource(resource).map_err(anyhow::Error::msg)?;
+    let conn = crate::journal::open_read_only(&settings.journal.path)?;
+    let dims = crate::billing::balance(&conn, settings, &resource, now)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"resource": resource, "dimensions": dims})
+            )?
+        );
+        return Ok(());
+    }
+    println!("{resource}");
+    println!(
+        "{:<16} {:<10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}  TERM",
+        "DIMENSION",
+        "PLAN",
+        "INCLUDED",
+        "CONSUMED",
+        "REMAINING",
+        "OVERAGE",
+        "ACCEPTED",
+        "REMAINDER"
+    );
+    for d in dims {
+        println!(
+            "{:<16} {:<10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}  {} .. {}",
+            d.dimension,
+            d.plan,
+            d.included,
+            d.consumed,
+            d.remaining,
+            d.overage_frozen,
+            d.overage_accepted,
+            d.carried_remainder,
+            d.term_start,
+            d.term_end
+        );
+    }
+    Ok(())
+}
+
+/// A difference found by `reconcile`.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct Difference {
+    /// Resource.
+    pub resource: String,
+    /// Dimension.
+    pub dimension: String,
+    /// What meterd recorded as accepted (billing units).
+    pub meterd: String,
+    /// What the marketplace reports.
+    pub marketplace: String,
+}
+
+/// Compares the marketplace's totals for `day` with the journal's accepted events; returns the differences.
+pub async fn reconcile(
+    settings: &Settings,
+    env: &BTreeMap<String, String>,
+    clock: crate::clock::SharedClock,
+    day: &str,
+) -> anyhow::Result<Vec<Difference>> {
+    let date = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d")
+        .with_context(|| format!("--date `{day}` is not YYYY-MM-DD"))?;
+    let start = date.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+    let end = start + chrono::Duration::days(1);
+    let client = crate::emit::client(settings, env, clock)?;
+    let theirs = client
+        .get_usage_events(start, end)
+        .await
+        .map_err(explain_call_error)?;
+    let mut market: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for d in theirs {
+        let (Some(r), Some(dim)) = (d.usage_resource_id.clone(), d.dimension.clone()) else {
+            continue;
+        };
+        // What was submitted and recorded; `processedQuantity` lags behind it.
+        let q = crate::marketplace::quantity::f64_to_micros(
+            d.submitted_quantity.or(d.processed_quantity).unwrap_or(0.0),
+        )
+        .unwrap_or(0);
+        *market.entry((r.to_ascii_lowercase(), dim)).or_default() += q;
+    }
+    let conn = crate::journal::open_read_only(&settings.journal.path)?;
+    let mut ours: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut stmt = conn.prepare(
+        "SELECT resource, dimension, COALESCE(send_quantity, quantity) FROM outbound_events
+         WHERE hour >= ?1 AND hour < ?2 AND state IN ('accepted', 'duplicate')",
+    )?;
+    let rows = stmt.query_map([start.timestamp(), end.timestamp()], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (r, d, q) = row?;
+        *ours.entry((r.to_ascii_lowercase(), d)).or_default() += q;
+    }
+    let keys: std::collections::BTreeSet<_> = market.keys().chain(ours.keys()).cloned().collect();
+    let mut diffs = Vec::new();
+    for k in keys {
+        let (a, b) = (
+            ours.get(&k).copied().unwrap_or(0),
+            market.get(&k).copied().unwrap_or(0),
+        );
+        if a != b {
+            diffs.push(Difference {
+                resource: k.0.clone(),
+                dimension: k.1.clone(),
+                meterd: crate::quantity::Micros(a).to_decimal_string(),
+                marketplace: crate::quantity::Micros(b).to_decimal_string(),
+            });
+        }
+    }
+    Ok(diffs)
 }

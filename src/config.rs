@@ -639,10 +639,18 @@ fn non_empty(v: Option<String>) -> Option<String> {
 fn parse_included(v: &toml::Value) -> Result<Included, String> {
     match v {
         toml::Value::String(s) if s.eq_ignore_ascii_case("infinite") => Ok(Included::Infinite),
-        toml::Value::Integer(n) if *n >= 0 => Ok(Included::Quantity(n.checked_mul(1_000_000).ok_or("too large")?)),
-        toml::Value::Float(f) if *f >= 0.0 => crate::quantity::Micros::parse_decimal(&f.to_string())
-            .map(|m| Included::Quantity(m.0))
-            .or(if *f == 0.0 { Ok(Included::Quantity(0)) } else { Err("must have at most 6 decimals".to_string()) }),
+        toml::Value::Integer(n) if *n >= 0 => Ok(Included::Quantity(
+            n.checked_mul(1_000_000).ok_or("too large")?,
+        )),
+        toml::Value::Float(f) if *f >= 0.0 => {
+            crate::quantity::Micros::parse_decimal(&f.to_string())
+                .map(|m| Included::Quantity(m.0))
+                .or(if *f == 0.0 {
+                    Ok(Included::Quantity(0))
+                } else {
+                    Err("must have at most 6 decimals".to_string())
+                })
+        }
         _ => Err("must be a quantity >= 0 or \"infinite\"".to_string()),
     }
 }
@@ -662,7 +670,10 @@ fn parse_threshold(v: &toml::Value) -> Result<Threshold, String> {
         toml::Value::Float(f) if *f > 0.0 => crate::quantity::Micros::parse_decimal(&f.to_string())
             .map(|m| Threshold::Absolute(m.0))
             .map_err(|e| e.to_string()),
-        _ => Err("a threshold is a percentage of the included quantity (\"80%\") or a quantity (1000)".into()),
+        _ => Err(
+            "a threshold is a percentage of the included quantity (\"80%\") or a quantity (1000)"
+                .into(),
+        ),
     }
 }
 
@@ -926,13 +937,24 @@ impl Settings {
             if let Some(u) = d.unit
                 && !(1..=1_000_000_000).contains(&u)
             {
-                return Err(v.err(&format!("dimensions[{i}].unit"), "must be a whole number from 1 to 1000000000"));
+                return Err(v.err(
+                    &format!("dimensions[{i}].unit"),
+                    "must be a whole number from 1 to 1000000000",
+                ));
             }
             let mut thresholds = Vec::new();
             for t in &d.thresholds {
-                thresholds.push(parse_threshold(t).map_err(|m| v.err(&format!("dimensions[{i}].thresholds"), m))?);
+                thresholds.push(
+                    parse_threshold(t)
+                        .map_err(|m| v.err(&format!("dimensions[{i}].thresholds"), m))?,
+                );
             }
-            dimensions.push(DimensionSettings { id, plans: d.plans, unit: d.unit.filter(|u| *u > 1), thresholds });
+            dimensions.push(DimensionSettings {
+                id,
+                plans: d.plans,
+                unit: d.unit.filter(|u| *u > 1),
+                thresholds,
+            });
         }
         if dimensions.len() > 30 {
             return Err(v.err("dimensions", "an offer has at most 30 dimensions"));
@@ -983,7 +1005,10 @@ impl Settings {
         let mut plan_ids = BTreeSet::new();
         for (i, p) in raw.plans.into_iter().enumerate() {
             if !plan_ids.insert(p.id.clone()) {
-                return Err(v.err(&format!("plans[{i}].id"), format!("plan `{}` is declared twice", p.id)));
+                return Err(v.err(
+                    &format!("plans[{i}].id"),
+                    format!("plan `{}` is declared twice", p.id),
+                ));
             }
             let mut included = BTreeMap::new();
             for (dim, value) in p.included {
@@ -998,7 +1023,12 @@ impl Settings {
         let fallback_term_months = match raw.billing.fallback_term.as_deref().unwrap_or("P1M") {
             "P1M" => 1,
             "P1Y" => 12,
-            other => return Err(v.err("billing.fallback_term", format!("`{other}` is not \"P1M\" or \"P1Y\""))),
+            other => {
+                return Err(v.err(
+                    "billing.fallback_term",
+                    format!("`{other}` is not \"P1M\" or \"P1Y\""),
+                ));
+            }
         };
         let webhook_url = non_empty(raw.alerts.webhook_url);
         if let Some(u) = &webhook_url
@@ -1013,7 +1043,9 @@ impl Settings {
 
         Ok(Settings {
             plans,
-            billing: BillingSettings { fallback_term_months },
+            billing: BillingSettings {
+                fallback_term_months,
+            },
             alerts,
             late_usage,
             default_plan: non_empty(raw.default_plan),

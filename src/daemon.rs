@@ -262,6 +262,12 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         stop_rx.clone(),
     );
     let watchdog = crate::ops::spawn_watchdog(journal.clone(), liveness.clone(), &ctx.env);
+    let alerts = crate::alerts::spawn(
+        journal.clone(),
+        ctx.clock.clone(),
+        settings.alerts.webhook_url.clone(),
+        stop_rx.clone(),
+    );
 
     shutdown_signal().await;
     crate::ops::notify_stopping();
@@ -300,6 +306,8 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         w.abort();
     }
     gauge_task.abort();
+    // One last delivery attempt for alerts raised by the final pass; undelivered ones wait in the journal.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), alerts).await;
     journal.checkpoint().await.ok();
     journal.close();
     tracing::info!(message = "meterd stopped.");

@@ -96,6 +96,35 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 &mut std::io::stdout().lock(),
             )
         }
+        Command::Balance {
+            config,
+            resource,
+            json,
+        } => {
+            let settings = load_settings(&config, &env, true)?;
+            meterd::cli::balance(&settings, clock.now(), &resource, json)
+        }
+        Command::Reconcile { config, date } => {
+            let settings = load_settings(&config, &env, false)?;
+            let diffs = meterd::cli::reconcile(&settings, &env, clock, &date).await?;
+            if diffs.is_empty() {
+                println!(
+                    "{date}: no differences between meterd's accepted events and the marketplace's totals"
+                );
+                return Ok(());
+            }
+            println!(
+                "{:<40} {:<16} {:>14} {:>14}",
+                "RESOURCE", "DIMENSION", "METERD", "MARKETPLACE"
+            );
+            for d in &diffs {
+                println!(
+                    "{:<40} {:<16} {:>14} {:>14}",
+                    d.resource, d.dimension, d.meterd, d.marketplace
+                );
+            }
+            anyhow::bail!("{} differences on {date}", diffs.len())
+        }
         Command::Subscriptions { config } => {
             let settings = load_settings(&config, &env, false)?;
             meterd::cli::subscriptions(&settings, &env, clock).await

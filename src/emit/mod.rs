@@ -260,6 +260,7 @@ impl Emitter {
         };
         let (owner, late) = (self.owner.clone(), self.settings.late_usage);
         let (grace, margin) = (self.settings.emit.grace, self.settings.emit.safety_margin);
+        let pending_age = self.settings.alerts.pending_age;
         let lease = self
             .journal
             .write(move |c| {
@@ -278,7 +279,7 @@ impl Emitter {
             return Ok(summary);
         }
         let result = self
-            .pass_locked(now, late, grace, margin, &mut summary)
+            .pass_locked(now, late, grace, margin, pending_age, &mut summary)
             .await;
         let owner = self.owner.clone();
         self.journal
@@ -305,8 +306,13 @@ impl Emitter {
         late: LateUsage,
         grace: Duration,
         margin: Duration,
+        pending_age: Duration,
         summary: &mut PassSummary,
     ) -> anyhow::Result<()> {
+        let (retention, dedupe_window) = (
+            self.settings.journal.retention,
+            self.settings.ingest.dedupe_window,
+        );
         let (frozen, expired) = self
             .journal
             .write(move |c| {
@@ -316,6 +322,21 @@ impl Emitter {
                 }
                 let f = outbound::freeze(c, now, grace, margin)?;
                 let e = outbound::expire_overdue(c, now, late)?;
+                for x in e.iter().filter(|x| x.state == "expired_unconfirmed") {
+                    crate::alerts::raise(
+                        c,
+                        "expired_unconfirmed",
+                        &format!("expired_unconfirmed:{}", x.id),
+                        serde_json::json!({"resource": x.resource, "dimension": x.dimension, "hour": x.hour,
+                            "advice": "an attempt may have been recorded; run `meterd reconcile --date` for this day"}),
+                        now,
+                    )?;
+                }
+                outbound::raise_pending_age_alerts(c, now, pending_age)?;
+                let (hours, records) = crate::journal::usage::apply_retention(c, now, retention, dedupe_window)?;
+                if hours + records > 0 {
+                    tracing::info!(message = "Retention applied.", hourly_totals_deleted = hours, raw_records_compacted = records);
+                }
                 Ok((f, e))
             })
             .await?;
@@ -379,15 +400,36 @@ impl Emitter {
                                 continue;
                             }
                             // Billed once, with the body: allowance, billing units, thresholds.
-                            let bill = crate::billing::bill(c, &settings, &ev.resource, &ev.dimension, &plan, ev.hour, ev.quantity, ev.prebilled, now)?;
+                            let bill = crate::billing::bill(
+                                c,
+                                &settings,
+                                &ev.resource,
+                                &ev.dimension,
+                                &plan,
+                                ev.hour,
+                                ev.quantity,
+                                ev.prebilled,
+                                now,
+                            )?;
                             if bill.send == 0 {
                                 let state = outbound::settle_unbilled(c, id, &plan, &bill, now)?;
                                 *counts.entry(state.to_string()).or_default() += 1;
                                 continue;
                             }
-                            let json = event_json(&ResourceRef::parse(&ev.resource), &plan, &ev.dimension, to_utc(ev.hour), bill.send);
+                            let json = event_json(
+                                &ResourceRef::parse(&ev.resource),
+                                &plan,
+                                &ev.dimension,
+                                to_utc(ev.hour),
+                                bill.send,
+                            );
                             let body = outbound::set_body(c, id, &plan, &json, &bill)?;
-                            sendable.push(PendingEvent { body, plan, send_quantity: Some(bill.send), ..ev });
+                            sendable.push(PendingEvent {
+                                body,
+                                plan,
+                                send_quantity: Some(bill.send),
+                                ..ev
+                            });
                         }
                     }
                 }
@@ -641,6 +683,7 @@ async fn send_batch(
         ..Default::default()
     };
     let mut settles: Vec<(i64, Settle)> = Vec::with_capacity(batch.len());
+    let mut call_alert: Option<(String, serde_json::Value)> = None;
     match answer {
         Ok(call) => {
             metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => call.status.to_string()).increment(1);
@@ -753,6 +796,13 @@ async fn send_batch(
                     error = %e, ambiguous, request_id = %ids.request_id, correlation_id = %ids.correlation_id, events = batch.len()
                 ),
             }
+            if let Some(status @ (401 | 403)) = e.status() {
+                // Repeated 401/403 means the identity is wrong: one alert per hour while it lasts.
+                call_alert = Some((
+                    format!("auth:{status}:{}", crate::journal::usage::hour_of(now)),
+                    serde_json::json!({"status": status, "error": e.to_string(), "advice": e.advice().unwrap_or("")}),
+                ));
+            }
             for ev in &batch {
                 let mut delay = delays.after(ev.attempts + 1);
                 if let Some(ra) = e.retry_after() {
@@ -771,11 +821,16 @@ async fn send_batch(
             }
         }
     }
+    let call_alert = call_alert;
     let outcomes = journal
         .write(move |c| {
+            if let Some((dedupe, body)) = &call_alert {
+                crate::alerts::raise(c, "marketplace_auth", dedupe, body.clone(), now)?;
+            }
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             for (id, s) in &settles {
                 let state = outbound::settle(c, *id, s, now, late)?;
+                raise_for(c, *id, s, now)?;
                 let name = match (s, state) {
                     (Settle::Hold { .. }, _) => "held",
                     (Settle::Retry { .. }, _) => "retry",
@@ -791,4 +846,31 @@ async fn send_batch(
     }
     result.outcomes = outcomes;
     Ok(result)
+}
+
+/// Raises the alert an outcome calls for, in the same transaction as the outcome.
+fn raise_for(
+    c: &rusqlite::Connection,
+    id: i64,
+    s: &Settle,
+    now: DateTime<Utc>,
+) -> Result<(), crate::journal::JournalError> {
+    let (kind, detail) = match s {
+        Settle::DuplicateMismatch { market_quantity } => (
+            "duplicate_mismatch",
+            serde_json::json!({"marketplace_quantity": Micros(*market_quantity).to_decimal_string()}),
+        ),
+        Settle::Rejected { reason } if reason.starts_with("ResourceNotAuthorized") => (
+            "resource_not_authorized",
+            serde_json::json!({"reason": reason}),
+        ),
+        Settle::Rejected { reason } => ("rejected", serde_json::json!({"reason": reason})),
+        _ => return Ok(()),
+    };
+    let mut body = outbound::event_summary(c, id)?;
+    if let (Some(b), Some(d)) = (body.as_object_mut(), detail.as_object()) {
+        b.extend(d.clone());
+    }
+    crate::alerts::raise(c, kind, &format!("{kind}:{id}"), body, now)?;
+    Ok(())
 }

@@ -70,6 +70,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/status", axum::routing::get(ops::status))
         .route("/v1/flush", axum::routing::post(ops::flush))
+        .route(
+            "/v1/subscriptions/{id}/balance",
+            axum::routing::get(ops::balance),
+        )
+        .route("/v1/consumption", axum::routing::get(ops::consumption))
         .route("/metrics", axum::routing::get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -101,3 +101,78 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             .into_response()
     }
 }
+
+/// `GET /v1/subscriptions/{id}/balance`.
+pub async fn balance(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let resource = match super::validate::resource(&id) {
+        Ok(r) => r,
+        Err(m) => return error_response(StatusCode::BAD_REQUEST, vec![FieldError::request(m)]),
+    };
+    let now = state.clock.now();
+    let settings = state.settings.clone();
+    let r = resource.clone();
+    match state.journal.read(move |c| crate::billing::balance(c, &settings, &r, now)).await {
+        Ok(dims) => axum::Json(json!({"resource": resource, "at": crate::journal::usage::fmt_time(now.timestamp()), "dimensions": dims})).into_response(),
+        Err(e) => journal_error_response(&e),
+    }
+}
+
+/// Query of `GET /v1/consumption`.
+#[derive(Debug, serde::Deserialize)]
+pub struct ConsumptionQuery {
+    resource: Option<String>,
+    dimension: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// `GET /v1/consumption?resource=&dimension=&from=&to=`: raw consumption over any range.
+pub async fn consumption(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ConsumptionQuery>,
+) -> Response {
+    use super::usage_api::parse_bound;
+    let Some(resource) = q
+        .resource
+        .as_deref()
+        .map(|r| super::validate::resource(r).unwrap_or_else(|_| r.to_string()))
+    else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            vec![FieldError::request("`resource` is required")],
+        );
+    };
+    let (from, to) = match (
+        parse_bound("from", q.from.as_deref()),
+        parse_bound("to", q.to.as_deref()),
+    ) {
+        (Ok(f), Ok(t)) => (
+            f.map(|t| t.timestamp()).unwrap_or(i64::MIN),
+            t.map(|t| t.timestamp()).unwrap_or(i64::MAX),
+        ),
+        (Err(m), _) | (_, Err(m)) => {
+            return error_response(StatusCode::BAD_REQUEST, vec![FieldError::request(m)]);
+        }
+    };
+    let (r, d) = (resource.clone(), q.dimension.clone());
+    match state
+        .journal
+        .read(move |c| crate::billing::consumption(c, &r, d.as_deref(), from, to))
+        .await
+    {
+        Ok(rows) => {
+            let dims: Vec<serde_json::Value> = rows
+                .into_iter()
+                .map(|(dim, q, hours)| json!({"dimension": dim, "quantity": crate::quantity::Micros(q).to_decimal_string(), "hours_with_usage": hours}))
+                .collect();
+            axum::Json(
+                json!({"resource": resource, "from": q.from, "to": q.to, "dimensions": dims}),
+            )
+            .into_response()
+        }
+        Err(e) => journal_error_response(&e),
+    }
+}

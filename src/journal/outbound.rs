@@ -62,7 +62,14 @@ pub fn freeze(
              WHERE outbound_id IS NULL AND hour < ?1 ORDER BY hour, resource, dimension, plan",
         )?
         .query_map([through], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })?
         .collect::<Result<_, _>>()?;
     // Group by the marketplace's key.
@@ -199,19 +206,37 @@ pub fn next_due(conn: &Connection) -> Result<Option<i64>, JournalError> {
 }
 
 /// Writes the frozen body, plan and billing figures of an event, once: an event that has a body keeps it.
-pub fn set_body(conn: &Connection, id: i64, plan: &str, body: &str, bill: &crate::billing::Bill) -> Result<String, JournalError> {
+pub fn set_body(
+    conn: &Connection,
+    id: i64,
+    plan: &str,
+    body: &str,
+    bill: &crate::billing::Bill,
+) -> Result<String, JournalError> {
     conn.prepare_cached(
         "UPDATE outbound_events SET plan = ?2, body = ?3, included = ?4, billable = ?5, send_quantity = ?6, term_start = ?7
          WHERE id = ?1 AND body = ''",
     )?
     .execute(params![id, plan, body, bill.included, bill.billable, bill.send, bill.term_start])?;
-    Ok(conn.prepare_cached("SELECT body FROM outbound_events WHERE id = ?1")?.query_row([id], |r| r.get(0))?)
+    Ok(conn
+        .prepare_cached("SELECT body FROM outbound_events WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))?)
 }
 
 /// Settles an event that billing left nothing to send for: `included` (the allowance covered it) or
 /// `remainder` (below one billing unit, carried to the next hour).
-pub fn settle_unbilled(conn: &Connection, id: i64, plan: &str, bill: &crate::billing::Bill, now: DateTime<Utc>) -> Result<&'static str, JournalError> {
-    let state = if bill.billable == 0 { "included" } else { "remainder" };
+pub fn settle_unbilled(
+    conn: &Connection,
+    id: i64,
+    plan: &str,
+    bill: &crate::billing::Bill,
+    now: DateTime<Utc>,
+) -> Result<&'static str, JournalError> {
+    let state = if bill.billable == 0 {
+        "included"
+    } else {
+        "remainder"
+    };
     conn.prepare_cached(
         "UPDATE outbound_events SET plan = ?2, state = ?3, included = ?4, billable = ?5, send_quantity = 0, term_start = ?6,
                 finished_at = ?7, held = NULL, in_flight = 0
@@ -222,7 +247,14 @@ pub fn settle_unbilled(conn: &Connection, id: i64, plan: &str, bill: &crate::bil
 }
 
 /// Adds already-billed usage (carried after an expiry) to an hour: it skips the allowance when that hour is billed.
-pub fn add_prebilled(conn: &Connection, resource: &str, plan: &str, dimension: &str, hour: i64, amount: i64) -> Result<(), JournalError> {
+pub fn add_prebilled(
+    conn: &Connection,
+    resource: &str,
+    plan: &str,
+    dimension: &str,
+    hour: i64,
+    amount: i64,
+) -> Result<(), JournalError> {
     if amount != 0 {
         conn.prepare_cached("UPDATE hourly_totals SET prebilled = prebilled + ?5 WHERE resource = ?1 AND plan = ?2 AND dimension = ?3 AND hour = ?4")?
             .execute(params![resource, plan, dimension, hour, amount])?;
@@ -383,7 +415,17 @@ fn expire(
     late: LateUsage,
     by_deadline: bool,
 ) -> Result<&'static str, JournalError> {
-    type Row = (String, String, String, i64, i64, i64, Option<String>, Option<i64>, i64);
+    type Row = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        Option<String>,
+        Option<i64>,
+        i64,
+    );
     let row: Option<Row> = conn
         .prepare_cached(
             "SELECT resource, plan, dimension, hour, quantity, ambiguous, held, billable, prebilled FROM outbound_events
@@ -391,7 +433,8 @@ fn expire(
         )?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)))
         .optional()?;
-    let Some((resource, plan, dimension, hour, raw, ambiguous, held, billable, prebilled)) = row else {
+    let Some((resource, plan, dimension, hour, raw, ambiguous, held, billable, prebilled)) = row
+    else {
         return Ok("pending");
     };
     // A billed event carries what was billable (it already went through the allowance and took the remainder);
@@ -616,4 +659,53 @@ pub fn release_lease(conn: &Connection, name: &str, owner: &str) -> Result<(), J
 /// running, so any lease left is a crashed process's.
 pub fn clear_leases(conn: &Connection) -> Result<usize, JournalError> {
     Ok(conn.execute("DELETE FROM leases", [])?)
+}
+
+/// An outbound event as JSON, for alerts.
+pub fn event_summary(conn: &Connection, id: i64) -> Result<serde_json::Value, JournalError> {
+    Ok(conn
+        .prepare_cached("SELECT resource, plan, dimension, hour, quantity, send_quantity, state FROM outbound_events WHERE id = ?1")?
+        .query_row([id], |r| {
+            Ok(serde_json::json!({
+                "resource": r.get::<_, String>(0)?,
+                "plan": r.get::<_, String>(1)?,
+                "dimension": r.get::<_, String>(2)?,
+                "hour": fmt_time(r.get(3)?),
+                "quantity": crate::quantity::Micros(r.get::<_, Option<i64>>(5)?.unwrap_or(r.get(4)?)).to_decimal_string(),
+                "outcome": r.get::<_, String>(6)?,
+            }))
+        })?)
+}
+
+/// Raises a `pending_age` alert (once per event) for events pending longer than `age` since their hour ended.
+pub fn raise_pending_age_alerts(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    age: Duration,
+) -> Result<usize, JournalError> {
+    let limit = now.timestamp() - age.num_seconds() - HOUR;
+    let ids: Vec<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT id, deadline FROM outbound_events WHERE state = 'pending' AND hour <= ?1",
+        )?
+        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut n = 0;
+    for (id, deadline) in ids {
+        let mut body = event_summary(conn, id)?;
+        body["seconds_to_expiry"] = (deadline - now.timestamp()).into();
+        body["last_error"] = conn
+            .prepare_cached("SELECT last_error FROM outbound_events WHERE id = ?1")?
+            .query_row([id], |r| r.get::<_, Option<String>>(0))?
+            .into();
+        if crate::alerts::raise(conn, "pending_age", &format!("pending_age:{id}"), body, now)? {
+            tracing::warn!(
+                message = "An event has been pending longer than alerts.pending_age.",
+                id,
+                alert = "pending_age"
+            );
+            n += 1;
+        }
+    }
+    Ok(n)
 }

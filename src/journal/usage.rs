@@ -293,6 +293,10 @@ pub struct HourlyRow {
     pub carried_to: Option<String>,
     /// Last error while sending.
     pub last_error: Option<String>,
+    /// Usage of the hour's event covered by the plan's included quantity (billing policy), decimal.
+    pub included: Option<String>,
+    /// Quantity the hour's event billed (sent), in billing units, decimal.
+    pub billed: Option<String>,
 }
 
 /// A quantity moved between hours.
@@ -338,7 +342,7 @@ pub fn hourly_report(
     let closed_before = hour_of(now - Duration::hours(1) - grace) + HOUR;
     let mut stmt = conn.prepare_cached(
         "SELECT h.resource, h.plan, h.dimension, h.hour, h.quantity, h.records, h.carried_in,
-                o.state, o.usage_event_id, o.carried_to, o.last_error, o.plan
+                o.state, o.usage_event_id, o.carried_to, o.last_error, o.plan, o.included, o.send_quantity
          FROM hourly_totals h LEFT JOIN outbound_events o ON o.id = h.outbound_id
          WHERE (?1 IS NULL OR h.resource = ?1) AND h.hour >= ?2 AND h.hour < ?3
          ORDER BY h.hour, h.resource, h.dimension, h.plan",
@@ -374,6 +378,8 @@ pub fn hourly_report(
             usage_event_id: r.get(8)?,
             carried_to: carried_to.map(fmt_time),
             last_error: r.get(10)?,
+            included: r.get::<_, Option<i64>>(12)?.map(|q| Micros(q).to_decimal_string()),
+            billed: r.get::<_, Option<i64>>(13)?.map(|q| Micros(q).to_decimal_string()),
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -421,4 +427,31 @@ pub fn compact_records(
     Ok(conn
         .prepare_cached("DELETE FROM usage_records WHERE seq IN (SELECT seq FROM usage_records WHERE received_at < ?1 ORDER BY received_at LIMIT ?2)")?
         .execute(params![before, limit])?)
+}
+
+/// Deletes what the retention settings no longer keep: hourly totals (and their settled outbound events and
+/// carries) older than `retention`, and raw records past the dedupe window (their sums stay in the totals).
+pub fn apply_retention(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    retention: Duration,
+    dedupe_window: Duration,
+) -> Result<(usize, usize), JournalError> {
+    let cutoff = hour_of(now - retention);
+    let hours = conn.execute(
+        "DELETE FROM hourly_totals WHERE hour < ?1
+           AND (outbound_id IS NULL OR outbound_id IN (SELECT id FROM outbound_events WHERE state != 'pending'))",
+        [cutoff],
+    )?;
+    conn.execute(
+        "DELETE FROM outbound_events WHERE hour < ?1 AND state != 'pending'",
+        [cutoff],
+    )?;
+    conn.execute("DELETE FROM carries WHERE from_hour < ?1", [cutoff])?;
+    conn.execute(
+        "DELETE FROM alerts WHERE created_at < ?1 AND delivered_at IS NOT NULL",
+        [cutoff],
+    )?;
+    let records = compact_records(conn, now, dedupe_window, 100_000)?;
+    Ok((hours, records))
 }
