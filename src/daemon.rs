@@ -35,11 +35,38 @@ pub enum Listener {
     Tcp(tokio::net::TcpListener),
     /// Unix domain socket (path removed on shutdown).
     Unix(tokio::net::UnixListener, std::path::PathBuf),
+    /// Unix domain socket passed by systemd (socket activation); systemd owns the path, it is left alone.
+    UnixActivated(tokio::net::UnixListener, Option<std::path::PathBuf>),
 }
 
 impl Listener {
-    /// Binds `addr`; a stale unix socket file is replaced.
+    /// Binds `addr`; a stale unix socket file is replaced. Under socket activation (`LISTEN_FDS=1`,
+    /// `LISTEN_PID` = this process, read from the process environment) takes fd 3 instead.
     pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Listener> {
+        Self::bind_env(addr, &std::env::vars().collect()).await
+    }
+
+    /// [`Listener::bind`] with the environment given: fd 3 when systemd passed it (`meterd.socket`), else `addr`.
+    pub async fn bind_env(
+        addr: &ListenAddr,
+        env: &BTreeMap<String, String>,
+    ) -> anyhow::Result<Listener> {
+        use crate::ops::activation::{Activated, take_listener};
+        match take_listener(env).map_err(anyhow::Error::msg)? {
+            Some(Activated::Tcp(l)) => {
+                let l = tokio::net::TcpListener::from_std(l)
+                    .context("socket activation: cannot use the TCP socket on fd 3")?;
+                tracing::info!(message = "Using the listener passed by systemd (socket activation); ingest.listen is not used.", configured = %addr);
+                return Ok(Listener::Tcp(l));
+            }
+            Some(Activated::Unix(l, path)) => {
+                let l = tokio::net::UnixListener::from_std(l)
+                    .context("socket activation: cannot use the unix socket on fd 3")?;
+                tracing::info!(message = "Using the listener passed by systemd (socket activation); ingest.listen is not used.", configured = %addr);
+                return Ok(Listener::UnixActivated(l, path));
+            }
+            None => {}
+        }
         match addr {
             ListenAddr::Tcp(a) => {
                 let l = tokio::net::TcpListener::bind(a).await.with_context(|| {
@@ -74,6 +101,8 @@ impl Listener {
                 .map(|a| format!("http://{a}"))
                 .unwrap_or_else(|_| "tcp".into()),
             Listener::Unix(_, p) => format!("unix:{}", p.display()),
+            Listener::UnixActivated(_, Some(p)) => format!("unix:{}", p.display()),
+            Listener::UnixActivated(_, None) => "unix:(socket activation)".into(),
         }
     }
 }
@@ -117,6 +146,9 @@ pub async fn serve(
             let r = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
             let _ = std::fs::remove_file(&path);
             r?
+        }
+        Listener::UnixActivated(l, _) => {
+            axum::serve(l, app).with_graceful_shutdown(shutdown).await?
         }
     }
     Ok(())
@@ -180,12 +212,18 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         ctx.clock.clone(),
         client,
     ));
-    let listener = Listener::bind(&settings.ingest.listen).await?;
+    let listener = Listener::bind_env(&settings.ingest.listen, &ctx.env).await?;
+    // Journal open (migrations ran in `Journal::open`) and listener bound: ready. Sent before the first pass
+    // starts so that systemd sees READY=1 before any STATUS= of a pass.
+    crate::ops::notify_ready();
     let ready = Arc::new(AtomicBool::new(false));
     let liveness = Arc::new(crate::ops::Liveness::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync> = Arc::new(|s: &PassSummary| {
+    let gauges = Arc::new(crate::ops::metrics::JournalGauges::default());
+    let pass_gauges = gauges.clone();
+    let on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync> = Arc::new(move |s: &PassSummary| {
         crate::ops::notify_status(s);
+        pass_gauges.request_refresh();
     });
     let (handle, mut scheduler, loop_task) = schedule::start(
         emitter.clone(),
@@ -201,7 +239,7 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         clock: ctx.clock.clone(),
         token,
         emitter: Some(Arc::new(handle)),
-        metrics: crate::ops::install_metrics(),
+        metrics: crate::ops::metrics::renderer(Some((gauges.clone(), ctx.clock.clone()))),
         ready: ready.clone(),
         liveness: liveness.clone(),
     };
@@ -217,7 +255,12 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         let _ = server_stop.wait_for(|v| *v).await;
     }));
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    crate::ops::notify_ready();
+    let gauge_task = crate::ops::metrics::spawn_journal_gauges(
+        gauges,
+        journal.clone(),
+        ctx.clock.clone(),
+        stop_rx.clone(),
+    );
     let watchdog = crate::ops::spawn_watchdog(journal.clone(), liveness.clone(), &ctx.env);
     let alerts = crate::alerts::spawn(
         journal.clone(),
@@ -262,6 +305,7 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     if let Some(w) = watchdog {
         w.abort();
     }
+    gauge_task.abort();
     // One last delivery attempt for alerts raised by the final pass; undelivered ones wait in the journal.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), alerts).await;
     journal.checkpoint().await.ok();

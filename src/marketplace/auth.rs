@@ -435,6 +435,7 @@ impl CachedTokenProvider {
         state.fetches += 1;
         match result {
             Ok(token) => {
+                metrics::counter!("meterd_token_refreshes_total", "result" => "ok").increment(1);
                 let refresh_at = refresh_at(now, token.expires_at);
                 state.cached = Some(Cached {
                     token: token.clone(),
@@ -449,6 +450,7 @@ impl CachedTokenProvider {
                 Ok(token)
             }
             Err(error) => {
+                metrics::counter!("meterd_token_refreshes_total", "result" => "error").increment(1);
                 state.last_failure = Some(Failure {
                     fetch: state.fetches,
                     at: now,

@@ -1,4 +1,9 @@
-//! Operations: liveness of the daemon's moving parts (health probes and the systemd watchdog read it).
+//! Operations: liveness of the daemon's moving parts (health probes and the systemd watchdog read it), the
+//! systemd notify protocol (`READY=1`, `WATCHDOG=1`, `STATUS=`, `STOPPING=1`), socket activation
+//! ([`activation`]) and Prometheus metrics ([`metrics`]).
+
+pub mod activation;
+pub mod metrics;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -109,29 +114,8 @@ pub fn spawn_watchdog(
     }))
 }
 
-/// Installs the Prometheus recorder (once per process) and returns a renderer for `/metrics`.
+/// Installs the Prometheus recorder (once per process) and returns a renderer for `/metrics` (without the
+/// journal gauges; the daemon uses [`metrics::renderer`] with them).
 pub fn install_metrics() -> Option<std::sync::Arc<dyn Fn() -> String + Send + Sync>> {
-    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
-    let handle = HANDLE
-        .get_or_init(|| {
-            let buckets = [
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0,
-            ];
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
-                .ok()?
-                .set_buckets_for_metric(
-                    Matcher::Full("meterd_journal_commit_jobs".into()),
-                    &[
-                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
-                    ],
-                )
-                .ok()?
-                .install_recorder()
-                .ok()
-        })
-        .clone()?;
-    Some(std::sync::Arc::new(move || handle.render()))
+    metrics::renderer(None)
 }
