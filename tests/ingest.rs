@@ -312,8 +312,9 @@ fn acknowledged_records_survive_kill_9() {
 #[test]
 fn late_usage_is_carried_forward_or_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    // Grace 0s: the startup pass freezes every hour before the current one.
+    // Grace 0s: the startup pass freezes every hour before the current one (a flush waits for a pass).
     let d = start(dir.path(), "0s", "");
+    http().post(format!("{}/v1/flush", d.url)).send().unwrap();
     let frozen_hour = hour_start(2);
     let (status, body) = post(
         &d,
@@ -337,6 +338,7 @@ fn late_usage_is_carried_forward_or_rejected() {
 
     let dir = tempfile::tempdir().unwrap();
     let d = start(dir.path(), "0s", "late_usage = \"reject\"");
+    http().post(format!("{}/v1/flush", d.url)).send().unwrap();
     let (status, body) = post(
         &d,
         &format!(
