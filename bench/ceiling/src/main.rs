@@ -9,6 +9,7 @@
 //!   schema meterd created, fast (no fsync), for the recovery figure.
 //! - `ready-time --url URL -- CMD ARGS`: starts CMD, polls URL until it answers 200, prints the time, VmRSS, then
 //!   stops CMD with SIGTERM.
+//! - `free-port`: prints a free TCP port on 127.0.0.1.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -47,6 +48,10 @@ fn main() {
             need(&args, "--records").parse().unwrap(),
             arg(&args, "--resources").map_or(1000, |b| b.parse().unwrap()),
         ),
+        Some("free-port") => {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            println!("{}", l.local_addr().unwrap().port());
+        }
         Some("ready-time") => {
             let sep = args.iter().position(|a| a == "--").expect("-- CMD");
             ready_time(
@@ -56,7 +61,7 @@ fn main() {
             )
         }
         _ => {
-            eprintln!("usage: bench-tool axum|sqlite|gen-journal|ready-time ...");
+            eprintln!("usage: bench-tool axum|sqlite|gen-journal|ready-time|free-port ...");
             std::process::exit(2)
         }
     }
