@@ -20,11 +20,13 @@ MODE=full
 if [[ $MODE == smoke ]]; then
   DURATION=${BENCH_DURATION:-2}
   SQLITE_ROWS=${BENCH_SQLITE_ROWS:-20000}
+  FSYNC_ROWS=50
   EMIT_RESOURCES=${BENCH_EMIT_RESOURCES:-40}
   RECOVERY_RECORDS=${BENCH_RECOVERY_RECORDS:-100000}
 else
   DURATION=${BENCH_DURATION:-10}
   SQLITE_ROWS=${BENCH_SQLITE_ROWS:-200000}
+  FSYNC_ROWS=500
   EMIT_RESOURCES=${BENCH_EMIT_RESOURCES:-4000}
   RECOVERY_RECORDS=${BENCH_RECOVERY_RECORDS:-10000000}
 fi
@@ -176,6 +178,12 @@ log "1. single-record ingest: meterd"
 wrk_json -t2 -c"$CONNS" -d1s -s "$ROOT/bench/single.lua" "$MURL" -- warm >/dev/null
 M1=$(wrk_json -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$ROOT/bench/single.lua" "$MURL" -- single)
 log "meterd: $M1"
+# Group commit: jobs per commit and commit time so far (parts 1 and the warm-up).
+GROUP=$(curl -fs "$MURL/metrics" | awk '
+  /^meterd_journal_commit_jobs_sum/ {js = $2} /^meterd_journal_commit_jobs_count/ {jc = $2}
+  /^meterd_journal_commit_seconds_sum/ {ss = $2} /^meterd_journal_commit_seconds_count/ {sc = $2}
+  END { if (jc > 0 && sc > 0) printf "%.1f jobs/commit, %.2f ms/commit", js / jc, ss / sc * 1000 }')
+log "group commit: $GROUP"
 
 log "2. batched ingest (1,000 records per request): meterd"
 M2=$(wrk_json -t1 -c"$BATCH_CONNS" -d"${DURATION}s" --latency -s "$ROOT/bench/batch.lua" "$MURL" -- batch 1000)
@@ -190,6 +198,9 @@ stop "$EMU_PID"
 log "2. batched ingest: raw rusqlite ceiling ($SQLITE_ROWS rows)"
 CEIL2=$("$TOOL" sqlite --db "$WORK/ceiling.db" --rows "$SQLITE_ROWS" --batch 1000) || die "sqlite ceiling"
 log "rusqlite: $CEIL2"
+# The durable-commit floor: one-row transactions, each an fsync (what bounds single-record ingest).
+FSYNC=$("$TOOL" sqlite --db "$WORK/fsync.db" --rows "$FSYNC_ROWS" --batch 1) || die "sqlite commit floor"
+log "one-row commits: $FSYNC"
 
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Emission: EMIT_RESOURCES x 25 dimensions frozen events, emulator latency per call.
@@ -281,6 +292,10 @@ row "1. single-record ingest, ${CONNS} conns (req/s)" "$(fmt "$rps1")" "$(fmt "$
 row "1. single-record p50 / p99 latency (ms)" "$(fmt "$p50" 2) / $(fmt "$p99" 2)" "$(fmt "$cp50" 2) / $(fmt "$cp99" 2) (bare axum)" "p99 x$(ratio "$p99" "$cp99")" "p99 <= 5 ms" "$(verdict "$p99" '<=' 5)"
 rec2=$(jq .records_per_s <<<"$M2"); crec2=$(jq .rows_per_s <<<"$CEIL2")
 r2=$(ratio "$rec2" "$crec2")
+commit_ms=$(awk -v r="$(jq .rows_per_s <<<"$FSYNC")" 'BEGIN { printf "%.2f", 1000 / r }')
+bound1=$(awk -v c="$CONNS" -v m="$commit_ms" 'BEGIN { printf "%.0f", c / (m / 1000) }')
+row "1. durable commit (1-row txn, raw rusqlite) (ms); bound ${CONNS} conns / commit (req/s)" "$commit_ms" "$bound1 req/s" "meterd/bound $(ratio "$rps1" "$bound1")" "" ""
+row "1. meterd group commit during 1" "$GROUP" "" "" "" ""
 row "2. batched ingest, 1,000/request, ${BATCH_CONNS} conns (records/s)" "$(fmt "$rec2")" "$(fmt "$crec2") (raw rusqlite, 1,000-row txns)" "$r2" ">= 0.50" "$(verdict "$r2" '>=' 0.5)"
 row "2. batched request p50 / p99 latency (ms)" "$(fmt "$(jq .p50_ms <<<"$M2")" 1) / $(fmt "$(jq .p99_ms <<<"$M2")" 1)" "" "" "" ""
 re=$(ratio "$EMIT_WALL" "$EMIT_BOUND")
