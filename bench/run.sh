@@ -302,7 +302,7 @@ rec2=$(jq .records_per_s <<<"$M2"); crec2=$(jq .rows_per_s <<<"$CEIL2")
 r2=$(ratio "$rec2" "$crec2")
 commit_ms=$(awk -v r="$(jq .rows_per_s <<<"$FSYNC")" 'BEGIN { printf "%.2f", 1000 / r }')
 bound1=$(awk -v c="$CONNS" -v m="$commit_ms" 'BEGIN { printf "%.0f", c / (m / 1000) }')
-row "1. durable commit (1-row txn, raw rusqlite) (ms); bound ${CONNS} conns / commit (req/s)" "$commit_ms" "$bound1 req/s" "meterd/bound $(ratio "$rps1" "$bound1")" "" ""
+row "1. raw rusqlite 1-row durable commit (ms); ${CONNS} conns / that commit (req/s)" "$commit_ms" "$bound1 req/s" "meterd x$(ratio "$rps1" "$bound1")" "" ""
 row "1. meterd group commit during 1" "$GROUP" "" "" "" ""
 row "2. batched ingest, 1,000/request, ${BATCH_CONNS} conns (records/s)" "$(fmt "$rec2")" "$(fmt "$crec2") (raw rusqlite, 1,000-row txns)" "$r2" ">= 0.50" "$(verdict "$r2" '>=' 0.5)"
 row "2. batched request p50 / p99 latency (ms)" "$(fmt "$(jq .p50_ms <<<"$M2")" 1) / $(fmt "$(jq .p99_ms <<<"$M2")" 1)" "" "" "" ""
