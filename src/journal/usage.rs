@@ -6,7 +6,7 @@ use crate::quantity::Micros;
 use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Seconds in an hour.
 pub const HOUR: i64 = 3600;
@@ -147,6 +147,10 @@ pub fn ingest(
     )?;
     let mut outcome = IngestOutcome::default();
     let now = rules.now.timestamp();
+    // Hourly totals touched by this request, in first-seen order: (key, quantity, records, carried_in).
+    type TotalKey<'a> = (&'a str, &'a str, &'a str, i64);
+    let mut totals: Vec<(TotalKey, i64, i64, i64)> = Vec::new();
+    let mut totals_index: HashMap<TotalKey, usize> = HashMap::new();
     for (r, decided) in records.iter().zip(plan) {
         let Some(hour) = decided else {
             outcome.duplicates += 1;
@@ -166,16 +170,30 @@ pub fn ingest(
             now
         ])?;
         let carried = if hour != origin { r.quantity.0 } else { 0 };
-        add_to_hour(
-            conn,
-            &r.resource,
-            plan_id,
-            &r.dimension,
-            hour,
-            r.quantity.0,
-            1,
-            carried,
-        )?;
+        // Summed per hourly total and written once per total below (a batch of 1,000 records of one
+        // resource and dimension is one upsert, not 1,000).
+        let slot = *totals_index
+            .entry((r.resource.as_str(), plan_id, r.dimension.as_str(), hour))
+            .or_insert_with(|| {
+                totals.push((
+                    (r.resource.as_str(), plan_id, r.dimension.as_str(), hour),
+                    0,
+                    0,
+                    0,
+                ));
+                totals.len() - 1
+            });
+        let t = &mut totals[slot];
+        t.1 = t.1.checked_add(r.quantity.0).ok_or_else(|| {
+            JournalError::Invalid(format!(
+                "the hourly total of {}/{} at {} would overflow",
+                r.resource,
+                r.dimension,
+                fmt_time(hour)
+            ))
+        })?;
+        t.2 += 1;
+        t.3 += carried;
         if hour != origin {
             record_carry(
                 conn,
@@ -192,6 +210,11 @@ pub fn ingest(
             outcome.carried += 1;
         }
         outcome.accepted += 1;
+    }
+    for ((resource, plan_id, dimension, hour), quantity, records, carried) in totals {
+        add_to_hour(
+            conn, resource, plan_id, dimension, hour, quantity, records, carried,
+        )?;
     }
     Ok(Ok(outcome))
 }

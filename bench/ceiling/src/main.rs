@@ -1,0 +1,284 @@
+//! `bench-tool`: helpers for `bench/run.sh`.
+//!
+//! - `axum --listen ADDR`: the single-record ceiling, a bare axum handler for `POST /v1/usage` that reads the body
+//!   and answers what meterd answers (`202 {"accepted":1,...}`) without touching a journal.
+//! - `sqlite --db PATH --rows N --batch B`: the batched-ingest ceiling, the rows meterd stores for a batch request
+//!   inserted by a plain loop into meterd's `usage_records` table (same columns and indexes), `B` rows per
+//!   transaction, WAL, `synchronous=FULL`.
+//! - `gen-journal --db PATH --records N`: bulk-loads `N` records (and their hourly totals) into a journal whose
+//!   schema meterd created, fast (no fsync), for the recovery figure.
+//! - `ready-time --url URL -- CMD ARGS`: starts CMD, polls URL until it answers 200, prints the time, VmRSS, then
+//!   stops CMD with SIGTERM.
+//! - `free-port`: prints a free TCP port on 127.0.0.1.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn need(args: &[String], name: &str) -> String {
+    arg(args, name).unwrap_or_else(|| {
+        eprintln!("bench-tool: missing {name}");
+        std::process::exit(2)
+    })
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("axum") => axum_ceiling(&need(&args, "--listen")),
+        Some("sqlite") => sqlite_ceiling(
+            &need(&args, "--db"),
+            need(&args, "--rows").parse().unwrap(),
+            arg(&args, "--batch").map_or(1000, |b| b.parse().unwrap()),
+        ),
+        Some("gen-journal") => gen_journal(
+            &need(&args, "--db"),
+            need(&args, "--records").parse().unwrap(),
+            arg(&args, "--resources").map_or(1000, |b| b.parse().unwrap()),
+        ),
+        Some("free-port") => {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            println!("{}", l.local_addr().unwrap().port());
+        }
+        Some("ready-time") => {
+            let sep = args.iter().position(|a| a == "--").expect("-- CMD");
+            ready_time(
+                &need(&args, "--url"),
+                &args[sep + 1..],
+                arg(&args, "--timeout").map_or(60.0, |t| t.parse().unwrap()),
+            )
+        }
+        _ => {
+            eprintln!("usage: bench-tool axum|sqlite|gen-journal|ready-time|free-port ...");
+            std::process::exit(2)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 1. Bare axum handler.
+
+async fn bare_usage(body: axum::body::Bytes) -> impl axum::response::IntoResponse {
+    // Touch the body like a real handler would (it is read in full), answer what meterd answers.
+    let _ = body.len();
+    (
+        axum::http::StatusCode::ACCEPTED,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        r#"{"accepted":1,"carried":0,"duplicates":0}"#,
+    )
+}
+
+fn axum_ceiling(listen: &str) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let app = axum::Router::new().route("/v1/usage", axum::routing::post(bare_usage));
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+        eprintln!("bare axum listening on {}", listener.local_addr().unwrap());
+        axum::serve(listener, app).await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 2. Raw rusqlite ceiling.
+
+/// meterd's `usage_records` table (src/journal/schema.rs, migration 1), so the ceiling stores the same rows in the
+/// same B-trees.
+const USAGE_RECORDS: &str = "
+    CREATE TABLE IF NOT EXISTS usage_records (
+        seq         INTEGER PRIMARY KEY,
+        idem_key    TEXT UNIQUE,
+        resource    TEXT NOT NULL,
+        plan        TEXT NOT NULL,
+        dimension   TEXT NOT NULL,
+        event_time  INTEGER NOT NULL,
+        origin_hour INTEGER NOT NULL,
+        hour        INTEGER NOT NULL,
+        quantity    INTEGER NOT NULL,
+        received_at INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS usage_records_received ON usage_records(received_at);";
+
+fn sqlite_ceiling(db: &str, rows: usize, batch: usize) {
+    let _ = std::fs::remove_file(db);
+    let _ = std::fs::remove_file(format!("{db}-wal"));
+    let _ = std::fs::remove_file(format!("{db}-shm"));
+    let mut conn = rusqlite::Connection::open(db).unwrap();
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+        .unwrap();
+    conn.execute_batch(USAGE_RECORDS).unwrap();
+    let now = now_secs();
+    let hour = now / 3600 * 3600;
+    let resource = "11111111-1111-4111-8111-111111111111";
+    let started = Instant::now();
+    let mut i = 0usize;
+    while i < rows {
+        let tx = conn.transaction().unwrap();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour, quantity, received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .unwrap();
+            for _ in 0..batch.min(rows - i) {
+                let key = format!("ceiling-{i}");
+                st.execute(rusqlite::params![
+                    key, resource, "", "api_calls", now, hour, hour, 1_000_000i64, now
+                ])
+                .unwrap();
+                i += 1;
+            }
+        }
+        tx.commit().unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{{\"rows\":{rows},\"batch\":{batch},\"seconds\":{secs:.3},\"rows_per_s\":{:.0}}}",
+        rows as f64 / secs
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 5. Journal generator.
+
+fn gen_journal(db: &str, records: u64, resources: u64) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    // Loading only: no rollback journal, no fsync. meterd puts the file back in WAL mode when it opens it.
+    conn.execute_batch(
+        "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;",
+    )
+    .unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert!(version >= 1, "start meterd once on {db} to create its schema");
+    let now = now_secs();
+    let hour = now / 3600 * 3600;
+    let dims = ["api_calls", "gb_processed"];
+    let res: Vec<String> = (0..resources)
+        .map(|r| format!("{:08x}-0000-4000-8000-{:012x}", r + 1, r + 1))
+        .collect();
+    let started = Instant::now();
+    let chunk = 1_000_000u64;
+    let mut i = 0u64;
+    while i < records {
+        conn.execute_batch("BEGIN").unwrap();
+        {
+            let mut st = conn
+                .prepare_cached(
+                    "INSERT INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour, quantity, received_at)
+                     VALUES (?1, ?2, '', ?3, ?4, ?5, ?5, 1000000, ?4)",
+                )
+                .unwrap();
+            let end = (i + chunk).min(records);
+            while i < end {
+                // Keys like the ones applications send (a request id); sorted so the load is an append.
+                let key = format!("req-{i:012}");
+                let r = &res[(i % resources) as usize];
+                let d = dims[((i / resources) % dims.len() as u64) as usize];
+                st.execute(rusqlite::params![key, r, d, now, hour]).unwrap();
+                i += 1;
+            }
+        }
+        conn.execute_batch("COMMIT").unwrap();
+    }
+    // The hourly totals those records add up to.
+    conn.execute_batch(&format!(
+        "INSERT INTO hourly_totals (resource, plan, dimension, hour, quantity, records, carried_in)
+         SELECT resource, plan, dimension, hour, SUM(quantity), COUNT(*), 0 FROM usage_records
+         WHERE hour = {hour} GROUP BY resource, plan, dimension, hour
+         ON CONFLICT (resource, plan, dimension, hour) DO UPDATE SET
+             quantity = quantity + excluded.quantity, records = records + excluded.records;
+         PRAGMA journal_mode = WAL;"
+    ))
+    .unwrap();
+    drop(conn);
+    let size = std::fs::metadata(db).unwrap().len();
+    println!(
+        "{{\"records\":{records},\"seconds\":{:.1},\"bytes\":{size},\"bytes_per_record\":{:.1}}}",
+        started.elapsed().as_secs_f64(),
+        size as f64 / records.max(1) as f64
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Readiness timer.
+
+fn http_status(host_port: &str, path: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(host_port).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host_port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let line = std::str::from_utf8(&buf[..n]).ok()?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn vm(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn ready_time(url: &str, cmd: &[String], timeout: f64) {
+    let rest = url.strip_prefix("http://").expect("http:// url");
+    let (host_port, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let started = Instant::now();
+    let mut child = std::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start command");
+    let ready = loop {
+        if http_status(host_port, path) == Some(200) {
+            break Some(started.elapsed());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            eprintln!("bench-tool: command exited before it was ready: {st}");
+            break None;
+        }
+        if started.elapsed().as_secs_f64() > timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let rss = vm(child.id(), "VmRSS:").unwrap_or(0);
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    match ready {
+        Some(d) => println!(
+            "{{\"ready_ms\":{:.1},\"rss_kb\":{rss}}}",
+            d.as_secs_f64() * 1000.0
+        ),
+        None => {
+            println!("{{\"ready_ms\":null,\"rss_kb\":{rss}}}");
+            std::process::exit(1)
+        }
+    }
+}
