@@ -15,5 +15,6 @@ if ((${#missing[@]})); then
 fi
 
 start=$SECONDS
-"$ROOT/bench/run.sh" --smoke
+# Debug binaries by default here (CI has them from `cargo test`); BENCH_PROFILE=release for real figures.
+BENCH_PROFILE=${BENCH_PROFILE:-debug} "$ROOT/bench/run.sh" --smoke
 echo "bench-smoke: ok in $((SECONDS - start)) s" >&2
