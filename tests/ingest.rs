@@ -515,10 +515,10 @@ fn cloudevents_from_the_python_sdk_land_as_usage() {
     if !matches!(probe, Ok(s) if s.success()) {
         assert!(
             std::env::var("CI").is_err(),
-            "CI must install the cloudevents package (pip install cloudevents)"
+            "CI must install the cloudevents package (pip install \"cloudevents>=1.11,<2\")"
         );
         eprintln!(
-            "skipping: python3 with the `cloudevents` package is not installed (pip install cloudevents)"
+            "skipping: python3 with the `cloudevents` 1.x package is not installed (pip install \"cloudevents>=1.11,<2\")"
         );
         return;
     }
