@@ -93,6 +93,11 @@ pub fn ingest_token(
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains in-flight requests.
+///
+/// Slow-client protection: at most `ingest.max_connections` connections are open at once (an accept-side
+/// semaphore: further clients wait in the kernel's backlog, so idle or trickling connections cannot exhaust file
+/// descriptors or tasks), a connection must send its request headers within `ingest.request_timeout`, and each
+/// request (body included) must be served within `ingest.request_timeout` (408 otherwise).
 pub async fn serve(
     listener: Listener,
     state: AppState,
@@ -104,7 +109,7 @@ pub async fn serve(
         .request_timeout
         .to_std()
         .unwrap_or(std::time::Duration::from_secs(30));
-    let limit = state.settings.ingest.max_connections;
+    let limit = state.settings.ingest.max_connections.max(1);
     let app = ingest::router(state)
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
@@ -112,14 +117,66 @@ pub async fn serve(
         ))
         .layer(tower::limit::ConcurrencyLimitLayer::new(limit));
     match listener {
-        Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(shutdown).await?,
+        Listener::Tcp(l) => serve_connections(l, app, limit, timeout, shutdown).await,
         Listener::Unix(l, path) => {
-            let r = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
+            serve_connections(l, app, limit, timeout, shutdown).await;
             let _ = std::fs::remove_file(&path);
-            r?
         }
     }
     Ok(())
+}
+
+/// The accept loop behind [`serve`]: one permit of a `limit`-sized semaphore per open connection, HTTP/1 header
+/// read timeout `timeout`, graceful shutdown of every connection when `shutdown` resolves.
+async fn serve_connections<L>(
+    mut listener: L,
+    app: axum::Router,
+    limit: usize,
+    timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) where
+    L: axum::serve::Listener,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let permits = Arc::new(tokio::sync::Semaphore::new(limit));
+    let mut stop = stop_rx.clone();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.wait_for(|v| *v) => break,
+        };
+        let io = tokio::select! {
+            (io, _) = listener.accept() => io,
+            _ = stop.wait_for(|v| *v) => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut conn_stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = conn_stop.wait_for(|v| *v) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    // Drain: every connection gives its permit back when it ends.
+    let _ = permits.acquire_many(limit as u32).await;
 }
 
 /// Everything `meterd run` needs that is not configuration.
