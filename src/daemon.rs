@@ -165,6 +165,7 @@ async fn serve_connections<L>(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(timeout);
+            let io = IdleTimeout::new(io, timeout);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
@@ -177,6 +178,90 @@ async fn serve_connections<L>(
     drop(listener);
     // Drain: every connection gives its permit back when it ends.
     let _ = permits.acquire_many(limit as u32).await;
+}
+
+/// A connection that closes itself when a read waits longer than `timeout` for a byte: hyper's header read
+/// timeout only starts with the first byte of a request, so without this an idle connection (opened and never
+/// used, or kept alive and forgotten) would hold one of the `max_connections` permits forever.
+struct IdleTimeout<I> {
+    io: I,
+    timeout: std::time::Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl<I> IdleTimeout<I> {
+    fn new(io: I, timeout: std::time::Duration) -> Self {
+        Self {
+            io,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            armed: false,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleTimeout<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.armed = false;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    let deadline = tokio::time::Instant::now() + this.timeout;
+                    this.sleep.as_mut().reset(deadline);
+                    this.armed = true;
+                }
+                if this.sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "idle connection closed (ingest.request_timeout)",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleTimeout<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// Everything `meterd run` needs that is not configuration.
