@@ -392,6 +392,9 @@ struct Row {
     name: &'static str,
     client_secret: bool,
     inject: fn(&Emulator),
+    /// meterd holds events whose subscription it cannot check and re-checks a minute later: in CI the row
+    /// checks the hold (pending, nothing sent, nothing lost); the long run waits for the sending.
+    hold_in_ci: bool,
     /// Outcomes allowed for (A, B).
     expect: [&'static [&'static str]; 2],
 }
@@ -404,30 +407,35 @@ fn matrix() -> Vec<Row> {
         Row {
             name: "429 with Retry-After: 1 (x2)",
             client_secret: false,
+            hold_in_ci: false,
             inject: |e| e.fail_next(Route::BatchUsageEvent, 2, 429, Some(1)),
             expect: [OK, OK],
         },
         Row {
             name: "429 without Retry-After (x2)",
             client_secret: false,
+            hold_in_ci: false,
             inject: |e| e.fail_next(Route::BatchUsageEvent, 2, 429, None),
             expect: [OK, OK],
         },
         Row {
             name: "500 (x2)",
             client_secret: false,
+            hold_in_ci: false,
             inject: |e| e.fail_next(Route::BatchUsageEvent, 2, 500, None),
             expect: [OK, OK],
         },
         Row {
             name: "503 (x2)",
             client_secret: false,
+            hold_in_ci: false,
             inject: |e| e.fail_next(Route::BatchUsageEvent, 2, 503, None),
             expect: [OK, OK],
         },
         Row {
             name: "slow answer past the 3s client timeout, before processing",
             client_secret: false,
+            hold_in_ci: false,
             inject: |e| {
                 e.delay_next(
                     Route::BatchUsageEvent,
@@ -441,6 +449,7 @@ fn matrix() -> Vec<Row> {
         Row {
             name: "slow answer past the client timeout, after recording",
             client_secret: false,
+            hold_in_ci: false,
             inject: |e| {
                 e.delay_next(
                     Route::BatchUsageEvent,
@@ -454,42 +463,49 @@ fn matrix() -> Vec<Row> {
         Row {
             name: "connection dropped before processing",
             client_secret: false,
+            hold_in_ci: false,
             inject: |e| e.drop_next(Route::BatchUsageEvent, 1, Phase::Before),
             expect: [OK, OK],
         },
         Row {
             name: "connection dropped after recording",
             client_secret: false,
+            hold_in_ci: false,
             inject: |e| e.drop_next(Route::BatchUsageEvent, 1, Phase::After),
             expect: [&["duplicate"], &["duplicate"]],
         },
         Row {
             name: "token endpoint 503 (x3), client_secret auth",
             client_secret: true,
+            hold_in_ci: false,
             inject: |e| e.fail_next(Route::Token, 3, 503, None),
             expect: [OK, OK],
         },
         Row {
             name: "token endpoint drops the connection (x2)",
             client_secret: true,
+            hold_in_ci: false,
             inject: |e| e.drop_next(Route::Token, 2, Phase::Before),
             expect: [OK, OK],
         },
         Row {
             name: "subscription list 500 (x3)",
             client_secret: false,
+            hold_in_ci: true,
             inject: |e| e.fail_next(Route::Subscriptions, 3, 500, None),
             expect: [OK, OK],
         },
         Row {
             name: "per-event Error (first 2 events)",
             client_secret: false,
+            hold_in_ci: false,
             inject: |e| e.fail_next_events(2),
             expect: [OK, OK],
         },
         Row {
             name: "403 for resource B only",
             client_secret: false,
+            hold_in_ci: false,
             inject: |e| e.forbid_resource(B),
             expect: [OK, &["rejected"]],
         },
@@ -534,8 +550,19 @@ fn run_row(row: &Row) -> Result<String, String> {
     (row.inject)(&r.emu);
     let t = Instant::now();
     let d = Daemon::start(r.dir.path(), &cfg, &env);
-    let report = d.wait_report(StdDuration::from_secs(60), |rep| {
-        settled(rep)
+    let hold = row.hold_in_ci && !long();
+    if hold {
+        // Let the startup pass meet the failing list.
+        let t0 = Instant::now();
+        while r.emu.request_count(Route::Subscriptions) == 0
+            && t0.elapsed() < StdDuration::from_secs(10)
+        {
+            std::thread::sleep(StdDuration::from_millis(50));
+        }
+        std::thread::sleep(StdDuration::from_secs(2));
+    }
+    let report = d.wait_report(StdDuration::from_secs(if hold { 5 } else { 150 }), |rep| {
+        (hold || settled(rep))
             && rep["hours"]
                 .as_array()
                 .unwrap()
@@ -562,10 +589,30 @@ fn run_row(row: &Row) -> Result<String, String> {
     let (oa, qa_seen) = outcome(A);
     let (ob, qb_seen) = outcome(B);
     let mut errs = Vec::new();
-    if !row.expect[0].contains(&oa.as_str()) {
+    let (oa, ob) = if hold {
+        let why = |res: &str| {
+            report["hours"].as_array().unwrap().iter().any(|x| {
+                x["resource"] == res
+                    && x["outcome"] == "pending"
+                    && x["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("subscription list"))
+            })
+        };
+        if !why(A) || !why(B) || !r.emu.accepted_events().is_empty() {
+            errs.push("not held".to_string());
+        }
+        (
+            "held (pending, re-checked after 60 s)".to_string(),
+            "held".to_string(),
+        )
+    } else {
+        (oa, ob)
+    };
+    if !hold && !row.expect[0].contains(&oa.as_str()) {
         errs.push(format!("A: {oa}"));
     }
-    if !row.expect[1].contains(&ob.as_str()) {
+    if !hold && !row.expect[1].contains(&ob.as_str()) {
         errs.push(format!("B: {ob}"));
     }
     // Nothing lost: the journal shows each hour with its exact quantity, and the marketplace billed exactly what
@@ -580,6 +627,7 @@ fn run_row(row: &Row) -> Result<String, String> {
             .filter(|e| e.resource_id.as_deref() == Some(res))
             .collect();
         let want = usize::from(o == "accepted" || o == "duplicate");
+        let want = if hold { 0 } else { want };
         if billed.len() != want
             || billed
                 .iter()
