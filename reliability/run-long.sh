@@ -4,7 +4,7 @@
 # exhaustion, secrets). Prints every table; takes about 10 minutes on 2 cores. Run from the repository root:
 #   reliability/run-long.sh 2>&1 | tee reliability-long.log
 set -eu
-export METERD_LONG=1
+export RELIABILITY_LONG=1
 cargo test --test reliability -- --nocapture --test-threads 1
 cargo test --test hostile -- --nocapture --test-threads 1
 cargo test --test reliability_exhaustion -- --nocapture --test-threads 1

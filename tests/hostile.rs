@@ -2,7 +2,7 @@
 //! a proptest fuzzer of the ingest parsers.
 //!
 //! CI runs everything here in about 15 s. The long fuzz run (200,000 cases per parser):
-//! `METERD_LONG=1 cargo test --release --test hostile fuzz` (see docs/reliability.md).
+//! `RELIABILITY_LONG=1 cargo test --release --test hostile fuzz` (see docs/reliability.md).
 
 mod common;
 
@@ -458,7 +458,7 @@ mod fuzz {
     const A: &str = super::A;
 
     fn cases() -> u32 {
-        if std::env::var("METERD_LONG").is_ok() {
+        if std::env::var("RELIABILITY_LONG").is_ok() {
             200_000
         } else {
             2_000

@@ -2,7 +2,7 @@
 //! disk, and secrets/access. The real `meterd` binary runs against the emulator in this test process.
 //!
 //! CI runs the short versions. The long crash loop (50 kills):
-//! `METERD_LONG=1 cargo test --release --test reliability crash -- --nocapture` (see docs/reliability.md).
+//! `RELIABILITY_LONG=1 cargo test --release --test reliability crash -- --nocapture` (see docs/reliability.md).
 
 mod common;
 
@@ -23,7 +23,7 @@ const TOKEN_ENV: (&str, &str) = ("METERD_MARKETPLACE__AUTH__STATIC_TOKEN", "emul
 const DIMS: [&str; 2] = ["api_calls", "gb_processed"];
 
 fn long() -> bool {
-    std::env::var("METERD_LONG").is_ok()
+    std::env::var("RELIABILITY_LONG").is_ok()
 }
 
 struct Rig {

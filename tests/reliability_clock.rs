@@ -3,7 +3,7 @@
 //! the furthest meterd's clock has been). No hour may be sent twice or before `hour + 1h + grace` of real
 //! time, and every unit ingested ends in exactly one row.
 //!
-//! CI: 24 random step sequences. Long: `METERD_LONG=1 cargo test --release --test reliability_clock` (512).
+//! CI: 24 random step sequences. Long: `RELIABILITY_LONG=1 cargo test --release --test reliability_clock` (512).
 
 use chrono::{DateTime, Duration, Utc};
 use meterd::clock::{Clock, ManualClock, SharedClock};
@@ -174,7 +174,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
 }
 
 fn cases() -> u32 {
-    if std::env::var("METERD_LONG").is_ok() {
+    if std::env::var("RELIABILITY_LONG").is_ok() {
         512
     } else {
         24

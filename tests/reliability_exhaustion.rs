@@ -68,11 +68,7 @@ fn batch(start: usize, n: usize) -> Value {
 }
 
 fn post(d: &Daemon, body: &Value) -> (u16, Option<String>, String) {
-    match http()
-        .post(format!("{}/v1/usage", d.url))
-        .json(body)
-        .send()
-    {
+    match http().post(format!("{}/v1/usage", d.url)).json(body).send() {
         Ok(r) => {
             let s = r.status().as_u16();
             let ra = r
@@ -154,7 +150,10 @@ fn a_full_journal_disk_answers_503_loses_nothing_and_recovers_by_itself() {
             acked += 50;
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "no recovery: {s} {text}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no recovery: {s} {text}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     println!(
@@ -194,7 +193,10 @@ fn a_read_only_journal_is_refused_clearly_and_nothing_acknowledged_is_lost() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap_or("").to_string();
-    println!("READ-ONLY: start on a read-only journal: exit {:?}, {last}", out.status.code());
+    println!(
+        "READ-ONLY: start on a read-only journal: exit {:?}, {last}",
+        out.status.code()
+    );
     assert!(!out.status.success());
     assert!(
         err.contains("read-only") || err.contains("journal"),
@@ -202,7 +204,10 @@ fn a_read_only_journal_is_refused_clearly_and_nothing_acknowledged_is_lost() {
     );
     // Reports still read it.
     let rep = d.cli(&["report", "--format", "json"]);
-    println!("READ-ONLY: `meterd report` on the read-only journal: exit {:?}", rep.status.code());
+    println!(
+        "READ-ONLY: `meterd report` on the read-only journal: exit {:?}",
+        rep.status.code()
+    );
     assert!(fs.remount("rw"), "remount rw");
     let d = Daemon::start(&fs.path, &cfg, &QUIET_ENV);
     assert_eq!(journal_total(&d), 20_000_000);
@@ -248,28 +253,65 @@ fn secrets_never_leak_and_access_is_guarded() {
     collect.push(("METERD_EMIT__GRACE", "11h"));
     let mut seen = String::new();
     let hour = (chrono::Utc::now() - chrono::Duration::hours(2)).format("%Y-%m-%dT%H:00:00Z");
-    let rec = json!([{"resource": A, "dimension": "api_calls", "quantity": 2, "time": hour.to_string()}]);
+    let rec =
+        json!([{"resource": A, "dimension": "api_calls", "quantity": 2, "time": hour.to_string()}]);
     {
         let mut d = Daemon::start(dir.path(), &cfg, &collect);
         let c = http();
         let url = format!("{}/v1/usage", d.url);
         let no = c.post(&url).json(&rec).send().unwrap();
-        let wrong = c.post(&url).bearer_auth("ingest-TOKEN-s3cr3t-0123456788").json(&rec).send().unwrap();
-        let prefix = c.post(&url).bearer_auth(&ingest_token[..10]).json(&rec).send().unwrap();
-        let status_no = c.get(format!("{}/v1/status", d.url)).send().unwrap().status().as_u16();
-        let metrics_no = c.get(format!("{}/metrics", d.url)).send().unwrap().status().as_u16();
-        let health = c.get(format!("{}/healthz", d.url)).send().unwrap().status().as_u16();
-        let ok = c.post(&url).bearer_auth(ingest_token).json(&rec).send().unwrap();
+        let wrong = c
+            .post(&url)
+            .bearer_auth("ingest-TOKEN-s3cr3t-0123456788")
+            .json(&rec)
+            .send()
+            .unwrap();
+        let prefix = c
+            .post(&url)
+            .bearer_auth(&ingest_token[..10])
+            .json(&rec)
+            .send()
+            .unwrap();
+        let status_no = c
+            .get(format!("{}/v1/status", d.url))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16();
+        let metrics_no = c
+            .get(format!("{}/metrics", d.url))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16();
+        let health = c
+            .get(format!("{}/healthz", d.url))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16();
+        let ok = c
+            .post(&url)
+            .bearer_auth(ingest_token)
+            .json(&rec)
+            .send()
+            .unwrap();
         println!(
             "ACCESS: no token {}, wrong token {}, token prefix {}, /v1/status without token {status_no}, /metrics without token {metrics_no}, /healthz without token {health}, right token {}",
-            no.status(), wrong.status(), prefix.status(), ok.status()
+            no.status(),
+            wrong.status(),
+            prefix.status(),
+            ok.status()
         );
         assert_eq!(no.status().as_u16(), 401);
         assert_eq!(wrong.status().as_u16(), 401);
         assert_eq!(prefix.status().as_u16(), 401);
         assert_eq!((status_no, metrics_no, health), (401, 401, 200));
         assert_eq!(ok.status().as_u16(), 202);
-        assert!(!d.log_text().contains("beyond loopback"), "no warning on loopback");
+        assert!(
+            !d.log_text().contains("beyond loopback"),
+            "no warning on loopback"
+        );
         d.terminate(Duration::from_secs(20));
         seen.push_str(&d.log_text());
     }
@@ -278,14 +320,30 @@ fn secrets_never_leak_and_access_is_guarded() {
     emu.fail_next(Route::BatchUsageEvent, 1, 401, None);
     let d = Daemon::start(dir.path(), &cfg, &env);
     d.wait_report(Duration::from_secs(60), |r| {
-        r["hours"].as_array().unwrap().iter().any(|h| h["outcome"] == "accepted")
+        r["hours"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["outcome"] == "accepted")
     });
     let c = http();
-    for path in ["/v1/status", "/metrics", "/v1/usage?resource=".to_string().as_str()] {
-        let r = c.get(format!("{}{path}", d.url)).bearer_auth(ingest_token).send().unwrap();
+    for path in [
+        "/v1/status",
+        "/metrics",
+        "/v1/usage?resource=".to_string().as_str(),
+    ] {
+        let r = c
+            .get(format!("{}{path}", d.url))
+            .bearer_auth(ingest_token)
+            .send()
+            .unwrap();
         seen.push_str(&r.text().unwrap());
     }
-    let r = c.post(format!("{}/v1/flush", d.url)).bearer_auth(ingest_token).send().unwrap();
+    let r = c
+        .post(format!("{}/v1/flush", d.url))
+        .bearer_auth(ingest_token)
+        .send()
+        .unwrap();
     seen.push_str(&r.text().unwrap());
     for args in [
         vec!["status", "--json"],
@@ -316,10 +374,14 @@ fn secrets_never_leak_and_access_is_guarded() {
 #[test]
 fn listening_beyond_loopback_without_a_token_is_warned_about() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = quiet_config(dir.path()).replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\"");
+    let cfg =
+        quiet_config(dir.path()).replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\"");
     let d = Daemon::start(dir.path(), &cfg, &QUIET_ENV);
     let logs = d.log_text();
-    assert!(logs.contains("Ingest listens beyond loopback without a token"), "{logs}");
+    assert!(
+        logs.contains("Ingest listens beyond loopback without a token"),
+        "{logs}"
+    );
     let d2dir = tempfile::tempdir().unwrap();
     let d2 = Daemon::start(d2dir.path(), &quiet_config(d2dir.path()), &QUIET_ENV);
     assert!(!d2.log_text().contains("beyond loopback"));
