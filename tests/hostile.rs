@@ -19,17 +19,15 @@ const REQ_TIMEOUT_S: u64 = 2;
 
 fn start(dir: &std::path::Path) -> Daemon {
     let top = "";
-    let sections = format!(
-        r#"[marketplace]
+    let sections = r#"[marketplace]
 mode = "azure"
 base_url = "http://127.0.0.1:9/api"
 [marketplace.auth]
 kind = "static_token"
 [emit]
 grace = "11h"
-"#
-    );
-    let mut cfg = common::config(dir, top, &sections);
+"#;
+    let mut cfg = common::config(dir, top, sections);
     cfg = cfg.replace(
         "listen = \"127.0.0.1:0\"\n",
         &format!(
@@ -181,9 +179,9 @@ fn cases() -> Vec<Case> {
             body.as_bytes(),
         )
     };
-    let guid_multibyte = format!(
-        r#"{{"resource":"/subscriptionsé/providers/x","dimension":"api_calls","quantity":1}}"#
-    );
+    let guid_multibyte =
+        r#"{"resource":"/subscriptionsé/providers/x","dimension":"api_calls","quantity":1}"#
+            .to_string();
     vec![
         // Encoding
         case("invalid UTF-8 (0xFF 0xFE inside a string)", json_post(&[b"{\"resource\":\"\xff\xfe\",\"dimension\":\"api_calls\",\"quantity\":1}".as_slice()].concat()), &["400"]),
