@@ -561,7 +561,7 @@ fn run_row(row: &Row) -> Result<String, String> {
         }
         std::thread::sleep(StdDuration::from_secs(2));
     }
-    let report = d.wait_report(StdDuration::from_secs(if hold { 5 } else { 150 }), |rep| {
+    let report = d.wait_report(StdDuration::from_secs(if hold { 5 } else { 300 }), |rep| {
         (hold || settled(rep))
             && rep["hours"]
                 .as_array()
