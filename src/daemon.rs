@@ -122,6 +122,11 @@ pub fn ingest_token(
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains in-flight requests.
+///
+/// Slow-client protection: at most `ingest.max_connections` connections are open at once (an accept-side
+/// semaphore: further clients wait in the kernel's backlog, so idle or trickling connections cannot exhaust file
+/// descriptors or tasks), a connection must send its request headers within `ingest.request_timeout`, and each
+/// request (body included) must be served within `ingest.request_timeout` (408 otherwise).
 pub async fn serve(
     listener: Listener,
     state: AppState,
@@ -133,7 +138,7 @@ pub async fn serve(
         .request_timeout
         .to_std()
         .unwrap_or(std::time::Duration::from_secs(30));
-    let limit = state.settings.ingest.max_connections;
+    let limit = state.settings.ingest.max_connections.max(1);
     let app = ingest::router(state)
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
@@ -141,17 +146,154 @@ pub async fn serve(
         ))
         .layer(tower::limit::ConcurrencyLimitLayer::new(limit));
     match listener {
-        Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(shutdown).await?,
+        Listener::Tcp(l) => serve_connections(l, app, limit, timeout, shutdown).await,
         Listener::Unix(l, path) => {
-            let r = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
+            serve_connections(l, app, limit, timeout, shutdown).await;
             let _ = std::fs::remove_file(&path);
-            r?
         }
         Listener::UnixActivated(l, _) => {
             axum::serve(l, app).with_graceful_shutdown(shutdown).await?
         }
     }
     Ok(())
+}
+
+/// The accept loop behind [`serve`]: one permit of a `limit`-sized semaphore per open connection, HTTP/1 header
+/// read timeout `timeout`, graceful shutdown of every connection when `shutdown` resolves.
+async fn serve_connections<L>(
+    mut listener: L,
+    app: axum::Router,
+    limit: usize,
+    timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) where
+    L: axum::serve::Listener,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let permits = Arc::new(tokio::sync::Semaphore::new(limit));
+    let mut stop = stop_rx.clone();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.wait_for(|v| *v) => break,
+        };
+        let io = tokio::select! {
+            (io, _) = listener.accept() => io,
+            _ = stop.wait_for(|v| *v) => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut conn_stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout);
+            let io = IdleTimeout::new(io, timeout);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = conn_stop.wait_for(|v| *v) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    // Drain: every connection gives its permit back when it ends.
+    let _ = permits.acquire_many(limit as u32).await;
+}
+
+/// A connection that closes itself when a read waits longer than `timeout` for a byte: hyper's header read
+/// timeout only starts with the first byte of a request, so without this an idle connection (opened and never
+/// used, or kept alive and forgotten) would hold one of the `max_connections` permits forever.
+struct IdleTimeout<I> {
+    io: I,
+    timeout: std::time::Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl<I> IdleTimeout<I> {
+    fn new(io: I, timeout: std::time::Duration) -> Self {
+        Self {
+            io,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            armed: false,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleTimeout<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.armed = false;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    let deadline = tokio::time::Instant::now() + this.timeout;
+                    this.sleep.as_mut().reset(deadline);
+                    this.armed = true;
+                }
+                if this.sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "idle connection closed (ingest.request_timeout)",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleTimeout<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// Everything `meterd run` needs that is not configuration.

@@ -48,17 +48,52 @@ fn string_field(
     }
 }
 
+/// A record's fields, refusing an object that names a field twice: `{"quantity": 1, "quantity": 2}` is
+/// ambiguous (other JSON readers on the path may take the first value where a map keeps the last), so it is
+/// rejected rather than billed either way.
+struct UniqueFields<'a>(BTreeMap<String, &'a RawValue>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for UniqueFields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = UniqueFields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut map = BTreeMap::new();
+                while let Some((k, v)) = m.next_entry::<String, &'a RawValue>()? {
+                    if map.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("duplicate field `{k}`")));
+                    }
+                    map.insert(k, v);
+                }
+                Ok(UniqueFields(map))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
 fn parse_record(
     state: &AppState,
     index: usize,
     raw: &RawValue,
     now: DateTime<Utc>,
 ) -> Result<NewRecord, Vec<FieldError>> {
-    let map: BTreeMap<String, &RawValue> = serde_json::from_str(raw.get()).map_err(|_| {
+    let UniqueFields(map) = serde_json::from_str(raw.get()).map_err(|e| {
         vec![FieldError {
             index: Some(index),
             field: None,
-            message: "each record must be a JSON object".into(),
+            message: if e.to_string().starts_with("duplicate field") {
+                format!("{e}; each field may appear once")
+            } else {
+                "each record must be a JSON object".into()
+            },
         }]
     })?;
     let mut errors = Vec::new();

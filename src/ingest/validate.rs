@@ -69,7 +69,8 @@ pub fn resource(s: &str) -> Result<String, String> {
     }
     if t.len() <= MAX_RESOURCE_BYTES
         && t.len() > "/subscriptions/".len()
-        && t[..15].eq_ignore_ascii_case("/subscriptions/")
+        && t.get(..15)
+            .is_some_and(|p| p.eq_ignore_ascii_case("/subscriptions/"))
         && t.to_ascii_lowercase().contains("/providers/")
         && !t.chars().any(|c| c.is_control())
     {
