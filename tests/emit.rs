@@ -7,10 +7,10 @@
 
 mod common;
 
-use chrono::{Duration, Timelike, Utc};
+use chrono::{Duration, Utc};
 use common::{Daemon, http};
 use meterd::emulator::{
-    Emulator, EmulatorConfig, NextLinkMode, Phase, Route, Subscription, SubscriptionStatus,
+    EmulatorConfig, NextLinkMode, Phase, Route, Subscription, SubscriptionStatus,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -18,67 +18,8 @@ use std::time::Duration as StdDuration;
 
 const A: &str = "11111111-1111-4111-8111-111111111111";
 const B: &str = "22222222-2222-4222-8222-222222222222";
-const TOKEN_ENV: (&str, &str) = ("METERD_MARKETPLACE__AUTH__STATIC_TOKEN", "emulator-token");
 
-struct Rig {
-    _rt: tokio::runtime::Runtime,
-    emu: Emulator,
-    base: String,
-    dir: tempfile::TempDir,
-}
-
-fn rig(config: EmulatorConfig) -> Rig {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (addr, emu, _task) = rt.block_on(Emulator::spawn_local(config)).unwrap();
-    Rig {
-        _rt: rt,
-        emu,
-        base: format!("http://{addr}"),
-        dir: tempfile::tempdir().unwrap(),
-    }
-}
-
-impl Rig {
-    fn config(&self, emit_extra: &str) -> String {
-        common::config(
-            self.dir.path(),
-            "",
-            &common::emulator_sections(&self.base, emit_extra),
-        )
-    }
-
-    /// Starts the daemon with a long grace: records can be posted for past hours without freezing them.
-    fn collecting(&self, emit_extra: &str) -> Daemon {
-        Daemon::start(
-            self.dir.path(),
-            &self.config(emit_extra),
-            &[TOKEN_ENV, ("METERD_EMIT__GRACE", "11h")],
-        )
-    }
-
-    /// Starts the daemon with grace 0s: the startup pass freezes and sends every closed hour.
-    fn sending(&self, emit_extra: &str) -> Daemon {
-        Daemon::start(self.dir.path(), &self.config(emit_extra), &[TOKEN_ENV])
-    }
-}
-
-fn hour_start(hours_ago: i64) -> chrono::DateTime<Utc> {
-    let t = Utc::now() - Duration::hours(hours_ago);
-    t.with_minute(0)
-        .unwrap()
-        .with_second(0)
-        .unwrap()
-        .with_nanosecond(0)
-        .unwrap()
-}
-
-fn ts(t: chrono::DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
+use common::{TOKEN_ENV, emu_rig as rig, hour_start, ts};
 
 fn post(d: &Daemon, records: &Value) {
     let r = http()

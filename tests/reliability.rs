@@ -19,59 +19,16 @@ use std::time::{Duration as StdDuration, Instant};
 
 const A: &str = "11111111-1111-4111-8111-111111111111";
 const B: &str = "22222222-2222-4222-8222-222222222222";
-const TOKEN_ENV: (&str, &str) = ("METERD_MARKETPLACE__AUTH__STATIC_TOKEN", "emulator-token");
 const DIMS: [&str; 2] = ["api_calls", "gb_processed"];
 
 fn long() -> bool {
     std::env::var("RELIABILITY_LONG").is_ok()
 }
 
-struct Rig {
-    _rt: tokio::runtime::Runtime,
-    emu: Emulator,
-    base: String,
-    dir: tempfile::TempDir,
-}
+use common::{EmuRig as Rig, TOKEN_ENV, hour_start, ts};
 
 fn rig() -> Rig {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (addr, emu, _task) = rt
-        .block_on(Emulator::spawn_local(EmulatorConfig::default()))
-        .unwrap();
-    Rig {
-        _rt: rt,
-        emu,
-        base: format!("http://{addr}"),
-        dir: tempfile::tempdir().unwrap(),
-    }
-}
-
-impl Rig {
-    fn config(&self, emit_extra: &str) -> String {
-        common::config(
-            self.dir.path(),
-            "",
-            &common::emulator_sections(&self.base, emit_extra),
-        )
-    }
-}
-
-fn hour_start(hours_ago: i64) -> chrono::DateTime<Utc> {
-    let t = Utc::now() - Duration::hours(hours_ago);
-    t.with_minute(0)
-        .unwrap()
-        .with_second(0)
-        .unwrap()
-        .with_nanosecond(0)
-        .unwrap()
-}
-
-fn ts(t: chrono::DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    common::emu_rig(EmulatorConfig::default())
 }
 
 fn settled(report: &Value) -> bool {

@@ -268,3 +268,78 @@ pub fn hours(report: &serde_json::Value) -> Vec<(String, String, String, String,
         })
         .collect()
 }
+
+/// The in-process emulator the black-box tests run the daemon against, with a temp dir for the daemon.
+pub struct EmuRig {
+    /// Runtime the emulator serves on (the test body stays blocking).
+    pub _rt: tokio::runtime::Runtime,
+    /// The emulator, for faults and its ledger.
+    pub emu: meterd::emulator::Emulator,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The daemon's directory (journal, configuration).
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts an emulator with `config` on 127.0.0.1:0.
+pub fn emu_rig(config: meterd::emulator::EmulatorConfig) -> EmuRig {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (addr, emu, _task) = rt
+        .block_on(meterd::emulator::Emulator::spawn_local(config))
+        .unwrap();
+    EmuRig {
+        _rt: rt,
+        emu,
+        base: format!("http://{addr}"),
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+/// The static token variable the emulator accepts.
+pub const TOKEN_ENV: (&str, &str) = ("METERD_MARKETPLACE__AUTH__STATIC_TOKEN", "emulator-token");
+
+impl EmuRig {
+    /// A daemon configuration pointing at this emulator, with extra `[emit]` lines.
+    pub fn config(&self, emit_extra: &str) -> String {
+        config(
+            self.dir.path(),
+            "",
+            &emulator_sections(&self.base, emit_extra),
+        )
+    }
+
+    /// Starts the daemon with a long grace: records can be posted for past hours without freezing them.
+    pub fn collecting(&self, emit_extra: &str) -> Daemon {
+        Daemon::start(
+            self.dir.path(),
+            &self.config(emit_extra),
+            &[TOKEN_ENV, ("METERD_EMIT__GRACE", "11h")],
+        )
+    }
+
+    /// Starts the daemon with grace 0s: the startup pass freezes and sends every closed hour.
+    pub fn sending(&self, emit_extra: &str) -> Daemon {
+        Daemon::start(self.dir.path(), &self.config(emit_extra), &[TOKEN_ENV])
+    }
+}
+
+/// The start of the UTC hour `hours_ago` hours before now.
+pub fn hour_start(hours_ago: i64) -> chrono::DateTime<chrono::Utc> {
+    use chrono::Timelike;
+    let t = chrono::Utc::now() - chrono::Duration::hours(hours_ago);
+    t.with_minute(0)
+        .unwrap()
+        .with_second(0)
+        .unwrap()
+        .with_nanosecond(0)
+        .unwrap()
+}
+
+/// RFC 3339 with `Z`, seconds precision.
+pub fn ts(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
