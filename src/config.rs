@@ -185,6 +185,9 @@ pub struct EmitSettings {
     pub concurrency: usize,
     /// Retries stop this long before the 24-hour window closes.
     pub safety_margin: Duration,
+    /// Late usage for a closed hour whose key is not frozen yet still goes into its own hour while at least this
+    /// long is left to send it (`H + 24h - safety_margin - min_send_time` ahead of now); after that it is late.
+    pub min_send_time: Duration,
     /// Upper bound on the final pass at shutdown.
     pub shutdown_timeout: Duration,
     /// First retry delay after a failed attempt (doubles each time, jittered).
@@ -399,6 +402,7 @@ struct RawEmit {
     grace: Option<String>,
     concurrency: Option<i64>,
     safety_margin: Option<String>,
+    min_send_time: Option<String>,
     shutdown_timeout: Option<String>,
     retry_min: Option<String>,
     retry_max: Option<String>,
@@ -879,6 +883,7 @@ impl Settings {
             grace: v.duration("emit.grace", raw.emit.grace, "5m")?,
             concurrency: v.positive("emit.concurrency", raw.emit.concurrency, 4, 64)? as usize,
             safety_margin: v.duration("emit.safety_margin", raw.emit.safety_margin, "15m")?,
+            min_send_time: v.duration("emit.min_send_time", raw.emit.min_send_time, "1h")?,
             shutdown_timeout: v.duration(
                 "emit.shutdown_timeout",
                 raw.emit.shutdown_timeout,
@@ -901,6 +906,32 @@ impl Settings {
         }
         if emit.safety_margin >= Duration::hours(12) {
             return Err(v.err("emit.safety_margin", "must be less than 12h"));
+        }
+        if emit.min_send_time >= Duration::hours(12) {
+            return Err(v.err(
+                "emit.min_send_time",
+                "must be less than 12h (late usage of a closed hour goes into its own hour only while at least this \
+                 long is left to send it; the default is 1h)",
+            ));
+        }
+        if Duration::hours(1) + emit.grace + emit.safety_margin + emit.min_send_time >= Duration::hours(24) {
+            return Err(v.err(
+                "emit.min_send_time",
+                "1h + emit.grace + emit.safety_margin + emit.min_send_time must be less than 24h, or no closed hour \
+                 is ever sendable; lower one of them (defaults: 5m, 15m, 1h)",
+            ));
+        }
+        let retention_min = Duration::hours(25) + emit.grace;
+        if journal.retention < retention_min {
+            return Err(v.err(
+                "journal.retention",
+                format!(
+                    "must be at least {} (25h + emit.grace of {}): a shorter retention could delete hourly totals \
+                     before they are frozen and sent; the default is 730d",
+                    format_duration(retention_min),
+                    format_duration(emit.grace)
+                ),
+            ));
         }
 
         let subscriptions = SubscriptionSettings {

@@ -118,6 +118,7 @@ retry_min = "30s"
             now: self.clock.now_utc(),
             late: self.settings.late_usage,
             safety_margin: self.settings.emit.safety_margin,
+            min_send_time: self.settings.emit.min_send_time,
         };
         let out = self
             .journal
@@ -295,6 +296,7 @@ async fn infinite_allowances_never_bill_and_unlisted_plans_bill_everything() {
         now: t("2026-03-10T10:10:00Z"),
         late: r.settings.late_usage,
         safety_margin: r.settings.emit.safety_margin,
+        min_send_time: r.settings.emit.min_send_time,
     };
     r.journal
         .write(move |c| usage::ingest(c, &recs, &rules))

@@ -18,6 +18,7 @@ fn rules(now: DateTime<Utc>) -> IngestRules {
         now,
         late: LateUsage::CarryForward,
         safety_margin: Duration::minutes(15),
+        min_send_time: Duration::hours(1),
     }
 }
 
@@ -261,6 +262,7 @@ fn retention_keeps_what_it_must() {
             now: t + Duration::minutes(1),
             late: LateUsage::CarryForward,
             safety_margin: Duration::minutes(15),
+        min_send_time: Duration::hours(1),
         };
         journal
             .write_blocking(move |c| usage::ingest(c, &rec, &r))

@@ -118,6 +118,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 now,
                 late: settings.late_usage,
                 safety_margin: settings.emit.safety_margin,
+                min_send_time: settings.emit.min_send_time,
             };
             let out = journal
                 .write(move |c| usage::ingest(c, &[rec], &rules))

@@ -165,6 +165,7 @@ id = "gb_processed"
             now,
             late: self.settings.late_usage,
             safety_margin: self.settings.emit.safety_margin,
+            min_send_time: self.settings.emit.min_send_time,
         };
         self.journal
             .write(move |c| usage::ingest(c, &records, &rules))

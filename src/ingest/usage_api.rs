@@ -190,6 +190,7 @@ pub async fn store(
         now,
         late: state.settings.late_usage,
         safety_margin: state.settings.emit.safety_margin,
+        min_send_time: state.settings.emit.min_send_time,
     };
     let n = records.len();
     let result = state

@@ -12,12 +12,21 @@
 //! 3. **Exact sums.** Quantities are `i64` micro-units everywhere; sums use checked arithmetic.
 //! 4. **Frozen outbound events.** `outbound_events` has one row per (resource, dimension, hour), ever
 //!    (`UNIQUE`); its `body` is written once at freezing and sent byte for byte on every attempt.
-//! 5. **No partial hours.** An hour is frozen only when `hour + 1h + emit.grace <= now`; `meta.frozen_through`
-//!    is the first hour not yet frozen and never moves backwards.
+//! 5. **No partial hours; freezing per key.** A key (resource, dimension, hour) is frozen only when
+//!    `hour + 1h + emit.grace <= now`, by the first pass after that, or (late usage) by the first pass after its
+//!    usage arrives. A record for a closed hour whose key has no outbound event yet, while the hour is still
+//!    sendable (`hour + 24h - emit.safety_margin - emit.min_send_time > now`), goes into its own hour; only a record
+//!    whose key is frozen, or whose hour is past that limit, is late (`late_usage`: carried into the open hour, or
+//!    refused). The freeze pass finds unfrozen totals through the partial index `hourly_totals_unfrozen`.
+//!    `meta.frozen_through` is the first hour the last pass left open and never moves backwards; late usage is
+//!    carried into it or later, so a carry never lands in a frozen key. Every spelling of a resource is journaled
+//!    as its first spelling (`resource_spellings`, ASCII case-insensitive), so two casings are one key.
 //! 6. **Nothing vanishes.** Every record's quantity is in exactly one `hourly_totals` row (its own hour, or a
 //!    later one with a `carries` row saying where from). Every frozen row points at one outbound event, whose
-//!    `state` is its outcome. A record that arrives while its hour is being frozen is serialised by the single
-//!    writer: it is either in the frozen total (it committed first) or carried (it committed after).
+//!    `state` is its outcome; totals a stopped daemon never froze are frozen by the next pass (and expire and carry
+//!    if their window is gone), and retention deletes only settled totals. A record that arrives while its key
+//!    is being frozen is serialised by the single writer: it is either in the frozen total (it committed first)
+//!    or carried (it committed after).
 //! 7. **Single-flight emission.** The `leases` row named `emitter` has one owner until it expires.
 //! 8. **UTC only.** Times are unix seconds (UTC); "now" is always passed in.
 //!

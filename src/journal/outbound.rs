@@ -36,11 +36,15 @@ pub fn first_open_hour(now: DateTime<Utc>, grace: Duration) -> i64 {
 pub struct FreezeSummary {
     /// Outbound events written.
     pub frozen: usize,
-    /// New `frozen_through` (first unfrozen hour), unix seconds.
+    /// New `frozen_through` (first hour still open), unix seconds.
     pub through: i64,
 }
 
-/// Freezes every closed hour: one outbound event per (resource, dimension, hour) with its exact total.
+/// Freezes every key of every closed hour that has no outbound event yet: one outbound event per
+/// (resource, dimension, hour) with its exact total. Freezing is per key: a key of an hour frozen earlier (late
+/// usage that went into its own hour, or totals left by a daemon that was down) is frozen by the next pass, and a
+/// key frozen past its window expires on the same pass (and is carried), so nothing vanishes. The totals to
+/// freeze are found through the partial index `hourly_totals_unfrozen`, not by scanning every total kept.
 ///
 /// The plan is taken from the records when they name one (the one with the largest share if they disagree: the
 /// marketplace keeps one event per resource, dimension and hour); otherwise it is decided before the first send.
@@ -53,12 +57,10 @@ pub fn freeze(
     let old = frozen_through(conn)?;
     let through = first_open_hour(now, grace).max(old);
     let mut summary = FreezeSummary { frozen: 0, through };
-    if through == old {
-        return Ok(summary);
-    }
     let rows: Vec<(String, String, String, i64, i64, i64)> = conn
         .prepare_cached(
             "SELECT resource, plan, dimension, hour, quantity, prebilled FROM hourly_totals
+             INDEXED BY hourly_totals_unfrozen
              WHERE outbound_id IS NULL AND hour < ?1 ORDER BY hour, resource, dimension, plan",
         )?
         .query_map([through], |r| {
@@ -104,7 +106,8 @@ pub fn freeze(
             .query_row(params![resource, dimension, hour], |r| r.get(0))
             .optional()?;
         if existing.is_some() {
-            // Cannot happen while the watermark only moves forward; never lose the units if it does.
+            // Ingest carries usage of a key that has its event, so this cannot happen; never lose the units if
+            // it does. The target is later than `hour` (hour < through <= target) and not frozen.
             let target = hour_of(now).max(through);
             tracing::error!(message = "Hour already has an outbound event; carrying the new units forward.", %resource, %dimension, hour = %fmt_time(hour));
             add_to_hour(conn, &resource, &plan, &dimension, target, qty, 0, qty)?;

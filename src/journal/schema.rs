@@ -169,6 +169,24 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX alerts_undelivered ON alerts(delivered_at, next_attempt_at);
     "#,
+    // 3: per-key freezing and one spelling per resource.
+    r#"
+    -- The freeze pass selects the totals not frozen yet (any closed hour: late usage goes into its own hour while
+    -- its key has no outbound event) through this index, not by scanning every total kept for reports.
+    CREATE INDEX hourly_totals_unfrozen ON hourly_totals(hour) WHERE outbound_id IS NULL;
+
+    -- Resource ids and managed-app URIs are case-insensitive on the marketplace: every spelling of one resource
+    -- is journaled as the first one seen (`folded` is its ASCII lower case), so two casings aggregate into one
+    -- key and the wire carries the first spelling. Filled from what existing journals hold, events first.
+    CREATE TABLE resource_spellings (
+        folded   TEXT PRIMARY KEY,
+        spelling TEXT NOT NULL
+    ) WITHOUT ROWID;
+    INSERT OR IGNORE INTO resource_spellings (folded, spelling)
+        SELECT lower(resource), resource FROM outbound_events ORDER BY hour, id;
+    INSERT OR IGNORE INTO resource_spellings (folded, spelling)
+        SELECT lower(resource), resource FROM hourly_totals ORDER BY hour;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -24,7 +24,8 @@ pub struct JournalStatus {
     pub outcomes: BTreeMap<String, i64>,
     /// Quantity per outcome, decimal units.
     pub outcome_quantities: BTreeMap<String, String>,
-    /// Hours not frozen yet (open or waiting for the grace period), with usage.
+    /// Hours with usage of some key not frozen yet (open, waiting for the grace period, or late usage in its own
+    /// hour waiting for the next pass).
     pub unfrozen_hours: i64,
     /// First hour not yet frozen.
     pub frozen_through: Option<String>,
@@ -87,8 +88,8 @@ pub fn status(conn: &Connection, now: DateTime<Utc>) -> Result<JournalStatus, Jo
         .optional()?;
     let frozen = frozen_through(conn)?;
     let unfrozen: i64 = conn.query_row(
-        "SELECT COUNT(DISTINCT hour) FROM hourly_totals WHERE outbound_id IS NULL AND hour >= ?1",
-        [frozen],
+        "SELECT COUNT(DISTINCT hour) FROM hourly_totals INDEXED BY hourly_totals_unfrozen WHERE outbound_id IS NULL",
+        [],
         |r| r.get(0),
     )?;
     let records: i64 = conn.query_row("SELECT COUNT(*) FROM usage_records", [], |r| r.get(0))?;

@@ -50,8 +50,19 @@ pub struct IngestRules {
     pub now: DateTime<Utc>,
     /// Late usage policy.
     pub late: LateUsage,
-    /// Hours whose window ends within this margin are late.
+    /// Retries of hour H stop at `H + 24h - safety_margin` (`emit.safety_margin`).
     pub safety_margin: Duration,
+    /// A closed hour takes late usage only while `H + 24h - safety_margin - min_send_time` is ahead
+    /// (`emit.min_send_time`).
+    pub min_send_time: Duration,
+}
+
+impl IngestRules {
+    /// The last instant (exclusive) at which a record of `hour` still goes into its own hour: after it, too little
+    /// of the marketplace's window is left to send it.
+    pub fn sendable_until(&self, hour: i64) -> i64 {
+        hour + 24 * HOUR - self.safety_margin.num_seconds() - self.min_send_time.num_seconds()
+    }
 }
 
 /// What an ingest request did.
@@ -74,7 +85,9 @@ pub struct LateRecord {
     pub message: String,
 }
 
-/// The first hour not yet frozen (all earlier hours are frozen).
+/// The first hour the last freeze pass left open (`meta.frozen_through`, never moves backwards). Every total of an
+/// earlier hour was frozen by that pass; late usage may add keys of earlier hours since, which the next pass
+/// freezes. Late usage is carried into this hour or later, whose keys are never frozen yet.
 pub fn frozen_through(conn: &Connection) -> Result<i64, JournalError> {
     Ok(conn
         .prepare_cached("SELECT value FROM meta WHERE key = 'frozen_through'")?
@@ -83,43 +96,82 @@ pub fn frozen_through(conn: &Connection) -> Result<i64, JournalError> {
         .unwrap_or(i64::MIN))
 }
 
-/// Where late usage goes: the open hour, or the first unfrozen hour if the clock is behind it.
+/// Where late usage goes: the open hour, or the first hour the last freeze pass left open if the clock is
+/// behind it (no key of that hour or later is frozen, so the carried units are sent with it).
 pub fn carry_target(conn: &Connection, now: DateTime<Utc>) -> Result<i64, JournalError> {
     Ok(hour_of(now).max(frozen_through(conn)?))
 }
 
-/// Why a record of `hour` cannot go into its own hour, if it cannot.
-fn lateness(hour: i64, frozen: i64, rules: &IngestRules) -> Option<String> {
-    let window_end = hour + 24 * HOUR - rules.safety_margin.num_seconds();
-    if window_end <= rules.now.timestamp() {
-        return Some(format!(
-            "the hour {} is outside the marketplace's 24-hour window",
-            fmt_time(hour)
-        ));
+/// Whether the key (resource, dimension, hour) already has its outbound event (frozen, sending or settled).
+pub fn key_frozen(
+    conn: &Connection,
+    resource: &str,
+    dimension: &str,
+    hour: i64,
+) -> Result<bool, JournalError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM outbound_events WHERE resource = ?1 AND dimension = ?2 AND hour = ?3",
+        )?
+        .exists(params![resource, dimension, hour])?)
+}
+
+/// The journaled spelling of `resource`: the first spelling ever seen of it, compared ASCII case-insensitively
+/// (resource ids and managed-app URIs are case-insensitive on the marketplace). `None` when it is new.
+pub fn known_spelling(conn: &Connection, resource: &str) -> Result<Option<String>, JournalError> {
+    Ok(conn
+        .prepare_cached("SELECT spelling FROM resource_spellings WHERE folded = ?1")?
+        .query_row([resource.to_ascii_lowercase()], |r| r.get(0))
+        .optional()?)
+}
+
+/// Why a record of `hour` cannot go into its own hour, if it cannot: its key is already frozen, or too little of
+/// the hour's window is left to send it. Freezing is per key, so a late record for a key that has no outbound
+/// event yet goes into its own hour even when other keys of that hour are frozen.
+fn lateness(
+    conn: &Connection,
+    resource: &str,
+    dimension: &str,
+    hour: i64,
+    rules: &IngestRules,
+) -> Result<Option<String>, JournalError> {
+    let until = rules.sendable_until(hour);
+    if until <= rules.now.timestamp() {
+        return Ok(Some(format!(
+            "the hour {} can no longer be sent: its 24-hour window (less emit.safety_margin and \
+             emit.min_send_time) ended at {}",
+            fmt_time(hour),
+            fmt_time(until)
+        )));
     }
-    if hour < frozen {
-        return Some(format!(
-            "the hour {} is already closed and frozen for sending",
+    if key_frozen(conn, resource, dimension, hour)? {
+        return Ok(Some(format!(
+            "the hour {} is already closed and frozen for sending for {resource}/{dimension}",
             fmt_time(hour)
-        ));
+        )));
     }
-    None
+    Ok(None)
 }
 
 /// Journals `records` (already validated) in the caller's transaction.
 ///
-/// Returns `Ok(Err(late))` without writing anything when the policy is `reject` and some record is late.
+/// Each record goes into its own hour unless it is late (see `lateness`); a late record goes into the open hour
+/// with a `carries` row naming where it came from. Returns `Ok(Err(late))` without writing anything when the
+/// policy is `reject` and some record is late. Every spelling of a resource is stored as its first spelling.
 pub fn ingest(
     conn: &Connection,
     records: &[NewRecord],
     rules: &IngestRules,
 ) -> Result<Result<IngestOutcome, Vec<LateRecord>>, JournalError> {
-    let frozen = frozen_through(conn)?;
-    let target = hour_of(rules.now).max(frozen);
+    let target = carry_target(conn, rules.now)?;
     let mut seen: HashSet<&str> = HashSet::new();
     let mut exists = conn.prepare_cached("SELECT 1 FROM usage_records WHERE idem_key = ?1")?;
+    // Folded resource -> (journaled spelling, whether it is new to the journal).
+    let mut spellings: HashMap<String, (String, bool)> = HashMap::new();
+    // (resource as journaled, dimension, hour) -> why it is late, decided once per key and request.
+    let mut late_keys: HashMap<(String, &str, i64), Option<String>> = HashMap::new();
     // Phase 1: decide each record's fate without writing, so `reject` stores nothing.
-    let mut plan: Vec<Option<i64>> = Vec::with_capacity(records.len());
+    let mut plan: Vec<Option<(i64, String)>> = Vec::with_capacity(records.len());
     let mut late = Vec::new();
     for (index, r) in records.iter().enumerate() {
         if let Some(k) = r.key.as_deref()
@@ -128,12 +180,33 @@ pub fn ingest(
             plan.push(None);
             continue;
         }
+        let folded = r.resource.to_ascii_lowercase();
+        let resource = match spellings.get(&folded) {
+            Some((s, _)) => s.clone(),
+            None => {
+                let (s, new) = match known_spelling(conn, &r.resource)? {
+                    Some(s) => (s, false),
+                    None => (r.resource.clone(), true),
+                };
+                spellings.insert(folded, (s.clone(), new));
+                s
+            }
+        };
         let hour = hour_of(r.time);
-        match lateness(hour, frozen, rules) {
-            None => plan.push(Some(hour)),
+        let key = (resource.clone(), r.dimension.as_str(), hour);
+        let why = match late_keys.get(&key) {
+            Some(w) => w.clone(),
+            None => {
+                let w = lateness(conn, &resource, &r.dimension, hour, rules)?;
+                late_keys.insert(key, w.clone());
+                w
+            }
+        };
+        match why {
+            None => plan.push(Some((hour, resource))),
             Some(message) => {
                 late.push(LateRecord { index, message });
-                plan.push(Some(target));
+                plan.push(Some((target, resource)));
             }
         }
     }
@@ -141,6 +214,14 @@ pub fn ingest(
         return Ok(Err(late));
     }
     // Phase 2: write.
+    let mut remember = conn.prepare_cached(
+        "INSERT INTO resource_spellings (folded, spelling) VALUES (?1, ?2) ON CONFLICT (folded) DO NOTHING",
+    )?;
+    for (folded, (spelling, new)) in &spellings {
+        if *new {
+            remember.execute(params![folded, spelling])?;
+        }
+    }
     let mut insert = conn.prepare_cached(
         "INSERT INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour, quantity, received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -151,16 +232,17 @@ pub fn ingest(
     type TotalKey<'a> = (&'a str, &'a str, &'a str, i64);
     let mut totals: Vec<(TotalKey, i64, i64, i64)> = Vec::new();
     let mut totals_index: HashMap<TotalKey, usize> = HashMap::new();
-    for (r, decided) in records.iter().zip(plan) {
-        let Some(hour) = decided else {
+    for (r, decided) in records.iter().zip(plan.iter()) {
+        let Some((hour, resource)) = decided else {
             outcome.duplicates += 1;
             continue;
         };
+        let hour = *hour;
         let origin = hour_of(r.time);
         let plan_id = r.plan.as_deref().unwrap_or("");
         insert.execute(params![
             r.key,
-            r.resource,
+            resource,
             plan_id,
             r.dimension,
             r.time.timestamp(),
@@ -173,10 +255,10 @@ pub fn ingest(
         // Summed per hourly total and written once per total below (a batch of 1,000 records of one
         // resource and dimension is one upsert, not 1,000).
         let slot = *totals_index
-            .entry((r.resource.as_str(), plan_id, r.dimension.as_str(), hour))
+            .entry((resource.as_str(), plan_id, r.dimension.as_str(), hour))
             .or_insert_with(|| {
                 totals.push((
-                    (r.resource.as_str(), plan_id, r.dimension.as_str(), hour),
+                    (resource.as_str(), plan_id, r.dimension.as_str(), hour),
                     0,
                     0,
                     0,
@@ -187,7 +269,7 @@ pub fn ingest(
         t.1 = t.1.checked_add(r.quantity.0).ok_or_else(|| {
             JournalError::Invalid(format!(
                 "the hourly total of {}/{} at {} would overflow",
-                r.resource,
+                resource,
                 r.dimension,
                 fmt_time(hour)
             ))
@@ -197,7 +279,7 @@ pub fn ingest(
         if hour != origin {
             record_carry(
                 conn,
-                &r.resource,
+                resource,
                 plan_id,
                 &r.dimension,
                 origin,
@@ -367,7 +449,8 @@ pub fn hourly_report(
         "SELECT h.resource, h.plan, h.dimension, h.hour, h.quantity, h.records, h.carried_in,
                 o.state, o.usage_event_id, o.carried_to, o.last_error, o.plan, o.included, o.send_quantity
          FROM hourly_totals h LEFT JOIN outbound_events o ON o.id = h.outbound_id
-         WHERE (?1 IS NULL OR h.resource = ?1) AND h.hour >= ?2 AND h.hour < ?3
+         WHERE (?1 IS NULL OR h.resource = COALESCE((SELECT spelling FROM resource_spellings WHERE folded = lower(?1)), ?1))
+           AND h.hour >= ?2 AND h.hour < ?3
          ORDER BY h.hour, h.resource, h.dimension, h.plan",
     )?;
     let rows = stmt.query_map(params![filter.resource, from, to], |r| {
@@ -421,7 +504,8 @@ pub fn carry_report(
     let to = filter.to.map(|t| t.timestamp()).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare_cached(
         "SELECT resource, plan, dimension, from_hour, to_hour, quantity, reason FROM carries
-         WHERE (?1 IS NULL OR resource = ?1) AND from_hour >= ?2 AND from_hour < ?3
+         WHERE (?1 IS NULL OR resource = COALESCE((SELECT spelling FROM resource_spellings WHERE folded = lower(?1)), ?1))
+           AND from_hour >= ?2 AND from_hour < ?3
          ORDER BY from_hour, resource, dimension",
     )?;
     let rows = stmt.query_map(params![filter.resource, from, to], |r| {
@@ -465,9 +549,11 @@ pub fn apply_retention(
     dedupe_window: Duration,
 ) -> Result<(usize, usize), JournalError> {
     let cutoff = hour_of(now - retention);
+    // Only settled totals go: a total not frozen yet is never deleted (the freeze pass runs first and freezes
+    // every closed one; `journal.retention` is at least 25h + emit.grace).
     let hours = conn.execute(
         "DELETE FROM hourly_totals WHERE hour < ?1
-           AND (outbound_id IS NULL OR outbound_id IN (SELECT id FROM outbound_events WHERE state != 'pending'))",
+           AND outbound_id IN (SELECT id FROM outbound_events WHERE state != 'pending')",
         [cutoff],
     )?;
     conn.execute(
