@@ -262,13 +262,25 @@ fn retention_keeps_what_it_must() {
             now: t + Duration::minutes(1),
             late: LateUsage::CarryForward,
             safety_margin: Duration::minutes(15),
-        min_send_time: Duration::hours(1),
+            min_send_time: Duration::hours(1),
         };
         journal
             .write_blocking(move |c| usage::ingest(c, &rec, &r))
             .unwrap()
             .unwrap();
     }
+    // The old hour was frozen and ran out of window (retention deletes only settled totals).
+    journal
+        .write_blocking(move |c| {
+            meterd::journal::outbound::freeze(
+                c,
+                old + Duration::hours(2),
+                Duration::minutes(5),
+                Duration::minutes(15),
+            )?;
+            meterd::journal::outbound::expire_overdue(c, old + Duration::hours(25), LateUsage::Reject)
+        })
+        .unwrap();
     let now = base() + Duration::days(10);
     let (hours, records) = journal
         .write_blocking(move |c| {
