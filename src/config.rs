@@ -1240,6 +1240,67 @@ mod tests {
     }
 
     #[test]
+    fn min_send_time_defaults_env_and_bounds() {
+        let s = load_str("[marketplace]\nmode = \"emulator\"\n", "f.toml", &env(&[])).unwrap();
+        assert_eq!(s.emit.min_send_time, Duration::hours(1));
+        let s = load_str(
+            "[marketplace]\nmode = \"emulator\"\n",
+            "f.toml",
+            &env(&[("METERD_EMIT__MIN_SEND_TIME", "30m")]),
+        )
+        .unwrap();
+        assert_eq!(s.emit.min_send_time, Duration::minutes(30));
+        for bad in ["12h", "-1h", "soon"] {
+            let e = load_str(
+                &format!("[marketplace]\nmode = \"emulator\"\n[emit]\nmin_send_time = \"{bad}\"\n"),
+                "f.toml",
+                &env(&[]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("emit.min_send_time"), "{bad}: {e}");
+        }
+        let e = load_str(
+            "[marketplace]\nmode = \"emulator\"\n[emit]\ngrace = \"11h\"\nsafety_margin = \"11h\"\nmin_send_time = \"1h\"\n",
+            "f.toml",
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("emit.min_send_time") && e.contains("24h"), "{e}");
+    }
+
+    #[test]
+    fn retention_shorter_than_25h_plus_grace_is_refused() {
+        let e = load_str(
+            "[marketplace]\nmode = \"emulator\"\n[journal]\nretention = \"1d\"\n",
+            "f.toml",
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("journal.retention") && e.contains("1505m") && e.contains("25h + emit.grace"),
+            "{e}"
+        );
+        let e = load_str(
+            "[marketplace]\nmode = \"emulator\"\n[journal]\nretention = \"25h\"\n",
+            "f.toml",
+            &env(&[("METERD_EMIT__GRACE", "1h")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("journal.retention") && e.contains("26h"), "{e}");
+        let s = load_str(
+            "[marketplace]\nmode = \"emulator\"\n[journal]\nretention = \"1505m\"\n",
+            "f.toml",
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(s.journal.retention, Duration::minutes(1505));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("30s").unwrap(), Duration::seconds(30));
         assert_eq!(parse_duration("7d").unwrap(), Duration::days(7));

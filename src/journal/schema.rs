@@ -211,3 +211,49 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<i64> {
         tx.commit()?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A journal of schema 2 (global freeze watermark, resources as spelled) keeps working after migration 3:
+    /// each resource's first spelling (events first) becomes the journaled one, and the freeze query uses the
+    /// partial index of unfrozen totals.
+    #[test]
+    fn migration_3_keeps_old_journals_and_indexes_unfrozen_totals() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for m in &MIGRATIONS[..2] {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.execute_batch("PRAGMA user_version = 2").unwrap();
+        conn.execute_batch(
+            "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at, deadline, frozen_at)
+                 VALUES ('/subscriptions/X/providers/App', '', 'd', 7200, 1, '', 'accepted', 0, 0, 0);
+             INSERT INTO hourly_totals (resource, plan, dimension, hour, quantity, records)
+                 VALUES ('/subscriptions/x/providers/app', '', 'd', 3600, 1, 1),
+                        ('/subscriptions/y/providers/App', '', 'd', 3600, 1, 1),
+                        ('/subscriptions/Y/providers/App', '', 'd', 7200, 1, 1);",
+        )
+        .unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), current_version());
+        let spelling = |folded: &str| -> String {
+            conn.query_row(
+                "SELECT spelling FROM resource_spellings WHERE folded = ?1",
+                [folded],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(spelling("/subscriptions/x/providers/app"), "/subscriptions/X/providers/App");
+        assert_eq!(spelling("/subscriptions/y/providers/app"), "/subscriptions/y/providers/App");
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT resource, plan, dimension, hour, quantity, prebilled FROM hourly_totals
+                 WHERE outbound_id IS NULL AND hour < 10000 ORDER BY hour, resource, dimension, plan",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("hourly_totals_unfrozen"), "{plan}");
+    }
+}
