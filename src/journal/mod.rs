@@ -18,7 +18,8 @@
 //!    sendable (`hour + 24h - emit.safety_margin - emit.min_send_time > now`), goes into its own hour; only a record
 //!    whose key is frozen, or whose hour is past that limit, is late (`late_usage`: carried into the open hour, or
 //!    refused). The freeze pass finds unfrozen totals through the partial index `hourly_totals_unfrozen`.
-//!    `meta.frozen_through` is the first hour the last pass left open and never moves backwards; late usage is
+//!    `meta.frozen_through` is the first hour the last pass left open and never moves backwards (outbound events
+//!    exist only for earlier hours, so ingest looks up a key's event only for them); late usage is
 //!    carried into it or later, so a carry never lands in a frozen key. Every spelling of a resource is journaled
 //!    as its first spelling (`resource_spellings`, ASCII case-insensitive), so two casings are one key.
 //! 6. **Nothing vanishes.** Every record's quantity is in exactly one `hourly_totals` row (its own hour, or a

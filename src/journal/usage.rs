@@ -128,11 +128,15 @@ pub fn known_spelling(conn: &Connection, resource: &str) -> Result<Option<String
 /// Why a record of `hour` cannot go into its own hour, if it cannot: its key is already frozen, or too little of
 /// the hour's window is left to send it. Freezing is per key, so a late record for a key that has no outbound
 /// event yet goes into its own hour even when other keys of that hour are frozen.
+///
+/// `watermark` is `frozen_through`: outbound events exist only for earlier hours, so a record of that hour or
+/// later (the open hour, the usual case) needs no lookup.
 fn lateness(
     conn: &Connection,
     resource: &str,
     dimension: &str,
     hour: i64,
+    watermark: i64,
     rules: &IngestRules,
 ) -> Result<Option<String>, JournalError> {
     let until = rules.sendable_until(hour);
@@ -144,7 +148,7 @@ fn lateness(
             fmt_time(until)
         )));
     }
-    if key_frozen(conn, resource, dimension, hour)? {
+    if hour < watermark && key_frozen(conn, resource, dimension, hour)? {
         return Ok(Some(format!(
             "the hour {} is already closed and frozen for sending for {resource}/{dimension}",
             fmt_time(hour)
@@ -163,7 +167,8 @@ pub fn ingest(
     records: &[NewRecord],
     rules: &IngestRules,
 ) -> Result<Result<IngestOutcome, Vec<LateRecord>>, JournalError> {
-    let target = carry_target(conn, rules.now)?;
+    let watermark = frozen_through(conn)?;
+    let target = hour_of(rules.now).max(watermark);
     let mut seen: HashSet<&str> = HashSet::new();
     let mut exists = conn.prepare_cached("SELECT 1 FROM usage_records WHERE idem_key = ?1")?;
     // Folded resource -> (journaled spelling, whether it is new to the journal).
@@ -197,7 +202,7 @@ pub fn ingest(
         let why = match late_keys.get(&key) {
             Some(w) => w.clone(),
             None => {
-                let w = lateness(conn, &resource, &r.dimension, hour, rules)?;
+                let w = lateness(conn, &resource, &r.dimension, hour, watermark, rules)?;
                 late_keys.insert(key, w.clone());
                 w
             }
