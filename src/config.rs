@@ -914,7 +914,9 @@ impl Settings {
                  long is left to send it; the default is 1h)",
             ));
         }
-        if Duration::hours(1) + emit.grace + emit.safety_margin + emit.min_send_time >= Duration::hours(24) {
+        if Duration::hours(1) + emit.grace + emit.safety_margin + emit.min_send_time
+            >= Duration::hours(24)
+        {
             return Err(v.err(
                 "emit.min_send_time",
                 "1h + emit.grace + emit.safety_margin + emit.min_send_time must be less than 24h, or no closed hour \
@@ -1280,7 +1282,9 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("journal.retention") && e.contains("1505m") && e.contains("25h + emit.grace"),
+            e.contains("journal.retention")
+                && e.contains("1505m")
+                && e.contains("25h + emit.grace"),
             "{e}"
         );
         let e = load_str(

@@ -278,7 +278,11 @@ fn retention_keeps_what_it_must() {
                 Duration::minutes(5),
                 Duration::minutes(15),
             )?;
-            meterd::journal::outbound::expire_overdue(c, old + Duration::hours(25), LateUsage::Reject)
+            meterd::journal::outbound::expire_overdue(
+                c,
+                old + Duration::hours(25),
+                LateUsage::Reject,
+            )
         })
         .unwrap();
     let now = base() + Duration::days(10);

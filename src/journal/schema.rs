@@ -244,8 +244,14 @@ mod tests {
             )
             .unwrap()
         };
-        assert_eq!(spelling("/subscriptions/x/providers/app"), "/subscriptions/X/providers/App");
-        assert_eq!(spelling("/subscriptions/y/providers/app"), "/subscriptions/y/providers/App");
+        assert_eq!(
+            spelling("/subscriptions/x/providers/app"),
+            "/subscriptions/X/providers/App"
+        );
+        assert_eq!(
+            spelling("/subscriptions/y/providers/app"),
+            "/subscriptions/y/providers/App"
+        );
         let plan: String = conn
             .query_row(
                 "EXPLAIN QUERY PLAN SELECT resource, plan, dimension, hour, quantity, prebilled FROM hourly_totals
