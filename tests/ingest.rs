@@ -316,13 +316,22 @@ fn late_usage_is_carried_forward_or_rejected() {
     let d = start(dir.path(), "0s", "");
     http().post(format!("{}/v1/flush", d.url)).send().unwrap();
     let frozen_hour = hour_start(2);
-    let (status, body) = post(
-        &d,
-        &format!(
-            r#"{{"resource":"{A}","dimension":"api_calls","quantity":1,"time":"{}"}}"#,
-            ts(frozen_hour + Duration::minutes(30))
-        ),
+    // Freezing is per key: the first record of A/api_calls two hours ago goes into its own hour (its key has no
+    // event yet) and the next pass freezes the key; only later usage of that key is carried.
+    let record = |q: i64, t: chrono::DateTime<Utc>| {
+        format!(
+            r#"{{"resource":"{A}","dimension":"api_calls","quantity":{q},"time":"{}"}}"#,
+            ts(t)
+        )
+    };
+    let (status, body) = post(&d, &record(2, frozen_hour + Duration::minutes(10)));
+    assert_eq!(
+        (status, &body["carried"]),
+        (202, &serde_json::json!(0)),
+        "{body}"
     );
+    http().post(format!("{}/v1/flush", d.url)).send().unwrap();
+    let (status, body) = post(&d, &record(1, frozen_hour + Duration::minutes(30)));
     assert_eq!(status, 202);
     assert_eq!(body["carried"], 1);
     let report = d.report();
@@ -338,6 +347,9 @@ fn late_usage_is_carried_forward_or_rejected() {
 
     let dir = tempfile::tempdir().unwrap();
     let d = start(dir.path(), "0s", "late_usage = \"reject\"");
+    http().post(format!("{}/v1/flush", d.url)).send().unwrap();
+    let (status, body) = post(&d, &record(2, frozen_hour + Duration::minutes(10)));
+    assert_eq!(status, 202, "{body}");
     http().post(format!("{}/v1/flush", d.url)).send().unwrap();
     let (status, body) = post(
         &d,
@@ -370,7 +382,7 @@ fn late_usage_is_carried_forward_or_rejected() {
             .contains("24-hour"),
         "{body}"
     );
-    assert_eq!(d.status()["records"], 0);
+    assert_eq!(d.status()["records"], 1, "only the record in its own hour");
 }
 
 #[test]
