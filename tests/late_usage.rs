@@ -595,3 +595,31 @@ async fn two_casings_of_a_managed_app_uri_are_one_event_accepted_with_the_sum() 
     assert_eq!(filtered.len(), 2, "{filtered:#?}");
     assert!(filtered.iter().all(|r| r.resource == APP));
 }
+
+/// Scenario 4b, backfill after an outage: passes ran every hour while the app was cut off from meterd (05:00 to
+/// 09:50); at 09:50 it posts its buffered usage for 05:00-09:40. Every key from 05:00 to 08:00 gets one event in
+/// its own hour on the next pass; 09:00 waits for 10:05 as usual. Nothing is carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_after_an_outage_is_sent_in_its_own_hours() {
+    let rig = Rig::new(t("05:00"), "", EmulatorConfig::default()).await;
+    for h in ["06:05", "07:05", "08:05", "09:05"] {
+        rig.pass_at(t(h)).await;
+    }
+    let mut records = Vec::new();
+    for h in ["05", "06", "07", "08", "09"] {
+        records.push(record(A, API, t(&format!("{h}:20")), "1"));
+        records.push(record(A, API, t(&format!("{h}:40")), "0.5"));
+    }
+    let outcome = rig.ingest(t("09:50"), records).await;
+    assert_eq!(outcome.carried, 0, "{outcome:?}");
+    let pass = rig.pass_at(t("09:51")).await;
+    assert_eq!(pass.frozen, 4, "{pass:?}");
+    assert_eq!(rig.row(A, API, t("09:00")).await.outcome, "open");
+    rig.pass_at(t("10:05")).await;
+    let expected: Vec<_> = ["05:00", "06:00", "07:00", "08:00", "09:00"]
+        .iter()
+        .map(|h| (A.to_string(), API.to_string(), hour_text(h), 1.5))
+        .collect();
+    assert_eq!(rig.accepted(), expected);
+    assert!(rig.carries().await.is_empty());
+}

@@ -61,7 +61,9 @@ pub fn is_guid(s: &str) -> bool {
 }
 
 /// Checks a resource and returns its canonical form: a SaaS subscription id (GUID, lower-cased so that one
-/// subscription never splits into two hourly events) or an ARM resource URI of a managed application.
+/// subscription never splits into two hourly events) or an ARM resource URI of a managed application, kept as
+/// spelled (the journal folds its letter case: every spelling is counted under the first one seen, which is the
+/// one sent; see `journal::usage::known_spelling`).
 pub fn resource(s: &str) -> Result<String, String> {
     let t = s.trim();
     if is_guid(t) {

@@ -235,6 +235,27 @@ mod tests {
                         ('/subscriptions/Y/providers/App', '', 'd', 7200, 1, 1);",
         )
         .unwrap();
+        // Read-only commands (`meterd report`, `status`) of this build read a journal an older daemon still runs.
+        let now = chrono::DateTime::from_timestamp(10 * 3600, 0).unwrap();
+        let filter = crate::journal::usage::ReportFilter {
+            resource: Some("/SUBSCRIPTIONS/Y/PROVIDERS/APP".into()),
+            ..Default::default()
+        };
+        let rows =
+            crate::journal::usage::hourly_report(&conn, &filter, now, chrono::Duration::minutes(5))
+                .unwrap();
+        assert_eq!(
+            rows.len(),
+            2,
+            "any letter case finds the resource: {rows:?}"
+        );
+        crate::journal::usage::carry_report(&conn, &filter).unwrap();
+        assert_eq!(
+            crate::journal::status::status(&conn, now)
+                .unwrap()
+                .unfrozen_hours,
+            2
+        );
         assert_eq!(migrate(&mut conn).unwrap(), current_version());
         let spelling = |folded: &str| -> String {
             conn.query_row(

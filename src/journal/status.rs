@@ -88,7 +88,7 @@ pub fn status(conn: &Connection, now: DateTime<Utc>) -> Result<JournalStatus, Jo
         .optional()?;
     let frozen = frozen_through(conn)?;
     let unfrozen: i64 = conn.query_row(
-        "SELECT COUNT(DISTINCT hour) FROM hourly_totals INDEXED BY hourly_totals_unfrozen WHERE outbound_id IS NULL",
+        "SELECT COUNT(DISTINCT hour) FROM hourly_totals WHERE outbound_id IS NULL",
         [],
         |r| r.get(0),
     )?;

@@ -431,7 +431,7 @@ pub struct CarryRow {
 /// Filter for reports.
 #[derive(Debug, Clone, Default)]
 pub struct ReportFilter {
-    /// Only this resource.
+    /// Only this resource (any letter case: resource ids and URIs are case-insensitive).
     pub resource: Option<String>,
     /// Hours at or after this instant.
     pub from: Option<DateTime<Utc>>,
@@ -454,7 +454,7 @@ pub fn hourly_report(
         "SELECT h.resource, h.plan, h.dimension, h.hour, h.quantity, h.records, h.carried_in,
                 o.state, o.usage_event_id, o.carried_to, o.last_error, o.plan, o.included, o.send_quantity
          FROM hourly_totals h LEFT JOIN outbound_events o ON o.id = h.outbound_id
-         WHERE (?1 IS NULL OR h.resource = COALESCE((SELECT spelling FROM resource_spellings WHERE folded = lower(?1)), ?1))
+         WHERE (?1 IS NULL OR h.resource = ?1 COLLATE NOCASE)
            AND h.hour >= ?2 AND h.hour < ?3
          ORDER BY h.hour, h.resource, h.dimension, h.plan",
     )?;
@@ -509,7 +509,7 @@ pub fn carry_report(
     let to = filter.to.map(|t| t.timestamp()).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare_cached(
         "SELECT resource, plan, dimension, from_hour, to_hour, quantity, reason FROM carries
-         WHERE (?1 IS NULL OR resource = COALESCE((SELECT spelling FROM resource_spellings WHERE folded = lower(?1)), ?1))
+         WHERE (?1 IS NULL OR resource = ?1 COLLATE NOCASE)
            AND from_hour >= ?2 AND from_hour < ?3
          ORDER BY from_hour, resource, dimension",
     )?;
