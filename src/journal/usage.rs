@@ -171,12 +171,15 @@ pub fn ingest(
     let target = hour_of(rules.now).max(watermark);
     let mut seen: HashSet<&str> = HashSet::new();
     let mut exists = conn.prepare_cached("SELECT 1 FROM usage_records WHERE idem_key = ?1")?;
-    // Folded resource -> (journaled spelling, whether it is new to the journal).
-    let mut spellings: HashMap<String, (String, bool)> = HashMap::new();
-    // (resource as journaled, dimension, hour) -> why it is late, decided once per key and request.
-    let mut late_keys: HashMap<(String, &str, i64), Option<String>> = HashMap::new();
+    // Resources of this request: (folded, journaled spelling, new to the journal), found by the spelling as given
+    // (the common case: one spelling repeated) or else by the folded form.
+    let mut names: Vec<(String, String, bool)> = Vec::new();
+    let mut by_given: HashMap<&str, usize> = HashMap::new();
+    let mut by_folded: HashMap<String, usize> = HashMap::new();
+    // (resource, dimension, hour) -> why it is late, decided once per key and request.
+    let mut late_keys: HashMap<(usize, &str, i64), Option<String>> = HashMap::new();
     // Phase 1: decide each record's fate without writing, so `reject` stores nothing.
-    let mut plan: Vec<Option<(i64, String)>> = Vec::with_capacity(records.len());
+    let mut plan: Vec<Option<(i64, usize)>> = Vec::with_capacity(records.len());
     let mut late = Vec::new();
     for (index, r) in records.iter().enumerate() {
         if let Some(k) = r.key.as_deref()
@@ -185,33 +188,40 @@ pub fn ingest(
             plan.push(None);
             continue;
         }
-        let folded = r.resource.to_ascii_lowercase();
-        let resource = match spellings.get(&folded) {
-            Some((s, _)) => s.clone(),
+        let name = match by_given.get(r.resource.as_str()) {
+            Some(&i) => i,
             None => {
-                let (s, new) = match known_spelling(conn, &r.resource)? {
-                    Some(s) => (s, false),
-                    None => (r.resource.clone(), true),
+                let folded = r.resource.to_ascii_lowercase();
+                let i = match by_folded.get(&folded) {
+                    Some(&i) => i,
+                    None => {
+                        let (spelling, new) = match known_spelling(conn, &r.resource)? {
+                            Some(s) => (s, false),
+                            None => (r.resource.clone(), true),
+                        };
+                        names.push((folded.clone(), spelling, new));
+                        by_folded.insert(folded, names.len() - 1);
+                        names.len() - 1
+                    }
                 };
-                spellings.insert(folded, (s.clone(), new));
-                s
+                by_given.insert(r.resource.as_str(), i);
+                i
             }
         };
         let hour = hour_of(r.time);
-        let key = (resource.clone(), r.dimension.as_str(), hour);
-        let why = match late_keys.get(&key) {
+        let why = match late_keys.get(&(name, r.dimension.as_str(), hour)) {
             Some(w) => w.clone(),
             None => {
-                let w = lateness(conn, &resource, &r.dimension, hour, watermark, rules)?;
-                late_keys.insert(key, w.clone());
+                let w = lateness(conn, &names[name].1, &r.dimension, hour, watermark, rules)?;
+                late_keys.insert((name, r.dimension.as_str(), hour), w.clone());
                 w
             }
         };
         match why {
-            None => plan.push(Some((hour, resource))),
+            None => plan.push(Some((hour, name))),
             Some(message) => {
                 late.push(LateRecord { index, message });
-                plan.push(Some((target, resource)));
+                plan.push(Some((target, name)));
             }
         }
     }
@@ -222,7 +232,7 @@ pub fn ingest(
     let mut remember = conn.prepare_cached(
         "INSERT INTO resource_spellings (folded, spelling) VALUES (?1, ?2) ON CONFLICT (folded) DO NOTHING",
     )?;
-    for (folded, (spelling, new)) in &spellings {
+    for (folded, spelling, new) in &names {
         if *new {
             remember.execute(params![folded, spelling])?;
         }
@@ -237,12 +247,12 @@ pub fn ingest(
     type TotalKey<'a> = (&'a str, &'a str, &'a str, i64);
     let mut totals: Vec<(TotalKey, i64, i64, i64)> = Vec::new();
     let mut totals_index: HashMap<TotalKey, usize> = HashMap::new();
-    for (r, decided) in records.iter().zip(plan.iter()) {
-        let Some((hour, resource)) = decided else {
+    for (r, decided) in records.iter().zip(plan) {
+        let Some((hour, name)) = decided else {
             outcome.duplicates += 1;
             continue;
         };
-        let hour = *hour;
+        let resource = names[name].1.as_str();
         let origin = hour_of(r.time);
         let plan_id = r.plan.as_deref().unwrap_or("");
         insert.execute(params![
@@ -260,14 +270,9 @@ pub fn ingest(
         // Summed per hourly total and written once per total below (a batch of 1,000 records of one
         // resource and dimension is one upsert, not 1,000).
         let slot = *totals_index
-            .entry((resource.as_str(), plan_id, r.dimension.as_str(), hour))
+            .entry((resource, plan_id, r.dimension.as_str(), hour))
             .or_insert_with(|| {
-                totals.push((
-                    (resource.as_str(), plan_id, r.dimension.as_str(), hour),
-                    0,
-                    0,
-                    0,
-                ));
+                totals.push(((resource, plan_id, r.dimension.as_str(), hour), 0, 0, 0));
                 totals.len() - 1
             });
         let t = &mut totals[slot];
