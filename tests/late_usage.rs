@@ -623,3 +623,93 @@ async fn backfill_after_an_outage_is_sent_in_its_own_hours() {
     assert_eq!(rig.accepted(), expected);
     assert!(rig.carries().await.is_empty());
 }
+
+/// The same race with a known order: 100 ingest jobs, the freeze job, then 100 more are handed to the writer
+/// before any is answered (they share group commits). The writer serialises them in that order, so the first 100
+/// records are exactly the frozen quantity and the last 100 exactly the carried one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_queued_before_the_freeze_of_their_key_are_frozen_and_after_it_carried() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+    type Job = Pin<Box<dyn Future<Output = i64> + Send>>;
+    let rig = Rig::new(t("10:10"), "", EmulatorConfig::default()).await;
+    let now = t("10:10");
+    let mut jobs: Vec<Job> = Vec::new();
+    for i in 0..200i64 {
+        if i == 100 {
+            let journal = rig.journal.clone();
+            jobs.push(Box::pin(async move {
+                journal
+                    .write(move |c| {
+                        meterd::journal::outbound::freeze(
+                            c,
+                            now,
+                            Duration::minutes(5),
+                            Duration::minutes(15),
+                        )
+                        .map(|_| 0)
+                    })
+                    .await
+                    .unwrap()
+            }));
+        }
+        let journal = rig.journal.clone();
+        let rules = rig.rules(now);
+        jobs.push(Box::pin(async move {
+            let rec = vec![NewRecord {
+                resource: A.into(),
+                plan: None,
+                dimension: API.into(),
+                time: t("09:30"),
+                quantity: Micros(i + 1),
+                key: None,
+            }];
+            let out = journal
+                .write(move |c| usage::ingest(c, &rec, &rules))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(out.carried, usize::from(i >= 100), "record {i}");
+            i + 1
+        }));
+    }
+    // The first poll of each hands its job to the writer, in order.
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut done = 0i64;
+    let mut waiting = Vec::new();
+    for mut job in jobs {
+        match job.as_mut().poll(&mut cx) {
+            Poll::Ready(q) => done += q,
+            Poll::Pending => waiting.push(job),
+        }
+    }
+    for job in waiting {
+        done += job.await;
+    }
+    assert_eq!(done, 200 * 201 / 2);
+    let (frozen, carried): (i64, i64) = rig
+        .journal
+        .read(move |c| {
+            Ok((
+                c.query_row(
+                    "SELECT quantity FROM outbound_events WHERE hour = ?1",
+                    [t("09:00").timestamp()],
+                    |r| r.get(0),
+                )?,
+                c.query_row(
+                    "SELECT SUM(quantity) FROM carries WHERE from_hour = ?1",
+                    [t("09:00").timestamp()],
+                    |r| r.get(0),
+                )?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(frozen, 100 * 101 / 2, "records 1..=100 are frozen");
+    assert_eq!(
+        carried,
+        200 * 201 / 2 - 100 * 101 / 2,
+        "records 101..=200 are carried"
+    );
+}
