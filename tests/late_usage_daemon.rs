@@ -124,3 +124,61 @@ fn running_daemon_sends_usage_for_hours_ago_in_its_own_hour() {
         .sum();
     assert_eq!(accepted_total, expected.values().sum::<i64>());
 }
+
+/// Defect 6 through the HTTP API: one managed application URI posted in two letter cases is one event, accepted
+/// by the emulator with the sum and the first spelling; no second event, no `duplicate_mismatch`.
+#[test]
+fn managed_app_uri_in_two_letter_cases_is_one_event_with_the_sum() {
+    const APP: &str = "/subscriptions/aaaa0000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.Solutions/applications/app1";
+    let r = emu_rig(EmulatorConfig {
+        managed_apps: vec![meterd::emulator::ManagedApp {
+            resource_uri: APP.into(),
+            resource_usage_id: None,
+            offer_id: "emulator-offer".into(),
+        }],
+        ..EmulatorConfig::default()
+    });
+    let cfg = common::config(
+        r.dir.path(),
+        "default_plan = \"gold\"",
+        &common::emulator_sections(&r.base, ""),
+    );
+    let d = Daemon::start(r.dir.path(), &cfg, &[common::TOKEN_ENV]);
+    let hour = hour_start(2);
+    let shouting = APP
+        .to_ascii_uppercase()
+        .replacen("/SUBSCRIPTIONS/", "/subscriptions/", 1);
+    let answer = post(
+        &d,
+        &json!([
+            {"resource": APP, "dimension": "api_calls", "quantity": 1.5, "time": ts(hour + Duration::minutes(5))},
+            {"resource": shouting, "dimension": "api_calls", "quantity": 2, "time": ts(hour + Duration::minutes(15))},
+            {"resource": APP.to_ascii_lowercase(), "dimension": "api_calls", "quantity": 0.25,
+             "time": ts(hour + Duration::minutes(25))},
+        ]),
+    );
+    assert_eq!(
+        (answer["accepted"].as_i64(), answer["carried"].as_i64()),
+        (Some(3), Some(0)),
+        "{answer}"
+    );
+    flush(&d);
+    let report = d.wait_report(StdDuration::from_secs(60), |rep| {
+        rep["hours"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["outcome"] == "accepted")
+    });
+    let rows = report["hours"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "one key: {report}");
+    assert_eq!(
+        (rows[0]["resource"].as_str(), rows[0]["quantity"].as_str()),
+        (Some(APP), Some("3.75"))
+    );
+    let accepted = r.emu.accepted_events();
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(accepted[0].resource_uri.as_deref(), Some(APP));
+    assert_eq!(accepted[0].quantity, 3.75);
+    assert_eq!(r.emu.received_events().len(), 1, "sent once");
+}
