@@ -178,14 +178,18 @@ pub fn bill(
         .optional()?
         .unwrap_or(0);
     let billable = overage + prebilled + carried_in;
-    let (send, remainder) = if unit > 1 {
+    let (send, remainder) = if billable <= 0 {
+        // A negative remainder: an hour whose units were later given back (it ended not billed) after a later
+        // hour had already sent units built on its leftover. Nothing is sent until usage covers it.
+        (0, billable)
+    } else if unit > 1 {
         let per_unit = unit * crate::quantity::MICROS;
         let whole = billable / per_unit;
         (whole * crate::quantity::MICROS, billable - whole * per_unit)
     } else {
         (billable, 0)
     };
-    if unit > 1 || carried_in != 0 {
+    if unit > 1 || carried_in != 0 || remainder != 0 {
         conn.prepare_cached(
             "INSERT INTO remainders (resource, dimension, remainder) VALUES (?1, ?2, ?3)
              ON CONFLICT (resource, dimension) DO UPDATE SET remainder = excluded.remainder",

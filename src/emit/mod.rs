@@ -9,7 +9,7 @@
 pub mod schedule;
 
 use crate::clock::SharedClock;
-use crate::config::{AuthKind, EndpointVersion, LateUsage, MarketplaceMode, Settings};
+use crate::config::{AuthKind, EndpointVersion, MarketplaceMode, Settings};
 use crate::ingest::validate::is_guid;
 use crate::journal::Journal;
 use crate::journal::outbound::{self, KnownSubscription, ListedSubscription, PendingEvent, Settle};
@@ -32,10 +32,10 @@ pub const BATCH_SIZE: usize = 25;
 const PASS_LIMIT: i64 = 200_000;
 /// How long a pass may hold the emitter lease before another process may take it over.
 const LEASE_TTL_SECS: i64 = 600;
-/// A held event (subscription not active yet) is due again at once: every pass looks at it.
-const HOLD_RECHECK_SECS: i64 = 0;
 /// With held events waiting, the subscription list is re-read at most this often (passes can be frequent).
 const HELD_REFRESH_SECS: i64 = 60;
+/// How a hold after a marketplace refusal (`ResourceNotFound`, `ResourceNotActive`) starts its reason.
+pub const REFUSED: &str = "the marketplace answered ";
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -202,6 +202,12 @@ impl Emitter {
         self.last.lock().expect("last pass lock").clone()
     }
 
+    /// How long a held event waits before it is looked at again: one subscription list refresh, so a refused
+    /// hour is neither re-sent nor re-checked more often than the list can change in meterd's view.
+    fn hold_recheck(&self) -> Duration {
+        self.settings.subscriptions.refresh.max(Duration::seconds(1))
+    }
+
     fn delays(&self) -> RetryDelays {
         RetryDelays {
             min: self
@@ -258,7 +264,10 @@ impl Emitter {
             started: now.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
             ..Default::default()
         };
-        let (owner, late) = (self.owner.clone(), self.settings.late_usage);
+        let (owner, policy) = (
+            self.owner.clone(),
+            outbound::SettlePolicy::from_settings(&self.settings),
+        );
         let (grace, margin) = (self.settings.emit.grace, self.settings.emit.safety_margin);
         let pending_age = self.settings.alerts.pending_age;
         let lease = self
@@ -279,7 +288,7 @@ impl Emitter {
             return Ok(summary);
         }
         let result = self
-            .pass_locked(now, late, grace, margin, pending_age, &mut summary)
+            .pass_locked(now, policy, grace, margin, pending_age, &mut summary)
             .await;
         let owner = self.owner.clone();
         self.journal
@@ -303,7 +312,7 @@ impl Emitter {
     async fn pass_locked(
         &self,
         now: DateTime<Utc>,
-        late: LateUsage,
+        policy: outbound::SettlePolicy,
         grace: Duration,
         margin: Duration,
         pending_age: Duration,
@@ -313,6 +322,7 @@ impl Emitter {
             self.settings.journal.retention,
             self.settings.ingest.dedupe_window,
         );
+        let expire_policy = policy.clone();
         let (frozen, expired) = self
             .journal
             .write(move |c| {
@@ -321,16 +331,9 @@ impl Emitter {
                     tracing::warn!(message = "Events were in flight when meterd stopped; they count as possibly recorded.", events = recovered);
                 }
                 let f = outbound::freeze(c, now, grace, margin)?;
-                let e = outbound::expire_overdue(c, now, late)?;
+                let e = outbound::expire_overdue(c, now, &expire_policy)?;
                 for x in e.iter().filter(|x| x.state == "expired_unconfirmed") {
-                    crate::alerts::raise(
-                        c,
-                        "expired_unconfirmed",
-                        &format!("expired_unconfirmed:{}", x.id),
-                        serde_json::json!({"resource": x.resource, "dimension": x.dimension, "hour": x.hour,
-                            "advice": "an attempt may have been recorded; run `meterd reconcile --date` for this day"}),
-                        now,
-                    )?;
+                    raise_expired_unconfirmed(c, x.id, now)?;
                 }
                 outbound::raise_pending_age_alerts(c, now, pending_age)?;
                 let (hours, records) = crate::journal::usage::apply_retention(c, now, retention, dedupe_window)?;
@@ -346,10 +349,8 @@ impl Emitter {
         }
         for e in &expired {
             match e.state.as_str() {
-                "expired_unconfirmed" => tracing::error!(
-                    message = "Event expired after an ambiguous attempt; nothing carried. Run `meterd reconcile` for its day.",
-                    resource = %e.resource, dimension = %e.dimension, hour = %e.hour, alert = "expired_unconfirmed"
-                ),
+                // Logged at error level with its alert, in `raise_expired_unconfirmed`.
+                "expired_unconfirmed" => {}
                 state => {
                     tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = state)
                 }
@@ -378,6 +379,7 @@ impl Emitter {
             .zip(decisions)
             .map(|(e, d)| (e.id, d, e))
             .collect();
+        let decide_policy = policy.clone();
         let (sendable, counts) = self
             .journal
             .write(move |c| {
@@ -386,7 +388,7 @@ impl Emitter {
                 for (id, decision, ev) in to_write {
                     match decision {
                         Decision::Settle(s) => {
-                            let state = outbound::settle(c, id, &s, now, late)?;
+                            let state = outbound::settle(c, id, &s, now, &decide_policy)?;
                             let name = match (&s, state) {
                                 (Settle::Hold { .. }, _) => "held",
                                 (Settle::Defer { .. }, _) => "deferred",
@@ -427,6 +429,8 @@ impl Emitter {
             })
             .await?;
         for (k, n) in counts {
+            // Outcomes settled without a call (included, remainder, skipped_unsubscribed, held, ...) count too.
+            metrics::counter!("meterd_events_total", "outcome" => k.clone()).increment(n as u64);
             *summary.outcomes.entry(k).or_default() += n;
         }
         if sendable.is_empty() {
@@ -468,8 +472,18 @@ impl Emitter {
                 self.clock.clone(),
             );
             let delays = self.delays();
+            let policy = policy.clone();
+            let hold_recheck = self.hold_recheck();
             tasks.spawn(async move {
-                let r = send_batch(&client, &journal, &clock, late, delays, batch).await;
+                let r = send_batch(
+                    &client,
+                    &journal,
+                    &clock,
+                    policy,
+                    (delays, hold_recheck),
+                    batch,
+                )
+                .await;
                 drop(permit);
                 r
             });
@@ -576,7 +590,8 @@ impl Emitter {
         known: &Option<BTreeMap<String, KnownSubscription>>,
         now: DateTime<Utc>,
     ) -> Decision {
-        let recheck = now + Duration::seconds(HOLD_RECHECK_SECS);
+        // A held event is looked at again after one list refresh, not at every pass.
+        let recheck = now + self.hold_recheck();
         let sub = known
             .as_ref()
             .and_then(|k| k.get(&ev.resource.to_ascii_lowercase()));
@@ -600,7 +615,9 @@ impl Emitter {
                 Some(s) if s.status == "Subscribed" => {}
                 Some(s) if s.status == "Unsubscribed" => {
                     let seen = s.unsubscribed_seen_at.unwrap_or(now.timestamp());
-                    if ev.hour + HOUR > seen {
+                    // The marketplace refused this hour and the list now shows the cancellation: the hour
+                    // closed after the real cancellation, before meterd saw it. Sending again cannot help.
+                    if ev.hour + HOUR > seen || ev.refused {
                         return Decision::Settle(Settle::SkippedUnsubscribed);
                     }
                 }
@@ -675,8 +692,8 @@ async fn send_batch(
     client: &MarketplaceClient,
     journal: &Journal,
     clock: &SharedClock,
-    late: LateUsage,
-    delays: RetryDelays,
+    policy: outbound::SettlePolicy,
+    (delays, hold_recheck): (RetryDelays, Duration),
     batch: Vec<PendingEvent>,
 ) -> anyhow::Result<BatchResult> {
     let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
@@ -717,8 +734,12 @@ async fn send_batch(
                 let sent_quantity = ev.send_quantity.unwrap_or(ev.quantity);
                 let settle = match classify(r, sent_quantity) {
                     Classified::Accepted { usage_event_id } => Settle::Accepted { usage_event_id },
-                    Classified::Duplicate => Settle::Duplicate {
-                        market_quantity: Some(ev.quantity),
+                    Classified::Duplicate {
+                        theirs_micros,
+                        usage_event_id,
+                    } => Settle::Duplicate {
+                        market_quantity: theirs_micros.or(Some(sent_quantity)),
+                        usage_event_id,
                     },
                     Classified::DuplicateMismatch {
                         ours_micros,
@@ -741,10 +762,10 @@ async fn send_batch(
                         result.recheck_subscriptions = true;
                         Settle::Hold {
                             reason: format!(
-                                "the marketplace answered {}; re-checking the subscription",
+                                "{REFUSED}{}; re-checking the subscription",
                                 status.as_str()
                             ),
-                            next_at: now + Duration::seconds(HOLD_RECHECK_SECS),
+                            next_at: now + hold_recheck,
                         }
                     }
                     Classified::NotAuthorized { message } => {
@@ -765,10 +786,10 @@ async fn send_batch(
                             reason: format!("{}: {message}", status.as_str()),
                         }
                     }
-                    Classified::Transient { message } => Settle::Retry {
+                    Classified::Transient { message, ambiguous } => Settle::Retry {
                         error: message,
                         next_at: now + delays.after(ev.attempts + 1),
-                        ambiguous: false,
+                        ambiguous,
                     },
                 };
                 settles.push((ev.id, settle));
@@ -842,8 +863,12 @@ async fn send_batch(
             }
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             for (id, s) in &settles {
-                let state = outbound::settle(c, *id, s, now, late)?;
+                let state = outbound::settle(c, *id, s, now, &policy)?;
                 raise_for(c, *id, s, now)?;
+                if state == "expired_unconfirmed" {
+                    // A per-event `Expired` after an earlier ambiguous attempt: the same alert as an expiry.
+                    raise_expired_unconfirmed(c, *id, now)?;
+                }
                 let name = match (s, state) {
                     (Settle::Hold { .. }, _) => "held",
                     (Settle::Retry { .. }, _) => "retry",
@@ -859,6 +884,31 @@ async fn send_batch(
     }
     result.outcomes = outcomes;
     Ok(result)
+}
+
+/// Raises the reconcile alert for an event that ended `expired_unconfirmed` (whichever way it got there) and logs
+/// it at error level, in the same transaction as the outcome.
+fn raise_expired_unconfirmed(
+    c: &rusqlite::Connection,
+    id: i64,
+    now: DateTime<Utc>,
+) -> Result<(), crate::journal::JournalError> {
+    let mut body = outbound::event_summary(c, id)?;
+    body["advice"] = "an attempt may have been recorded; run `meterd reconcile --date` for this day".into();
+    if crate::alerts::raise(
+        c,
+        "expired_unconfirmed",
+        &format!("expired_unconfirmed:{id}"),
+        body.clone(),
+        now,
+    )? {
+        tracing::error!(
+            message = "Event expired after an ambiguous attempt; nothing carried. Run `meterd reconcile` for its day.",
+            resource = %body["resource"].as_str().unwrap_or(""), dimension = %body["dimension"].as_str().unwrap_or(""),
+            hour = %body["hour"].as_str().unwrap_or(""), alert = "expired_unconfirmed"
+        );
+    }
+    Ok(())
 }
 
 /// Raises the alert an outcome calls for, in the same transaction as the outcome.
