@@ -79,7 +79,8 @@ pub async fn list(State(emulator): State<Emulator>, call: Call) -> Response {
                 }
             },
         };
-        let world = emulator.lock();
+        let mut world = emulator.lock();
+        world.apply_cancellations(emulator.now());
         if world.subscriptions.is_empty() {
             return StatusCode::OK.into_response();
         }
