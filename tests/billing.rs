@@ -6,7 +6,7 @@ use chrono::{DateTime, Duration, Utc};
 use meterd::clock::{ManualClock, SharedClock};
 use meterd::config::{self, Settings};
 use meterd::emit::{self, Emitter};
-use meterd::emulator::{Emulator, EmulatorConfig, Plan, Route, Subscription};
+use meterd::emulator::{Emulator, EmulatorConfig, Phase, Plan, Route, Subscription, SubscriptionStatus};
 use meterd::journal::Journal;
 use meterd::journal::usage::{self, IngestRules, NewRecord, ReportFilter};
 use meterd::quantity::Micros;
@@ -517,4 +517,115 @@ async fn reconcile_reports_a_planted_difference() {
         ),
         ("api_calls", "0", "3")
     );
+}
+
+/// Alerts of `kind` in the journal.
+async fn alerts_of(r: &Rig, kind: &str) -> Vec<serde_json::Value> {
+    let kind = kind.to_string();
+    r.journal
+        .read(move |c| meterd::alerts::list(c, 1000))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a["kind"] == kind.as_str())
+        .collect()
+}
+
+/// A scripted batch answer (HTTP 200) with one result for A's `dimension` at `hour`.
+fn answer(status: &str, dimension: &str, hour: &str, quantity: f64) -> meterd::emulator::Fault {
+    let body = serde_json::json!({"count": 1, "result": [{
+        "status": status, "resourceId": A, "dimension": dimension, "planId": "gold",
+        "effectiveStartTime": hour, "quantity": quantity, "messageTime": hour,
+        "error": {"code": status, "message": format!("scripted {status}")}
+    }]});
+    meterd::emulator::Fault::new(
+        Route::BatchUsageEvent,
+        meterd::emulator::FaultKind::Fail {
+            status: 200,
+            retry_after: None,
+            body: Some(body),
+        },
+        1,
+    )
+}
+
+/// Issue 11 defect 1: an event that expires after billing carries only what its whole units covered; the
+/// remainder it left behind is billed once, from the `remainders` table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_1_an_expired_event_does_not_bill_its_remainder_twice() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.ingest("compute_blocks", "2026-03-10T09:30:00Z", "3000")
+        .await;
+    // Every batch answers 503 until the 09:00 event runs out of window.
+    r.emu.fail_next(Route::BatchUsageEvent, 10_000, 503, None);
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(r.outcome("compute_blocks", "2026-03-10T09:00:00Z").await, "pending");
+    r.pass_at("2026-03-11T09:00:00Z").await;
+    // Expired and carried into the open hour (the report names it `carried`).
+    assert_eq!(r.outcome("compute_blocks", "2026-03-10T09:00:00Z").await, "carried");
+    r.emu.clear_faults();
+    r.pass_at("2026-03-11T10:05:00Z").await;
+    // 3,000 s are 2 units of 1,200 s and 600 s carried: never 3 units.
+    assert_eq!(r.sent("compute_blocks", "2026-03-11T09:00:00Z"), Some(2.0));
+    let b = r.balance("compute_blocks").await;
+    assert_eq!(b.carried_remainder, "600");
+    let units: f64 = r.emu.accepted_events().iter().map(|e| e.quantity).sum();
+    assert_eq!(units as i64 * 1200 + 600, 3000);
+}
+
+/// Issue 11 defect 4: a definite refusal (`ResourceNotActive`) clears the in-flight marker, so the event ends
+/// `not_active` at its deadline, never `expired_unconfirmed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_4_a_refused_event_ends_not_active_not_expired_unconfirmed() {
+    let r = Rig::new(
+        "2026-03-10T09:00:00Z",
+        "default_plan = \"gold\"\n[subscriptions]\ncheck = false\n",
+    ).await;
+    r.emu.set_status(A, SubscriptionStatus::Suspended);
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "500").await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(r.outcome("api_calls", "2026-03-10T09:00:00Z").await, "pending");
+    assert_eq!(r.emu.request_count(Route::BatchUsageEvent), 1);
+    r.pass_at("2026-03-10T10:20:00Z").await;
+    assert_eq!(r.emu.request_count(Route::BatchUsageEvent), 2);
+    r.pass_at("2026-03-11T09:00:00Z").await;
+    assert_eq!(r.outcome("api_calls", "2026-03-10T09:00:00Z").await, "not_active");
+    assert!(alerts_of(&r, "expired_unconfirmed").await.is_empty());
+}
+
+/// Issue 11 defect 7: after an ambiguous attempt, a per-event `Expired` ends `expired_unconfirmed` with the
+/// reconcile alert, just like an expiry by deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_7_expired_unconfirmed_from_an_expired_answer_raises_the_reconcile_alert() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "500").await;
+    r.emu.drop_next(Route::BatchUsageEvent, 1, Phase::Before);
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(r.outcome("api_calls", "2026-03-10T09:00:00Z").await, "pending");
+    r.emu
+        .add_fault(answer("Expired", "api_calls", "2026-03-10T09:00:00Z", 400.0));
+    r.pass_at("2026-03-10T11:00:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "expired_unconfirmed"
+    );
+    let alerts = alerts_of(&r, "expired_unconfirmed").await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["hour"], "2026-03-10T09:00:00Z");
+}
+
+/// Issue 11 defect 7, the other path: an ambiguous attempt and then the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_7_expired_unconfirmed_by_deadline_raises_the_reconcile_alert() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "500").await;
+    r.emu.drop_next(Route::BatchUsageEvent, 1, Phase::Before);
+    r.emu.fail_next(Route::BatchUsageEvent, 10_000, 503, None);
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    r.pass_at("2026-03-11T09:00:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "expired_unconfirmed"
+    );
+    assert_eq!(alerts_of(&r, "expired_unconfirmed").await.len(), 1);
 }
