@@ -629,3 +629,69 @@ async fn issue_11_7_expired_unconfirmed_by_deadline_raises_the_reconcile_alert()
     );
     assert_eq!(alerts_of(&r, "expired_unconfirmed").await.len(), 1);
 }
+
+/// Issue 11 defect 5: an hour that closed after the real cancellation, but before meterd saw it, is refused
+/// once; the list then shows the cancellation and the event settles `skipped_unsubscribed`. Over a simulated
+/// hour of passes every 10 s (what the wake-up loop does with held events), it is neither re-sent nor is the
+/// list re-walked more than once per `subscriptions.refresh`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_5_a_mid_hour_cancellation_causes_no_resend_storm() {
+    let r = Rig::new("2026-03-10T08:00:00Z", "").await;
+    r.ingest("api_calls", "2026-03-10T08:30:00Z", "500").await;
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "500").await;
+    r.pass_at("2026-03-10T09:06:00Z").await;
+    assert_eq!(r.sent("api_calls", "2026-03-10T08:00:00Z"), Some(400.0));
+    // Really cancelled at 09:50: hour 09:00 ends after it and is refused with ResourceNotFound.
+    r.emu.cancel_at(A, t("2026-03-10T09:50:00Z"));
+    let (batches, lists) = (
+        r.emu.request_count(Route::BatchUsageEvent),
+        r.emu.request_count(Route::Subscriptions),
+    );
+    let start = t("2026-03-10T10:05:00Z");
+    for i in 0..360 {
+        r.pass_at(&(start + Duration::seconds(10 * i)).to_rfc3339())
+            .await;
+    }
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "skipped_unsubscribed"
+    );
+    let batches = r.emu.request_count(Route::BatchUsageEvent) - batches;
+    let lists = r.emu.request_count(Route::Subscriptions) - lists;
+    assert_eq!(batches, 1, "hour 09:00 is sent once, refused, and not sent again");
+    // subscriptions.refresh is 10 minutes: at most one walk per refresh over the hour, plus the first.
+    assert!(lists <= 7, "{lists} list walks in an hour");
+    assert!(r.emu.accepted_events().len() == 1);
+}
+
+/// Issue 11 defect 8: a remainder absorbed by an event that then ends not billed (`rejected`) is given back to the
+/// next hour, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_a_remainder_absorbed_by_a_rejected_event_is_restored() {
+    let r = Rig::new("2026-03-10T08:00:00Z", "").await;
+    r.ingest("compute_blocks", "2026-03-10T08:30:00Z", "600")
+        .await;
+    r.pass_at("2026-03-10T09:06:00Z").await;
+    assert_eq!(r.balance("compute_blocks").await.carried_remainder, "600");
+    // Hour 09:00: 1,800 s + the 600 s carried = 2 units, refused for good.
+    r.ingest("compute_blocks", "2026-03-10T09:30:00Z", "1800")
+        .await;
+    r.emu.add_fault(answer(
+        "InvalidDimension",
+        "compute_blocks",
+        "2026-03-10T09:00:00Z",
+        2.0,
+    ));
+    r.pass_at("2026-03-10T10:06:00Z").await;
+    assert_eq!(
+        r.outcome("compute_blocks", "2026-03-10T09:00:00Z").await,
+        "rejected"
+    );
+    // The 600 s from 08:00 are carried again; 09:00's own usage is not billed.
+    assert_eq!(r.balance("compute_blocks").await.carried_remainder, "600");
+    r.ingest("compute_blocks", "2026-03-10T10:30:00Z", "600")
+        .await;
+    r.pass_at("2026-03-10T11:06:00Z").await;
+    assert_eq!(r.sent("compute_blocks", "2026-03-10T10:00:00Z"), Some(1.0));
+    assert_eq!(r.balance("compute_blocks").await.carried_remainder, "0");
+}
