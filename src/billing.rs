@@ -46,7 +46,8 @@ pub struct Bill {
     pub crossed: Vec<String>,
 }
 
-fn months_of(unit: &str) -> Option<u32> {
+/// Months in a term unit (`P1M`, `P1Y`, ... `P5Y`).
+pub fn months_of(unit: &str) -> Option<u32> {
     match unit.trim() {
         "P1M" => Some(1),
         "P1Y" => Some(12),

@@ -695,3 +695,28 @@ async fn issue_11_8_a_remainder_absorbed_by_a_rejected_event_is_restored() {
     assert_eq!(r.sent("compute_blocks", "2026-03-10T10:00:00Z"), Some(1.0));
     assert_eq!(r.balance("compute_blocks").await.carried_remainder, "0");
 }
+
+/// Issue 11 defect 8: a `Subscribed` subscription listed without its term keeps the term meterd knew, so the
+/// allowance does not reset mid-term (falling back to calendar months would start another term).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_a_subscription_listed_without_term_keeps_its_allowance() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    let mut sub = Subscription::new(A, "gold");
+    sub.term.start_date = Some("2026-03-05".into());
+    sub.term.end_date = Some("2026-04-04".into());
+    sub.term.term_unit = "P1M".into();
+    r.emu.add_subscription(sub.clone());
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "80").await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(r.outcome("api_calls", "2026-03-10T09:00:00Z").await, "included");
+    // The list now shows it without a term.
+    sub.term.start_date = None;
+    sub.term.end_date = None;
+    sub.term.term_unit = String::new();
+    r.emu.add_subscription(sub);
+    r.ingest("api_calls", "2026-03-10T10:30:00Z", "80").await;
+    r.pass_at("2026-03-10T11:20:00Z").await;
+    // 160 consumed of 100 included: 60 billed.
+    assert_eq!(r.sent("api_calls", "2026-03-10T10:00:00Z"), Some(60.0));
+    assert_eq!(r.balance("api_calls").await.term_start, "2026-03-05T00:00:00Z");
+}

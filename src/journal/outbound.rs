@@ -678,6 +678,31 @@ pub struct ListedSubscription {
     pub term_unit: Option<String>,
 }
 
+/// The term to store for a listed subscription: listed without a term (or without its start or unit), a
+/// subscription keeps the term meterd knew, so the allowance does not fall back to `billing.fallback_term`
+/// (another term, a reset) mid-term.
+fn term_to_store(
+    conn: &Connection,
+    id: &str,
+    listed: &ListedSubscription,
+) -> Result<(Option<i64>, Option<i64>, Option<String>), JournalError> {
+    let unit_known = listed
+        .term_unit
+        .as_deref()
+        .is_some_and(|u| crate::billing::months_of(u).is_some());
+    if listed.term_start.is_some() && unit_known {
+        return Ok((listed.term_start, listed.term_end, listed.term_unit.clone()));
+    }
+    let known: Option<(Option<i64>, Option<i64>, Option<String>)> = conn
+        .prepare_cached("SELECT term_start, term_end, term_unit FROM subscriptions WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    Ok(match known {
+        Some(k @ (Some(_), _, Some(_))) => k,
+        _ => (listed.term_start, listed.term_end, listed.term_unit.clone()),
+    })
+}
+
 /// Stores a full subscription list. Remembers when a cancellation was first seen; subscriptions missing from
 /// the list become `Unknown`.
 pub fn store_subscriptions(
@@ -698,15 +723,10 @@ pub fn store_subscriptions(
              updated_at = excluded.updated_at",
     )?;
     for s in list {
+        let id = s.id.to_ascii_lowercase();
+        let (term_start, term_end, term_unit) = term_to_store(conn, &id, s)?;
         stmt.execute(params![
-            s.id.to_ascii_lowercase(),
-            s.status,
-            s.plan,
-            s.offer,
-            s.term_start,
-            s.term_end,
-            s.term_unit,
-            now_s
+            id, s.status, s.plan, s.offer, term_start, term_end, term_unit, now_s
         ])?;
     }
     conn.prepare_cached("UPDATE subscriptions SET status = 'Unknown' WHERE updated_at < ?1 AND status != 'Unsubscribed'")?
