@@ -720,3 +720,27 @@ async fn issue_11_8_a_subscription_listed_without_term_keeps_its_allowance() {
     assert_eq!(r.sent("api_calls", "2026-03-10T10:00:00Z"), Some(60.0));
     assert_eq!(r.balance("api_calls").await.term_start, "2026-03-05T00:00:00Z");
 }
+
+/// Issue 11 defect 8: a whole-call 400 caused by one event is split (the batch sent again in halves), so the
+/// 23 good events of the batch are accepted in the same pass instead of waiting with it until they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_a_whole_call_400_is_split_so_good_events_go_through() {
+    let r = Rig::new("2026-03-11T00:06:00Z", "").await;
+    for h in 1..24 {
+        r.ingest("api_calls", &format!("2026-03-10T{h:02}:30:00Z"), "500")
+            .await;
+    }
+    r.ingest("compute_blocks", "2026-03-10T05:30:00Z", "2400")
+        .await;
+    r.emu.poison_dimension("compute_blocks");
+    let summary = r.pass_at("2026-03-11T00:06:00Z").await;
+    let accepted = r.emu.accepted_events();
+    assert_eq!(accepted.len(), 23, "{summary:?}");
+    assert!(accepted.iter().all(|e| e.dimension == "api_calls"));
+    assert_eq!(
+        r.outcome("compute_blocks", "2026-03-10T05:00:00Z").await,
+        "pending"
+    );
+    // Halving isolates it in a handful of calls (24 -> 12 -> 6 -> 3 -> 2 -> 1), not one per event.
+    assert!(summary.calls <= 11, "{} calls", summary.calls);
+}

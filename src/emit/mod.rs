@@ -475,7 +475,7 @@ impl Emitter {
             let policy = policy.clone();
             let hold_recheck = self.hold_recheck();
             tasks.spawn(async move {
-                let r = send_batch(
+                let r = send_splitting(
                     &client,
                     &journal,
                     &clock,
@@ -491,7 +491,7 @@ impl Emitter {
         let mut force_refresh = false;
         while let Some(joined) = tasks.join_next().await {
             let result = joined.context("batch task")??;
-            summary.calls += 1;
+            summary.calls += result.calls;
             summary.sent += result.sent;
             force_refresh |= result.recheck_subscriptions;
             for (k, n) in result.outcomes {
@@ -653,7 +653,11 @@ impl Emitter {
 /// What one batch call did.
 #[derive(Debug, Default)]
 struct BatchResult {
+    /// Marketplace calls made.
+    calls: usize,
     sent: usize,
+    /// A whole call refused with 400: the two halves to send instead (one bad event must not block the rest).
+    split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
     outcomes: BTreeMap<String, usize>,
     recheck_subscriptions: bool,
 }
@@ -688,6 +692,35 @@ pub fn backoff_delay(attempts: i64, delays: RetryDelays) -> std::time::Duration 
     it.nth(n - 1).unwrap_or(delays.max)
 }
 
+/// Sends `batch`; a whole call refused with HTTP 400 is retried at once in halves, down to single events, so one
+/// malformed event keeps only itself pending (retried and alerted as before) and the good ones go through.
+async fn send_splitting(
+    client: &MarketplaceClient,
+    journal: &Journal,
+    clock: &SharedClock,
+    policy: outbound::SettlePolicy,
+    delays: (RetryDelays, Duration),
+    batch: Vec<PendingEvent>,
+) -> anyhow::Result<BatchResult> {
+    let mut total = BatchResult::default();
+    let mut todo = vec![batch];
+    while let Some(batch) = todo.pop() {
+        let mut r = send_batch(client, journal, clock, policy.clone(), delays, batch).await?;
+        total.calls += 1;
+        total.sent += r.sent;
+        total.recheck_subscriptions |= r.recheck_subscriptions;
+        if let Some((first, second)) = r.split.take() {
+            todo.push(second);
+            todo.push(first);
+            continue;
+        }
+        for (k, n) in r.outcomes {
+            *total.outcomes.entry(k).or_default() += n;
+        }
+    }
+    Ok(total)
+}
+
 async fn send_batch(
     client: &MarketplaceClient,
     journal: &Journal,
@@ -710,6 +743,7 @@ async fn send_batch(
     let now = clock.now();
     let mut result = BatchResult {
         sent: batch.len(),
+        calls: 1,
         ..Default::default()
     };
     let mut settles: Vec<(i64, Settle)> = Vec::with_capacity(batch.len());
@@ -819,7 +853,12 @@ async fn send_batch(
             metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => status).increment(1);
             let ambiguous = e.is_ambiguous();
             let ids = e.ids();
+            let split = e.status() == Some(400) && batch.len() > 1;
             match &e {
+                _ if split => tracing::warn!(
+                    message = "Batch call refused with 400; sending it again in halves to isolate the event that caused it.",
+                    error = %e, request_id = %ids.request_id, correlation_id = %ids.correlation_id, events = batch.len()
+                ),
                 CallError::Fatal { advice, .. } => tracing::error!(
                     message = "Batch call refused; the events stay pending and are retried.",
                     error = %e, advice = advice.as_deref().unwrap_or(""), request_id = %ids.request_id,
@@ -837,7 +876,29 @@ async fn send_batch(
                     serde_json::json!({"status": status, "error": e.to_string(), "advice": e.advice().unwrap_or("")}),
                 ));
             }
-            for ev in &batch {
+            if split {
+                // Nothing was recorded (a 400 is a definite refusal); the halves are sent right away.
+                for ev in &batch {
+                    settles.push((
+                        ev.id,
+                        Settle::Retry {
+                            error: e.to_string(),
+                            next_at: now,
+                            ambiguous: false,
+                        },
+                    ));
+                }
+                let mut first: Vec<PendingEvent> = batch
+                    .iter()
+                    .map(|ev| PendingEvent {
+                        attempts: ev.attempts + 1,
+                        ..ev.clone()
+                    })
+                    .collect();
+                let second = first.split_off(first.len() / 2);
+                result.split = Some((first, second));
+            }
+            for ev in batch.iter().filter(|_| !split) {
                 let mut delay = delays.after(ev.attempts + 1);
                 if let Some(ra) = e.retry_after() {
                     delay = chrono::Duration::from_std(ra)

@@ -146,6 +146,9 @@ pub struct Faults {
     /// that time on the list shows the subscription `Unsubscribed` (cancelled at that time), and every hour that
     /// ends after it answers `ResourceNotFound`; hours that ended before it are still accepted.
     pub cancellations: BTreeMap<String, chrono::DateTime<chrono::Utc>>,
+    /// Dimensions whose events make a whole batch call fail with 400 `BadArgument` (as one malformed event does
+    /// in production): every batch holding one of them is refused as a whole, nothing recorded.
+    pub poison_dimensions: BTreeSet<String>,
 }
 
 impl Faults {

@@ -263,6 +263,14 @@ impl Emulator {
             .insert(id.to_ascii_lowercase(), at);
     }
 
+    /// Makes every batch holding an event for `dimension` fail as a whole with 400 (one malformed event).
+    pub fn poison_dimension(&self, dimension: &str) {
+        self.lock()
+            .faults
+            .poison_dimensions
+            .insert(dimension.to_string());
+    }
+
     /// Every subscription, in list order.
     pub fn subscriptions(&self) -> Vec<Subscription> {
         self.lock().subscriptions.clone()
