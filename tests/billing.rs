@@ -744,3 +744,28 @@ async fn issue_11_8_a_whole_call_400_is_split_so_good_events_go_through() {
     // Halving isolates it in a handful of calls (24 -> 12 -> 6 -> 3 -> 2 -> 1), not one per event.
     assert!(summary.calls <= 11, "{} calls", summary.calls);
 }
+
+/// Issue 11 defect 8: outcomes settled before sending (here `included`, `remainder`) count in
+/// `meterd_events_total` like those a marketplace answer settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_outcomes_settled_before_sending_count_in_events_total() {
+    let handle = meterd::ops::metrics::install().expect("recorder");
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "10").await;
+    r.ingest("compute_blocks", "2026-03-10T09:30:00Z", "100")
+        .await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(r.outcome("api_calls", "2026-03-10T09:00:00Z").await, "included");
+    let text = handle.render();
+    for outcome in ["included", "remainder"] {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with("meterd_events_total{") && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .unwrap_or_else(|| panic!("no meterd_events_total for {outcome}:\n{text}"));
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 1.0, "{line}");
+    }
+    assert!(r.emu.accepted_events().is_empty());
+}
