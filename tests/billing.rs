@@ -769,3 +769,43 @@ async fn issue_11_8_outcomes_settled_before_sending_count_in_events_total() {
     }
     assert!(r.emu.accepted_events().is_empty());
 }
+
+/// Issue 11 defect 8: a managed application metered by its `resourceUsageId` GUID is in no SaaS list; it is sent
+/// as it is (the marketplace judges it) instead of being held until its window runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_a_managed_app_metered_by_its_resource_usage_id_is_sent() {
+    const APP: &str = "aaaaaaaa-1111-4111-8111-111111111111";
+    let r = Rig::new("2026-03-10T09:00:00Z", "default_plan = \"gold\"\n").await;
+    r.emu.add_managed_app(meterd::emulator::ManagedApp {
+        resource_uri: "/subscriptions/bf7adf12-c3a8-426c-8976-29f145f37e2b/resourceGroups/rg/providers/Microsoft.Solutions/applications/app".into(),
+        resource_usage_id: Some(APP.into()),
+        offer_id: "contoso-app".into(),
+    });
+    let recs = vec![NewRecord {
+        resource: APP.into(),
+        plan: None,
+        dimension: "compute_blocks".into(),
+        time: t("2026-03-10T09:30:00Z"),
+        quantity: Micros::parse_decimal("2400").unwrap(),
+        key: None,
+    }];
+    let rules = IngestRules {
+        now: r.clock.now_utc(),
+        late: r.settings.late_usage,
+        safety_margin: r.settings.emit.safety_margin,
+    };
+    r.journal
+        .write(move |c| usage::ingest(c, &recs, &rules))
+        .await
+        .unwrap()
+        .unwrap();
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    let got: Vec<_> = r
+        .emu
+        .accepted_events()
+        .into_iter()
+        .filter(|e| e.resource_id.as_deref() == Some(APP))
+        .collect();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].quantity, 2.0);
+}

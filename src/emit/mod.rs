@@ -161,6 +161,8 @@ pub struct Emitter {
     owner: String,
     /// When the subscription list was last fetched, and whether a refresh is forced.
     subscriptions: tokio::sync::Mutex<(Option<DateTime<Utc>>, bool)>,
+    /// An operator asked for a pass (flush): held events are looked at in it, not only after a list refresh.
+    release_held: std::sync::atomic::AtomicBool,
     /// In-process single flight.
     pass_lock: tokio::sync::Mutex<()>,
     last: std::sync::Mutex<LastPass>,
@@ -192,6 +194,7 @@ impl Emitter {
             client: Arc::new(client),
             owner,
             subscriptions: tokio::sync::Mutex::new((None, false)),
+            release_held: std::sync::atomic::AtomicBool::new(false),
             pass_lock: tokio::sync::Mutex::new(()),
             last: std::sync::Mutex::new(LastPass::default()),
         }
@@ -229,6 +232,8 @@ impl Emitter {
     /// activated).
     pub async fn request_subscription_refresh(&self) {
         self.subscriptions.lock().await.1 = true;
+        self.release_held
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The journal this emitter works from.
@@ -323,9 +328,15 @@ impl Emitter {
             self.settings.ingest.dedupe_window,
         );
         let expire_policy = policy.clone();
+        let release_held = self
+            .release_held
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
         let (frozen, expired) = self
             .journal
             .write(move |c| {
+                if release_held {
+                    outbound::release_holds(c, now)?;
+                }
                 let recovered = outbound::recover_in_flight(c)?;
                 if recovered > 0 {
                     tracing::warn!(message = "Events were in flight when meterd stopped; they count as possibly recorded.", events = recovered);
@@ -604,14 +615,10 @@ impl Emitter {
                 });
             };
             match known.get(&ev.resource.to_ascii_lowercase()) {
-                None => {
-                    return Decision::Settle(Settle::Hold {
-                        reason:
-                            "subscription not in the marketplace's list; holding until it appears"
-                                .into(),
-                        next_at: recheck,
-                    });
-                }
+                // A GUID the SaaS list does not know is sent as it is: it may be a managed application metered by
+                // its `resourceUsageId` (which no list shows), and the marketplace judges it. An unknown SaaS id is
+                // refused (`ResourceNotFound`) and held like any refusal, re-checked once per list refresh.
+                None => {}
                 Some(s) if s.status == "Subscribed" => {}
                 Some(s) if s.status == "Unsubscribed" => {
                     let seen = s.unsubscribed_seen_at.unwrap_or(now.timestamp());
@@ -796,7 +803,7 @@ async fn send_batch(
                         result.recheck_subscriptions = true;
                         Settle::Hold {
                             reason: format!(
-                                "{REFUSED}{}; re-checking the subscription",
+                                "{REFUSED}{}; holding and re-checking the subscription at the next list refresh",
                                 status.as_str()
                             ),
                             next_at: now + hold_recheck,

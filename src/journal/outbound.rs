@@ -495,6 +495,15 @@ pub fn settle(
     }
 }
 
+/// Makes every held event due at `now` (an operator's flush: a subscription may just have been activated).
+pub fn release_holds(conn: &Connection, now: DateTime<Utc>) -> Result<usize, JournalError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE outbound_events SET next_attempt_at = ?1 WHERE state = 'pending' AND held IS NOT NULL AND next_attempt_at > ?1",
+        )?
+        .execute([now.timestamp()])?)
+}
+
 /// Marks an attempt as under way (committed before the call), so that a crash during the call is remembered as
 /// a possibly recorded attempt.
 pub fn mark_attempt(conn: &Connection, ids: &[i64]) -> Result<(), JournalError> {
