@@ -14,7 +14,13 @@
 //!    allowance; usage already billed under the old plan stays billed.
 //! 3. **Billing units**: with `unit = N`, the billable quantity plus the remainder carried from earlier hours is
 //!    divided by N; whole units are sent, the rest is carried to the next hour of the same subscription and
-//!    dimension (the `remainders` table), never billed early and never lost.
+//!    dimension (the `remainders` table), never billed early and never lost. If the event later expires, only
+//!    what its whole units covered is carried (the remainder is already in the table); if it ends not billed
+//!    (`rejected`, `not_active`, `skipped_unsubscribed`, `expired` without carrying), the remainder it took is
+//!    given back (see `journal::outbound::settle`). So `units sent x unit + remainder == usage billed`, per
+//!    subscription and dimension, after any sequence of outcomes (`tests/outcome_props.rs`). A remainder can be
+//!    negative when a later hour already sent units built on the leftover of an hour that then ended not billed;
+//!    nothing is sent until usage covers it.
 //! 4. **Thresholds** (a percentage of the included quantity, or an absolute quantity) fire once per
 //!    subscription, dimension and term when the consumption crosses them: a log event, a metric and an alert.
 //!
