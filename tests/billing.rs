@@ -6,7 +6,9 @@ use chrono::{DateTime, Duration, Utc};
 use meterd::clock::{ManualClock, SharedClock};
 use meterd::config::{self, Settings};
 use meterd::emit::{self, Emitter};
-use meterd::emulator::{Emulator, EmulatorConfig, Phase, Plan, Route, Subscription, SubscriptionStatus};
+use meterd::emulator::{
+    Emulator, EmulatorConfig, Phase, Plan, Route, Subscription, SubscriptionStatus,
+};
 use meterd::journal::Journal;
 use meterd::journal::usage::{self, IngestRules, NewRecord, ReportFilter};
 use meterd::quantity::Micros;
@@ -559,10 +561,16 @@ async fn issue_11_1_an_expired_event_does_not_bill_its_remainder_twice() {
     // Every batch answers 503 until the 09:00 event runs out of window.
     r.emu.fail_next(Route::BatchUsageEvent, 10_000, 503, None);
     r.pass_at("2026-03-10T10:05:00Z").await;
-    assert_eq!(r.outcome("compute_blocks", "2026-03-10T09:00:00Z").await, "pending");
+    assert_eq!(
+        r.outcome("compute_blocks", "2026-03-10T09:00:00Z").await,
+        "pending"
+    );
     r.pass_at("2026-03-11T09:00:00Z").await;
     // Expired and carried into the open hour (the report names it `carried`).
-    assert_eq!(r.outcome("compute_blocks", "2026-03-10T09:00:00Z").await, "carried");
+    assert_eq!(
+        r.outcome("compute_blocks", "2026-03-10T09:00:00Z").await,
+        "carried"
+    );
     r.emu.clear_faults();
     r.pass_at("2026-03-11T10:05:00Z").await;
     // 3,000 s are 2 units of 1,200 s and 600 s carried: never 3 units.
@@ -580,16 +588,23 @@ async fn issue_11_4_a_refused_event_ends_not_active_not_expired_unconfirmed() {
     let r = Rig::new(
         "2026-03-10T09:00:00Z",
         "default_plan = \"gold\"\n[subscriptions]\ncheck = false\n",
-    ).await;
+    )
+    .await;
     r.emu.set_status(A, SubscriptionStatus::Suspended);
     r.ingest("api_calls", "2026-03-10T09:30:00Z", "500").await;
     r.pass_at("2026-03-10T10:05:00Z").await;
-    assert_eq!(r.outcome("api_calls", "2026-03-10T09:00:00Z").await, "pending");
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "pending"
+    );
     assert_eq!(r.emu.request_count(Route::BatchUsageEvent), 1);
     r.pass_at("2026-03-10T10:20:00Z").await;
     assert_eq!(r.emu.request_count(Route::BatchUsageEvent), 2);
     r.pass_at("2026-03-11T09:00:00Z").await;
-    assert_eq!(r.outcome("api_calls", "2026-03-10T09:00:00Z").await, "not_active");
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "not_active"
+    );
     assert!(alerts_of(&r, "expired_unconfirmed").await.is_empty());
 }
 
@@ -601,9 +616,16 @@ async fn issue_11_7_expired_unconfirmed_from_an_expired_answer_raises_the_reconc
     r.ingest("api_calls", "2026-03-10T09:30:00Z", "500").await;
     r.emu.drop_next(Route::BatchUsageEvent, 1, Phase::Before);
     r.pass_at("2026-03-10T10:05:00Z").await;
-    assert_eq!(r.outcome("api_calls", "2026-03-10T09:00:00Z").await, "pending");
-    r.emu
-        .add_fault(answer("Expired", "api_calls", "2026-03-10T09:00:00Z", 400.0));
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "pending"
+    );
+    r.emu.add_fault(answer(
+        "Expired",
+        "api_calls",
+        "2026-03-10T09:00:00Z",
+        400.0,
+    ));
     r.pass_at("2026-03-10T11:00:00Z").await;
     assert_eq!(
         r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
@@ -658,7 +680,10 @@ async fn issue_11_5_a_mid_hour_cancellation_causes_no_resend_storm() {
     );
     let batches = r.emu.request_count(Route::BatchUsageEvent) - batches;
     let lists = r.emu.request_count(Route::Subscriptions) - lists;
-    assert_eq!(batches, 1, "hour 09:00 is sent once, refused, and not sent again");
+    assert_eq!(
+        batches, 1,
+        "hour 09:00 is sent once, refused, and not sent again"
+    );
     // subscriptions.refresh is 10 minutes: at most one walk per refresh over the hour, plus the first.
     assert!(lists <= 7, "{lists} list walks in an hour");
     assert!(r.emu.accepted_events().len() == 1);
@@ -708,7 +733,10 @@ async fn issue_11_8_a_subscription_listed_without_term_keeps_its_allowance() {
     r.emu.add_subscription(sub.clone());
     r.ingest("api_calls", "2026-03-10T09:30:00Z", "80").await;
     r.pass_at("2026-03-10T10:05:00Z").await;
-    assert_eq!(r.outcome("api_calls", "2026-03-10T09:00:00Z").await, "included");
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "included"
+    );
     // The list now shows it without a term.
     sub.term.start_date = None;
     sub.term.end_date = None;
@@ -718,7 +746,10 @@ async fn issue_11_8_a_subscription_listed_without_term_keeps_its_allowance() {
     r.pass_at("2026-03-10T11:20:00Z").await;
     // 160 consumed of 100 included: 60 billed.
     assert_eq!(r.sent("api_calls", "2026-03-10T10:00:00Z"), Some(60.0));
-    assert_eq!(r.balance("api_calls").await.term_start, "2026-03-05T00:00:00Z");
+    assert_eq!(
+        r.balance("api_calls").await.term_start,
+        "2026-03-05T00:00:00Z"
+    );
 }
 
 /// Issue 11 defect 8: a whole-call 400 caused by one event is split (the batch sent again in halves), so the
@@ -755,13 +786,17 @@ async fn issue_11_8_outcomes_settled_before_sending_count_in_events_total() {
     r.ingest("compute_blocks", "2026-03-10T09:30:00Z", "100")
         .await;
     r.pass_at("2026-03-10T10:05:00Z").await;
-    assert_eq!(r.outcome("api_calls", "2026-03-10T09:00:00Z").await, "included");
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "included"
+    );
     let text = handle.render();
     for outcome in ["included", "remainder"] {
         let line = text
             .lines()
             .find(|l| {
-                l.starts_with("meterd_events_total{") && l.contains(&format!("outcome=\"{outcome}\""))
+                l.starts_with("meterd_events_total{")
+                    && l.contains(&format!("outcome=\"{outcome}\""))
             })
             .unwrap_or_else(|| panic!("no meterd_events_total for {outcome}:\n{text}"));
         let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();

@@ -1527,14 +1527,20 @@ async fn scripted_cancellation_and_poisoned_dimension() {
         ])
         .await;
     assert_eq!(result["result"][0]["status"], "Accepted", "{result}");
-    assert_eq!(result["result"][1]["status"], "ResourceNotFound", "{result}");
+    assert_eq!(
+        result["result"][1]["status"], "ResourceNotFound",
+        "{result}"
+    );
     let sub = h
         .emulator
         .subscriptions()
         .into_iter()
         .find(|s| s.id.eq_ignore_ascii_case(DEFAULT_SUBSCRIPTION_A))
         .expect("listed");
-    assert_eq!(sub.saas_subscription_status, SubscriptionStatus::Unsubscribed);
+    assert_eq!(
+        sub.saas_subscription_status,
+        SubscriptionStatus::Unsubscribed
+    );
 
     let (status, _) = h
         .admin(

@@ -246,8 +246,10 @@ included = {{ compute_blocks = 0, api_calls = 0 }}
                 self.addr
             ))
             .bearer_auth(token)
-            .json(&serde_json::json!({"resourceId": A, "quantity": quantity, "dimension": dimension,
-                "effectiveStartTime": at, "planId": "gold"}))
+            .json(
+                &serde_json::json!({"resourceId": A, "quantity": quantity, "dimension": dimension,
+                "effectiveStartTime": at, "planId": "gold"}),
+            )
             .send()
             .await
             .unwrap();
@@ -304,7 +306,8 @@ async fn unfrozen(j: &Journal) -> i64 {
 
 async fn run(case: Case) -> Result<(), TestCaseError> {
     let r = Rig::new().await;
-    r.clock.set(base() + Duration::hours(HOURS) + Duration::minutes(1));
+    r.clock
+        .set(base() + Duration::hours(HOURS) + Duration::minutes(1));
     let mut usage: BTreeMap<&str, i64> = BTreeMap::new();
     for (h, per_dim) in case.usage.iter().enumerate() {
         for (d, seconds) in per_dim.iter().enumerate() {
@@ -319,9 +322,9 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
     for (answer, minutes) in &case.steps {
         match answer {
             Answer::Real => {}
-            Answer::PerEvent(status) => r
-                .emu
-                .add_fault(per_event(status, &r.emu.accepted_events())),
+            Answer::PerEvent(status) => {
+                r.emu.add_fault(per_event(status, &r.emu.accepted_events()))
+            }
             Answer::Call(status) => r.emu.fail_next(Route::BatchUsageEvent, 1, *status, None),
             Answer::DropBefore => r.emu.drop_next(Route::BatchUsageEvent, 1, Phase::Before),
             Answer::DropAfter => r.emu.drop_next(Route::BatchUsageEvent, 1, Phase::After),
@@ -365,7 +368,9 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
                     );
                 }
             }
-            "duplicate_mismatch" => prop_assert!(!ours, "{dimension} {at}: mismatch without a foreign event"),
+            "duplicate_mismatch" => {
+                prop_assert!(!ours, "{dimension} {at}: mismatch without a foreign event")
+            }
             "expired_unconfirmed" | "included" | "remainder" => {}
             "expired" | "rejected" | "not_active" | "skipped_unsubscribed" => {
                 if ours {
@@ -375,7 +380,10 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
                     );
                 }
             }
-            other => prop_assert!(false, "{dimension} {at} still {other} after every window ended"),
+            other => prop_assert!(
+                false,
+                "{dimension} {at} still {other} after every window ended"
+            ),
         }
     }
     prop_assert_eq!(unfrozen(&r.journal).await, 0, "usage left unfrozen");
@@ -386,7 +394,11 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
         for (d, _, quantity, state, send, carried_to) in rows.iter().filter(|r| r.0 == dim) {
             let _ = d;
             match state.as_str() {
-                "accepted" | "duplicate" | "duplicate_mismatch" | "expired_unconfirmed" | "included"
+                "accepted"
+                | "duplicate"
+                | "duplicate_mismatch"
+                | "expired_unconfirmed"
+                | "included"
                 | "remainder" => billed += send.unwrap_or(0) * unit,
                 "expired" if carried_to.is_some() => {}
                 _ => unbilled += quantity,

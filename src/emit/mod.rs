@@ -208,7 +208,10 @@ impl Emitter {
     /// How long a held event waits before it is looked at again: one subscription list refresh, so a refused
     /// hour is neither re-sent nor re-checked more often than the list can change in meterd's view.
     fn hold_recheck(&self) -> Duration {
-        self.settings.subscriptions.refresh.max(Duration::seconds(1))
+        self.settings
+            .subscriptions
+            .refresh
+            .max(Duration::seconds(1))
     }
 
     fn delays(&self) -> RetryDelays {
@@ -962,7 +965,8 @@ fn raise_expired_unconfirmed(
     now: DateTime<Utc>,
 ) -> Result<(), crate::journal::JournalError> {
     let mut body = outbound::event_summary(c, id)?;
-    body["advice"] = "an attempt may have been recorded; run `meterd reconcile --date` for this day".into();
+    body["advice"] =
+        "an attempt may have been recorded; run `meterd reconcile --date` for this day".into();
     if crate::alerts::raise(
         c,
         "expired_unconfirmed",

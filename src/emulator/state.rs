@@ -57,7 +57,9 @@ impl State {
                 .subscriptions
                 .iter_mut()
                 .find(|s| s.id.eq_ignore_ascii_case(&id))
-                .filter(|s| s.saas_subscription_status != super::model::SubscriptionStatus::Unsubscribed)
+                .filter(|s| {
+                    s.saas_subscription_status != super::model::SubscriptionStatus::Unsubscribed
+                })
             {
                 s.saas_subscription_status = super::model::SubscriptionStatus::Unsubscribed;
                 s.unsubscribed_at = Some(at);

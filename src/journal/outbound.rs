@@ -373,17 +373,24 @@ fn sent_raw(send_quantity: i64, unit: i64) -> i64 {
 /// The result may be negative when a later hour already sent units built on `r`: that hour then sent more
 /// than its usage, and the negative remainder takes it off the next bill.
 fn restore_remainder(conn: &Connection, id: i64, unit: i64) -> Result<(), JournalError> {
-    let row: Option<(String, String, i64, i64, i64, Option<i64>, Option<i64>)> = conn
+    type Billed = (String, String, i64, i64, i64, Option<i64>);
+    let row: Option<Billed> = conn
         .prepare_cached(
-            "SELECT resource, dimension, quantity, prebilled, COALESCE(included, 0), billable, send_quantity
-             FROM outbound_events WHERE id = ?1",
+            "SELECT resource, dimension, quantity, prebilled, COALESCE(included, 0), send_quantity
+             FROM outbound_events WHERE id = ?1 AND billable IS NOT NULL",
         )?
         .query_row([id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })
         .optional()?;
-    let Some((resource, dimension, raw, prebilled, included, Some(_billable), Some(send))) = row
-    else {
+    let Some((resource, dimension, raw, prebilled, included, Some(send))) = row else {
         return Ok(());
     };
     let overage = raw - prebilled - included;
@@ -422,7 +429,9 @@ pub fn settle(
                   market: Option<i64>|
      -> Result<&'static str, JournalError> {
         let pending: bool = conn
-            .prepare_cached("SELECT COUNT(*) FROM outbound_events WHERE id = ?1 AND state = 'pending'")?
+            .prepare_cached(
+                "SELECT COUNT(*) FROM outbound_events WHERE id = ?1 AND state = 'pending'",
+            )?
             .query_row([id], |r| r.get::<_, i64>(0))?
             == 1;
         if pending && matches!(state, "rejected" | "skipped_unsubscribed") {
@@ -687,6 +696,9 @@ pub struct ListedSubscription {
     pub term_unit: Option<String>,
 }
 
+/// A subscription's term as stored: start, end (unix seconds) and unit.
+type StoredTerm = (Option<i64>, Option<i64>, Option<String>);
+
 /// The term to store for a listed subscription: listed without a term (or without its start or unit), a
 /// subscription keeps the term meterd knew, so the allowance does not fall back to `billing.fallback_term`
 /// (another term, a reset) mid-term.
@@ -694,7 +706,7 @@ fn term_to_store(
     conn: &Connection,
     id: &str,
     listed: &ListedSubscription,
-) -> Result<(Option<i64>, Option<i64>, Option<String>), JournalError> {
+) -> Result<StoredTerm, JournalError> {
     let unit_known = listed
         .term_unit
         .as_deref()
@@ -702,7 +714,7 @@ fn term_to_store(
     if listed.term_start.is_some() && unit_known {
         return Ok((listed.term_start, listed.term_end, listed.term_unit.clone()));
     }
-    let known: Option<(Option<i64>, Option<i64>, Option<String>)> = conn
+    let known: Option<StoredTerm> = conn
         .prepare_cached("SELECT term_start, term_end, term_unit FROM subscriptions WHERE id = ?1")?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;

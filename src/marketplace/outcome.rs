@@ -297,7 +297,10 @@ mod tests {
         );
         assert!(matches!(
             classify(&r[1], 2_000_000),
-            Classified::Duplicate { theirs_micros: Some(2_000_000), .. }
+            Classified::Duplicate {
+                theirs_micros: Some(2_000_000),
+                ..
+            }
         ));
         assert_eq!(
             classify(&r[2], 1_000_000),
@@ -373,7 +376,10 @@ mod tests {
         };
         assert_eq!(classify(&dup("12.5"), 12_500_000), same(12_500_000));
         assert_eq!(classify(&dup("\"12.5\""), 12_500_000), same(12_500_000));
-        assert_eq!(classify(&dup("0.30000000000000004"), 300_000), same(300_000));
+        assert_eq!(
+            classify(&dup("0.30000000000000004"), 300_000),
+            same(300_000)
+        );
         assert_eq!(
             classify(&dup("12.4"), 12_500_000),
             Classified::DuplicateMismatch {
