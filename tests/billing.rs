@@ -844,3 +844,30 @@ async fn issue_11_8_a_managed_app_metered_by_its_resource_usage_id_is_sent() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].quantity, 2.0);
 }
+
+/// Issue 11 defect 8: a term unit change announced as a term that starts later (monthly into yearly at the
+/// renewal) does not reset the allowance of the running term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_a_term_unit_change_does_not_reset_the_allowance_mid_term() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "80").await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "included"
+    );
+    // The list now shows the next term: yearly, from the renewal on 1 April.
+    let mut sub = Subscription::new(A, "gold");
+    sub.term.start_date = Some("2026-04-01".into());
+    sub.term.end_date = Some("2027-03-31".into());
+    sub.term.term_unit = "P1Y".into();
+    r.emu.add_subscription(sub);
+    r.ingest("api_calls", "2026-03-10T10:30:00Z", "80").await;
+    r.pass_at("2026-03-10T11:20:00Z").await;
+    // Still the March term: 160 consumed of 100 included, 60 billed.
+    assert_eq!(r.sent("api_calls", "2026-03-10T10:00:00Z"), Some(60.0));
+    assert_eq!(
+        r.balance("api_calls").await.term_start,
+        "2026-03-01T00:00:00Z"
+    );
+}

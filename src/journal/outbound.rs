@@ -699,28 +699,43 @@ pub struct ListedSubscription {
 /// A subscription's term as stored: start, end (unix seconds) and unit.
 type StoredTerm = (Option<i64>, Option<i64>, Option<String>);
 
-/// The term to store for a listed subscription: listed without a term (or without its start or unit), a
-/// subscription keeps the term meterd knew, so the allowance does not fall back to `billing.fallback_term`
-/// (another term, a reset) mid-term.
+/// The term to store for a listed subscription, so that the allowance never resets mid-term:
+///
+/// - listed without a term (or without its start or a known unit), it keeps the term meterd knew, instead of
+///   falling back to `billing.fallback_term` (another term);
+/// - listed with a term that starts later (a renewal into another term unit, announced before it begins), it
+///   keeps the running term until then: rolling the new term back from its future start would put the running
+///   hours into another term.
 fn term_to_store(
     conn: &Connection,
     id: &str,
     listed: &ListedSubscription,
+    now: DateTime<Utc>,
 ) -> Result<StoredTerm, JournalError> {
+    let as_listed = (listed.term_start, listed.term_end, listed.term_unit.clone());
     let unit_known = listed
         .term_unit
         .as_deref()
         .is_some_and(|u| crate::billing::months_of(u).is_some());
-    if listed.term_start.is_some() && unit_known {
-        return Ok((listed.term_start, listed.term_end, listed.term_unit.clone()));
+    let starts_later = listed.term_start.is_some_and(|s| s > now.timestamp());
+    if listed.term_start.is_some() && unit_known && !starts_later {
+        return Ok(as_listed);
     }
     let known: Option<StoredTerm> = conn
         .prepare_cached("SELECT term_start, term_end, term_unit FROM subscriptions WHERE id = ?1")?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     Ok(match known {
-        Some(k @ (Some(_), _, Some(_))) => k,
-        _ => (listed.term_start, listed.term_end, listed.term_unit.clone()),
+        Some(k @ (Some(start), _, Some(_))) if start <= now.timestamp() => {
+            if starts_later {
+                tracing::info!(
+                    message = "The subscription's next term starts later; the running term stays in force until then.",
+                    subscription = %id, next_term_start = %fmt_time(listed.term_start.unwrap_or_default())
+                );
+            }
+            k
+        }
+        _ => as_listed,
     })
 }
 
@@ -745,7 +760,7 @@ pub fn store_subscriptions(
     )?;
     for s in list {
         let id = s.id.to_ascii_lowercase();
-        let (term_start, term_end, term_unit) = term_to_store(conn, &id, s)?;
+        let (term_start, term_end, term_unit) = term_to_store(conn, &id, s, now)?;
         stmt.execute(params![
             id, s.status, s.plan, s.offer, term_start, term_end, term_unit, now_s
         ])?;
