@@ -6,7 +6,9 @@
 //!
 //! 1. The **term** holding the event's hour comes from the subscription list (`term.startDate` + `termUnit`,
 //!    rolled forward or back in whole terms, so a renewal needs no new list), or, for resources without a term
-//!    (managed applications), from `billing.fallback_term` (calendar months, UTC).
+//!    (managed applications), from `billing.fallback_term` (calendar months, UTC). A subscription listed
+//!    without its term keeps the one meterd knew, and a listed term that starts later (a renewal into another
+//!    term unit) replaces the running one only when it starts (`journal::outbound::store_subscriptions`).
 //! 2. **Included quantity**: the term's consumption (per subscription, dimension, term and plan) draws the plan's
 //!    allowance first; only the part above it is billable. The hour in which the allowance runs out bills just
 //!    the excess. `"infinite"` never bills; a dimension a plan does not list includes nothing.
