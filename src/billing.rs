@@ -6,7 +6,9 @@
 //!
 //! 1. The **term** holding the event's hour comes from the subscription list (`term.startDate` + `termUnit`,
 //!    rolled forward or back in whole terms, so a renewal needs no new list), or, for resources without a term
-//!    (managed applications), from `billing.fallback_term` (calendar months, UTC).
+//!    (managed applications), from `billing.fallback_term` (calendar months, UTC). A subscription listed
+//!    without its term keeps the one meterd knew, and a listed term that starts later (a renewal into another
+//!    term unit) replaces the running one only when it starts (`journal::outbound::store_subscriptions`).
 //! 2. **Included quantity**: the term's consumption (per subscription, dimension, term and plan) draws the plan's
 //!    allowance first; only the part above it is billable. The hour in which the allowance runs out bills just
 //!    the excess. `"infinite"` never bills; a dimension a plan does not list includes nothing.
@@ -14,7 +16,13 @@
 //!    allowance; usage already billed under the old plan stays billed.
 //! 3. **Billing units**: with `unit = N`, the billable quantity plus the remainder carried from earlier hours is
 //!    divided by N; whole units are sent, the rest is carried to the next hour of the same subscription and
-//!    dimension (the `remainders` table), never billed early and never lost.
+//!    dimension (the `remainders` table), never billed early and never lost. If the event later expires, only
+//!    what its whole units covered is carried (the remainder is already in the table); if it ends not billed
+//!    (`rejected`, `not_active`, `skipped_unsubscribed`, `expired` without carrying), the remainder it took is
+//!    given back (see `journal::outbound::settle`). So `units sent x unit + remainder == usage billed`, per
+//!    subscription and dimension, after any sequence of outcomes (`tests/outcome_props.rs`). A remainder can be
+//!    negative when a later hour already sent units built on the leftover of an hour that then ended not billed;
+//!    nothing is sent until usage covers it.
 //! 4. **Thresholds** (a percentage of the included quantity, or an absolute quantity) fire once per
 //!    subscription, dimension and term when the consumption crosses them: a log event, a metric and an alert.
 //!
@@ -46,7 +54,8 @@ pub struct Bill {
     pub crossed: Vec<String>,
 }
 
-fn months_of(unit: &str) -> Option<u32> {
+/// Months in a term unit (`P1M`, `P1Y`, ... `P5Y`).
+pub fn months_of(unit: &str) -> Option<u32> {
     match unit.trim() {
         "P1M" => Some(1),
         "P1Y" => Some(12),
@@ -178,14 +187,18 @@ pub fn bill(
         .optional()?
         .unwrap_or(0);
     let billable = overage + prebilled + carried_in;
-    let (send, remainder) = if unit > 1 {
+    let (send, remainder) = if billable <= 0 {
+        // A negative remainder: an hour whose units were later given back (it ended not billed) after a later
+        // hour had already sent units built on its leftover. Nothing is sent until usage covers it.
+        (0, billable)
+    } else if unit > 1 {
         let per_unit = unit * crate::quantity::MICROS;
         let whole = billable / per_unit;
         (whole * crate::quantity::MICROS, billable - whole * per_unit)
     } else {
         (billable, 0)
     };
-    if unit > 1 || carried_in != 0 {
+    if unit > 1 || carried_in != 0 || remainder != 0 {
         conn.prepare_cached(
             "INSERT INTO remainders (resource, dimension, remainder) VALUES (?1, ?2, ?3)
              ON CONFLICT (resource, dimension) DO UPDATE SET remainder = excluded.remainder",

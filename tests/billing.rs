@@ -6,7 +6,9 @@ use chrono::{DateTime, Duration, Utc};
 use meterd::clock::{ManualClock, SharedClock};
 use meterd::config::{self, Settings};
 use meterd::emit::{self, Emitter};
-use meterd::emulator::{Emulator, EmulatorConfig, Plan, Route, Subscription};
+use meterd::emulator::{
+    Emulator, EmulatorConfig, Phase, Plan, Route, Subscription, SubscriptionStatus,
+};
 use meterd::journal::Journal;
 use meterd::journal::usage::{self, IngestRules, NewRecord, ReportFilter};
 use meterd::quantity::Micros;
@@ -518,5 +520,356 @@ async fn reconcile_reports_a_planted_difference() {
             diffs[0].marketplace.as_str()
         ),
         ("api_calls", "0", "3")
+    );
+}
+
+/// Alerts of `kind` in the journal.
+async fn alerts_of(r: &Rig, kind: &str) -> Vec<serde_json::Value> {
+    let kind = kind.to_string();
+    r.journal
+        .read(move |c| meterd::alerts::list(c, 1000))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a["kind"] == kind.as_str())
+        .collect()
+}
+
+/// A scripted batch answer (HTTP 200) with one result for A's `dimension` at `hour`.
+fn answer(status: &str, dimension: &str, hour: &str, quantity: f64) -> meterd::emulator::Fault {
+    let body = serde_json::json!({"count": 1, "result": [{
+        "status": status, "resourceId": A, "dimension": dimension, "planId": "gold",
+        "effectiveStartTime": hour, "quantity": quantity, "messageTime": hour,
+        "error": {"code": status, "message": format!("scripted {status}")}
+    }]});
+    meterd::emulator::Fault::new(
+        Route::BatchUsageEvent,
+        meterd::emulator::FaultKind::Fail {
+            status: 200,
+            retry_after: None,
+            body: Some(body),
+        },
+        1,
+    )
+}
+
+/// Issue 11 defect 1: an event that expires after billing carries only what its whole units covered; the
+/// remainder it left behind is billed once, from the `remainders` table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_1_an_expired_event_does_not_bill_its_remainder_twice() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.ingest("compute_blocks", "2026-03-10T09:30:00Z", "3000")
+        .await;
+    // Every batch answers 503 until the 09:00 event runs out of window.
+    r.emu.fail_next(Route::BatchUsageEvent, 10_000, 503, None);
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(
+        r.outcome("compute_blocks", "2026-03-10T09:00:00Z").await,
+        "pending"
+    );
+    r.pass_at("2026-03-11T09:00:00Z").await;
+    // Expired and carried into the open hour (the report names it `carried`).
+    assert_eq!(
+        r.outcome("compute_blocks", "2026-03-10T09:00:00Z").await,
+        "carried"
+    );
+    r.emu.clear_faults();
+    r.pass_at("2026-03-11T10:05:00Z").await;
+    // 3,000 s are 2 units of 1,200 s and 600 s carried: never 3 units.
+    assert_eq!(r.sent("compute_blocks", "2026-03-11T09:00:00Z"), Some(2.0));
+    let b = r.balance("compute_blocks").await;
+    assert_eq!(b.carried_remainder, "600");
+    let units: f64 = r.emu.accepted_events().iter().map(|e| e.quantity).sum();
+    assert_eq!(units as i64 * 1200 + 600, 3000);
+}
+
+/// Issue 11 defect 4: a definite refusal (`ResourceNotActive`) clears the in-flight marker, so the event ends
+/// `not_active` at its deadline, never `expired_unconfirmed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_4_a_refused_event_ends_not_active_not_expired_unconfirmed() {
+    let r = Rig::new(
+        "2026-03-10T09:00:00Z",
+        "default_plan = \"gold\"\n[subscriptions]\ncheck = false\n",
+    )
+    .await;
+    r.emu.set_status(A, SubscriptionStatus::Suspended);
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "500").await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "pending"
+    );
+    assert_eq!(r.emu.request_count(Route::BatchUsageEvent), 1);
+    r.pass_at("2026-03-10T10:20:00Z").await;
+    assert_eq!(r.emu.request_count(Route::BatchUsageEvent), 2);
+    r.pass_at("2026-03-11T09:00:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "not_active"
+    );
+    assert!(alerts_of(&r, "expired_unconfirmed").await.is_empty());
+}
+
+/// Issue 11 defect 7: after an ambiguous attempt, a per-event `Expired` ends `expired_unconfirmed` with the
+/// reconcile alert, just like an expiry by deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_7_expired_unconfirmed_from_an_expired_answer_raises_the_reconcile_alert() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "500").await;
+    r.emu.drop_next(Route::BatchUsageEvent, 1, Phase::Before);
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "pending"
+    );
+    r.emu.add_fault(answer(
+        "Expired",
+        "api_calls",
+        "2026-03-10T09:00:00Z",
+        400.0,
+    ));
+    r.pass_at("2026-03-10T11:00:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "expired_unconfirmed"
+    );
+    let alerts = alerts_of(&r, "expired_unconfirmed").await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["hour"], "2026-03-10T09:00:00Z");
+}
+
+/// Issue 11 defect 7, the other path: an ambiguous attempt and then the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_7_expired_unconfirmed_by_deadline_raises_the_reconcile_alert() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "500").await;
+    r.emu.drop_next(Route::BatchUsageEvent, 1, Phase::Before);
+    r.emu.fail_next(Route::BatchUsageEvent, 10_000, 503, None);
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    r.pass_at("2026-03-11T09:00:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "expired_unconfirmed"
+    );
+    assert_eq!(alerts_of(&r, "expired_unconfirmed").await.len(), 1);
+}
+
+/// Issue 11 defect 5: an hour that closed after the real cancellation, but before meterd saw it, is refused
+/// once; the list then shows the cancellation and the event settles `skipped_unsubscribed`. Over a simulated
+/// hour of passes every 10 s (what the wake-up loop does with held events), it is neither re-sent nor is the
+/// list re-walked more than once per `subscriptions.refresh`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_5_a_mid_hour_cancellation_causes_no_resend_storm() {
+    let r = Rig::new("2026-03-10T08:00:00Z", "").await;
+    r.ingest("api_calls", "2026-03-10T08:30:00Z", "500").await;
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "500").await;
+    r.pass_at("2026-03-10T09:06:00Z").await;
+    assert_eq!(r.sent("api_calls", "2026-03-10T08:00:00Z"), Some(400.0));
+    // Really cancelled at 09:50: hour 09:00 ends after it and is refused with ResourceNotFound.
+    r.emu.cancel_at(A, t("2026-03-10T09:50:00Z"));
+    let (batches, lists) = (
+        r.emu.request_count(Route::BatchUsageEvent),
+        r.emu.request_count(Route::Subscriptions),
+    );
+    let start = t("2026-03-10T10:05:00Z");
+    for i in 0..360 {
+        r.pass_at(&(start + Duration::seconds(10 * i)).to_rfc3339())
+            .await;
+    }
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "skipped_unsubscribed"
+    );
+    let batches = r.emu.request_count(Route::BatchUsageEvent) - batches;
+    let lists = r.emu.request_count(Route::Subscriptions) - lists;
+    assert_eq!(
+        batches, 1,
+        "hour 09:00 is sent once, refused, and not sent again"
+    );
+    // subscriptions.refresh is 10 minutes: at most one walk per refresh over the hour, plus the first.
+    assert!(lists <= 7, "{lists} list walks in an hour");
+    assert!(r.emu.accepted_events().len() == 1);
+}
+
+/// Issue 11 defect 8: a remainder absorbed by an event that then ends not billed (`rejected`) is given back to the
+/// next hour, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_a_remainder_absorbed_by_a_rejected_event_is_restored() {
+    let r = Rig::new("2026-03-10T08:00:00Z", "").await;
+    r.ingest("compute_blocks", "2026-03-10T08:30:00Z", "600")
+        .await;
+    r.pass_at("2026-03-10T09:06:00Z").await;
+    assert_eq!(r.balance("compute_blocks").await.carried_remainder, "600");
+    // Hour 09:00: 1,800 s + the 600 s carried = 2 units, refused for good.
+    r.ingest("compute_blocks", "2026-03-10T09:30:00Z", "1800")
+        .await;
+    r.emu.add_fault(answer(
+        "InvalidDimension",
+        "compute_blocks",
+        "2026-03-10T09:00:00Z",
+        2.0,
+    ));
+    r.pass_at("2026-03-10T10:06:00Z").await;
+    assert_eq!(
+        r.outcome("compute_blocks", "2026-03-10T09:00:00Z").await,
+        "rejected"
+    );
+    // The 600 s from 08:00 are carried again; 09:00's own usage is not billed.
+    assert_eq!(r.balance("compute_blocks").await.carried_remainder, "600");
+    r.ingest("compute_blocks", "2026-03-10T10:30:00Z", "600")
+        .await;
+    r.pass_at("2026-03-10T11:06:00Z").await;
+    assert_eq!(r.sent("compute_blocks", "2026-03-10T10:00:00Z"), Some(1.0));
+    assert_eq!(r.balance("compute_blocks").await.carried_remainder, "0");
+}
+
+/// Issue 11 defect 8: a `Subscribed` subscription listed without its term keeps the term meterd knew, so the
+/// allowance does not reset mid-term (falling back to calendar months would start another term).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_a_subscription_listed_without_term_keeps_its_allowance() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    let mut sub = Subscription::new(A, "gold");
+    sub.term.start_date = Some("2026-03-05".into());
+    sub.term.end_date = Some("2026-04-04".into());
+    sub.term.term_unit = "P1M".into();
+    r.emu.add_subscription(sub.clone());
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "80").await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "included"
+    );
+    // The list now shows it without a term.
+    sub.term.start_date = None;
+    sub.term.end_date = None;
+    sub.term.term_unit = String::new();
+    r.emu.add_subscription(sub);
+    r.ingest("api_calls", "2026-03-10T10:30:00Z", "80").await;
+    r.pass_at("2026-03-10T11:20:00Z").await;
+    // 160 consumed of 100 included: 60 billed.
+    assert_eq!(r.sent("api_calls", "2026-03-10T10:00:00Z"), Some(60.0));
+    assert_eq!(
+        r.balance("api_calls").await.term_start,
+        "2026-03-05T00:00:00Z"
+    );
+}
+
+/// Issue 11 defect 8: a whole-call 400 caused by one event is split (the batch sent again in halves), so the
+/// 23 good events of the batch are accepted in the same pass instead of waiting with it until they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_a_whole_call_400_is_split_so_good_events_go_through() {
+    let r = Rig::new("2026-03-11T00:06:00Z", "").await;
+    for h in 1..24 {
+        r.ingest("api_calls", &format!("2026-03-10T{h:02}:30:00Z"), "500")
+            .await;
+    }
+    r.ingest("compute_blocks", "2026-03-10T05:30:00Z", "2400")
+        .await;
+    r.emu.poison_dimension("compute_blocks");
+    let summary = r.pass_at("2026-03-11T00:06:00Z").await;
+    let accepted = r.emu.accepted_events();
+    assert_eq!(accepted.len(), 23, "{summary:?}");
+    assert!(accepted.iter().all(|e| e.dimension == "api_calls"));
+    assert_eq!(
+        r.outcome("compute_blocks", "2026-03-10T05:00:00Z").await,
+        "pending"
+    );
+    // Halving isolates it in a handful of calls (24 -> 12 -> 6 -> 3 -> 2 -> 1), not one per event.
+    assert!(summary.calls <= 11, "{} calls", summary.calls);
+}
+
+/// Issue 11 defect 8: outcomes settled before sending (here `included`, `remainder`) count in
+/// `meterd_events_total` like those a marketplace answer settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_outcomes_settled_before_sending_count_in_events_total() {
+    let handle = meterd::ops::metrics::install().expect("recorder");
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "10").await;
+    r.ingest("compute_blocks", "2026-03-10T09:30:00Z", "100")
+        .await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "included"
+    );
+    let text = handle.render();
+    for outcome in ["included", "remainder"] {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with("meterd_events_total{")
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .unwrap_or_else(|| panic!("no meterd_events_total for {outcome}:\n{text}"));
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 1.0, "{line}");
+    }
+    assert!(r.emu.accepted_events().is_empty());
+}
+
+/// Issue 11 defect 8: a managed application metered by its `resourceUsageId` GUID is in no SaaS list; it is sent
+/// as it is (the marketplace judges it) instead of being held until its window runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_a_managed_app_metered_by_its_resource_usage_id_is_sent() {
+    const APP: &str = "aaaaaaaa-1111-4111-8111-111111111111";
+    let r = Rig::new("2026-03-10T09:00:00Z", "default_plan = \"gold\"\n").await;
+    r.emu.add_managed_app(meterd::emulator::ManagedApp {
+        resource_uri: "/subscriptions/bf7adf12-c3a8-426c-8976-29f145f37e2b/resourceGroups/rg/providers/Microsoft.Solutions/applications/app".into(),
+        resource_usage_id: Some(APP.into()),
+        offer_id: "contoso-app".into(),
+    });
+    let recs = vec![NewRecord {
+        resource: APP.into(),
+        plan: None,
+        dimension: "compute_blocks".into(),
+        time: t("2026-03-10T09:30:00Z"),
+        quantity: Micros::parse_decimal("2400").unwrap(),
+        key: None,
+    }];
+    let rules = IngestRules {
+        now: r.clock.now_utc(),
+        late: r.settings.late_usage,
+        safety_margin: r.settings.emit.safety_margin,
+    };
+    r.journal
+        .write(move |c| usage::ingest(c, &recs, &rules))
+        .await
+        .unwrap()
+        .unwrap();
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    let got: Vec<_> = r
+        .emu
+        .accepted_events()
+        .into_iter()
+        .filter(|e| e.resource_id.as_deref() == Some(APP))
+        .collect();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].quantity, 2.0);
+}
+
+/// Issue 11 defect 8: a term unit change announced as a term that starts later (monthly into yearly at the
+/// renewal) does not reset the allowance of the running term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_11_8_a_term_unit_change_does_not_reset_the_allowance_mid_term() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.ingest("api_calls", "2026-03-10T09:30:00Z", "80").await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(
+        r.outcome("api_calls", "2026-03-10T09:00:00Z").await,
+        "included"
+    );
+    // The list now shows the next term: yearly, from the renewal on 1 April.
+    let mut sub = Subscription::new(A, "gold");
+    sub.term.start_date = Some("2026-04-01".into());
+    sub.term.end_date = Some("2027-03-31".into());
+    sub.term.term_unit = "P1Y".into();
+    r.emu.add_subscription(sub);
+    r.ingest("api_calls", "2026-03-10T10:30:00Z", "80").await;
+    r.pass_at("2026-03-10T11:20:00Z").await;
+    // Still the March term: 160 consumed of 100 included, 60 billed.
+    assert_eq!(r.sent("api_calls", "2026-03-10T10:00:00Z"), Some(60.0));
+    assert_eq!(
+        r.balance("api_calls").await.term_start,
+        "2026-03-01T00:00:00Z"
     );
 }

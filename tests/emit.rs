@@ -364,7 +364,20 @@ fn subscription_statuses_decide_what_is_sent() {
             .is_some_and(|v| v.1 == "accepted")
     });
     let full = &report["hours"];
-    for s in [pending, suspended, unknown] {
+    // A GUID no list shows may be a managed application's resourceUsageId: it is not held for the list; here it
+    // waits for a plan (the records name none and there is no default_plan).
+    let row = full
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"] == unknown)
+        .unwrap();
+    assert_eq!(row["outcome"], "pending", "{row}");
+    assert!(
+        row["last_error"].as_str().unwrap().contains("no plan id"),
+        "{row}"
+    );
+    for s in [pending, suspended] {
         let row = full
             .as_array()
             .unwrap()

@@ -1495,3 +1495,74 @@ async fn accepted_requests_validate_against_the_official_request_schema() {
         assert!(errors.is_empty(), "{}: {errors:?}", event.event);
     }
 }
+
+/// Fault injection for issue 11: a real cancellation time per subscription (later hours `ResourceNotFound`, the
+/// list shows it cancelled from then on), and a dimension that makes a whole batch fail with 400.
+#[tokio::test]
+async fn scripted_cancellation_and_poisoned_dimension() {
+    let h = Harness::start().await;
+    let at = (h.emulator.now() - Duration::minutes(90)).to_rfc3339();
+    let (status, _) = h
+        .admin(
+            reqwest::Method::POST,
+            "/emulator/faults/cancellations",
+            Some(json!({"subscription": DEFAULT_SUBSCRIPTION_A, "at": at})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = h
+        .admin(
+            reqwest::Method::POST,
+            "/emulator/faults/cancellations",
+            Some(json!({"subscription": DEFAULT_SUBSCRIPTION_A, "at": "yesterday"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let result = h
+        .batch(vec![
+            // Ended at least two hours ago: before the cancellation.
+            h.event(DEFAULT_SUBSCRIPTION_A, "api_calls", 3, 1.0),
+            // Ends after it.
+            h.event(DEFAULT_SUBSCRIPTION_A, "api_calls", 1, 1.0),
+        ])
+        .await;
+    assert_eq!(result["result"][0]["status"], "Accepted", "{result}");
+    assert_eq!(
+        result["result"][1]["status"], "ResourceNotFound",
+        "{result}"
+    );
+    let sub = h
+        .emulator
+        .subscriptions()
+        .into_iter()
+        .find(|s| s.id.eq_ignore_ascii_case(DEFAULT_SUBSCRIPTION_A))
+        .expect("listed");
+    assert_eq!(
+        sub.saas_subscription_status,
+        SubscriptionStatus::Unsubscribed
+    );
+
+    let (status, _) = h
+        .admin(
+            reqwest::Method::POST,
+            "/emulator/faults/poison",
+            Some(json!({"dimension": "gb_processed"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let response = h
+        .batch_raw(&json!({"request": [
+            h.event(DEFAULT_SUBSCRIPTION_B, "api_calls", 2, 1.0),
+            h.event(DEFAULT_SUBSCRIPTION_B, "gb_processed", 2, 1.0),
+        ]}))
+        .await
+        .expect("batch");
+    assert_eq!(response.status(), 400);
+    assert!(
+        h.emulator
+            .accepted_events()
+            .iter()
+            .all(|e| e.resource_id.as_deref() != Some(DEFAULT_SUBSCRIPTION_B)),
+        "nothing of a refused batch is recorded"
+    );
+}

@@ -9,7 +9,7 @@
 pub mod schedule;
 
 use crate::clock::SharedClock;
-use crate::config::{AuthKind, EndpointVersion, LateUsage, MarketplaceMode, Settings};
+use crate::config::{AuthKind, EndpointVersion, MarketplaceMode, Settings};
 use crate::ingest::validate::is_guid;
 use crate::journal::Journal;
 use crate::journal::outbound::{self, KnownSubscription, ListedSubscription, PendingEvent, Settle};
@@ -32,10 +32,10 @@ pub const BATCH_SIZE: usize = 25;
 const PASS_LIMIT: i64 = 200_000;
 /// How long a pass may hold the emitter lease before another process may take it over.
 const LEASE_TTL_SECS: i64 = 600;
-/// A held event (subscription not active yet) is due again at once: every pass looks at it.
-const HOLD_RECHECK_SECS: i64 = 0;
 /// With held events waiting, the subscription list is re-read at most this often (passes can be frequent).
 const HELD_REFRESH_SECS: i64 = 60;
+/// How a hold after a marketplace refusal (`ResourceNotFound`, `ResourceNotActive`) starts its reason.
+pub const REFUSED: &str = "the marketplace answered ";
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -161,6 +161,8 @@ pub struct Emitter {
     owner: String,
     /// When the subscription list was last fetched, and whether a refresh is forced.
     subscriptions: tokio::sync::Mutex<(Option<DateTime<Utc>>, bool)>,
+    /// An operator asked for a pass (flush): held events are looked at in it, not only after a list refresh.
+    release_held: std::sync::atomic::AtomicBool,
     /// In-process single flight.
     pass_lock: tokio::sync::Mutex<()>,
     last: std::sync::Mutex<LastPass>,
@@ -192,6 +194,7 @@ impl Emitter {
             client: Arc::new(client),
             owner,
             subscriptions: tokio::sync::Mutex::new((None, false)),
+            release_held: std::sync::atomic::AtomicBool::new(false),
             pass_lock: tokio::sync::Mutex::new(()),
             last: std::sync::Mutex::new(LastPass::default()),
         }
@@ -200,6 +203,15 @@ impl Emitter {
     /// The last pass, for status.
     pub fn last(&self) -> LastPass {
         self.last.lock().expect("last pass lock").clone()
+    }
+
+    /// How long a held event waits before it is looked at again: one subscription list refresh, so a refused
+    /// hour is neither re-sent nor re-checked more often than the list can change in meterd's view.
+    fn hold_recheck(&self) -> Duration {
+        self.settings
+            .subscriptions
+            .refresh
+            .max(Duration::seconds(1))
     }
 
     fn delays(&self) -> RetryDelays {
@@ -223,6 +235,8 @@ impl Emitter {
     /// activated).
     pub async fn request_subscription_refresh(&self) {
         self.subscriptions.lock().await.1 = true;
+        self.release_held
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The journal this emitter works from.
@@ -258,7 +272,10 @@ impl Emitter {
             started: now.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
             ..Default::default()
         };
-        let (owner, late) = (self.owner.clone(), self.settings.late_usage);
+        let (owner, policy) = (
+            self.owner.clone(),
+            outbound::SettlePolicy::from_settings(&self.settings),
+        );
         let (grace, margin) = (self.settings.emit.grace, self.settings.emit.safety_margin);
         let pending_age = self.settings.alerts.pending_age;
         let lease = self
@@ -279,7 +296,7 @@ impl Emitter {
             return Ok(summary);
         }
         let result = self
-            .pass_locked(now, late, grace, margin, pending_age, &mut summary)
+            .pass_locked(now, policy, grace, margin, pending_age, &mut summary)
             .await;
         let owner = self.owner.clone();
         self.journal
@@ -303,7 +320,7 @@ impl Emitter {
     async fn pass_locked(
         &self,
         now: DateTime<Utc>,
-        late: LateUsage,
+        policy: outbound::SettlePolicy,
         grace: Duration,
         margin: Duration,
         pending_age: Duration,
@@ -313,24 +330,24 @@ impl Emitter {
             self.settings.journal.retention,
             self.settings.ingest.dedupe_window,
         );
+        let expire_policy = policy.clone();
+        let release_held = self
+            .release_held
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
         let (frozen, expired) = self
             .journal
             .write(move |c| {
+                if release_held {
+                    outbound::release_holds(c, now)?;
+                }
                 let recovered = outbound::recover_in_flight(c)?;
                 if recovered > 0 {
                     tracing::warn!(message = "Events were in flight when meterd stopped; they count as possibly recorded.", events = recovered);
                 }
                 let f = outbound::freeze(c, now, grace, margin)?;
-                let e = outbound::expire_overdue(c, now, late)?;
+                let e = outbound::expire_overdue(c, now, &expire_policy)?;
                 for x in e.iter().filter(|x| x.state == "expired_unconfirmed") {
-                    crate::alerts::raise(
-                        c,
-                        "expired_unconfirmed",
-                        &format!("expired_unconfirmed:{}", x.id),
-                        serde_json::json!({"resource": x.resource, "dimension": x.dimension, "hour": x.hour,
-                            "advice": "an attempt may have been recorded; run `meterd reconcile --date` for this day"}),
-                        now,
-                    )?;
+                    raise_expired_unconfirmed(c, x.id, now)?;
                 }
                 outbound::raise_pending_age_alerts(c, now, pending_age)?;
                 let (hours, records) = crate::journal::usage::apply_retention(c, now, retention, dedupe_window)?;
@@ -346,10 +363,8 @@ impl Emitter {
         }
         for e in &expired {
             match e.state.as_str() {
-                "expired_unconfirmed" => tracing::error!(
-                    message = "Event expired after an ambiguous attempt; nothing carried. Run `meterd reconcile` for its day.",
-                    resource = %e.resource, dimension = %e.dimension, hour = %e.hour, alert = "expired_unconfirmed"
-                ),
+                // Logged at error level with its alert, in `raise_expired_unconfirmed`.
+                "expired_unconfirmed" => {}
                 state => {
                     tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = state)
                 }
@@ -378,6 +393,7 @@ impl Emitter {
             .zip(decisions)
             .map(|(e, d)| (e.id, d, e))
             .collect();
+        let decide_policy = policy.clone();
         let (sendable, counts) = self
             .journal
             .write(move |c| {
@@ -386,7 +402,7 @@ impl Emitter {
                 for (id, decision, ev) in to_write {
                     match decision {
                         Decision::Settle(s) => {
-                            let state = outbound::settle(c, id, &s, now, late)?;
+                            let state = outbound::settle(c, id, &s, now, &decide_policy)?;
                             let name = match (&s, state) {
                                 (Settle::Hold { .. }, _) => "held",
                                 (Settle::Defer { .. }, _) => "deferred",
@@ -427,6 +443,8 @@ impl Emitter {
             })
             .await?;
         for (k, n) in counts {
+            // Outcomes settled without a call (included, remainder, skipped_unsubscribed, held, ...) count too.
+            metrics::counter!("meterd_events_total", "outcome" => k.clone()).increment(n as u64);
             *summary.outcomes.entry(k).or_default() += n;
         }
         if sendable.is_empty() {
@@ -468,8 +486,18 @@ impl Emitter {
                 self.clock.clone(),
             );
             let delays = self.delays();
+            let policy = policy.clone();
+            let hold_recheck = self.hold_recheck();
             tasks.spawn(async move {
-                let r = send_batch(&client, &journal, &clock, late, delays, batch).await;
+                let r = send_splitting(
+                    &client,
+                    &journal,
+                    &clock,
+                    policy,
+                    (delays, hold_recheck),
+                    batch,
+                )
+                .await;
                 drop(permit);
                 r
             });
@@ -477,7 +505,7 @@ impl Emitter {
         let mut force_refresh = false;
         while let Some(joined) = tasks.join_next().await {
             let result = joined.context("batch task")??;
-            summary.calls += 1;
+            summary.calls += result.calls;
             summary.sent += result.sent;
             force_refresh |= result.recheck_subscriptions;
             for (k, n) in result.outcomes {
@@ -576,7 +604,8 @@ impl Emitter {
         known: &Option<BTreeMap<String, KnownSubscription>>,
         now: DateTime<Utc>,
     ) -> Decision {
-        let recheck = now + Duration::seconds(HOLD_RECHECK_SECS);
+        // A held event is looked at again after one list refresh, not at every pass.
+        let recheck = now + self.hold_recheck();
         let sub = known
             .as_ref()
             .and_then(|k| k.get(&ev.resource.to_ascii_lowercase()));
@@ -589,18 +618,16 @@ impl Emitter {
                 });
             };
             match known.get(&ev.resource.to_ascii_lowercase()) {
-                None => {
-                    return Decision::Settle(Settle::Hold {
-                        reason:
-                            "subscription not in the marketplace's list; holding until it appears"
-                                .into(),
-                        next_at: recheck,
-                    });
-                }
+                // A GUID the SaaS list does not know is sent as it is: it may be a managed application metered by
+                // its `resourceUsageId` (which no list shows), and the marketplace judges it. An unknown SaaS id is
+                // refused (`ResourceNotFound`) and held like any refusal, re-checked once per list refresh.
+                None => {}
                 Some(s) if s.status == "Subscribed" => {}
                 Some(s) if s.status == "Unsubscribed" => {
                     let seen = s.unsubscribed_seen_at.unwrap_or(now.timestamp());
-                    if ev.hour + HOUR > seen {
+                    // The marketplace refused this hour and the list now shows the cancellation: the hour
+                    // closed after the real cancellation, before meterd saw it. Sending again cannot help.
+                    if ev.hour + HOUR > seen || ev.refused {
                         return Decision::Settle(Settle::SkippedUnsubscribed);
                     }
                 }
@@ -636,7 +663,11 @@ impl Emitter {
 /// What one batch call did.
 #[derive(Debug, Default)]
 struct BatchResult {
+    /// Marketplace calls made.
+    calls: usize,
     sent: usize,
+    /// A whole call refused with 400: the two halves to send instead (one bad event must not block the rest).
+    split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
     outcomes: BTreeMap<String, usize>,
     recheck_subscriptions: bool,
 }
@@ -671,12 +702,41 @@ pub fn backoff_delay(attempts: i64, delays: RetryDelays) -> std::time::Duration 
     it.nth(n - 1).unwrap_or(delays.max)
 }
 
+/// Sends `batch`; a whole call refused with HTTP 400 is retried at once in halves, down to single events, so one
+/// malformed event keeps only itself pending (retried and alerted as before) and the good ones go through.
+async fn send_splitting(
+    client: &MarketplaceClient,
+    journal: &Journal,
+    clock: &SharedClock,
+    policy: outbound::SettlePolicy,
+    delays: (RetryDelays, Duration),
+    batch: Vec<PendingEvent>,
+) -> anyhow::Result<BatchResult> {
+    let mut total = BatchResult::default();
+    let mut todo = vec![batch];
+    while let Some(batch) = todo.pop() {
+        let mut r = send_batch(client, journal, clock, policy.clone(), delays, batch).await?;
+        total.calls += 1;
+        total.sent += r.sent;
+        total.recheck_subscriptions |= r.recheck_subscriptions;
+        if let Some((first, second)) = r.split.take() {
+            todo.push(second);
+            todo.push(first);
+            continue;
+        }
+        for (k, n) in r.outcomes {
+            *total.outcomes.entry(k).or_default() += n;
+        }
+    }
+    Ok(total)
+}
+
 async fn send_batch(
     client: &MarketplaceClient,
     journal: &Journal,
     clock: &SharedClock,
-    late: LateUsage,
-    delays: RetryDelays,
+    policy: outbound::SettlePolicy,
+    (delays, hold_recheck): (RetryDelays, Duration),
     batch: Vec<PendingEvent>,
 ) -> anyhow::Result<BatchResult> {
     let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
@@ -693,6 +753,7 @@ async fn send_batch(
     let now = clock.now();
     let mut result = BatchResult {
         sent: batch.len(),
+        calls: 1,
         ..Default::default()
     };
     let mut settles: Vec<(i64, Settle)> = Vec::with_capacity(batch.len());
@@ -717,8 +778,12 @@ async fn send_batch(
                 let sent_quantity = ev.send_quantity.unwrap_or(ev.quantity);
                 let settle = match classify(r, sent_quantity) {
                     Classified::Accepted { usage_event_id } => Settle::Accepted { usage_event_id },
-                    Classified::Duplicate => Settle::Duplicate {
-                        market_quantity: Some(ev.quantity),
+                    Classified::Duplicate {
+                        theirs_micros,
+                        usage_event_id,
+                    } => Settle::Duplicate {
+                        market_quantity: theirs_micros.or(Some(sent_quantity)),
+                        usage_event_id,
                     },
                     Classified::DuplicateMismatch {
                         ours_micros,
@@ -741,10 +806,10 @@ async fn send_batch(
                         result.recheck_subscriptions = true;
                         Settle::Hold {
                             reason: format!(
-                                "the marketplace answered {}; re-checking the subscription",
+                                "{REFUSED}{}; holding and re-checking the subscription at the next list refresh",
                                 status.as_str()
                             ),
-                            next_at: now + Duration::seconds(HOLD_RECHECK_SECS),
+                            next_at: now + hold_recheck,
                         }
                     }
                     Classified::NotAuthorized { message } => {
@@ -765,10 +830,10 @@ async fn send_batch(
                             reason: format!("{}: {message}", status.as_str()),
                         }
                     }
-                    Classified::Transient { message } => Settle::Retry {
+                    Classified::Transient { message, ambiguous } => Settle::Retry {
                         error: message,
                         next_at: now + delays.after(ev.attempts + 1),
-                        ambiguous: false,
+                        ambiguous,
                     },
                 };
                 settles.push((ev.id, settle));
@@ -798,7 +863,12 @@ async fn send_batch(
             metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => status).increment(1);
             let ambiguous = e.is_ambiguous();
             let ids = e.ids();
+            let split = e.status() == Some(400) && batch.len() > 1;
             match &e {
+                _ if split => tracing::warn!(
+                    message = "Batch call refused with 400; sending it again in halves to isolate the event that caused it.",
+                    error = %e, request_id = %ids.request_id, correlation_id = %ids.correlation_id, events = batch.len()
+                ),
                 CallError::Fatal { advice, .. } => tracing::error!(
                     message = "Batch call refused; the events stay pending and are retried.",
                     error = %e, advice = advice.as_deref().unwrap_or(""), request_id = %ids.request_id,
@@ -816,7 +886,29 @@ async fn send_batch(
                     serde_json::json!({"status": status, "error": e.to_string(), "advice": e.advice().unwrap_or("")}),
                 ));
             }
-            for ev in &batch {
+            if split {
+                // Nothing was recorded (a 400 is a definite refusal); the halves are sent right away.
+                for ev in &batch {
+                    settles.push((
+                        ev.id,
+                        Settle::Retry {
+                            error: e.to_string(),
+                            next_at: now,
+                            ambiguous: false,
+                        },
+                    ));
+                }
+                let mut first: Vec<PendingEvent> = batch
+                    .iter()
+                    .map(|ev| PendingEvent {
+                        attempts: ev.attempts + 1,
+                        ..ev.clone()
+                    })
+                    .collect();
+                let second = first.split_off(first.len() / 2);
+                result.split = Some((first, second));
+            }
+            for ev in batch.iter().filter(|_| !split) {
                 let mut delay = delays.after(ev.attempts + 1);
                 if let Some(ra) = e.retry_after() {
                     delay = chrono::Duration::from_std(ra)
@@ -842,8 +934,12 @@ async fn send_batch(
             }
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             for (id, s) in &settles {
-                let state = outbound::settle(c, *id, s, now, late)?;
+                let state = outbound::settle(c, *id, s, now, &policy)?;
                 raise_for(c, *id, s, now)?;
+                if state == "expired_unconfirmed" {
+                    // A per-event `Expired` after an earlier ambiguous attempt: the same alert as an expiry.
+                    raise_expired_unconfirmed(c, *id, now)?;
+                }
                 let name = match (s, state) {
                     (Settle::Hold { .. }, _) => "held",
                     (Settle::Retry { .. }, _) => "retry",
@@ -859,6 +955,32 @@ async fn send_batch(
     }
     result.outcomes = outcomes;
     Ok(result)
+}
+
+/// Raises the reconcile alert for an event that ended `expired_unconfirmed` (whichever way it got there) and logs
+/// it at error level, in the same transaction as the outcome.
+fn raise_expired_unconfirmed(
+    c: &rusqlite::Connection,
+    id: i64,
+    now: DateTime<Utc>,
+) -> Result<(), crate::journal::JournalError> {
+    let mut body = outbound::event_summary(c, id)?;
+    body["advice"] =
+        "an attempt may have been recorded; run `meterd reconcile --date` for this day".into();
+    if crate::alerts::raise(
+        c,
+        "expired_unconfirmed",
+        &format!("expired_unconfirmed:{id}"),
+        body.clone(),
+        now,
+    )? {
+        tracing::error!(
+            message = "Event expired after an ambiguous attempt; nothing carried. Run `meterd reconcile` for its day.",
+            resource = %body["resource"].as_str().unwrap_or(""), dimension = %body["dimension"].as_str().unwrap_or(""),
+            hour = %body["hour"].as_str().unwrap_or(""), alert = "expired_unconfirmed"
+        );
+    }
+    Ok(())
 }
 
 /// Raises the alert an outcome calls for, in the same transaction as the outcome.

@@ -18,6 +18,8 @@
 //! | `PUT /emulator/faults/latency` | `{"ms":200}` | latency on every marketplace call |
 //! | `POST/DELETE /emulator/faults/forbidden` | `{"resource":"<id or uri>"}` | 403 / `ResourceNotAuthorized` for it / clear |
 //! | `POST /emulator/faults/event-errors` | `{"count":2}` | the next events get `Error` |
+//! | `POST /emulator/faults/cancellations` | `{"subscription":"<id>","at":"<RFC 3339>"}` | really cancelled at `at`: listed `Unsubscribed` from then, later hours `ResourceNotFound` |
+//! | `POST /emulator/faults/poison` | `{"dimension":"<id>"}` | a batch holding an event of it fails as a whole with 400 |
 
 use super::Emulator;
 use super::config::parse_duration;
@@ -80,6 +82,8 @@ pub fn router() -> Router<Emulator> {
         .route("/faults/latency", put(latency))
         .route("/faults/forbidden", post(forbid).delete(clear_forbidden))
         .route("/faults/event-errors", post(event_errors))
+        .route("/faults/cancellations", post(cancellation))
+        .route("/faults/poison", post(poison))
 }
 
 /// Parses a JSON body (an empty body reads as `null`).
@@ -335,6 +339,36 @@ async fn clear_forbidden(State(emulator): State<Emulator>) -> axum::Json<Value> 
 #[derive(Deserialize)]
 struct CountBody {
     count: u32,
+}
+
+#[derive(Deserialize)]
+struct CancellationBody {
+    subscription: String,
+    at: String,
+}
+
+async fn cancellation(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
+    let b: CancellationBody = body(&bytes)?;
+    let at = DateTime::parse_from_rfc3339(&b.at)
+        .map_err(|e| {
+            AdminError::BadRequest(format!(
+                "`at` must be an RFC 3339 time such as 2026-03-10T09:50:00Z: {e}"
+            ))
+        })?
+        .with_timezone(&Utc);
+    emulator.cancel_at(&b.subscription, at);
+    Ok(to_json(emulator.lock().faults.clone()))
+}
+
+#[derive(Deserialize)]
+struct PoisonBody {
+    dimension: String,
+}
+
+async fn poison(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
+    let b: PoisonBody = body(&bytes)?;
+    emulator.poison_dimension(&b.dimension);
+    Ok(to_json(emulator.lock().faults.clone()))
 }
 
 async fn event_errors(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {

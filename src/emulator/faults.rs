@@ -13,7 +13,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -142,6 +142,13 @@ pub struct Faults {
     pub forbidden: BTreeSet<String>,
     /// The next this many events that would be accepted get `Error` instead.
     pub event_errors: u32,
+    /// Scripted cancellations: subscription id (lowercase) -> when it was really cancelled (emulator clock). From
+    /// that time on the list shows the subscription `Unsubscribed` (cancelled at that time), and every hour that
+    /// ends after it answers `ResourceNotFound`; hours that ended before it are still accepted.
+    pub cancellations: BTreeMap<String, chrono::DateTime<chrono::Utc>>,
+    /// Dimensions whose events make a whole batch call fail with 400 `BadArgument` (as one malformed event does
+    /// in production): every batch holding one of them is refused as a whole, nothing recorded.
+    pub poison_dimensions: BTreeSet<String>,
 }
 
 impl Faults {

@@ -76,6 +76,16 @@ pub async fn batch(State(emulator): State<Emulator>, call: Call, body: Bytes) ->
         let Some(events) = value.get("request").and_then(Value::as_array) else {
             return bad_argument("request", "The request field is required and must be an array of usage events.");
         };
+        {
+            let world = emulator.lock();
+            if let Some(d) = events.iter().find_map(|e| {
+                e.get("dimension")
+                    .and_then(Value::as_str)
+                    .filter(|d| world.faults.poison_dimensions.contains(*d))
+            }) {
+                return bad_argument("request.dimension", &format!("One or more errors have occurred: the event for dimension {d} is malformed."));
+            }
+        }
         if events.is_empty() || events.len() > MAX_BATCH {
             return bad_argument(
                 "request",

@@ -254,6 +254,23 @@ impl Emulator {
         }
     }
 
+    /// Scripts the real cancellation of subscription `id` at `at` (emulator clock): from then on the list shows it
+    /// `Unsubscribed` and hours ending after `at` answer `ResourceNotFound`, whatever a client last listed.
+    pub fn cancel_at(&self, id: &str, at: DateTime<Utc>) {
+        self.lock()
+            .faults
+            .cancellations
+            .insert(id.to_ascii_lowercase(), at);
+    }
+
+    /// Makes every batch holding an event for `dimension` fail as a whole with 400 (one malformed event).
+    pub fn poison_dimension(&self, dimension: &str) {
+        self.lock()
+            .faults
+            .poison_dimensions
+            .insert(dimension.to_string());
+    }
+
     /// Every subscription, in list order.
     pub fn subscriptions(&self) -> Vec<Subscription> {
         self.lock().subscriptions.clone()

@@ -79,7 +79,8 @@ pub async fn list(State(emulator): State<Emulator>, call: Call) -> Response {
                 }
             },
         };
-        let world = emulator.lock();
+        let mut world = emulator.lock();
+        world.apply_cancellations(emulator.now());
         if world.subscriptions.is_empty() {
             return StatusCode::OK.into_response();
         }
@@ -113,7 +114,10 @@ pub async fn one(State(emulator): State<Emulator>, call: Call, Path(id): Path<St
         if let Some(r) = precheck(&emulator, &call) {
             return r;
         }
-        match emulator.lock().subscription(&id) {
+        let now = emulator.now();
+        let mut world = emulator.lock();
+        world.apply_cancellations(now);
+        match world.subscription(&id) {
             Some(s) => axum::Json(s).into_response(),
             None => not_found(&id),
         }

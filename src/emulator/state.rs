@@ -42,6 +42,31 @@ pub struct State {
 }
 
 impl State {
+    /// Applies the scripted cancellations whose time has come: the subscription becomes `Unsubscribed`, cancelled
+    /// at the scripted time.
+    pub fn apply_cancellations(&mut self, now: DateTime<Utc>) {
+        let due: Vec<(String, DateTime<Utc>)> = self
+            .faults
+            .cancellations
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, at)| (id.clone(), *at))
+            .collect();
+        for (id, at) in due {
+            if let Some(s) = self
+                .subscriptions
+                .iter_mut()
+                .find(|s| s.id.eq_ignore_ascii_case(&id))
+                .filter(|s| {
+                    s.saas_subscription_status != super::model::SubscriptionStatus::Unsubscribed
+                })
+            {
+                s.saas_subscription_status = super::model::SubscriptionStatus::Unsubscribed;
+                s.unsubscribed_at = Some(at);
+            }
+        }
+    }
+
     /// The state an emulator starts (and resets) with.
     pub fn from_config(config: &EmulatorConfig) -> Self {
         Self {

@@ -228,6 +228,7 @@ pub fn judge(state: &mut State, event: &Value, now: DateTime<Utc>) -> Verdict {
         Ok(p) => p,
         Err(r) => return r.into(),
     };
+    state.apply_cancellations(now);
     if state.faults.is_forbidden(parsed.resource()) {
         return rejected(
             Status::ResourceNotAuthorized,
@@ -317,6 +318,11 @@ fn resolve(state: &State, parsed: &Parsed<'_>) -> Result<Resolved, Rejection> {
     const NOT_FOUND: &str =
         "The resourceId value provided cannot be found or this resource is not active.";
     if let Some(id) = parsed.resource_id {
+        if let Some(at) = state.faults.cancellations.get(&id.to_ascii_lowercase())
+            && parsed.effective_start + Duration::hours(1) > *at
+        {
+            return Err(reject(Status::ResourceNotFound, "resourceId", NOT_FOUND));
+        }
         if let Some(sub) = state.subscription(id) {
             // After a cancellation, hours that ended before it may still be reported (as Azure allows).
             let before_cancellation = sub.saas_subscription_status

@@ -30,6 +30,11 @@
 //!    or carried (it committed after).
 //! 7. **Single-flight emission.** The `leases` row named `emitter` has one owner until it expires.
 //! 8. **UTC only.** Times are unix seconds (UTC); "now" is always passed in.
+//! 9. **Units and remainders add up.** For every subscription and dimension, the billing units of the events that
+//!    are billed times `unit`, plus the `remainders` row, equal the usage of those events: an expiry carries only
+//!    what the units covered, an event that ends not billed gives back the remainder it took
+//!    (`outbound::settle`). `in_flight` is set before a call and cleared by every answer, so `ambiguous` marks
+//!    only attempts that may have been recorded unseen.
 //!
 //! # Threads
 //!

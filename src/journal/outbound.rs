@@ -162,6 +162,8 @@ pub struct PendingEvent {
     pub ambiguous: bool,
     /// Held for its subscription (not active yet).
     pub held: bool,
+    /// Held because the marketplace refused it (`ResourceNotFound` / `ResourceNotActive`).
+    pub refused: bool,
     /// Part of `quantity` that already went through the allowance (carried after an expiry).
     pub prebilled: i64,
     /// Quantity sent, billing units in micro-units (set with the body).
@@ -176,10 +178,10 @@ pub fn due_events(
 ) -> Result<Vec<PendingEvent>, JournalError> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, resource, plan, dimension, hour, quantity, body, attempts, deadline, ambiguous, held IS NOT NULL,
-                prebilled, send_quantity FROM outbound_events
+                prebilled, send_quantity, COALESCE(substr(held, 1, length(?3)) = ?3, 0) FROM outbound_events
          WHERE state = 'pending' AND next_attempt_at <= ?1 AND deadline > ?1 ORDER BY hour, id LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![now.timestamp(), limit], |r| {
+    let rows = stmt.query_map(params![now.timestamp(), limit, crate::emit::REFUSED], |r| {
         Ok(PendingEvent {
             id: r.get(0)?,
             resource: r.get(1)?,
@@ -194,6 +196,7 @@ pub fn due_events(
             held: r.get::<_, i64>(10)? != 0,
             prebilled: r.get(11)?,
             send_quantity: r.get(12)?,
+            refused: r.get::<_, i64>(13)? != 0,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -275,8 +278,10 @@ pub enum Settle {
     },
     /// Already recorded with the same quantity.
     Duplicate {
-        /// Quantity the marketplace holds.
+        /// Quantity the marketplace holds (as it said it, billing units in micro-units).
         market_quantity: Option<i64>,
+        /// The marketplace's id of the recorded event, when it said it.
+        usage_event_id: Option<String>,
     },
     /// Already recorded with another quantity.
     DuplicateMismatch {
@@ -320,21 +325,121 @@ pub enum Settle {
     },
 }
 
-/// Records the outcome of one attempt (or decision) for event `id`. `late` is the policy for expired units.
-/// Returns the state written.
+/// What settling an event needs from the settings: the late-usage policy for expired units and the billing
+/// unit of each dimension (to know how much of a billed event's usage its whole units cover).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettlePolicy {
+    /// What happens to the units of an expired event.
+    pub late: LateUsage,
+    /// Billing unit per dimension (`unit`); dimensions not listed use 1.
+    pub units: BTreeMap<String, i64>,
+}
+
+impl SettlePolicy {
+    /// The policy of `settings`.
+    pub fn from_settings(settings: &crate::config::Settings) -> Self {
+        SettlePolicy {
+            late: settings.late_usage,
+            units: settings
+                .dimensions
+                .iter()
+                .filter_map(|d| d.unit.map(|u| (d.id.clone(), u)))
+                .collect(),
+        }
+    }
+
+    /// A policy with `late` and no billing units.
+    pub fn late(late: LateUsage) -> Self {
+        SettlePolicy {
+            late,
+            units: BTreeMap::new(),
+        }
+    }
+
+    fn unit(&self, dimension: &str) -> i64 {
+        self.units.get(dimension).copied().unwrap_or(1).max(1)
+    }
+}
+
+/// The raw usage the whole units of a billed event cover: `send_quantity` billing units of `unit` each.
+/// The rest of its billable quantity is the remainder billing left in `remainders`.
+fn sent_raw(send_quantity: i64, unit: i64) -> i64 {
+    send_quantity.saturating_mul(unit)
+}
+
+/// Gives back to the `remainders` table what billing event `id` took from it, when the event ends without
+/// being billed (`not_active`, `rejected`, `skipped_unsubscribed`, `expired` and not carried).
+///
+/// Billing moved the remainder carried in (`c`) into the event and left its own leftover (`r`) in the table;
+/// undoing that adds `c - r`, which is `units sent x unit - (overage + prebilled)`. Afterwards, for the
+/// subscription and dimension, `units x unit + remainder` is again the usage of the events that are billed.
+/// The result may be negative when a later hour already sent units built on `r`: that hour then sent more
+/// than its usage, and the negative remainder takes it off the next bill.
+fn restore_remainder(conn: &Connection, id: i64, unit: i64) -> Result<(), JournalError> {
+    type Billed = (String, String, i64, i64, i64, Option<i64>);
+    let row: Option<Billed> = conn
+        .prepare_cached(
+            "SELECT resource, dimension, quantity, prebilled, COALESCE(included, 0), send_quantity
+             FROM outbound_events WHERE id = ?1 AND billable IS NOT NULL",
+        )?
+        .query_row([id], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .optional()?;
+    let Some((resource, dimension, raw, prebilled, included, Some(send))) = row else {
+        return Ok(());
+    };
+    let overage = raw - prebilled - included;
+    let delta = sent_raw(send, unit) - overage - prebilled;
+    if delta != 0 {
+        conn.prepare_cached(
+            "INSERT INTO remainders (resource, dimension, remainder) VALUES (?1, ?2, ?3)
+             ON CONFLICT (resource, dimension) DO UPDATE SET remainder = remainder + excluded.remainder",
+        )?
+        .execute(params![resource, dimension, delta])?;
+    }
+    Ok(())
+}
+
+/// Records the outcome of one attempt (or decision) for event `id` under `policy`. Returns the state written.
+///
+/// Every answer clears the in-flight marker: only an attempt that got no answer may have been recorded unseen.
 pub fn settle(
     conn: &Connection,
     id: i64,
     outcome: &Settle,
     now: DateTime<Utc>,
-    late: LateUsage,
+    policy: &SettlePolicy,
 ) -> Result<&'static str, JournalError> {
     let now_s = now.timestamp();
+    let unit = || -> Result<i64, JournalError> {
+        let dimension: Option<String> = conn
+            .prepare_cached("SELECT dimension FROM outbound_events WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
+            .optional()?;
+        Ok(dimension.map(|d| policy.unit(&d)).unwrap_or(1))
+    };
     let finish = |state: &'static str,
                   error: Option<&str>,
                   usage_event_id: Option<&str>,
                   market: Option<i64>|
      -> Result<&'static str, JournalError> {
+        let pending: bool = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM outbound_events WHERE id = ?1 AND state = 'pending'",
+            )?
+            .query_row([id], |r| r.get::<_, i64>(0))?
+            == 1;
+        if pending && matches!(state, "rejected" | "skipped_unsubscribed") {
+            restore_remainder(conn, id, unit()?)?;
+        }
         conn.prepare_cached(
             "UPDATE outbound_events SET state = ?2, last_error = COALESCE(?3, last_error), usage_event_id = ?4,
                     market_quantity = ?5, finished_at = ?6, held = NULL, in_flight = 0
@@ -347,7 +452,15 @@ pub fn settle(
         Settle::Accepted { usage_event_id } => {
             finish("accepted", None, usage_event_id.as_deref(), None)
         }
-        Settle::Duplicate { market_quantity } => finish("duplicate", None, None, *market_quantity),
+        Settle::Duplicate {
+            market_quantity,
+            usage_event_id,
+        } => finish(
+            "duplicate",
+            None,
+            usage_event_id.as_deref(),
+            *market_quantity,
+        ),
         Settle::DuplicateMismatch { market_quantity } => finish(
             "duplicate_mismatch",
             Some("the marketplace holds another quantity for this hour"),
@@ -361,17 +474,19 @@ pub fn settle(
             None,
             None,
         ),
-        Settle::Expired { message } => expire(conn, id, message, now, late, false),
+        Settle::Expired { message } => expire(conn, id, message, now, policy, false),
         Settle::Hold { reason, next_at } => {
             conn.prepare_cached(
-                "UPDATE outbound_events SET held = ?2, last_error = ?2, next_attempt_at = ?3 WHERE id = ?1 AND state = 'pending'",
+                "UPDATE outbound_events SET held = ?2, last_error = ?2, next_attempt_at = ?3, in_flight = 0
+                 WHERE id = ?1 AND state = 'pending'",
             )?
             .execute(params![id, reason, next_at.timestamp()])?;
             Ok("pending")
         }
         Settle::Defer { reason, next_at } => {
             conn.prepare_cached(
-                "UPDATE outbound_events SET last_error = ?2, next_attempt_at = ?3, held = NULL WHERE id = ?1 AND state = 'pending'",
+                "UPDATE outbound_events SET last_error = ?2, next_attempt_at = ?3, held = NULL, in_flight = 0
+                 WHERE id = ?1 AND state = 'pending'",
             )?
             .execute(params![id, reason, next_at.timestamp()])?;
             Ok("pending")
@@ -390,6 +505,15 @@ pub fn settle(
             Ok("pending")
         }
     }
+}
+
+/// Makes every held event due at `now` (an operator's flush: a subscription may just have been activated).
+pub fn release_holds(conn: &Connection, now: DateTime<Utc>) -> Result<usize, JournalError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE outbound_events SET next_attempt_at = ?1 WHERE state = 'pending' AND held IS NOT NULL AND next_attempt_at > ?1",
+        )?
+        .execute([now.timestamp()])?)
 }
 
 /// Marks an attempt as under way (committed before the call), so that a crash during the call is remembered as
@@ -415,9 +539,10 @@ fn expire(
     id: i64,
     message: &str,
     now: DateTime<Utc>,
-    late: LateUsage,
+    policy: &SettlePolicy,
     by_deadline: bool,
 ) -> Result<&'static str, JournalError> {
+    let late = policy.late;
     type Row = (
         String,
         String,
@@ -431,25 +556,32 @@ fn expire(
     );
     let row: Option<Row> = conn
         .prepare_cached(
-            "SELECT resource, plan, dimension, hour, quantity, ambiguous, held, billable, prebilled FROM outbound_events
+            "SELECT resource, plan, dimension, hour, quantity, ambiguous, held, send_quantity, prebilled FROM outbound_events
              WHERE id = ?1 AND state = 'pending'",
         )?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)))
         .optional()?;
-    let Some((resource, plan, dimension, hour, raw, ambiguous, held, billable, prebilled)) = row
+    let Some((resource, plan, dimension, hour, raw, ambiguous, held, send_quantity, prebilled)) =
+        row
     else {
         return Ok("pending");
     };
-    // A billed event carries what was billable (it already went through the allowance and took the remainder);
-    // an event never billed carries its raw usage, which meets the allowance again in its new hour.
-    let (qty, carry_prebilled) = match billable {
-        Some(b) => (b, b),
+    // A billed event carries what its whole units covered (it already went through the allowance); the
+    // sub-unit remainder it left in `remainders` stays there and meets the next hour from there, so carrying it
+    // too would bill it twice. An event never billed carries its raw usage, which meets the allowance again in
+    // its new hour.
+    let (qty, carry_prebilled) = match send_quantity {
+        Some(s) => {
+            let covered = sent_raw(s, policy.unit(&dimension));
+            (covered, covered)
+        }
         None => (raw, prebilled),
     };
     let now_s = now.timestamp();
     let (state, carried_to) = if ambiguous != 0 {
         ("expired_unconfirmed", None)
     } else if by_deadline && held.is_some() {
+        restore_remainder(conn, id, policy.unit(&dimension))?;
         ("not_active", None)
     } else if late == LateUsage::CarryForward {
         let target = hour_of(now).max(frozen_through(conn)?);
@@ -469,6 +601,7 @@ fn expire(
         )?;
         ("expired", Some(target))
     } else {
+        restore_remainder(conn, id, policy.unit(&dimension))?;
         ("expired", None)
     };
     let error = match (state, &held) {
@@ -504,7 +637,7 @@ pub struct Expired {
 pub fn expire_overdue(
     conn: &Connection,
     now: DateTime<Utc>,
-    late: LateUsage,
+    policy: &SettlePolicy,
 ) -> Result<Vec<Expired>, JournalError> {
     let ids: Vec<(i64, String, String, i64, Option<String>)> = conn
         .prepare_cached("SELECT id, resource, dimension, hour, last_error FROM outbound_events WHERE state = 'pending' AND deadline <= ?1 ORDER BY hour")?
@@ -518,7 +651,7 @@ pub fn expire_overdue(
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default()
         );
-        let state = expire(conn, id, &msg, now, late, true)?;
+        let state = expire(conn, id, &msg, now, policy, true)?;
         out.push(Expired {
             id,
             resource,
@@ -566,6 +699,49 @@ pub struct ListedSubscription {
     pub term_unit: Option<String>,
 }
 
+/// A subscription's term as stored: start, end (unix seconds) and unit.
+type StoredTerm = (Option<i64>, Option<i64>, Option<String>);
+
+/// The term to store for a listed subscription, so that the allowance never resets mid-term:
+///
+/// - listed without a term (or without its start or a known unit), it keeps the term meterd knew, instead of
+///   falling back to `billing.fallback_term` (another term);
+/// - listed with a term that starts later (a renewal into another term unit, announced before it begins), it
+///   keeps the running term until then: rolling the new term back from its future start would put the running
+///   hours into another term.
+fn term_to_store(
+    conn: &Connection,
+    id: &str,
+    listed: &ListedSubscription,
+    now: DateTime<Utc>,
+) -> Result<StoredTerm, JournalError> {
+    let as_listed = (listed.term_start, listed.term_end, listed.term_unit.clone());
+    let unit_known = listed
+        .term_unit
+        .as_deref()
+        .is_some_and(|u| crate::billing::months_of(u).is_some());
+    let starts_later = listed.term_start.is_some_and(|s| s > now.timestamp());
+    if listed.term_start.is_some() && unit_known && !starts_later {
+        return Ok(as_listed);
+    }
+    let known: Option<StoredTerm> = conn
+        .prepare_cached("SELECT term_start, term_end, term_unit FROM subscriptions WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    Ok(match known {
+        Some(k @ (Some(start), _, Some(_))) if start <= now.timestamp() => {
+            if starts_later {
+                tracing::info!(
+                    message = "The subscription's next term starts later; the running term stays in force until then.",
+                    subscription = %id, next_term_start = %fmt_time(listed.term_start.unwrap_or_default())
+                );
+            }
+            k
+        }
+        _ => as_listed,
+    })
+}
+
 /// Stores a full subscription list. Remembers when a cancellation was first seen; subscriptions missing from
 /// the list become `Unknown`.
 pub fn store_subscriptions(
@@ -586,15 +762,10 @@ pub fn store_subscriptions(
              updated_at = excluded.updated_at",
     )?;
     for s in list {
+        let id = s.id.to_ascii_lowercase();
+        let (term_start, term_end, term_unit) = term_to_store(conn, &id, s, now)?;
         stmt.execute(params![
-            s.id.to_ascii_lowercase(),
-            s.status,
-            s.plan,
-            s.offer,
-            s.term_start,
-            s.term_end,
-            s.term_unit,
-            now_s
+            id, s.status, s.plan, s.offer, term_start, term_end, term_unit, now_s
         ])?;
     }
     conn.prepare_cached("UPDATE subscriptions SET status = 'Unknown' WHERE updated_at < ?1 AND status != 'Unsubscribed'")?

@@ -19,8 +19,13 @@ pub enum Classified {
         usage_event_id: Option<String>,
     },
     /// The hour was already recorded with our quantity (a resend after a crash or an ambiguous failure), or the
-    /// service did not say which quantity (logged).
-    Duplicate,
+    /// service did not say which quantity (logged). Keeps what the service said of the original.
+    Duplicate {
+        /// The quantity the service holds, when it said it.
+        theirs_micros: Option<i64>,
+        /// The service's id of the original event, when it said it.
+        usage_event_id: Option<String>,
+    },
     /// The hour was already recorded with another quantity; ours can never replace it. Alert.
     DuplicateMismatch {
         /// What we sent.
@@ -52,6 +57,9 @@ pub enum Classified {
     Transient {
         /// What the service said.
         message: String,
+        /// The event may have been recorded: an unknown status might mean it was, so an expiry after it must
+        /// not carry the units (that could bill them twice); it ends `expired_unconfirmed` instead.
+        ambiguous: bool,
     },
 }
 
@@ -70,15 +78,20 @@ pub fn classify(result: &UsageResult, ours_micros: i64) -> Classified {
             usage_event_id: result.usage_event_id.clone(),
         },
         UsageStatus::Duplicate => {
-            let theirs = result
+            let original = result
                 .error
                 .as_ref()
                 .and_then(|e| e.additional_info.as_ref())
-                .and_then(|a| a.accepted_message.as_ref())
-                .and_then(|m| m.quantity)
-                .and_then(f64_to_micros);
+                .and_then(|a| a.accepted_message.as_ref());
+            let theirs = original.and_then(|m| m.quantity).and_then(f64_to_micros);
+            let usage_event_id = original
+                .and_then(|m| m.usage_event_id.clone())
+                .or_else(|| result.usage_event_id.clone());
             match theirs {
-                Some(theirs) if theirs == ours_micros => Classified::Duplicate,
+                Some(theirs) if theirs == ours_micros => Classified::Duplicate {
+                    theirs_micros: Some(theirs),
+                    usage_event_id,
+                },
                 Some(theirs) => Classified::DuplicateMismatch {
                     ours_micros,
                     theirs_micros: theirs,
@@ -89,7 +102,10 @@ pub fn classify(result: &UsageResult, ours_micros: i64) -> Classified {
                         dimension = result.dimension.as_deref().unwrap_or(""),
                         effective_start_time = result.effective_start_time.as_deref().unwrap_or(""),
                     );
-                    Classified::Duplicate
+                    Classified::Duplicate {
+                        theirs_micros: None,
+                        usage_event_id,
+                    }
                 }
             }
         }
@@ -106,9 +122,13 @@ pub fn classify(result: &UsageResult, ours_micros: i64) -> Classified {
             status: status.clone(),
             message: message(),
         },
-        UsageStatus::Error => Classified::Transient { message: message() },
+        UsageStatus::Error => Classified::Transient {
+            message: message(),
+            ambiguous: false,
+        },
         UsageStatus::Unknown(status) => Classified::Transient {
             message: format!("unknown status {status:?}: {}", message()),
+            ambiguous: true,
         },
     }
 }
@@ -275,7 +295,13 @@ mod tests {
                 theirs_micros: 2_000_000
             }
         );
-        assert_eq!(classify(&r[1], 2_000_000), Classified::Duplicate);
+        assert!(matches!(
+            classify(&r[1], 2_000_000),
+            Classified::Duplicate {
+                theirs_micros: Some(2_000_000),
+                ..
+            }
+        ));
         assert_eq!(
             classify(&r[2], 1_000_000),
             Classified::NotFoundOrNotActive {
@@ -316,11 +342,14 @@ mod tests {
         }
         assert!(matches!(
             classify(&with_status("Error"), 1),
-            Classified::Transient { .. }
+            Classified::Transient {
+                ambiguous: false,
+                ..
+            }
         ));
         assert!(matches!(
             classify(&with_status("SomethingNew"), 1),
-            Classified::Transient { message } if message.contains("SomethingNew")
+            Classified::Transient { message, ambiguous: true } if message.contains("SomethingNew")
         ));
         assert!(matches!(
             classify(&result(r#"{}"#), 1),
@@ -341,14 +370,15 @@ mod tests {
                 r#"{{"status":"Duplicate","error":{{"code":"Conflict","additionalInfo":{{"acceptedMessage":{{"quantity":{q}}}}}}}}}"#
             ))
         };
-        assert_eq!(classify(&dup("12.5"), 12_500_000), Classified::Duplicate);
-        assert_eq!(
-            classify(&dup("\"12.5\""), 12_500_000),
-            Classified::Duplicate
-        );
+        let same = |q: i64| Classified::Duplicate {
+            theirs_micros: Some(q),
+            usage_event_id: None,
+        };
+        assert_eq!(classify(&dup("12.5"), 12_500_000), same(12_500_000));
+        assert_eq!(classify(&dup("\"12.5\""), 12_500_000), same(12_500_000));
         assert_eq!(
             classify(&dup("0.30000000000000004"), 300_000),
-            Classified::Duplicate
+            same(300_000)
         );
         assert_eq!(
             classify(&dup("12.4"), 12_500_000),
@@ -363,8 +393,41 @@ mod tests {
                 &result(r#"{"status":"Duplicate","error":{"code":"Conflict"}}"#),
                 5
             ),
-            Classified::Duplicate
+            Classified::Duplicate {
+                theirs_micros: None,
+                usage_event_id: None
+            }
         );
+    }
+
+    /// Defect 8: a `Duplicate` keeps the marketplace's quantity and the original's `usageEventId`.
+    #[test]
+    fn a_duplicate_keeps_the_marketplace_quantity_and_usage_event_id() {
+        let r = result(
+            r#"{"status":"Duplicate","error":{"code":"Conflict","additionalInfo":{"acceptedMessage":
+                {"usageEventId":"0b9f6a52-0000-4000-8000-00000000000a","quantity":4}}}}"#,
+        );
+        assert_eq!(
+            classify(&r, 4_000_000),
+            Classified::Duplicate {
+                theirs_micros: Some(4_000_000),
+                usage_event_id: Some("0b9f6a52-0000-4000-8000-00000000000a".into())
+            }
+        );
+    }
+
+    /// Defect 8: a per-event status this version does not know might mean recorded.
+    #[test]
+    fn an_unknown_per_event_status_is_ambiguous() {
+        for r in [with_status("Queued"), result(r#"{}"#)] {
+            assert!(matches!(
+                classify(&r, 1),
+                Classified::Transient {
+                    ambiguous: true,
+                    ..
+                }
+            ));
+        }
     }
 
     fn sent_keys() -> Vec<SentKey> {
