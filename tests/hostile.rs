@@ -210,7 +210,7 @@ fn cases() -> Vec<Case> {
         // Sizes
         case("body 1 byte over max_body_bytes (content-length)", json_post(&big), &["413"]),
         case("body over max_body_bytes (chunked)", big_chunked, &["413"]),
-        case("content-length over the limit, no body sent", req("POST", "/v1/usage", &["content-type: application/json", "content-length: 100000000"], b""), &["408", "413"]),
+        case("content-length over the limit, no body sent", req("POST", "/v1/usage", &["content-type: application/json", "content-length: 100000000"], b""), &["413"]),
         case("100k valid records + 1 invalid (9 MB, within the limit)", json_post(&hundred_k_records_last_invalid()), &["400"]),
         case("empty body", json_post(b""), &["400"]),
         case("empty array", json_post(b"[]"), &["400"]),
@@ -384,6 +384,80 @@ fn slowloris_bodies_and_headers_are_cut_by_request_timeout() {
     let _ = writer.join();
     assert!(healthy(&d));
     assert_eq!(journal_snapshot(&d), before);
+}
+
+/// Issue 11 defect 2, "an error answer after the commit": keyless records posted while another process holds the
+/// journal's write lock for longer than `ingest.request_timeout`. Every answer is 2xx (the record is stored) or
+/// not (nothing of it is stored); no request is answered 408, or left without an answer, while its journal job
+/// is queued and then commits. Afterwards the stored quantity equals the acknowledged quantity exactly.
+#[test]
+fn a_request_queued_behind_a_locked_journal_is_stored_if_and_only_if_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path());
+    let journal = dir.path().join("journal.db");
+    let stored = |journal: &std::path::Path| -> (i64, i64) {
+        let c = rusqlite::Connection::open_with_flags(
+            journal,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        c.busy_timeout(Duration::from_secs(30)).unwrap();
+        c.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(quantity), 0) FROM usage_records",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    assert_eq!(raw(&d, &json_post(&rec("1"))), "202");
+    let (base_records, base_quantity) = stored(&journal);
+    // Hold the write lock from a second connection for twice the request timeout (below the writer's 5 s busy
+    // timeout, so the queued jobs commit once it is released).
+    let holder = rusqlite::Connection::open(&journal).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let hold = Duration::from_secs(REQ_TIMEOUT_S * 2);
+    let clients: Vec<_> = (1..=8u64)
+        .map(|i| {
+            let d_addr = addr(&d);
+            std::thread::spawn(move || {
+                let body = rec(&i.to_string());
+                let mut s = TcpStream::connect(d_addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                s.write_all(&json_post(&body)).unwrap();
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf);
+                (i, status_of(&buf))
+            })
+        })
+        .collect();
+    std::thread::sleep(hold);
+    holder.execute_batch("COMMIT").unwrap();
+    drop(holder);
+    let answers: Vec<(u64, String)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    println!("LOCKED JOURNAL: answers {answers:?}");
+    // The writer runs jobs in order: once a later record is acknowledged, every job queued before it has
+    // committed or failed, so the count below is final.
+    assert_eq!(raw(&d, &json_post(&rec("100"))), "202");
+    let acked: Vec<u64> = answers
+        .iter()
+        .filter(|(_, s)| s.starts_with('2'))
+        .map(|(i, _)| *i)
+        .collect();
+    let (records, quantity) = stored(&journal);
+    let acked_quantity: i64 = acked.iter().map(|i| *i as i64 * 1_000_000).sum::<i64>() + 100_000_000;
+    assert_eq!(
+        (records - base_records, quantity - base_quantity),
+        (acked.len() as i64 + 1, acked_quantity),
+        "stored (records, micro-units) differ from acknowledged; answers {answers:?}"
+    );
+    for (i, s) in &answers {
+        assert!(
+            s.starts_with('2') || s == "503",
+            "record {i} was answered {s}: only 2xx (stored) or 503 (the writer gave up on the lock) may answer a \
+             request whose job reached the journal"
+        );
+    }
+    assert!(healthy(&d));
 }
 
 fn open_sockets(pid: u32) -> usize {

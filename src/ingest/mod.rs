@@ -177,7 +177,45 @@ pub async fn read_body(
         ));
     }
     let limit = state.settings.ingest.max_body_bytes;
-    match axum::body::to_bytes(body, limit).await {
+    let too_large = || {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            vec![FieldError::request(format!(
+                "body is larger than ingest.max_body_bytes ({limit} bytes); send smaller batches"
+            ))],
+        )
+    };
+    // A declared length over the limit is refused from the header alone, before any of the body is read, so
+    // the answer does not depend on how much of it has arrived. (hyper has already refused a length that is not
+    // a number.)
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    // The body must arrive within `ingest.request_timeout` (slow clients). This is the only timeout of a request:
+    // once the body is read, its journal job may be queued, and no error may be answered for a job that commits.
+    let timeout = state
+        .settings
+        .ingest
+        .request_timeout
+        .to_std()
+        .unwrap_or(std::time::Duration::from_secs(30));
+    let read = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(r) => r,
+        Err(_) => {
+            return Err(error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                vec![FieldError::request(format!(
+                    "the body did not arrive within ingest.request_timeout ({}s); nothing was stored, send it again",
+                    timeout.as_secs_f64()
+                ))],
+            ));
+        }
+    };
+    match read {
         Ok(b) => Ok((b, ctype)),
         Err(e) => {
             let too_big = std::error::Error::source(&e)
@@ -185,12 +223,7 @@ pub async fn read_body(
                 .unwrap_or(false)
                 || e.to_string().contains("length limit");
             if too_big {
-                Err(error_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    vec![FieldError::request(format!(
-                        "body is larger than ingest.max_body_bytes ({limit} bytes); send smaller batches"
-                    ))],
-                ))
+                Err(too_large())
             } else {
                 Err(error_response(
                     StatusCode::BAD_REQUEST,
