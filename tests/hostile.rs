@@ -444,7 +444,8 @@ fn a_request_queued_behind_a_locked_journal_is_stored_if_and_only_if_acknowledge
         .map(|(i, _)| *i)
         .collect();
     let (records, quantity) = stored(&journal);
-    let acked_quantity: i64 = acked.iter().map(|i| *i as i64 * 1_000_000).sum::<i64>() + 100_000_000;
+    let acked_quantity: i64 =
+        acked.iter().map(|i| *i as i64 * 1_000_000).sum::<i64>() + 100_000_000;
     assert_eq!(
         (records - base_records, quantity - base_quantity),
         (acked.len() as i64 + 1, acked_quantity),
