@@ -29,8 +29,9 @@
 //! roll back the whole transaction when a job fails (disk full, I/O error, out of memory): the writer checks
 //! `is_autocommit()` after every job, answers every job run in the lost transaction with the error, and runs the
 //! jobs not yet run in a new transaction. So a job is answered OK only if its changes committed, and with an error
-//! only if none of them did. Readers use a small pool of read-only connections (WAL lets them run beside the
-//! writer).
+//! only if none of them did. A job whose requester stopped waiting (its `write` future was dropped, e.g. the HTTP
+//! client went away) before the writer reached it does not run. Readers use a small pool of read-only
+//! connections (WAL lets them run beside the writer).
 //!
 //! # What a crash may leave
 //!
@@ -136,8 +137,21 @@ where
     F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
     R: FnOnce(Result<T, JournalError>) + Send + 'static,
 {
+    make_abandonable_job(f, reply, || true)
+}
+
+/// [`make_job`] for a requester that may stop waiting: when `waiting()` is false as the writer reaches the job,
+/// the job does not run (nobody would learn that it committed; a client that gave up and retries must not find
+/// its first attempt stored).
+fn make_abandonable_job<T, F, R, W>(f: F, reply: R, waiting: W) -> Job
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
+    R: FnOnce(Result<T, JournalError>) + Send + 'static,
+    W: FnOnce() -> bool + Send + 'static,
+{
     Box::new(move |conn: Option<&Connection>| {
-        let result = conn.map(f);
+        let result = conn.filter(|_| waiting()).map(f);
         let failure = match &result {
             Some(Err(e)) => Some(e.duplicate()),
             _ => None,
@@ -280,16 +294,32 @@ impl Journal {
 
     /// Runs `f` inside the writer's next transaction and answers after that transaction committed.
     ///
-    /// `f` runs in a savepoint: if it returns an error, only its own changes are rolled back.
+    /// `f` runs in a savepoint: if it returns an error, only its own changes are rolled back. If the returned
+    /// future is dropped before the writer reaches the job (an HTTP client went away while its request waited
+    /// for the journal), `f` does not run; once it ran, its transaction commits or fails regardless.
     pub async fn write<T, F>(&self, f: F) -> Result<T, JournalError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
     {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.send(Command::Job(make_job(f, move |r| {
-            let _ = reply.send(r);
-        })))?;
+        let reply = Arc::new(Mutex::new(Some(reply)));
+        let probe = reply.clone();
+        let waiting = move || {
+            probe
+                .lock()
+                .map(|r| r.as_ref().is_some_and(|s| !s.is_closed()))
+                .unwrap_or(false)
+        };
+        self.send(Command::Job(make_abandonable_job(
+            f,
+            move |r| {
+                if let Some(reply) = reply.lock().ok().and_then(|mut g| g.take()) {
+                    let _ = reply.send(r);
+                }
+            },
+            waiting,
+        )))?;
         rx.await.map_err(|_| JournalError::Closed)?
     }
 
@@ -654,5 +684,71 @@ mod tests {
         // The writer still works.
         journal.write_blocking(insert(6)).unwrap();
         journal.close();
+    }
+
+    /// Issue 11 defect 2 (the journal side): a request that gave up waiting (its `write` future dropped, as when
+    /// an HTTP client disconnects) before the writer reached its job is not stored; one still waiting is.
+    #[test]
+    fn a_write_abandoned_before_the_writer_reaches_it_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("journal.db")).unwrap();
+        journal
+            .write_blocking(|c| {
+                c.execute_batch("CREATE TABLE scratch(x INTEGER NOT NULL)")?;
+                Ok(())
+            })
+            .unwrap();
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let blocker = queue(&journal, move |_| {
+            started_tx.send(()).unwrap();
+            gate.recv().unwrap();
+            Ok(())
+        });
+        started.recv().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Polled once (the job is queued), then dropped: the requester gave up.
+        let abandoned = journal.write(insert(1));
+        rt.block_on(async {
+            let mut abandoned = std::pin::pin!(abandoned);
+            assert!(futures_poll_once(abandoned.as_mut()).await.is_none());
+        });
+        let kept = {
+            let j = journal.clone();
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+                    .block_on(j.write(insert(2)))
+            })
+        };
+        // Whether the kept write is queued before or after the release does not matter: it is waited for.
+        release.send(()).unwrap();
+        blocker.recv().unwrap().unwrap();
+        kept.join().unwrap().unwrap();
+        let stored: Vec<i64> = journal
+            .read_blocking(|c| {
+                let mut st = c.prepare("SELECT x FROM scratch ORDER BY x")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                Ok(rows.collect::<Result<Vec<i64>, _>>()?)
+            })
+            .unwrap();
+        assert_eq!(stored, vec![2], "the abandoned write was stored");
+        journal.close();
+    }
+
+    /// Polls `f` once: `Some` if it finished.
+    async fn futures_poll_once<F: std::future::Future>(
+        f: std::pin::Pin<&mut F>,
+    ) -> Option<F::Output> {
+        let mut f = Some(f);
+        std::future::poll_fn(move |cx| match f.take().unwrap().poll(cx) {
+            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
     }
 }
