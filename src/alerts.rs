@@ -85,6 +85,7 @@ pub async fn deliver_loop(
     every: std::time::Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    crate::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()

@@ -9,7 +9,7 @@ use crate::secret::load_secret;
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Sets up tracing: text or JSON on stderr, filtered by `log.level` (or `RUST_LOG`).
 pub fn init_logging(format: LogFormat, level: &str) {
@@ -125,8 +125,14 @@ pub fn ingest_token(
 ///
 /// Slow-client protection: at most `ingest.max_connections` connections are open at once (an accept-side
 /// semaphore: further clients wait in the kernel's backlog, so idle or trickling connections cannot exhaust file
-/// descriptors or tasks), a connection must send its request headers within `ingest.request_timeout`, and each
-/// request (body included) must be served within `ingest.request_timeout` (408 otherwise).
+/// descriptors or tasks), a connection must send its request headers within `ingest.request_timeout`, a connection
+/// idle between requests for `ingest.request_timeout` is closed, and a request body must arrive within
+/// `ingest.request_timeout` (408, see [`crate::ingest::read_body`]).
+///
+/// Nothing times out once a request is being handled past its body: its journal job may already be queued, and
+/// an error answer (or a closed connection) for a job that then commits would make a retrying client count its
+/// records twice (design.md invariant 2). The wait for the journal is bounded by the writer's busy timeout, which
+/// answers 503 with nothing stored.
 pub async fn serve(
     listener: Listener,
     state: AppState,
@@ -139,27 +145,22 @@ pub async fn serve(
         .to_std()
         .unwrap_or(std::time::Duration::from_secs(30));
     let limit = state.settings.ingest.max_connections.max(1);
-    let app = ingest::router(state)
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(limit));
+    let app = ingest::router(state).layer(tower::limit::ConcurrencyLimitLayer::new(limit));
     match listener {
         Listener::Tcp(l) => serve_connections(l, app, limit, timeout, shutdown).await,
         Listener::Unix(l, path) => {
             serve_connections(l, app, limit, timeout, shutdown).await;
             let _ = std::fs::remove_file(&path);
         }
-        Listener::UnixActivated(l, _) => {
-            axum::serve(l, app).with_graceful_shutdown(shutdown).await?
-        }
+        // systemd owns the path: it is left alone.
+        Listener::UnixActivated(l, _) => serve_connections(l, app, limit, timeout, shutdown).await,
     }
     Ok(())
 }
 
 /// The accept loop behind [`serve`]: one permit of a `limit`-sized semaphore per open connection, HTTP/1 header
-/// read timeout `timeout`, graceful shutdown of every connection when `shutdown` resolves.
+/// read timeout `timeout`, idle timeout `timeout` while no request of the connection is being handled, graceful
+/// shutdown of every connection when `shutdown` resolves.
 async fn serve_connections<L>(
     mut listener: L,
     app: axum::Router,
@@ -172,6 +173,7 @@ async fn serve_connections<L>(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -188,7 +190,21 @@ async fn serve_connections<L>(
             (io, _) = listener.accept() => io,
             _ = stop.wait_for(|v| *v) => break,
         };
-        let service = TowerToHyperService::new(app.clone());
+        // Requests of this connection being handled: while any is, the idle timeout does not cut the connection.
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let app = app.clone();
+        let counted = in_flight.clone();
+        let service = TowerToHyperService::new(tower::service_fn(
+            move |req: axum::http::Request<hyper::body::Incoming>| {
+                let busy = InFlight::enter(&counted);
+                let app = app.clone();
+                async move {
+                    let answer = app.oneshot(req).await;
+                    drop(busy);
+                    answer
+                }
+            },
+        ));
         let mut conn_stop = stop_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -197,7 +213,7 @@ async fn serve_connections<L>(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(timeout);
-            let io = IdleTimeout::new(io, timeout);
+            let io = IdleTimeout::new(io, timeout, in_flight);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
@@ -212,23 +228,44 @@ async fn serve_connections<L>(
     let _ = permits.acquire_many(limit as u32).await;
 }
 
-/// A connection that closes itself when a read waits longer than `timeout` for a byte: hyper's header read
-/// timeout only starts with the first byte of a request, so without this an idle connection (opened and never
-/// used, or kept alive and forgotten) would hold one of the `max_connections` permits forever.
+/// Counts one request being handled until dropped (the handler finished or was dropped).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A connection that closes itself when a read waits longer than `timeout` for a byte while none of its requests
+/// is being handled: hyper's header read timeout only starts with the first byte of a request, so without this an
+/// idle connection (opened and never used, or kept alive and forgotten) would hold one of the `max_connections`
+/// permits forever. While a request is being handled (`in_flight > 0`) hyper still polls the socket (to notice a
+/// client that goes away); cutting the connection then would drop an answer whose journal job may commit, so the
+/// timer is off; the body read has its own timeout in the handler.
 struct IdleTimeout<I> {
     io: I,
     timeout: std::time::Duration,
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
     armed: bool,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl<I> IdleTimeout<I> {
-    fn new(io: I, timeout: std::time::Duration) -> Self {
+    fn new(io: I, timeout: std::time::Duration, in_flight: Arc<AtomicUsize>) -> Self {
         Self {
             io,
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
             armed: false,
+            in_flight,
         }
     }
 }
@@ -245,6 +282,11 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleTimeout<I> {
             Poll::Ready(r) => {
                 this.armed = false;
                 Poll::Ready(r)
+            }
+            Poll::Pending if this.in_flight.load(Ordering::SeqCst) > 0 => {
+                // A request is being handled: no idle timeout; it starts afresh at the next idle read.
+                this.armed = false;
+                Poll::Pending
             }
             Poll::Pending => {
                 if !this.armed {

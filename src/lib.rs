@@ -16,6 +16,7 @@
 //! - [`secret`]: secrets that never print.
 //! - [`emulator`]: `meterd emulator`, a local Azure Marketplace (token, metering, subscriptions) with fault injection.
 //! - [`marketplace`]: the marketplace wire types, token providers, HTTP client and outcome classification.
+//! - [`tls`]: the one TLS crypto provider (ring) of every HTTPS client.
 
 pub mod alerts;
 pub mod billing;
@@ -31,3 +32,4 @@ pub mod marketplace;
 pub mod ops;
 pub mod quantity;
 pub mod secret;
+pub mod tls;

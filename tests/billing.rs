@@ -382,7 +382,7 @@ async fn scenario_14_a_threshold_fires_once_per_term_and_again_after_renewal() {
     let deliver = |r: &Rig| {
         let (j, c, u) = (r.journal.clone(), clock.clone(), url.clone());
         async move {
-            meterd::alerts::deliver_once(&j, &c, Some(&u), Some(&reqwest::Client::new()))
+            meterd::alerts::deliver_once(&j, &c, Some(&u), Some(&meterd::tls::client()))
                 .await
                 .unwrap()
         }
@@ -445,7 +445,7 @@ async fn a_webhook_that_fails_is_retried_from_the_journal() {
         &r.journal,
         &clock,
         Some(&dead),
-        Some(&reqwest::Client::new()),
+        Some(&meterd::tls::client()),
     )
     .await
     .unwrap();
@@ -464,14 +464,10 @@ async fn a_webhook_that_fails_is_retried_from_the_journal() {
     // Later, with a receiver, it arrives.
     let (url, got) = webhook().await;
     r.clock.set(t("2026-03-10T17:00:00Z"));
-    let n = meterd::alerts::deliver_once(
-        &r.journal,
-        &clock,
-        Some(&url),
-        Some(&reqwest::Client::new()),
-    )
-    .await
-    .unwrap();
+    let n =
+        meterd::alerts::deliver_once(&r.journal, &clock, Some(&url), Some(&meterd::tls::client()))
+            .await
+            .unwrap();
     assert!(n >= 1);
     assert!(
         got.lock()
@@ -500,7 +496,7 @@ async fn reconcile_reports_a_planted_difference() {
         "{}/batchUsageEvent?api-version=2018-08-31",
         r.settings.marketplace.base_url
     );
-    let resp = reqwest::Client::new()
+    let resp = meterd::tls::client()
         .post(url)
         .bearer_auth("emulator-token")
         .header("content-type", "application/json")

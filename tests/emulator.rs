@@ -33,7 +33,7 @@ impl Harness {
         Self {
             base: format!("http://{addr}"),
             emulator,
-            http: reqwest::Client::new(),
+            http: meterd::tls::client(),
         }
     }
 
@@ -977,6 +977,7 @@ async fn failures_with_retry_after_then_success() {
 #[tokio::test]
 async fn delay_after_processing_records_before_answering() {
     let h = Harness::start().await;
+    meterd::tls::install_crypto_provider();
     let quick = reqwest::Client::builder()
         .timeout(std::time::Duration::from_millis(300))
         .build()
@@ -1154,7 +1155,7 @@ async fn bare_router_cannot_drop_connections_and_says_so() {
     let router = emulator.router();
     tokio::spawn(async move { axum::serve(listener, router).await });
     emulator.drop_next(Route::Subscriptions, 1, Phase::Before);
-    let response = reqwest::Client::new()
+    let response = meterd::tls::client()
         .get(format!("http://{addr}/api/saas/subscriptions/?{API}"))
         .bearer_auth(DEFAULT_STATIC_TOKEN)
         .send()

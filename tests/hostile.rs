@@ -210,7 +210,7 @@ fn cases() -> Vec<Case> {
         // Sizes
         case("body 1 byte over max_body_bytes (content-length)", json_post(&big), &["413"]),
         case("body over max_body_bytes (chunked)", big_chunked, &["413"]),
-        case("content-length over the limit, no body sent", req("POST", "/v1/usage", &["content-type: application/json", "content-length: 100000000"], b""), &["408", "413"]),
+        case("content-length over the limit, no body sent", req("POST", "/v1/usage", &["content-type: application/json", "content-length: 100000000"], b""), &["413"]),
         case("100k valid records + 1 invalid (9 MB, within the limit)", json_post(&hundred_k_records_last_invalid()), &["400"]),
         case("empty body", json_post(b""), &["400"]),
         case("empty array", json_post(b"[]"), &["400"]),
@@ -308,7 +308,8 @@ fn hostile_requests_get_clear_4xx_and_change_nothing() {
 }
 
 /// A client that sends its body one byte a second is cut by `ingest.request_timeout` with 408; one that sends
-/// its headers one byte a second is disconnected by the same timeout.
+/// its headers one byte every 0.8 s is disconnected by the same timeout. Both are cut before they finish sending
+/// (a condition, not a duration: each takes over a minute to send in full, the timeout is 2 s).
 #[test]
 fn slowloris_bodies_and_headers_are_cut_by_request_timeout() {
     let dir = tempfile::tempdir().unwrap();
@@ -323,14 +324,17 @@ fn slowloris_bodies_and_headers_are_cut_by_request_timeout() {
     let mut s = TcpStream::connect(addr(&d)).unwrap();
     s.write_all(head.as_bytes()).unwrap();
     let t = Instant::now();
+    let body_sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writer = {
         let mut s = s.try_clone().unwrap();
         let body = body.clone();
+        let sent = body_sent.clone();
         std::thread::spawn(move || {
             for b in body {
                 if s.write_all(&[b]).is_err() {
                     break;
                 }
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 std::thread::sleep(Duration::from_secs(1));
             }
         })
@@ -345,7 +349,11 @@ fn slowloris_bodies_and_headers_are_cut_by_request_timeout() {
         body_cut.as_secs_f64()
     );
     assert_eq!(status, "408");
-    assert!(body_cut < Duration::from_secs(REQ_TIMEOUT_S + 3));
+    let sent = body_sent.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        sent < body.len(),
+        "the slow body was not cut: all {sent} bytes were sent before the answer"
+    );
     drop(s);
     // Slow headers.
     let mut s = TcpStream::connect(addr(&d)).unwrap();
@@ -353,6 +361,7 @@ fn slowloris_bodies_and_headers_are_cut_by_request_timeout() {
         .unwrap();
     let t = Instant::now();
     let mut closed_after = None;
+    let mut head_sent = 0;
     for b in head.bytes() {
         if s.write_all(&[b]).is_err() {
             closed_after = Some(t.elapsed());
@@ -370,20 +379,96 @@ fn slowloris_bodies_and_headers_are_cut_by_request_timeout() {
                 break;
             }
         }
+        head_sent += 1;
         std::thread::sleep(Duration::from_millis(800));
-        if t.elapsed() > Duration::from_secs(20) {
-            break;
-        }
     }
     let closed_after = closed_after.expect("a slow-header client was never disconnected");
     println!(
         "SLOWLORIS headers: disconnected after {:.1}s",
         closed_after.as_secs_f64()
     );
-    assert!(closed_after < Duration::from_secs(REQ_TIMEOUT_S + 3));
+    assert!(
+        head_sent < head.len(),
+        "the slow headers were not cut: all {head_sent} bytes were sent"
+    );
     let _ = writer.join();
     assert!(healthy(&d));
     assert_eq!(journal_snapshot(&d), before);
+}
+
+/// Issue 11 defect 2, "an error answer after the commit": keyless records posted while another process holds the
+/// journal's write lock for longer than `ingest.request_timeout`. Every answer is 2xx (the record is stored) or
+/// not (nothing of it is stored); no request is answered 408, or left without an answer, while its journal job
+/// is queued and then commits. Afterwards the stored quantity equals the acknowledged quantity exactly.
+#[test]
+fn a_request_queued_behind_a_locked_journal_is_stored_if_and_only_if_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path());
+    let journal = dir.path().join("journal.db");
+    let stored = |journal: &std::path::Path| -> (i64, i64) {
+        let c = rusqlite::Connection::open_with_flags(
+            journal,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        c.busy_timeout(Duration::from_secs(30)).unwrap();
+        c.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(quantity), 0) FROM usage_records",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    assert_eq!(raw(&d, &json_post(&rec("1"))), "202");
+    let (base_records, base_quantity) = stored(&journal);
+    // Hold the write lock from a second connection for twice the request timeout (below the writer's 5 s busy
+    // timeout, so the queued jobs commit once it is released).
+    let holder = rusqlite::Connection::open(&journal).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let hold = Duration::from_secs(REQ_TIMEOUT_S * 2);
+    let clients: Vec<_> = (1..=8u64)
+        .map(|i| {
+            let d_addr = addr(&d);
+            std::thread::spawn(move || {
+                let body = rec(&i.to_string());
+                let mut s = TcpStream::connect(d_addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                s.write_all(&json_post(&body)).unwrap();
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf);
+                (i, status_of(&buf))
+            })
+        })
+        .collect();
+    std::thread::sleep(hold);
+    holder.execute_batch("COMMIT").unwrap();
+    drop(holder);
+    let answers: Vec<(u64, String)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    println!("LOCKED JOURNAL: answers {answers:?}");
+    // The writer runs jobs in order: once a later record is acknowledged, every job queued before it has
+    // committed or failed, so the count below is final.
+    assert_eq!(raw(&d, &json_post(&rec("100"))), "202");
+    let acked: Vec<u64> = answers
+        .iter()
+        .filter(|(_, s)| s.starts_with('2'))
+        .map(|(i, _)| *i)
+        .collect();
+    let (records, quantity) = stored(&journal);
+    let acked_quantity: i64 =
+        acked.iter().map(|i| *i as i64 * 1_000_000).sum::<i64>() + 100_000_000;
+    assert_eq!(
+        (records - base_records, quantity - base_quantity),
+        (acked.len() as i64 + 1, acked_quantity),
+        "stored (records, micro-units) differ from acknowledged; answers {answers:?}"
+    );
+    for (i, s) in &answers {
+        assert!(
+            s.starts_with('2') || s == "503",
+            "record {i} was answered {s}: only 2xx (stored) or 503 (the writer gave up on the lock) may answer a \
+             request whose job reached the journal"
+        );
+    }
+    assert!(healthy(&d));
 }
 
 fn open_sockets(pid: u32) -> usize {

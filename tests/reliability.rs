@@ -65,6 +65,7 @@ struct Client {
 
 /// Posts queued requests to `url` until `stop`; a request that fails (daemon killed) goes back to the front.
 fn sender(url: String, client: Arc<Mutex<Client>>, stop: Arc<AtomicBool>) {
+    meterd::tls::install_crypto_provider();
     let http = reqwest::blocking::Client::builder()
         .timeout(StdDuration::from_secs(10))
         .build()

@@ -552,7 +552,7 @@ async fn scenario_06_mismatch() {
     rig.record_now(A, API, "09:40", "1.5").await;
     // The hour was already recorded with 3 (say, by a meterd whose journal was later restored from a backup).
     rig.clock.set(t("10:01"));
-    let answer: Value = reqwest::Client::new()
+    let answer: Value = meterd::tls::client()
         .post(format!(
             "{}/api/batchUsageEvent?api-version=2018-08-31",
             rig.base

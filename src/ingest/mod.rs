@@ -148,6 +148,23 @@ pub fn journal_error_response(e: &JournalError) -> Response {
     resp
 }
 
+/// Most bytes of a refused (over-limit) body read and dropped before the 413 is sent.
+const DRAIN_MAX: u64 = 64 * 1024 * 1024;
+
+/// Reads `body` and drops it, until it ends, fails, or `max` bytes were read.
+async fn drain(mut body: Body, max: u64) {
+    use axum::body::HttpBody;
+    let mut read = 0u64;
+    while read < max {
+        match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
+            Some(Ok(frame)) => {
+                read += frame.data_ref().map(|d| d.len() as u64).unwrap_or(0);
+            }
+            _ => return,
+        }
+    }
+}
+
 /// Reads the body up to `max_body_bytes`, checking the content type against `accepted`.
 pub async fn read_body(
     state: &AppState,
@@ -177,7 +194,47 @@ pub async fn read_body(
         ));
     }
     let limit = state.settings.ingest.max_body_bytes;
-    match axum::body::to_bytes(body, limit).await {
+    let too_large = || {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            vec![FieldError::request(format!(
+                "body is larger than ingest.max_body_bytes ({limit} bytes); send smaller batches"
+            ))],
+        )
+    };
+    // The body must arrive within `ingest.request_timeout` (slow clients). This is the only timeout of a request:
+    // once the body is read, its journal job may be queued, and no error may be answered for a job that commits.
+    let timeout = state
+        .settings
+        .ingest
+        .request_timeout
+        .to_std()
+        .unwrap_or(std::time::Duration::from_secs(30));
+    // A declared length over the limit is refused from the header alone: the answer is 413 whatever part of the
+    // body has arrived (hyper has already refused a length that is not a number). What the client sends anyway
+    // is read and dropped, within the same timeout and up to `DRAIN_MAX` bytes, so that it can read the answer:
+    // closing a socket with unread data resets the connection, and many clients then report a broken pipe.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        let _ = tokio::time::timeout(timeout, drain(body, DRAIN_MAX)).await;
+        return Err(too_large());
+    }
+    let read = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(r) => r,
+        Err(_) => {
+            return Err(error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                vec![FieldError::request(format!(
+                    "the body did not arrive within ingest.request_timeout ({}s); nothing was stored, send it again",
+                    timeout.as_secs_f64()
+                ))],
+            ));
+        }
+    };
+    match read {
         Ok(b) => Ok((b, ctype)),
         Err(e) => {
             let too_big = std::error::Error::source(&e)
@@ -185,12 +242,7 @@ pub async fn read_body(
                 .unwrap_or(false)
                 || e.to_string().contains("length limit");
             if too_big {
-                Err(error_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    vec![FieldError::request(format!(
-                        "body is larger than ingest.max_body_bytes ({limit} bytes); send smaller batches"
-                    ))],
-                ))
+                Err(too_large())
             } else {
                 Err(error_response(
                     StatusCode::BAD_REQUEST,

@@ -40,8 +40,13 @@
 //!
 //! One writer thread owns the only read-write connection. Jobs reach it over a channel; it runs each in a
 //! savepoint inside one `BEGIN IMMEDIATE` transaction, commits once, and only then answers every job. A job that
-//! fails is rolled back alone; a commit that fails answers every job of the batch with the error. Readers use a
-//! small pool of read-only connections (WAL lets them run beside the writer).
+//! fails is rolled back alone; a commit that fails answers every job of the batch with the error. SQLite may
+//! roll back the whole transaction when a job fails (disk full, I/O error, out of memory): the writer checks
+//! `is_autocommit()` after every job, answers every job run in the lost transaction with the error, and runs the
+//! jobs not yet run in a new transaction. So a job is answered OK only if its changes committed, and with an error
+//! only if none of them did. A job whose requester stopped waiting (its `write` future was dropped, e.g. the HTTP
+//! client went away) before the writer reached it does not run. Readers use a small pool of read-only
+//! connections (WAL lets them run beside the writer).
 //!
 //! # What a crash may leave
 //!
@@ -136,9 +141,10 @@ impl JournalError {
 }
 
 type Finisher = Box<dyn FnOnce(Result<(), Arc<JournalError>>) + Send>;
-/// A unit of work for the writer. Given a connection it runs and says whether it succeeded; given `None` (the
-/// transaction could not start) it does not run. Either way it returns what to do once the commit is known.
-type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Finisher) + Send>;
+/// A unit of work for the writer. Given a connection it runs and returns its own error if it failed (a copy:
+/// the job still answers with the original); given `None` (the transaction could not start) it does not run.
+/// Either way it returns what to do once the commit is known.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (Option<JournalError>, Finisher) + Send>;
 
 fn make_job<T, F, R>(f: F, reply: R) -> Job
 where
@@ -146,9 +152,25 @@ where
     F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
     R: FnOnce(Result<T, JournalError>) + Send + 'static,
 {
+    make_abandonable_job(f, reply, || true)
+}
+
+/// [`make_job`] for a requester that may stop waiting: when `waiting()` is false as the writer reaches the job,
+/// the job does not run (nobody would learn that it committed; a client that gave up and retries must not find
+/// its first attempt stored).
+fn make_abandonable_job<T, F, R, W>(f: F, reply: R, waiting: W) -> Job
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
+    R: FnOnce(Result<T, JournalError>) + Send + 'static,
+    W: FnOnce() -> bool + Send + 'static,
+{
     Box::new(move |conn: Option<&Connection>| {
-        let result = conn.map(f);
-        let ok = matches!(result, Some(Ok(_)));
+        let result = conn.filter(|_| waiting()).map(f);
+        let failure = match &result {
+            Some(Err(e)) => Some(e.duplicate()),
+            _ => None,
+        };
         let finisher: Finisher = Box::new(move |commit: Result<(), Arc<JournalError>>| {
             let answer = match (commit, result) {
                 (_, Some(Err(e))) => Err(e),
@@ -158,7 +180,7 @@ where
             };
             reply(answer);
         });
-        (ok, finisher)
+        (failure, finisher)
     })
 }
 
@@ -287,16 +309,32 @@ impl Journal {
 
     /// Runs `f` inside the writer's next transaction and answers after that transaction committed.
     ///
-    /// `f` runs in a savepoint: if it returns an error, only its own changes are rolled back.
+    /// `f` runs in a savepoint: if it returns an error, only its own changes are rolled back. If the returned
+    /// future is dropped before the writer reaches the job (an HTTP client went away while its request waited
+    /// for the journal), `f` does not run; once it ran, its transaction commits or fails regardless.
     pub async fn write<T, F>(&self, f: F) -> Result<T, JournalError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
     {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.send(Command::Job(make_job(f, move |r| {
-            let _ = reply.send(r);
-        })))?;
+        let reply = Arc::new(Mutex::new(Some(reply)));
+        let probe = reply.clone();
+        let waiting = move || {
+            probe
+                .lock()
+                .map(|r| r.as_ref().is_some_and(|s| !s.is_closed()))
+                .unwrap_or(false)
+        };
+        self.send(Command::Job(make_abandonable_job(
+            f,
+            move |r| {
+                if let Some(reply) = reply.lock().ok().and_then(|mut g| g.take()) {
+                    let _ = reply.send(r);
+                }
+            },
+            waiting,
+        )))?;
         rx.await.map_err(|_| JournalError::Closed)?
     }
 
@@ -459,36 +497,75 @@ fn writer_loop(
 }
 
 fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, stats: &Mutex<WriterStats>, path: &Path) {
-    if batch.is_empty() {
-        return;
+    let mut jobs: std::collections::VecDeque<Job> = batch.drain(..).collect();
+    // A transaction SQLite rolled back as a whole takes only the jobs run in it; the rest start over in the next.
+    while !jobs.is_empty() {
+        run_transaction(conn, &mut jobs, stats, path);
     }
+}
+
+/// Runs jobs from the front of `jobs` in one transaction and answers them once its fate is known. Returns after
+/// the commit, or early, with the remaining jobs left in `jobs`, when the transaction was lost mid-way.
+fn run_transaction(
+    conn: &mut Connection,
+    jobs: &mut std::collections::VecDeque<Job>,
+    stats: &Mutex<WriterStats>,
+    path: &Path,
+) {
     let started = Instant::now();
-    let size = batch.len();
-    let mut finishers: Vec<Finisher> = Vec::with_capacity(size);
+    let mut finishers: Vec<Finisher> = Vec::with_capacity(jobs.len());
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let err = Arc::new(JournalError::classify(e, path));
-        tracing::error!(message = "Journal transaction could not start; the batch was not stored.", error = %err, jobs = size);
-        for job in batch.drain(..) {
+        tracing::error!(message = "Journal transaction could not start; the batch was not stored.", error = %err, jobs = jobs.len());
+        for job in jobs.drain(..) {
             let (_, finish) = job(None);
             finish(Err(err.clone()));
         }
         return;
     }
-    for job in batch.drain(..) {
+    while let Some(job) = jobs.pop_front() {
         if let Err(e) = conn.execute_batch("SAVEPOINT job") {
             let err = Arc::new(JournalError::classify(e, path));
             let (_, finish) = job(None);
+            if conn.is_autocommit() {
+                // Not even the savepoint could be taken inside the transaction: treat it as lost.
+                finishers.push(Box::new(move |_| finish(Err(err.clone()))));
+                abandon(conn, finishers, JournalError::Invalid(
+                    "the journal transaction ended unexpectedly; nothing of this request was stored, retry it".into(),
+                ));
+                return;
+            }
             finishers.push(Box::new(move |_| finish(Err(err))));
             continue;
         }
-        let (ok, finisher) = job(Some(conn));
-        if !ok {
-            // Undo the failed job's own changes; the others in this transaction stay.
-            let _ = conn.execute_batch("ROLLBACK TO job");
-        }
-        let _ = conn.execute_batch("RELEASE job");
+        let (failure, finisher) = job(Some(conn));
         finishers.push(finisher);
+        if conn.is_autocommit() {
+            // SQLite rolled back the whole transaction (SQLITE_FULL, IOERR, NOMEM may): every job run in it so
+            // far is gone, not only this one. A savepoint taken now would open a new transaction that its RELEASE
+            // commits, behind the final COMMIT's back.
+            let err = failure.unwrap_or_else(|| {
+                JournalError::Invalid(
+                    "the journal transaction was rolled back; nothing of this request was stored, retry it"
+                        .into(),
+                )
+            });
+            abandon(conn, finishers, err);
+            return;
+        }
+        let undo = if failure.is_some() {
+            // Undo the failed job's own changes; the others in this transaction stay.
+            conn.execute_batch("ROLLBACK TO job")
+        } else {
+            Ok(())
+        };
+        if let Err(e) = undo.and_then(|()| conn.execute_batch("RELEASE job")) {
+            // The savepoint cannot be closed: the transaction's state is unknown, so none of it is kept.
+            abandon(conn, finishers, JournalError::classify(e, path));
+            return;
+        }
     }
+    let size = finishers.len();
     let commit = conn.execute_batch("COMMIT");
     let outcome: Result<(), Arc<JournalError>> = match commit {
         Ok(()) => Ok(()),
@@ -509,5 +586,184 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, stats: &Mutex<WriterSt
     }
     for f in finishers {
         f(outcome.clone());
+    }
+}
+
+/// Gives up the current transaction (rolled back if SQLite has not already) and answers every job run in it
+/// with `err`: none of them is stored.
+fn abandon(conn: &Connection, finishers: Vec<Finisher>, err: JournalError) {
+    if !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    tracing::error!(message = "Journal transaction lost mid-batch; its jobs were not stored and are answered with the error.", error = %err, jobs = finishers.len());
+    let err = Arc::new(err);
+    for f in finishers {
+        f(Err(err.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Queues `f` without waiting; its answer arrives on the returned channel.
+    fn queue<T: Send + 'static>(
+        journal: &Journal,
+        f: impl FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
+    ) -> std::sync::mpsc::Receiver<Result<T, JournalError>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        journal
+            .send(Command::Job(make_job(f, move |r| {
+                let _ = tx.send(r);
+            })))
+            .unwrap();
+        rx
+    }
+
+    fn insert(x: i64) -> impl FnOnce(&Connection) -> Result<(), JournalError> + Send + 'static {
+        move |c: &Connection| {
+            c.execute("INSERT INTO scratch(x) VALUES (?1)", [x])?;
+            Ok(())
+        }
+    }
+
+    /// Issue 11 defect 3, "a whole-transaction rollback inside group commit": SQLite rolls the whole transaction
+    /// back in the middle of a batch (as on SQLITE_FULL, IOERR or NOMEM; forced here by a job that runs
+    /// `ROLLBACK` and fails). No job answered OK is missing from the journal, no job answered with an error is in
+    /// it, and the jobs after the lost transaction are not lost with it.
+    #[test]
+    fn a_whole_transaction_rollback_inside_group_commit_answers_every_job_truly() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("journal.db")).unwrap();
+        journal
+            .write_blocking(|c| {
+                c.execute_batch("CREATE TABLE scratch(x INTEGER NOT NULL)")?;
+                Ok(())
+            })
+            .unwrap();
+        // Hold the writer in a job of its own so that the jobs below are queued together and run in one batch.
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let blocker = queue(&journal, move |_| {
+            started_tx.send(()).unwrap();
+            gate.recv().unwrap();
+            Ok(())
+        });
+        started.recv().unwrap();
+        let before = queue(&journal, insert(1));
+        let rollback = queue(&journal, |c| {
+            c.execute("INSERT INTO scratch(x) VALUES (2)", [])?;
+            c.execute_batch("ROLLBACK")?;
+            Err::<(), _>(JournalError::Full {
+                path: "journal.db".into(),
+            })
+        });
+        let after = queue(&journal, insert(3));
+        let failing = queue(&journal, |c| {
+            c.execute("INSERT INTO scratch(x) VALUES (4)", [])?;
+            Err::<(), _>(JournalError::Invalid("this job fails on its own".into()))
+        });
+        let last = queue(&journal, insert(5));
+        release.send(()).unwrap();
+        blocker.recv().unwrap().unwrap();
+        let answers: Vec<(i64, bool)> = [
+            (1, before.recv().unwrap().is_ok()),
+            (2, rollback.recv().unwrap().is_ok()),
+            (3, after.recv().unwrap().is_ok()),
+            (4, failing.recv().unwrap().is_ok()),
+            (5, last.recv().unwrap().is_ok()),
+        ]
+        .into();
+        let stored: Vec<i64> = journal
+            .read_blocking(|c| {
+                let mut st = c.prepare("SELECT x FROM scratch ORDER BY x")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                Ok(rows.collect::<Result<Vec<i64>, _>>()?)
+            })
+            .unwrap();
+        for (x, ok) in &answers {
+            assert_eq!(
+                *ok,
+                stored.contains(x),
+                "job {x} was answered {} but is {}stored; answers {answers:?}, stored {stored:?}",
+                if *ok { "OK" } else { "with an error" },
+                if stored.contains(x) { "" } else { "not " },
+            );
+        }
+        // The job that lost the transaction and the one before it (in the same transaction) fail; the job failing
+        // on its own fails; the others are stored.
+        assert_eq!(
+            answers,
+            vec![(1, false), (2, false), (3, true), (4, false), (5, true)]
+        );
+        // The writer still works.
+        journal.write_blocking(insert(6)).unwrap();
+        journal.close();
+    }
+
+    /// Issue 11 defect 2 (the journal side): a request that gave up waiting (its `write` future dropped, as when
+    /// an HTTP client disconnects) before the writer reached its job is not stored; one still waiting is.
+    #[test]
+    fn a_write_abandoned_before_the_writer_reaches_it_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("journal.db")).unwrap();
+        journal
+            .write_blocking(|c| {
+                c.execute_batch("CREATE TABLE scratch(x INTEGER NOT NULL)")?;
+                Ok(())
+            })
+            .unwrap();
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let blocker = queue(&journal, move |_| {
+            started_tx.send(()).unwrap();
+            gate.recv().unwrap();
+            Ok(())
+        });
+        started.recv().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Polled once (the job is queued), then dropped: the requester gave up.
+        let abandoned = journal.write(insert(1));
+        rt.block_on(async {
+            let mut abandoned = std::pin::pin!(abandoned);
+            assert!(futures_poll_once(abandoned.as_mut()).await.is_none());
+        });
+        let kept = {
+            let j = journal.clone();
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+                    .block_on(j.write(insert(2)))
+            })
+        };
+        // Whether the kept write is queued before or after the release does not matter: it is waited for.
+        release.send(()).unwrap();
+        blocker.recv().unwrap().unwrap();
+        kept.join().unwrap().unwrap();
+        let stored: Vec<i64> = journal
+            .read_blocking(|c| {
+                let mut st = c.prepare("SELECT x FROM scratch ORDER BY x")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                Ok(rows.collect::<Result<Vec<i64>, _>>()?)
+            })
+            .unwrap();
+        assert_eq!(stored, vec![2], "the abandoned write was stored");
+        journal.close();
+    }
+
+    /// Polls `f` once: `Some` if it finished.
+    async fn futures_poll_once<F: std::future::Future>(
+        f: std::pin::Pin<&mut F>,
+    ) -> Option<F::Output> {
+        let mut f = Some(f);
+        std::future::poll_fn(move |cx| match f.take().unwrap().poll(cx) {
+            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
     }
 }

@@ -380,6 +380,7 @@ impl CachedTokenProvider {
     /// A provider with a 30-second request timeout and the default retry policy; validates `config`.
     pub fn new(config: AuthConfig, clock: SharedClock) -> Result<Self, AuthError> {
         config.validate()?;
+        crate::tls::install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10));

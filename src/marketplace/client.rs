@@ -293,6 +293,7 @@ impl MarketplaceClient {
         clock: SharedClock,
         timeout: Duration,
     ) -> Result<Self, ClientBuildError> {
+        crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))

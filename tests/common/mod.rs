@@ -245,6 +245,7 @@ pub fn json_field(line: &str, field: &str) -> Option<String> {
 
 /// A blocking HTTP client for tests.
 pub fn http() -> reqwest::blocking::Client {
+    meterd::tls::install_crypto_provider();
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
