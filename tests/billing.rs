@@ -826,6 +826,7 @@ async fn issue_11_8_a_managed_app_metered_by_its_resource_usage_id_is_sent() {
         now: r.clock.now_utc(),
         late: r.settings.late_usage,
         safety_margin: r.settings.emit.safety_margin,
+        min_send_time: r.settings.emit.min_send_time,
     };
     r.journal
         .write(move |c| usage::ingest(c, &recs, &rules))

@@ -281,7 +281,7 @@ fn retention_keeps_what_it_must() {
             meterd::journal::outbound::expire_overdue(
                 c,
                 old + Duration::hours(25),
-                LateUsage::Reject,
+                &meterd::journal::outbound::SettlePolicy::late(LateUsage::Reject),
             )
         })
         .unwrap();

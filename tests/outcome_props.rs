@@ -224,6 +224,7 @@ included = {{ compute_blocks = 0, api_calls = 0 }}
             now: meterd::clock::Clock::now(&self.clock),
             late: self.settings.late_usage,
             safety_margin: self.settings.emit.safety_margin,
+            min_send_time: self.settings.emit.min_send_time,
         };
         let out = self
             .journal
