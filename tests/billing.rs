@@ -754,13 +754,16 @@ async fn issue_11_8_a_subscription_listed_without_term_keeps_its_allowance() {
 /// 23 good events of the batch are accepted in the same pass instead of waiting with it until they expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_11_8_a_whole_call_400_is_split_so_good_events_go_through() {
-    let r = Rig::new("2026-03-11T00:06:00Z", "").await;
+    let r = Rig::new("2026-03-10T01:30:00Z", "").await;
+    // Each record arrives in its own (open) hour; no pass runs until all 24 hours are closed.
     for h in 1..24 {
-        r.ingest("api_calls", &format!("2026-03-10T{h:02}:30:00Z"), "500")
-            .await;
+        let at = format!("2026-03-10T{h:02}:30:00Z");
+        r.clock.set(t(&at));
+        r.ingest("api_calls", &at, "500").await;
+        if h == 5 {
+            r.ingest("compute_blocks", &at, "2400").await;
+        }
     }
-    r.ingest("compute_blocks", "2026-03-10T05:30:00Z", "2400")
-        .await;
     r.emu.poison_dimension("compute_blocks");
     let summary = r.pass_at("2026-03-11T00:06:00Z").await;
     let accepted = r.emu.accepted_events();
