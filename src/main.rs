@@ -1,7 +1,9 @@
 //! The `meterd` binary: parse arguments, load configuration, call into the library.
 
 use clap::Parser;
-use meterd::cli::{Cli, Command, load_settings};
+use meterd::cli::{
+    Cli, Command, load_settings, load_settings_without_credentials, warn_missing_credentials,
+};
 use meterd::clock::{SharedClock, SystemClock};
 use meterd::config::process_env;
 use std::process::ExitCode;
@@ -50,7 +52,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             plan,
             url,
         } => {
-            let settings = load_settings(&config, &env, true)?;
+            let settings = load_settings_without_credentials(&config, &env)?;
             meterd::cli::record(
                 &settings,
                 &env,
@@ -64,18 +66,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Flush { config } => {
-            let settings = load_settings(&config, &env, true)?;
-            let (status, body) =
-                meterd::cli::call_daemon(&settings, &env, None, "POST", "/v1/flush", None).await?;
-            println!("{body}");
-            if status != 200 {
-                anyhow::bail!("flush failed (HTTP {status})");
-            }
-            Ok(())
+        Command::Flush { config, json } => {
+            let settings = load_settings_without_credentials(&config, &env)?;
+            meterd::cli::flush(&settings, &env, json).await
         }
         Command::Status { config, json } => {
-            let settings = load_settings(&config, &env, true)?;
+            let settings = load_settings_without_credentials(&config, &env)?;
+            warn_missing_credentials(&settings);
             meterd::cli::status(&settings, clock.now(), json)
         }
         Command::Report {
@@ -85,7 +82,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             to,
             format,
         } => {
-            let settings = load_settings(&config, &env, true)?;
+            let settings = load_settings_without_credentials(&config, &env)?;
+            warn_missing_credentials(&settings);
             meterd::cli::report(
                 &settings,
                 clock.now(),
@@ -101,7 +99,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             resource,
             json,
         } => {
-            let settings = load_settings(&config, &env, true)?;
+            let settings = load_settings_without_credentials(&config, &env)?;
+            warn_missing_credentials(&settings);
             meterd::cli::balance(&settings, clock.now(), &resource, json)
         }
         Command::Reconcile { config, date } => {
@@ -131,10 +130,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { config, online } => {
             let path = meterd::cli::find_config(&config, &env);
-            let settings = load_settings(&config, &env, false)?;
-            meterd::cli::check_config(&settings, path.as_deref());
             if online {
+                // Talks to the marketplace: the credentials must be complete.
+                let settings = load_settings(&config, &env, false)?;
+                meterd::cli::check_config(&settings, path.as_deref());
                 meterd::cli::check_online(&settings, &env, clock).await?;
+            } else {
+                if path.is_none() {
+                    load_settings(&config, &env, false)?; // says where to put a file
+                }
+                let settings = load_settings_without_credentials(&config, &env)?;
+                meterd::cli::check_config(&settings, path.as_deref());
             }
             Ok(())
         }

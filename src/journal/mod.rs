@@ -397,15 +397,97 @@ fn open_reader(path: &Path) -> Result<Connection, JournalError> {
     Ok(conn)
 }
 
-/// Opens a journal read-only without starting a writer (for `meterd report` and `status` while the daemon runs).
-pub fn open_read_only(path: &Path) -> Result<Connection, JournalError> {
+/// A read-only view of a journal, for the commands that only read it (`status`, `report`, `balance`).
+pub struct ReadOnlyJournal {
+    /// The connection (opened with `SQLITE_OPEN_READ_ONLY`; it never writes).
+    pub conn: Connection,
+    /// Set when the journal had to be opened `immutable` (see [`open_read_only`]): say so to the user.
+    pub note: Option<String>,
+}
+
+impl std::ops::Deref for ReadOnlyJournal {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// Opens a journal read-only without starting a writer (for `meterd report` and `status` while the daemon runs,
+/// or on a copy or a read-only mount).
+///
+/// A WAL database opened read-only still needs its `-shm` index: SQLite uses the existing `-wal`/`-shm` files
+/// (a running daemon keeps them) or creates them, which fails in a directory meterd may not write (a read-only
+/// mount, a backup volume, another user's state directory). Then the journal is opened `immutable=1`: SQLite
+/// reads the main file alone and takes no locks. That view holds everything checkpointed into the main file
+/// (all of it after a clean shutdown, which checkpoints and removes the `-wal`); whatever sits only in a `-wal`
+/// is not seen, so [`ReadOnlyJournal::note`] says the view may be stale.
+pub fn open_read_only(path: &Path) -> Result<ReadOnlyJournal, JournalError> {
     if !path.exists() {
         return Err(JournalError::Invalid(format!(
             "no journal at {}; start the daemon with `meterd run` or pass --config with the right journal.path",
             path.display()
         )));
     }
-    open_reader(path)
+    let conn = open_reader(path)?;
+    // Opening is lazy: the first read is what maps (or fails to create) the WAL index.
+    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)) {
+        Ok(_) => Ok(ReadOnlyJournal { conn, note: None }),
+        Err(first) => {
+            drop(conn);
+            let conn = open_immutable(path).map_err(|e| {
+                JournalError::Invalid(format!(
+                    "cannot read the journal at {}: {first}; read as immutable: {e}; check that meterd may \
+                     read the file and its directory",
+                    path.display()
+                ))
+            })?;
+            let wal = wal_path(path);
+            let note = if wal.exists() {
+                format!(
+                    "note: {} is read without its write-ahead log ({} cannot be opened: {first}); the newest \
+                     commits may be missing from this view; run this where the journal's directory is writable \
+                     by this user (or as the daemon's user) for a live view",
+                    path.display(),
+                    wal.display()
+                )
+            } else {
+                format!(
+                    "note: {} is read as an immutable file (its directory is not writable: {first}); the view \
+                     is complete unless a daemon is writing it right now",
+                    path.display()
+                )
+            };
+            Ok(ReadOnlyJournal {
+                conn,
+                note: Some(note),
+            })
+        }
+    }
+}
+
+fn wal_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push("-wal");
+    PathBuf::from(s)
+}
+
+fn open_immutable(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    // A URI path: percent-encode what URIs reserve so any file name works.
+    let mut uri = String::from("file:");
+    for b in abs.to_string_lossy().bytes() {
+        match b {
+            b'%' | b'?' | b'#' | b' ' | 0x80.. => uri.push_str(&format!("%{b:02X}")),
+            _ => uri.push(b as char),
+        }
+    }
+    uri.push_str("?immutable=1");
+    let conn = Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))?;
+    Ok(conn)
 }
 
 fn writer_loop(
