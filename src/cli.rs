@@ -85,6 +85,9 @@ pub enum Command {
         /// Print the daemon's answer as one JSON line (the pass summary of POST /v1/flush).
         #[arg(long)]
         json: bool,
+        /// Daemon URL (default: from ingest.listen).
+        #[arg(long)]
+        url: Option<String>,
     },
     /// Show pending events, oldest pending age, time to the nearest expiry, last success, counts per outcome.
     Status {
@@ -549,10 +552,14 @@ pub fn check_config(settings: &Settings, path: Option<&Path>) {
     );
     println!("  journal        {}", settings.journal.path.display());
     println!("  ingest         {}", settings.ingest.listen);
-    println!(
-        "  marketplace    {:?} at {}",
-        settings.marketplace.mode, settings.marketplace.base_url
-    );
+    match settings.marketplace.mode {
+        config::MarketplaceMode::Emulator => println!(
+            "  marketplace    the built-in emulator, started inside `meterd run` (nothing is billed)"
+        ),
+        config::MarketplaceMode::Azure => {
+            println!("  marketplace    Azure at {}", settings.marketplace.base_url)
+        }
+    }
     println!("  auth           {:?}", settings.marketplace.auth.kind);
     println!(
         "  schedule       {} (UTC), grace {}",
@@ -631,6 +638,34 @@ pub async fn subscriptions(
     }
     println!("{} subscriptions", list.len());
     Ok(())
+}
+
+/// Settings for a command that talks to the marketplace. In emulator mode the marketplace is the in-process
+/// emulator of the running daemon, on a port chosen at its start: its address comes from the daemon's
+/// `GET /v1/status` (`emulator.base_url`).
+pub async fn marketplace_settings(
+    settings: &Settings,
+    env: &BTreeMap<String, String>,
+) -> anyhow::Result<Settings> {
+    let mut settings = settings.clone();
+    if settings.marketplace.mode != config::MarketplaceMode::Emulator {
+        return Ok(settings);
+    }
+    let how = "in emulator mode the marketplace is the emulator inside the running daemon: start it with \
+               `meterd run --emulator` (or `meterd run` with this configuration) and run this command again";
+    let (status, body) = call_daemon(&settings, env, None, "GET", "/v1/status", None)
+        .await
+        .with_context(|| how.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let Some(base) = v["emulator"]["base_url"].as_str().filter(|_| status == 200) else {
+        bail!(
+            "the daemon at {} answered GET /v1/status with HTTP {status} and no emulator address; is it running \
+             in emulator mode? ({how})",
+            daemon_url(&settings)
+        );
+    };
+    settings.marketplace.base_url = base.to_string();
+    Ok(settings)
 }
 
 fn explain_call_error(e: crate::marketplace::client::CallError) -> anyhow::Error {
@@ -735,9 +770,10 @@ pub fn print_flush(body: &str, events: Option<&[crate::journal::status::EventLin
 pub async fn flush(
     settings: &Settings,
     env: &BTreeMap<String, String>,
+    url: Option<&str>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let (status, body) = call_daemon(settings, env, None, "POST", "/v1/flush", None).await?;
+    let (status, body) = call_daemon(settings, env, url, "POST", "/v1/flush", None).await?;
     if status != 200 {
         println!("{body}");
         bail!("flush failed (HTTP {status})");

@@ -66,9 +66,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Flush { config, json } => {
+        Command::Flush { config, json, url } => {
             let settings = load_settings_without_credentials(&config, &env)?;
-            meterd::cli::flush(&settings, &env, json).await
+            meterd::cli::flush(&settings, &env, url.as_deref(), json).await
         }
         Command::Status { config, json } => {
             let settings = load_settings_without_credentials(&config, &env)?;
@@ -104,7 +104,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             meterd::cli::balance(&settings, clock.now(), &resource, json)
         }
         Command::Reconcile { config, date } => {
-            let settings = load_settings(&config, &env, false)?;
+            // No file: the development settings, whose marketplace is a `run --emulator` daemon's.
+            let settings = load_settings(&config, &env, true)?;
+            let settings = meterd::cli::marketplace_settings(&settings, &env).await?;
             let diffs = meterd::cli::reconcile(&settings, &env, clock, &date).await?;
             if diffs.is_empty() {
                 println!(
@@ -125,7 +127,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             anyhow::bail!("{} differences on {date}", diffs.len())
         }
         Command::Subscriptions { config } => {
-            let settings = load_settings(&config, &env, false)?;
+            // No file: the development settings, whose marketplace is a `run --emulator` daemon's.
+            let settings = load_settings(&config, &env, true)?;
+            let settings = meterd::cli::marketplace_settings(&settings, &env).await?;
             meterd::cli::subscriptions(&settings, &env, clock).await
         }
         Command::CheckConfig { config, online } => {
@@ -134,6 +138,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 // Talks to the marketplace: the credentials must be complete.
                 let settings = load_settings(&config, &env, false)?;
                 meterd::cli::check_config(&settings, path.as_deref());
+                let settings = meterd::cli::marketplace_settings(&settings, &env).await?;
                 meterd::cli::check_online(&settings, &env, clock).await?;
             } else {
                 if path.is_none() {

@@ -22,6 +22,11 @@ pub async fn status_json(
     if let Some(e) = &state.emitter {
         v["emitter"] = e.status_extra();
     }
+    // In emulator mode the marketplace is the daemon's in-process emulator on an ephemeral port: say where, so
+    // `meterd subscriptions`, `reconcile` and `check-config --online` can reach it.
+    if state.settings.marketplace.mode == crate::config::MarketplaceMode::Emulator {
+        v["emulator"] = json!({ "base_url": state.settings.marketplace.base_url });
+    }
     Ok(v)
 }
 

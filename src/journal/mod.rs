@@ -413,20 +413,32 @@ impl std::ops::Deref for ReadOnlyJournal {
 }
 
 /// Opens a journal read-only without starting a writer (for `meterd report` and `status` while the daemon runs,
-/// or on a copy or a read-only mount).
+/// after it stopped, or on a copy or a read-only mount). It never creates, writes or locks-for-writing a file.
 ///
-/// A WAL database opened read-only still needs its `-shm` index: SQLite uses the existing `-wal`/`-shm` files
-/// (a running daemon keeps them) or creates them, which fails in a directory meterd may not write (a read-only
-/// mount, a backup volume, another user's state directory). Then the journal is opened `immutable=1`: SQLite
-/// reads the main file alone and takes no locks. That view holds everything checkpointed into the main file
-/// (all of it after a clean shutdown, which checkpoints and removes the `-wal`); whatever sits only in a `-wal`
-/// is not seen, so [`ReadOnlyJournal::note`] says the view may be stale.
+/// - No `-wal` file beside the journal: no process has it open (SQLite keeps the `-wal` while any connection
+///   is open and removes it, checkpointed, when the last one closes), so the main file is complete. It is
+///   opened `immutable=1`: SQLite reads it alone and creates no `-wal`/`-shm` (a plain read-only open would
+///   create both, and fails where the directory is not writable).
+/// - A `-wal` file (a daemon runs, or one was killed): opened `SQLITE_OPEN_READ_ONLY`, which reads the `-wal`
+///   through the existing `-shm` index, so the view includes the newest commits. Should that fail (the `-shm`
+///   is missing and cannot be created in a read-only directory), it falls back to `immutable=1` and
+///   [`ReadOnlyJournal::note`] says the view may miss what sits only in the `-wal`.
 pub fn open_read_only(path: &Path) -> Result<ReadOnlyJournal, JournalError> {
     if !path.exists() {
         return Err(JournalError::Invalid(format!(
             "no journal at {}; start the daemon with `meterd run` or pass --config with the right journal.path",
             path.display()
         )));
+    }
+    let wal = wal_path(path);
+    if !wal.exists() {
+        let conn = open_immutable(path).map_err(|e| {
+            JournalError::Invalid(format!(
+                "cannot read the journal at {}: {e}; check that this user may read the file",
+                path.display()
+            ))
+        })?;
+        return Ok(ReadOnlyJournal { conn, note: None });
     }
     let conn = open_reader(path)?;
     // Opening is lazy: the first read is what maps (or fails to create) the WAL index.
@@ -436,30 +448,20 @@ pub fn open_read_only(path: &Path) -> Result<ReadOnlyJournal, JournalError> {
             drop(conn);
             let conn = open_immutable(path).map_err(|e| {
                 JournalError::Invalid(format!(
-                    "cannot read the journal at {}: {first}; read as immutable: {e}; check that meterd may \
+                    "cannot read the journal at {}: {first}; read as immutable: {e}; check that this user may \
                      read the file and its directory",
                     path.display()
                 ))
             })?;
-            let wal = wal_path(path);
-            let note = if wal.exists() {
-                format!(
-                    "note: {} is read without its write-ahead log ({} cannot be opened: {first}); the newest \
-                     commits may be missing from this view; run this where the journal's directory is writable \
-                     by this user (or as the daemon's user) for a live view",
-                    path.display(),
-                    wal.display()
-                )
-            } else {
-                format!(
-                    "note: {} is read as an immutable file (its directory is not writable: {first}); the view \
-                     is complete unless a daemon is writing it right now",
-                    path.display()
-                )
-            };
             Ok(ReadOnlyJournal {
                 conn,
-                note: Some(note),
+                note: Some(format!(
+                    "note: {} is read without its write-ahead log ({} cannot be used here: {first}); the \
+                     newest commits may be missing from this view; for a live view run this as a user who may \
+                     write the journal's directory (the daemon's user)",
+                    path.display(),
+                    wal.display()
+                )),
             })
         }
     }
