@@ -404,3 +404,27 @@ fn flush_prints_a_summary_and_json_keeps_the_daemons_line() {
     let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
     assert!(v["started"].is_string() && v["pending_after"] == 0, "{v}");
 }
+
+/// Found by schemathesis-style checking against `docs/openapi.yaml`: a query string the extractor cannot read
+/// (a parameter given twice) was answered with a `text/plain` 400 instead of the documented `{"errors": [...]}`.
+#[test]
+fn get_routes_answer_a_bad_query_string_with_json_errors() {
+    let rig = emu_rig(Default::default());
+    let d = rig.collecting("");
+    for path in [
+        "/v1/usage?from=2026-01-01&from=2026-01-02",
+        "/v1/consumption?resource=11111111-1111-4111-8111-111111111111&to=1&to=2",
+    ] {
+        let r = common::http().get(format!("{}{path}", d.url)).send().unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{path}");
+        let ctype = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        assert!(ctype.starts_with("application/json"), "{path}: {ctype}");
+        let v: serde_json::Value = r.json().unwrap();
+        let msg = v["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("query"), "{path}: {v}");
+    }
+}

@@ -137,8 +137,12 @@ pub struct ConsumptionQuery {
 /// `GET /v1/consumption?resource=&dimension=&from=&to=`: raw consumption over any range.
 pub async fn consumption(
     State(state): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<ConsumptionQuery>,
+    q: Result<axum::extract::Query<ConsumptionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let q = match q {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return super::usage_api::query_rejection(&e),
+    };
     use super::usage_api::parse_bound;
     let Some(resource) = q
         .resource
