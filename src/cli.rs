@@ -557,7 +557,10 @@ pub fn check_config(settings: &Settings, path: Option<&Path>) {
             "  marketplace    the built-in emulator, started inside `meterd run` (nothing is billed)"
         ),
         config::MarketplaceMode::Azure => {
-            println!("  marketplace    Azure at {}", settings.marketplace.base_url)
+            println!(
+                "  marketplace    Azure at {}",
+                settings.marketplace.base_url
+            )
         }
     }
     println!("  auth           {:?}", settings.marketplace.auth.kind);

@@ -522,7 +522,12 @@ pub fn load_str_for(
         source_name: describe_source(source_name, &applied),
         message: e.to_string().trim().to_string(),
     })?;
-    Settings::validate_for(raw, &describe_source(source_name, &applied), env, credentials)
+    Settings::validate_for(
+        raw,
+        &describe_source(source_name, &applied),
+        env,
+        credentials,
+    )
 }
 
 fn describe_source(file: &str, applied: &[String]) -> String {

@@ -76,7 +76,10 @@ fn journal_with_one_accepted_hour(rig: &EmuRig) -> Daemon {
     // The record went into its own hour (once late usage is kept there) or was carried into the open one: either
     // way the journal now holds a row the read-only commands must show.
     assert!(!hours.is_empty(), "{report}");
-    assert!(d.terminate(Duration::from_secs(30)).is_some(), "meterd did not stop");
+    assert!(
+        d.terminate(Duration::from_secs(30)).is_some(),
+        "meterd did not stop"
+    );
     d
 }
 
@@ -161,7 +164,11 @@ fn assert_unchanged(
     round: &str,
 ) {
     let keys = |m: &BTreeMap<String, (u64, SystemTime)>| m.keys().cloned().collect::<Vec<_>>();
-    assert_eq!(keys(before), keys(after), "{round}: files created or removed");
+    assert_eq!(
+        keys(before),
+        keys(after),
+        "{round}: files created or removed"
+    );
     for (name, b) in before {
         if round == "killed" && name.ends_with("-shm") {
             continue;
@@ -196,10 +203,7 @@ fn meterd_with_read_only_dir(dir: &Path, args: &[&str]) -> Option<Output> {
     for a in args {
         script.push_str(&format!(" '{a}'"));
     }
-    let probe = Command::new("unshare")
-        .args(["-m", "true"])
-        .output()
-        .ok()?;
+    let probe = Command::new("unshare").args(["-m", "true"]).output().ok()?;
     if !probe.status.success() {
         return None;
     }
@@ -238,7 +242,8 @@ fn journal_commands_read_a_read_only_journal_directory_without_touching_it() {
         }
         assert_unchanged(&before, &snapshot(dir), round);
         // Then the read-only directory.
-        let report = meterd_with_read_only_dir(dir, &["report", "--format", "json", "--config", &cfg]);
+        let report =
+            meterd_with_read_only_dir(dir, &["report", "--format", "json", "--config", &cfg]);
         let Some(report) = report else {
             eprintln!(
                 "skipped the read-only mount part: running as root without `unshare -m` (no CAP_SYS_ADMIN); \
@@ -303,12 +308,20 @@ fn emulator_mode_subscriptions_and_check_config_online_reach_the_daemons_emulato
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let online = meterd_in(dir.path(), &["check-config", "--online", "--config", cfg], &[]);
+    let online = meterd_in(
+        dir.path(),
+        &["check-config", "--online", "--config", cfg],
+        &[],
+    );
     let _ = child.kill();
     let _ = child.wait();
     assert!(subs.status.success(), "{}", text(&subs));
     let s = String::from_utf8_lossy(&subs.stdout);
-    assert!(s.contains(SUB) && s.contains("Subscribed"), "{}", text(&subs));
+    assert!(
+        s.contains(SUB) && s.contains("Subscribed"),
+        "{}",
+        text(&subs)
+    );
     assert!(online.status.success(), "{}", text(&online));
     let o = String::from_utf8_lossy(&online.stdout);
     assert!(
@@ -342,8 +355,17 @@ fn quickstart_last_hour_goes_from_open_to_accepted() {
         let out = meterd_in(
             dir.path(),
             &[
-                "record", "--resource", SUB, "--dimension", "api_calls", "--quantity", "2.5", "--id",
-                "first", "--time", &last,
+                "record",
+                "--resource",
+                SUB,
+                "--dimension",
+                "api_calls",
+                "--quantity",
+                "2.5",
+                "--id",
+                "first",
+                "--time",
+                &last,
             ],
             &env,
         );
@@ -415,7 +437,10 @@ fn get_routes_answer_a_bad_query_string_with_json_errors() {
         "/v1/usage?from=2026-01-01&from=2026-01-02",
         "/v1/consumption?resource=11111111-1111-4111-8111-111111111111&to=1&to=2",
     ] {
-        let r = common::http().get(format!("{}{path}", d.url)).send().unwrap();
+        let r = common::http()
+            .get(format!("{}{path}", d.url))
+            .send()
+            .unwrap();
         assert_eq!(r.status().as_u16(), 400, "{path}");
         let ctype = r
             .headers()

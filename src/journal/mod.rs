@@ -442,7 +442,9 @@ pub fn open_read_only(path: &Path) -> Result<ReadOnlyJournal, JournalError> {
     }
     let conn = open_reader(path)?;
     // Opening is lazy: the first read is what maps (or fails to create) the WAL index.
-    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)) {
+    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
         Ok(_) => Ok(ReadOnlyJournal { conn, note: None }),
         Err(first) => {
             drop(conn);
@@ -486,9 +488,13 @@ fn open_immutable(path: &Path) -> Result<Connection, rusqlite::Error> {
     uri.push_str("?immutable=1");
     let conn = Connection::open_with_flags(
         &uri,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
     )?;
-    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
     Ok(conn)
 }
 

@@ -130,7 +130,10 @@ pub struct EventLine {
 }
 
 /// Outbound events frozen or finished at or after `since`, oldest hour first (what one pass did).
-pub fn events_since(conn: &Connection, since: DateTime<Utc>) -> Result<Vec<EventLine>, JournalError> {
+pub fn events_since(
+    conn: &Connection,
+    since: DateTime<Utc>,
+) -> Result<Vec<EventLine>, JournalError> {
     let mut stmt = conn.prepare(
         "SELECT hour, resource, dimension, COALESCE(send_quantity, quantity), state, usage_event_id, last_error
          FROM outbound_events WHERE frozen_at >= ?1 OR finished_at >= ?1
@@ -162,7 +165,11 @@ pub fn accepted_totals(
          WHERE hour >= ?1 AND hour < ?2 AND state IN ('accepted', 'duplicate')",
     )?;
     let rows = stmt.query_map([from.timestamp(), to.timestamp()], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
     })?;
     let mut out: BTreeMap<(String, String), i64> = BTreeMap::new();
     for row in rows {
