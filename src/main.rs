@@ -115,12 +115,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<40} {:<16} {:>14} {:>14}",
+                "{:<40}  {:<16}  {:>14}  {:>14}",
                 "RESOURCE", "DIMENSION", "METERD", "MARKETPLACE"
             );
             for d in &diffs {
                 println!(
-                    "{:<40} {:<16} {:>14} {:>14}",
+                    "{:<40}  {:<16}  {:>14}  {:>14}",
                     d.resource, d.dimension, d.meterd, d.marketplace
                 );
             }

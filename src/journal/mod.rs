@@ -27,6 +27,8 @@
 //! savepoint inside one `BEGIN IMMEDIATE` transaction, commits once, and only then answers every job. A job that
 //! fails is rolled back alone; a commit that fails answers every job of the batch with the error. Readers use a
 //! small pool of read-only connections (WAL lets them run beside the writer).
+//! The journal-only commands (`status`, `report`, `balance`) start no writer: [`open_read_only`] opens the file
+//! without ever creating or writing one (immutable when no `-wal` exists, else read-only through the `-shm`).
 //!
 //! # What a crash may leave
 //!
