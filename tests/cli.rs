@@ -232,6 +232,14 @@ fn journal_commands_read_a_read_only_journal_directory_without_touching_it() {
             [copy.path().join("journal.db").to_str().unwrap()],
         )
         .unwrap();
+    // VACUUM INTO writes a rollback-journal file; the journal is WAL: switch the copy, and closing the only
+    // connection checkpoints and removes its -wal, as a clean close of the journal does.
+    let c = rusqlite::Connection::open(copy.path().join("journal.db")).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    drop(c);
     // 2. The daemon's own directory after a kill -9 (the -wal and -shm stay beside the journal).
     for round in ["copy", "killed"] {
         let dir = if round == "copy" {
