@@ -60,15 +60,13 @@ trap cleanup EXIT
 PROFILE=${BENCH_PROFILE:-release}
 if [[ $PROFILE == release ]]; then
   log "building release binaries (meterd, bench-tool)"
-  (cd "$ROOT" && cargo build --release --quiet --bin meterd) || die "cargo build meterd"
+  METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd --release) || die "cargo build meterd"
   (cd "$ROOT/bench/ceiling" && cargo build --release --quiet --target-dir "$ROOT/target/bench") || die "cargo build bench-tool"
-  METERD=$ROOT/target/release/meterd
   TOOL=$ROOT/target/bench/release/bench-tool
 else
   log "building debug binaries (meterd, bench-tool): smoke only, figures are not meaningful"
-  (cd "$ROOT" && cargo build --quiet --bin meterd) || die "cargo build meterd"
+  METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd) || die "cargo build meterd"
   (cd "$ROOT/bench/ceiling" && cargo build --quiet --target-dir "$ROOT/target") || die "cargo build bench-tool"
-  METERD=$ROOT/target/debug/meterd
   TOOL=$ROOT/target/debug/bench-tool
 fi
 export METERD_MARKETPLACE__AUTH__STATIC_TOKEN=emulator-token

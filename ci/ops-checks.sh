@@ -30,11 +30,9 @@ need systemd-analyze systemd
 need promtool prometheus
 need curl curl
 
-BIN=${METERD_BIN:-$ROOT/target/debug/meterd}
-if [ ! -x "$BIN" ]; then
-    cargo build --quiet --bin meterd
-    BIN=$ROOT/target/debug/meterd
-fi
+# The binary comes from cargo (any CARGO_TARGET_DIR), unless METERD_BIN names one.
+BIN=${METERD_BIN:-$(bash ci/cargo-bin.sh meterd)}
+[ -x "$BIN" ] || { echo "ops-checks: no executable meterd at $BIN" >&2; exit 1; }
 
 work=$(mktemp -d)
 pid=

@@ -82,6 +82,12 @@ pub enum Command {
     Flush {
         #[command(flatten)]
         config: ConfigArg,
+        /// Print the daemon's answer as one JSON line (the pass summary of POST /v1/flush).
+        #[arg(long)]
+        json: bool,
+        /// Daemon URL (default: from ingest.listen).
+        #[arg(long)]
+        url: Option<String>,
     },
     /// Show pending events, oldest pending age, time to the nearest expiry, last success, counts per outcome.
     Status {
@@ -172,6 +178,37 @@ pub fn load_settings(
              (start from config.toml.example); to try meterd without one, run `meterd run --emulator`"
         ),
     }
+}
+
+/// Loads settings for a command that does not talk to the marketplace (`status`, `report`, `balance`,
+/// `record`, `flush`, offline `check-config`): the built-in development settings when no file exists, and
+/// missing marketplace credentials listed in `marketplace.missing_credentials` rather than refused.
+pub fn load_settings_without_credentials(
+    arg: &ConfigArg,
+    env: &BTreeMap<String, String>,
+) -> anyhow::Result<Settings> {
+    match find_config(arg, env) {
+        Some(path) => Ok(config::load_for(&path, env, config::Credentials::Optional)?),
+        None => Ok(Settings::dev_defaults(env)?),
+    }
+}
+
+/// Prints, on stderr, what the marketplace commands would refuse (the journal commands work without it).
+pub fn warn_missing_credentials(settings: &Settings) {
+    for m in &settings.marketplace.missing_credentials {
+        eprintln!(
+            "warning: {m} (needed by `meterd run`, `subscriptions`, `reconcile` and `check-config --online`; \
+             this command reads only the journal)"
+        );
+    }
+}
+
+fn open_journal(settings: &Settings) -> anyhow::Result<crate::journal::ReadOnlyJournal> {
+    let j = crate::journal::open_read_only(&settings.journal.path)?;
+    if let Some(note) = &j.note {
+        eprintln!("{note}");
+    }
+    Ok(j)
 }
 
 /// Where `record` and `flush` reach the daemon.
@@ -328,7 +365,7 @@ pub fn status(
     now: chrono::DateTime<chrono::Utc>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let conn = crate::journal::open_read_only(&settings.journal.path)?;
+    let conn = open_journal(settings)?;
     let s = crate::journal::status::status(&conn, now)?;
     if json {
         let mut v = serde_json::to_value(&s)?;
@@ -405,7 +442,7 @@ pub fn report(
         from: parse_bound("from", from).map_err(anyhow::Error::msg)?,
         to: parse_bound("to", to).map_err(anyhow::Error::msg)?,
     };
-    let conn = crate::journal::open_read_only(&settings.journal.path)?;
+    let conn = open_journal(settings)?;
     let hours = usage::hourly_report(&conn, &filter, now, settings.emit.grace)?;
     let carries = usage::carry_report(&conn, &filter)?;
     match format {
@@ -515,10 +552,17 @@ pub fn check_config(settings: &Settings, path: Option<&Path>) {
     );
     println!("  journal        {}", settings.journal.path.display());
     println!("  ingest         {}", settings.ingest.listen);
-    println!(
-        "  marketplace    {:?} at {}",
-        settings.marketplace.mode, settings.marketplace.base_url
-    );
+    match settings.marketplace.mode {
+        config::MarketplaceMode::Emulator => println!(
+            "  marketplace    the built-in emulator, started inside `meterd run` (nothing is billed)"
+        ),
+        config::MarketplaceMode::Azure => {
+            println!(
+                "  marketplace    Azure at {}",
+                settings.marketplace.base_url
+            )
+        }
+    }
     println!("  auth           {:?}", settings.marketplace.auth.kind);
     println!(
         "  schedule       {} (UTC), grace {}",
@@ -537,6 +581,12 @@ pub fn check_config(settings: &Settings, path: Option<&Path>) {
     );
     if settings.dimensions.is_empty() {
         println!("  warning: no [[dimensions]] declared; ingest will refuse every record");
+    }
+    for m in &settings.marketplace.missing_credentials {
+        println!(
+            "  warning: {m}\n           (`status`, `report` and `balance` work without it; `run`, `subscriptions`, \
+             `reconcile` and `check-config --online` refuse)"
+        );
     }
 }
 
@@ -593,6 +643,34 @@ pub async fn subscriptions(
     Ok(())
 }
 
+/// Settings for a command that talks to the marketplace. In emulator mode the marketplace is the in-process
+/// emulator of the running daemon, on a port chosen at its start: its address comes from the daemon's
+/// `GET /v1/status` (`emulator.base_url`).
+pub async fn marketplace_settings(
+    settings: &Settings,
+    env: &BTreeMap<String, String>,
+) -> anyhow::Result<Settings> {
+    let mut settings = settings.clone();
+    if settings.marketplace.mode != config::MarketplaceMode::Emulator {
+        return Ok(settings);
+    }
+    let how = "in emulator mode the marketplace is the emulator inside the running daemon: start it with \
+               `meterd run --emulator` (or `meterd run` with this configuration) and run this command again";
+    let (status, body) = call_daemon(&settings, env, None, "GET", "/v1/status", None)
+        .await
+        .with_context(|| how.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let Some(base) = v["emulator"]["base_url"].as_str().filter(|_| status == 200) else {
+        bail!(
+            "the daemon at {} answered GET /v1/status with HTTP {status} and no emulator address; is it running \
+             in emulator mode? ({how})",
+            daemon_url(&settings)
+        );
+    };
+    settings.marketplace.base_url = base.to_string();
+    Ok(settings)
+}
+
 fn explain_call_error(e: crate::marketplace::client::CallError) -> anyhow::Error {
     match e.advice() {
         Some(a) => anyhow::anyhow!("{e}\n\n{a}"),
@@ -636,8 +714,9 @@ pub async fn check_online(
     }
 }
 
-/// Prints a flush answer (a pass summary) for people.
-pub fn print_flush(body: &str) {
+/// Prints a flush answer (a pass summary) for people: one line for the pass, then a table of the events it
+/// froze or settled (read from the journal when this user can read it), then the outcome counts.
+pub fn print_flush(body: &str, events: Option<&[crate::journal::status::EventLine]>) {
     let v: serde_json::Value = match serde_json::from_str(body) {
         Ok(v) => v,
         Err(_) => {
@@ -656,14 +735,68 @@ pub fn print_flush(body: &str) {
         v["calls"],
         v["sent"]
     );
+    match events {
+        Some([]) | None => {}
+        Some(events) => {
+            println!(
+                "{:<20}  {:<36}  {:<14}  {:>14}  {:<20}  USAGE EVENT ID / LAST ERROR",
+                "HOUR", "RESOURCE", "DIMENSION", "QUANTITY", "OUTCOME"
+            );
+            for e in events {
+                println!(
+                    "{:<20}  {:<36}  {:<14}  {:>14}  {:<20}  {}",
+                    e.hour,
+                    e.resource,
+                    e.dimension,
+                    e.quantity,
+                    e.state,
+                    e.usage_event_id
+                        .as_deref()
+                        .or(e.last_error.as_deref())
+                        .unwrap_or("-")
+                );
+            }
+        }
+    }
     if let Some(o) = v["outcomes"].as_object().filter(|o| !o.is_empty()) {
+        println!("outcomes");
         for (k, n) in o {
-            println!("  {k:<22} {n}");
+            println!("  {k:<20} {n:>8} events");
         }
     } else {
-        println!("  nothing was due (only closed hours are sent)");
+        println!("nothing was due (only closed hours are sent)");
     }
     println!("pending after the pass: {}", v["pending_after"]);
+}
+
+/// `meterd flush`: asks the daemon for a pass and prints what it did (`json`: the daemon's answer as is).
+pub async fn flush(
+    settings: &Settings,
+    env: &BTreeMap<String, String>,
+    url: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (status, body) = call_daemon(settings, env, url, "POST", "/v1/flush", None).await?;
+    if status != 200 {
+        println!("{body}");
+        bail!("flush failed (HTTP {status})");
+    }
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let started = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["started"].as_str().map(str::to_string))
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok())
+        .map(|t| t.with_timezone(&chrono::Utc));
+    // The events themselves come from the journal; a user who cannot read it still gets the counts.
+    let events = started.and_then(|t| {
+        let j = crate::journal::open_read_only(&settings.journal.path).ok()?;
+        crate::journal::status::events_since(&j, t).ok()
+    });
+    print_flush(&body, events.as_deref());
+    Ok(())
 }
 
 /// `meterd balance`.
@@ -674,7 +807,7 @@ pub fn balance(
     json: bool,
 ) -> anyhow::Result<()> {
     let resource = crate::ingest::validate::resource(resource).map_err(anyhow::Error::msg)?;
-    let conn = crate::journal::open_read_only(&settings.journal.path)?;
+    let conn = open_journal(settings)?;
     let dims = crate::billing::balance(&conn, settings, &resource, now)?;
     if json {
         println!(
@@ -687,7 +820,7 @@ pub fn balance(
     }
     println!("{resource}");
     println!(
-        "{:<16} {:<10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}  TERM",
+        "{:<16}  {:<10}  {:>12}  {:>12}  {:>12}  {:>10}  {:>10}  {:>10}  TERM",
         "DIMENSION",
         "PLAN",
         "INCLUDED",
@@ -699,7 +832,7 @@ pub fn balance(
     );
     for d in dims {
         println!(
-            "{:<16} {:<10} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}  {} .. {}",
+            "{:<16}  {:<10}  {:>12}  {:>12}  {:>12}  {:>10}  {:>10}  {:>10}  {} .. {}",
             d.dimension,
             d.plan,
             d.included,
@@ -756,23 +889,8 @@ pub async fn reconcile(
         .unwrap_or(0);
         *market.entry((r.to_ascii_lowercase(), dim)).or_default() += q;
     }
-    let conn = crate::journal::open_read_only(&settings.journal.path)?;
-    let mut ours: BTreeMap<(String, String), i64> = BTreeMap::new();
-    let mut stmt = conn.prepare(
-        "SELECT resource, dimension, COALESCE(send_quantity, quantity) FROM outbound_events
-         WHERE hour >= ?1 AND hour < ?2 AND state IN ('accepted', 'duplicate')",
-    )?;
-    let rows = stmt.query_map([start.timestamp(), end.timestamp()], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })?;
-    for row in rows {
-        let (r, d, q) = row?;
-        *ours.entry((r.to_ascii_lowercase(), d)).or_default() += q;
-    }
+    let conn = open_journal(settings)?;
+    let ours = crate::journal::status::accepted_totals(&conn, start, end)?;
     let keys: std::collections::BTreeSet<_> = market.keys().chain(ours.keys()).cloned().collect();
     let mut diffs = Vec::new();
     for k in keys {

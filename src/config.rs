@@ -172,6 +172,20 @@ pub struct MarketplaceSettings {
     pub timeout: Duration,
     /// Token provider settings.
     pub auth: AuthSettings,
+    /// Credentials the marketplace commands need but the file leaves out, each naming the key and what to do.
+    /// Empty unless loaded with [`Credentials::Optional`] (commands that read only the journal); the daemon
+    /// and every command that talks to the marketplace load with [`Credentials::Required`] and refuse instead.
+    pub missing_credentials: Vec<String>,
+}
+
+/// Whether loading refuses a configuration whose marketplace credentials are incomplete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credentials {
+    /// The daemon and the commands that talk to the marketplace: missing credentials are an error.
+    Required,
+    /// Commands that read only the journal (`status`, `report`, `balance`, offline `check-config`): missing
+    /// credentials are listed in [`MarketplaceSettings::missing_credentials`] for a warning.
+    Optional,
 }
 
 /// Emission settings.
@@ -469,11 +483,20 @@ struct RawMeter {
 
 /// Reads `path`, lays the `METERD_*` variables of `env` over it and validates the result.
 pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
+    load_for(path, env, Credentials::Required)
+}
+
+/// Like [`load`]; with [`Credentials::Optional`] missing marketplace credentials are listed, not refused.
+pub fn load_for(
+    path: &Path,
+    env: &BTreeMap<String, String>,
+    credentials: Credentials,
+) -> Result<Settings, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    load_str(&text, &path.display().to_string(), env)
+    load_str_for(&text, &path.display().to_string(), env, credentials)
 }
 
 /// Like [`load`] for configuration text already in memory; `source_name` names it in errors.
@@ -481,6 +504,16 @@ pub fn load_str(
     text: &str,
     source_name: &str,
     env: &BTreeMap<String, String>,
+) -> Result<Settings, ConfigError> {
+    load_str_for(text, source_name, env, Credentials::Required)
+}
+
+/// Like [`load_str`], with the credentials policy of [`load_for`].
+pub fn load_str_for(
+    text: &str,
+    source_name: &str,
+    env: &BTreeMap<String, String>,
+    credentials: Credentials,
 ) -> Result<Settings, ConfigError> {
     let mut value: toml::Table = text
         .parse()
@@ -493,7 +526,12 @@ pub fn load_str(
         source_name: describe_source(source_name, &applied),
         message: e.to_string().trim().to_string(),
     })?;
-    Settings::validate(raw, &describe_source(source_name, &applied), env)
+    Settings::validate_for(
+        raw,
+        &describe_source(source_name, &applied),
+        env,
+        credentials,
+    )
 }
 
 fn describe_source(file: &str, applied: &[String]) -> String {
@@ -703,6 +741,16 @@ impl Settings {
         source: &str,
         env: &BTreeMap<String, String>,
     ) -> Result<Settings, ConfigError> {
+        Self::validate_for(raw, source, env, Credentials::Required)
+    }
+
+    /// Like [`Settings::validate`], with the credentials policy `credentials`.
+    pub fn validate_for(
+        raw: RawConfig,
+        source: &str,
+        env: &BTreeMap<String, String>,
+        credentials: Credentials,
+    ) -> Result<Settings, ConfigError> {
         let v = Validator { source };
         let late_usage = match raw.late_usage.as_deref().unwrap_or("carry_forward") {
             "carry_forward" => LateUsage::CarryForward,
@@ -849,26 +897,31 @@ impl Settings {
             endpoint_version,
             identity_endpoint: non_empty(a.identity_endpoint),
         };
+        let mut missing = Vec::new();
         if mode == MarketplaceMode::Azure && kind == AuthKind::ClientSecret {
             if auth.tenant_id.is_empty() && auth.token_url.is_none() {
-                return Err(v.err(
+                missing.push(v.err(
                     "marketplace.auth.tenant_id",
                     "is required for kind = \"client_secret\" (the tenant of the app registered on the offer); \
                      to try meterd without credentials run `meterd run --emulator`",
                 ));
             }
             if auth.client_id.is_empty() {
-                return Err(v.err(
+                missing.push(v.err(
                     "marketplace.auth.client_id",
                     "is required for kind = \"client_secret\" (the application id registered on the offer)",
                 ));
             }
+        }
+        if credentials == Credentials::Required && !missing.is_empty() {
+            return Err(missing.remove(0));
         }
         let marketplace = MarketplaceSettings {
             mode,
             base_url,
             timeout: v.duration("marketplace.timeout", raw.marketplace.timeout, "30s")?,
             auth,
+            missing_credentials: missing.iter().map(ToString::to_string).collect(),
         };
 
         let schedule = non_empty(raw.emit.schedule).unwrap_or_else(|| "0 5 * * * *".into());

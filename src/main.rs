@@ -1,7 +1,9 @@
 //! The `meterd` binary: parse arguments, load configuration, call into the library.
 
 use clap::Parser;
-use meterd::cli::{Cli, Command, load_settings};
+use meterd::cli::{
+    Cli, Command, load_settings, load_settings_without_credentials, warn_missing_credentials,
+};
 use meterd::clock::{SharedClock, SystemClock};
 use meterd::config::process_env;
 use std::process::ExitCode;
@@ -50,7 +52,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             plan,
             url,
         } => {
-            let settings = load_settings(&config, &env, true)?;
+            let settings = load_settings_without_credentials(&config, &env)?;
             meterd::cli::record(
                 &settings,
                 &env,
@@ -64,18 +66,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Flush { config } => {
-            let settings = load_settings(&config, &env, true)?;
-            let (status, body) =
-                meterd::cli::call_daemon(&settings, &env, None, "POST", "/v1/flush", None).await?;
-            println!("{body}");
-            if status != 200 {
-                anyhow::bail!("flush failed (HTTP {status})");
-            }
-            Ok(())
+        Command::Flush { config, json, url } => {
+            let settings = load_settings_without_credentials(&config, &env)?;
+            meterd::cli::flush(&settings, &env, url.as_deref(), json).await
         }
         Command::Status { config, json } => {
-            let settings = load_settings(&config, &env, true)?;
+            let settings = load_settings_without_credentials(&config, &env)?;
+            warn_missing_credentials(&settings);
             meterd::cli::status(&settings, clock.now(), json)
         }
         Command::Report {
@@ -85,7 +82,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             to,
             format,
         } => {
-            let settings = load_settings(&config, &env, true)?;
+            let settings = load_settings_without_credentials(&config, &env)?;
+            warn_missing_credentials(&settings);
             meterd::cli::report(
                 &settings,
                 clock.now(),
@@ -101,11 +99,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             resource,
             json,
         } => {
-            let settings = load_settings(&config, &env, true)?;
+            let settings = load_settings_without_credentials(&config, &env)?;
+            warn_missing_credentials(&settings);
             meterd::cli::balance(&settings, clock.now(), &resource, json)
         }
         Command::Reconcile { config, date } => {
-            let settings = load_settings(&config, &env, false)?;
+            // No file: the development settings, whose marketplace is a `run --emulator` daemon's.
+            let settings = load_settings(&config, &env, true)?;
+            let settings = meterd::cli::marketplace_settings(&settings, &env).await?;
             let diffs = meterd::cli::reconcile(&settings, &env, clock, &date).await?;
             if diffs.is_empty() {
                 println!(
@@ -114,27 +115,37 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<40} {:<16} {:>14} {:>14}",
+                "{:<40}  {:<16}  {:>14}  {:>14}",
                 "RESOURCE", "DIMENSION", "METERD", "MARKETPLACE"
             );
             for d in &diffs {
                 println!(
-                    "{:<40} {:<16} {:>14} {:>14}",
+                    "{:<40}  {:<16}  {:>14}  {:>14}",
                     d.resource, d.dimension, d.meterd, d.marketplace
                 );
             }
             anyhow::bail!("{} differences on {date}", diffs.len())
         }
         Command::Subscriptions { config } => {
-            let settings = load_settings(&config, &env, false)?;
+            // No file: the development settings, whose marketplace is a `run --emulator` daemon's.
+            let settings = load_settings(&config, &env, true)?;
+            let settings = meterd::cli::marketplace_settings(&settings, &env).await?;
             meterd::cli::subscriptions(&settings, &env, clock).await
         }
         Command::CheckConfig { config, online } => {
             let path = meterd::cli::find_config(&config, &env);
-            let settings = load_settings(&config, &env, false)?;
-            meterd::cli::check_config(&settings, path.as_deref());
             if online {
+                // Talks to the marketplace: the credentials must be complete.
+                let settings = load_settings(&config, &env, false)?;
+                meterd::cli::check_config(&settings, path.as_deref());
+                let settings = meterd::cli::marketplace_settings(&settings, &env).await?;
                 meterd::cli::check_online(&settings, &env, clock).await?;
+            } else {
+                if path.is_none() {
+                    load_settings(&config, &env, false)?; // says where to put a file
+                }
+                let settings = load_settings_without_credentials(&config, &env)?;
+                meterd::cli::check_config(&settings, path.as_deref());
             }
             Ok(())
         }

@@ -1,5 +1,5 @@
 //! Black-box tests of `meterd emulator`: plain HTTP against `Emulator::spawn_local`, answers compared with the
-//! shapes in `shared/fixtures/` and requests checked against the official OpenAPI schema in `shared/spec/`.
+//! shapes in `tests/fixtures/` and requests checked against the official OpenAPI schema in `tests/fixtures/spec/`.
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use meterd::emulator::config::{
@@ -143,12 +143,13 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
+/// Copies of the reference fixtures and Microsoft's OpenAPI files (see `tests/fixtures/README.md`).
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn fixture(name: &str) -> Value {
-    let path = shared().join("fixtures").join(name);
+    let path = fixtures().join(name);
     serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("fixture json")
 }
 
@@ -1411,7 +1412,7 @@ fn request_schema(spec: &Value, route: &str) -> Value {
 #[tokio::test]
 async fn accepted_requests_validate_against_the_official_request_schema() {
     let spec: Value = serde_json::from_str(
-        &std::fs::read_to_string(shared().join("spec/meteringapi.v1.json")).expect("spec"),
+        &std::fs::read_to_string(fixtures().join("spec/meteringapi.v1.json")).expect("spec"),
     )
     .expect("spec json");
     let batch_schema = request_schema(&spec, "/batchUsageEvent");

@@ -26,7 +26,7 @@ const CLIENT_SECRET: &str = "client-secret-value-XYZ";
 const TOKEN_PREFIX: &str = "tok-secret-";
 
 fn fixture(name: &str) -> String {
-    let path = format!("{}/../shared/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 

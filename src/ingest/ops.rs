@@ -22,6 +22,11 @@ pub async fn status_json(
     if let Some(e) = &state.emitter {
         v["emitter"] = e.status_extra();
     }
+    // In emulator mode the marketplace is the daemon's in-process emulator on an ephemeral port: say where, so
+    // `meterd subscriptions`, `reconcile` and `check-config --online` can reach it.
+    if state.settings.marketplace.mode == crate::config::MarketplaceMode::Emulator {
+        v["emulator"] = json!({ "base_url": state.settings.marketplace.base_url });
+    }
     Ok(v)
 }
 
@@ -132,8 +137,12 @@ pub struct ConsumptionQuery {
 /// `GET /v1/consumption?resource=&dimension=&from=&to=`: raw consumption over any range.
 pub async fn consumption(
     State(state): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<ConsumptionQuery>,
+    q: Result<axum::extract::Query<ConsumptionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let q = match q {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return super::usage_api::query_rejection(&e),
+    };
     use super::usage_api::parse_bound;
     let Some(resource) = q
         .resource

@@ -4,6 +4,7 @@ use super::validate::{self, FieldError};
 use super::{AppState, error_response, journal_error_response, read_body};
 use crate::journal::usage::{self, IngestRules, NewRecord, ReportFilter};
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -275,6 +276,18 @@ pub struct UsageQuery {
     to: Option<String>,
 }
 
+/// A query string the extractor cannot read (a parameter given twice, bad percent-encoding): the documented
+/// `400 {"errors": [...]}`, not axum's plain-text answer.
+pub fn query_rejection(e: &QueryRejection) -> Response {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        vec![FieldError::request(format!(
+            "cannot read the query string: {}; give each parameter once",
+            e.body_text()
+        ))],
+    )
+}
+
 /// Parses an optional RFC 3339 or `YYYY-MM-DD` bound.
 pub fn parse_bound(name: &str, v: Option<&str>) -> Result<Option<DateTime<Utc>>, String> {
     let Some(v) = v.map(str::trim).filter(|v| !v.is_empty()) else {
@@ -292,7 +305,14 @@ pub fn parse_bound(name: &str, v: Option<&str>) -> Result<Option<DateTime<Utc>>,
 }
 
 /// `GET /v1/usage?resource=&from=&to=`.
-pub async fn get_usage(State(state): State<AppState>, Query(q): Query<UsageQuery>) -> Response {
+pub async fn get_usage(
+    State(state): State<AppState>,
+    q: Result<Query<UsageQuery>, QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return query_rejection(&e),
+    };
     let filter = match (
         parse_bound("from", q.from.as_deref()),
         parse_bound("to", q.to.as_deref()),

@@ -47,6 +47,8 @@
 //! only if none of them did. A job whose requester stopped waiting (its `write` future was dropped, e.g. the HTTP
 //! client went away) before the writer reached it does not run. Readers use a small pool of read-only
 //! connections (WAL lets them run beside the writer).
+//! The journal-only commands (`status`, `report`, `balance`) start no writer: [`open_read_only`] opens the file
+//! without ever creating or writing one (immutable when no `-wal` exists, else read-only through the `-shm`).
 //!
 //! # What a crash may leave
 //!
@@ -450,15 +452,105 @@ fn open_reader(path: &Path) -> Result<Connection, JournalError> {
     Ok(conn)
 }
 
-/// Opens a journal read-only without starting a writer (for `meterd report` and `status` while the daemon runs).
-pub fn open_read_only(path: &Path) -> Result<Connection, JournalError> {
+/// A read-only view of a journal, for the commands that only read it (`status`, `report`, `balance`).
+pub struct ReadOnlyJournal {
+    /// The connection (opened with `SQLITE_OPEN_READ_ONLY`; it never writes).
+    pub conn: Connection,
+    /// Set when the journal had to be opened `immutable` (see [`open_read_only`]): say so to the user.
+    pub note: Option<String>,
+}
+
+impl std::ops::Deref for ReadOnlyJournal {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// Opens a journal read-only without starting a writer (for `meterd report` and `status` while the daemon runs,
+/// after it stopped, or on a copy or a read-only mount). It never creates, writes or locks-for-writing a file.
+///
+/// - No `-wal` file beside the journal: no process has it open (SQLite keeps the `-wal` while any connection
+///   is open and removes it, checkpointed, when the last one closes), so the main file is complete. It is
+///   opened `immutable=1`: SQLite reads it alone and creates no `-wal`/`-shm` (a plain read-only open would
+///   create both, and fails where the directory is not writable).
+/// - A `-wal` file (a daemon runs, or one was killed): opened `SQLITE_OPEN_READ_ONLY`, which reads the `-wal`
+///   through the existing `-shm` index, so the view includes the newest commits. Should that fail (the `-shm`
+///   is missing and cannot be created in a read-only directory), it falls back to `immutable=1` and
+///   [`ReadOnlyJournal::note`] says the view may miss what sits only in the `-wal`.
+pub fn open_read_only(path: &Path) -> Result<ReadOnlyJournal, JournalError> {
     if !path.exists() {
         return Err(JournalError::Invalid(format!(
             "no journal at {}; start the daemon with `meterd run` or pass --config with the right journal.path",
             path.display()
         )));
     }
-    open_reader(path)
+    let wal = wal_path(path);
+    if !wal.exists() {
+        let conn = open_immutable(path).map_err(|e| {
+            JournalError::Invalid(format!(
+                "cannot read the journal at {}: {e}; check that this user may read the file",
+                path.display()
+            ))
+        })?;
+        return Ok(ReadOnlyJournal { conn, note: None });
+    }
+    let conn = open_reader(path)?;
+    // Opening is lazy: the first read is what maps (or fails to create) the WAL index.
+    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(_) => Ok(ReadOnlyJournal { conn, note: None }),
+        Err(first) => {
+            drop(conn);
+            let conn = open_immutable(path).map_err(|e| {
+                JournalError::Invalid(format!(
+                    "cannot read the journal at {}: {first}; read as immutable: {e}; check that this user may \
+                     read the file and its directory",
+                    path.display()
+                ))
+            })?;
+            Ok(ReadOnlyJournal {
+                conn,
+                note: Some(format!(
+                    "note: {} is read without its write-ahead log ({} cannot be used here: {first}); the \
+                     newest commits may be missing from this view; for a live view run this as a user who may \
+                     write the journal's directory (the daemon's user)",
+                    path.display(),
+                    wal.display()
+                )),
+            })
+        }
+    }
+}
+
+fn wal_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push("-wal");
+    PathBuf::from(s)
+}
+
+fn open_immutable(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    // A URI path: percent-encode what URIs reserve so any file name works.
+    let mut uri = String::from("file:");
+    for b in abs.to_string_lossy().bytes() {
+        match b {
+            b'%' | b'?' | b'#' | b' ' | 0x80.. => uri.push_str(&format!("%{b:02X}")),
+            _ => uri.push(b as char),
+        }
+    }
+    uri.push_str("?immutable=1");
+    let conn = Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
+    Ok(conn)
 }
 
 fn writer_loop(

@@ -110,3 +110,75 @@ pub fn status(conn: &Connection, now: DateTime<Utc>) -> Result<JournalStatus, Jo
         last_error,
     })
 }
+
+/// One outbound event, as `meterd flush` lists what a pass touched.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EventLine {
+    /// Hour start, RFC 3339.
+    pub hour: String,
+    /// Subscription or resource URI.
+    pub resource: String,
+    /// Dimension.
+    pub dimension: String,
+    /// Quantity sent (billing units after the billing policy), decimal.
+    pub quantity: String,
+    /// `pending` or the outcome.
+    pub state: String,
+    /// Marketplace usage event id when accepted.
+    pub usage_event_id: Option<String>,
+    /// Why it still waits or was refused.
+    pub last_error: Option<String>,
+}
+
+/// Outbound events frozen or finished at or after `since`, oldest hour first (what one pass did).
+pub fn events_since(
+    conn: &Connection,
+    since: DateTime<Utc>,
+) -> Result<Vec<EventLine>, JournalError> {
+    let mut stmt = conn.prepare(
+        "SELECT hour, resource, dimension, COALESCE(send_quantity, quantity), state, usage_event_id, last_error
+         FROM outbound_events WHERE frozen_at >= ?1 OR finished_at >= ?1
+         ORDER BY hour, resource, dimension",
+    )?;
+    let rows = stmt.query_map([since.timestamp()], |r| {
+        Ok(EventLine {
+            hour: fmt_time(r.get::<_, i64>(0)?),
+            resource: r.get(1)?,
+            dimension: r.get(2)?,
+            quantity: crate::quantity::Micros(r.get(3)?).to_decimal_string(),
+            state: r.get(4)?,
+            usage_event_id: r.get(5)?,
+            last_error: r.get(6)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Quantities (micro-units, sent quantity) of the events the marketplace accepted or confirmed as duplicates, per
+/// lower-cased resource and dimension, for hours in `[from, to)` (`meterd reconcile`).
+pub fn accepted_totals(
+    conn: &Connection,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<BTreeMap<(String, String), i64>, JournalError> {
+    let mut stmt = conn.prepare(
+        "SELECT resource, dimension, COALESCE(send_quantity, quantity) FROM outbound_events
+         WHERE hour >= ?1 AND hour < ?2 AND state IN ('accepted', 'duplicate')",
+    )?;
+    let rows = stmt.query_map([from.timestamp(), to.timestamp()], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut out: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for row in rows {
+        let (r, d, q) = row?;
+        let e = out.entry((r.to_ascii_lowercase(), d)).or_default();
+        *e = e.checked_add(q).ok_or_else(|| {
+            JournalError::Invalid("accepted quantities overflow i64 micro-units".to_string())
+        })?;
+    }
+    Ok(out)
+}

@@ -255,7 +255,7 @@ mod tests {
     fn fixture() -> BatchUsageResponse {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/batch_response_mixed.json"
+            "/tests/fixtures/batch_response_mixed.json"
         );
         let text = std::fs::read_to_string(path).expect("fixture");
         serde_json::from_str(&text).expect("parses")
