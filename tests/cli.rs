@@ -358,7 +358,6 @@ fn emulator_mode_subscriptions_and_check_config_online_reach_the_daemons_emulato
 /// The README's quickstart, step by step: `meterd run --emulator` with no configuration, a record for the hour
 /// that closed last, `meterd flush`, and the hour is `accepted` with the emulator's `usageEventId`.
 #[test]
-#[ignore = "needs late usage kept in its own hour (branch edges-freeze); on this branch the record is carried"]
 fn quickstart_last_hour_goes_from_open_to_accepted() {
     let dir = tempfile::tempdir().unwrap();
     // Only the listener moves off the README's 127.0.0.1:8787 so tests can run side by side.

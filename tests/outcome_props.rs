@@ -241,7 +241,7 @@ included = {{ compute_blocks = 0, api_calls = 0 }}
         let at = (base() + Duration::hours(hour))
             .format("%Y-%m-%dT%H:%M:%SZ")
             .to_string();
-        let r = reqwest::Client::new()
+        let r = meterd::tls::client()
             .post(format!(
                 "http://{}/api/usageEvent?api-version=2018-08-31",
                 self.addr
