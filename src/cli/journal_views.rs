@@ -1,0 +1,173 @@
+//! The journal views: `report` (hourly totals with their outcomes) and `balance` (a subscription's term).
+
+use super::args::Format;
+use super::setup::open_journal;
+use crate::config::Settings;
+use crate::ingest::usage_api::parse_bound;
+use crate::journal::usage::{self, ReportFilter};
+
+/// `meterd report`.
+pub fn report(
+    settings: &Settings,
+    now: chrono::DateTime<chrono::Utc>,
+    resource: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+    format: Format,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<()> {
+    let filter = ReportFilter {
+        resource: resource
+            .map(|r| crate::ingest::validate::resource(r).unwrap_or_else(|_| r.to_string())),
+        from: parse_bound("from", from).map_err(anyhow::Error::msg)?,
+        to: parse_bound("to", to).map_err(anyhow::Error::msg)?,
+    };
+    let conn = open_journal(settings)?;
+    let hours = usage::hourly_report(&conn, &filter, now, settings.emit.grace)?;
+    let carries = usage::carry_report(&conn, &filter)?;
+    match format {
+        Format::Json => {
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"hours": hours, "carries": carries})
+                )?
+            )?;
+        }
+        Format::Csv => {
+            writeln!(
+                out,
+                "hour,resource,plan,dimension,quantity,records,carried_in,included,billed,outcome,usage_event_id,carried_to"
+            )?;
+            for h in &hours {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{},{},{},{},{}",
+                    h.hour,
+                    csv(&h.resource),
+                    csv(&h.plan),
+                    csv(&h.dimension),
+                    h.quantity,
+                    h.records,
+                    crate::quantity::Micros(h.carried_in_micros),
+                    h.included.as_deref().unwrap_or(""),
+                    h.billed.as_deref().unwrap_or(""),
+                    h.outcome,
+                    h.usage_event_id.as_deref().unwrap_or(""),
+                    h.carried_to.as_deref().unwrap_or("")
+                )?;
+            }
+        }
+        Format::Table => {
+            if hours.is_empty() {
+                writeln!(out, "no usage recorded in this range")?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  {:>12}  {:>10}  OUTCOME",
+                    "HOUR",
+                    "RESOURCE",
+                    "PLAN",
+                    "DIMENSION",
+                    "QUANTITY",
+                    "RECORDS",
+                    "INCLUDED",
+                    "BILLED"
+                )?;
+                for h in &hours {
+                    let mut outcome = h.outcome.clone();
+                    if let Some(t) = &h.carried_to {
+                        outcome.push_str(&format!(" -> {t}"));
+                    }
+                    if h.carried_in_micros > 0 {
+                        outcome.push_str(&format!(
+                            " (incl. {} carried in)",
+                            crate::quantity::Micros(h.carried_in_micros)
+                        ));
+                    }
+                    writeln!(
+                        out,
+                        "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  {:>12}  {:>10}  {outcome}",
+                        h.hour,
+                        h.resource,
+                        h.plan,
+                        h.dimension,
+                        h.quantity,
+                        h.records,
+                        h.included.as_deref().unwrap_or("-"),
+                        h.billed.as_deref().unwrap_or("-")
+                    )?;
+                }
+            }
+            if !carries.is_empty() {
+                writeln!(out, "\nCARRIED")?;
+                for c in &carries {
+                    writeln!(
+                        out,
+                        "{} -> {}  {}  {}  {}  ({})",
+                        c.from_hour, c.to_hour, c.resource, c.dimension, c.quantity, c.reason
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn csv(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// `meterd balance`.
+pub fn balance(
+    settings: &Settings,
+    now: chrono::DateTime<chrono::Utc>,
+    resource: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let resource = crate::ingest::validate::resource(resource).map_err(anyhow::Error::msg)?;
+    let conn = open_journal(settings)?;
+    let dims = crate::billing::balance(&conn, settings, &resource, now)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"resource": resource, "dimensions": dims})
+            )?
+        );
+        return Ok(());
+    }
+    println!("{resource}");
+    println!(
+        "{:<16}  {:<10}  {:>12}  {:>12}  {:>12}  {:>10}  {:>10}  {:>10}  TERM",
+        "DIMENSION",
+        "PLAN",
+        "INCLUDED",
+        "CONSUMED",
+        "REMAINING",
+        "OVERAGE",
+        "ACCEPTED",
+        "REMAINDER"
+    );
+    for d in dims {
+        println!(
+            "{:<16}  {:<10}  {:>12}  {:>12}  {:>12}  {:>10}  {:>10}  {:>10}  {} .. {}",
+            d.dimension,
+            d.plan,
+            d.included,
+            d.consumed,
+            d.remaining,
+            d.overage_frozen,
+            d.overage_accepted,
+            d.carried_remainder,
+            d.term_start,
+            d.term_end
+        );
+    }
+    Ok(())
+}
