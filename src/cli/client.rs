@@ -1,8 +1,15 @@
 //! A client for the running daemon's local HTTP API, over TCP or a unix socket (`ingest.listen`), with the bearer
 //! token of `ingest.token_file`.
+//!
+//! Built on hyper's HTTP/1.1 client connection (`hyper::client::conn::http1`): one connection per call
+//! (`Connection: close`), plain HTTP only (the daemon listens locally), on the caller's runtime: no pool, no
+//! runtime and no TLS of its own, so a command starts as fast as before.
 
 use crate::config::{ListenAddr, Settings};
 use anyhow::Context;
+use http_body_util::BodyExt;
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue};
+use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 
 /// Where `record` and `flush` reach the daemon.
@@ -16,7 +23,9 @@ pub fn daemon_url(settings: &Settings) -> String {
     }
 }
 
-/// A minimal HTTP/1.1 exchange with the daemon, over TCP or a unix socket.
+/// One HTTP/1.1 exchange with the daemon, over TCP or a unix socket: the status code and the body (lossy UTF-8).
+///
+/// `url` overrides [`daemon_url`]; `http://HOST:PORT` or `unix:/path`.
 pub async fn call_daemon(
     settings: &Settings,
     env: &BTreeMap<String, String>,
@@ -25,68 +34,60 @@ pub async fn call_daemon(
     path: &str,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let base = url
         .map(str::to_string)
         .unwrap_or_else(|| daemon_url(settings));
     let token = crate::daemon::ingest_token(settings, env)?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: meterd\r\nConnection: close\r\n");
+    let body = body.unwrap_or("").to_string();
+    let mut request = hyper::Request::builder()
+        .method(hyper::Method::from_bytes(method.as_bytes())?)
+        .uri(path)
+        .header(HOST, "meterd")
+        .header(CONNECTION, "close");
     if let Some(t) = &token {
-        req.push_str(&format!("Authorization: Bearer {}\r\n", t.expose()));
+        let mut bearer = HeaderValue::from_str(&format!("Bearer {}", t.expose()))
+            .context("the ingest token (ingest.token_file) cannot be sent in an HTTP header")?;
+        bearer.set_sensitive(true);
+        request = request.header(AUTHORIZATION, bearer);
     }
-    let body = body.unwrap_or("");
-    req.push_str(&format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    ));
-    let mut raw = Vec::new();
+    let request = request
+        .header(CONTENT_TYPE, "application/json")
+        .header(CONTENT_LENGTH, body.len())
+        .body(body)?;
     let unreachable = || {
         format!(
             "cannot reach the daemon at {base}; is `meterd run` running with this configuration?"
         )
     };
-    if let Some(p) = base.strip_prefix("unix:") {
-        let mut s = tokio::net::UnixStream::connect(p)
+    let answer = if let Some(p) = base.strip_prefix("unix:") {
+        let stream = tokio::net::UnixStream::connect(p)
             .await
             .with_context(unreachable)?;
-        s.write_all(req.as_bytes()).await?;
-        s.read_to_end(&mut raw).await?;
+        exchange(stream, request).await
     } else {
         let host = base.trim_start_matches("http://").trim_end_matches('/');
-        let mut s = tokio::net::TcpStream::connect(host)
+        let stream = tokio::net::TcpStream::connect(host)
             .await
             .with_context(unreachable)?;
-        s.write_all(req.as_bytes()).await?;
-        s.read_to_end(&mut raw).await?;
-    }
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_string()
+        exchange(stream, request).await
     };
-    Ok((status, body))
+    answer.with_context(|| format!("no complete answer from the daemon at {base}"))
 }
 
-fn dechunk(s: &str) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
+/// Sends `request` on a fresh connection and reads the whole answer.
+async fn exchange<S>(
+    stream: S,
+    request: hyper::Request<String>,
+) -> Result<(u16, String), hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    // The connection does the I/O; it ends once the answer is read (`Connection: close`).
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
