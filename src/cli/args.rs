@@ -41,6 +41,7 @@ pub enum Format {
 pub enum Command {
     /// Run the daemon: ingest API, journal, hourly emission.
     Run {
+        /// The configuration file.
         #[command(flatten)]
         config: ConfigArg,
         /// Start the built-in marketplace emulator in-process and report to it (no credentials needed).
@@ -49,6 +50,7 @@ pub enum Command {
     },
     /// Send one usage record to the running daemon.
     Record {
+        /// The configuration file.
         #[command(flatten)]
         config: ConfigArg,
         /// SaaS subscription id (GUID) or managed application resource URI.
@@ -75,6 +77,7 @@ pub enum Command {
     },
     /// Run one emission pass now (closed hours only) and print what was sent.
     Flush {
+        /// The configuration file.
         #[command(flatten)]
         config: ConfigArg,
         /// Print the daemon's answer as one JSON line (the pass summary of POST /v1/flush).
@@ -86,6 +89,7 @@ pub enum Command {
     },
     /// Show pending events, oldest pending age, time to the nearest expiry, last success, counts per outcome.
     Status {
+        /// The configuration file.
         #[command(flatten)]
         config: ConfigArg,
         /// Print JSON (the same document as GET /v1/status).
@@ -94,6 +98,7 @@ pub enum Command {
     },
     /// Hourly totals with their outcomes.
     Report {
+        /// The configuration file.
         #[command(flatten)]
         config: ConfigArg,
         /// Only this subscription id or resource URI.
@@ -111,6 +116,7 @@ pub enum Command {
     },
     /// A subscription's balance this term: included, consumed, remaining, overage, carried remainder.
     Balance {
+        /// The configuration file.
         #[command(flatten)]
         config: ConfigArg,
         /// SaaS subscription id or resource URI.
@@ -122,6 +128,7 @@ pub enum Command {
     },
     /// Compare the marketplace's daily totals (GET /usageEvents) with what meterd recorded as accepted.
     Reconcile {
+        /// The configuration file.
         #[command(flatten)]
         config: ConfigArg,
         /// The UTC day, YYYY-MM-DD.
@@ -130,11 +137,13 @@ pub enum Command {
     },
     /// List the SaaS subscriptions as meterd sees them (with advice on 401/403).
     Subscriptions {
+        /// The configuration file.
         #[command(flatten)]
         config: ConfigArg,
     },
     /// Validate the configuration file; --online also fetches a token and the first subscription page.
     CheckConfig {
+        /// The configuration file.
         #[command(flatten)]
         config: ConfigArg,
         /// Also talk to the marketplace.

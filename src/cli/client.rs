@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 
 /// Where `record` and `flush` reach the daemon.
-pub fn daemon_url(settings: &Settings) -> String {
+pub(crate) fn daemon_url(settings: &Settings) -> String {
     match &settings.ingest.listen {
         ListenAddr::Tcp(a) => format!(
             "http://{}",
@@ -26,7 +26,7 @@ pub fn daemon_url(settings: &Settings) -> String {
 /// One HTTP/1.1 exchange with the daemon, over TCP or a unix socket: the status code and the body (lossy UTF-8).
 ///
 /// `url` overrides [`daemon_url`]; `http://HOST:PORT` or `unix:/path`.
-pub async fn call_daemon(
+pub(crate) async fn call_daemon(
     settings: &Settings,
     env: &BTreeMap<String, String>,
     url: Option<&str>,

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 /// `meterd record`.
 #[allow(clippy::too_many_arguments)]
-pub async fn record(
+pub(crate) async fn record(
     settings: &Settings,
     env: &BTreeMap<String, String>,
     url: Option<&str>,
@@ -70,7 +70,7 @@ pub async fn record(
 }
 
 /// `meterd status`: read from the journal file directly, so it works whether or not the daemon runs.
-pub fn status(
+pub(crate) fn status(
     settings: &Settings,
     now: chrono::DateTime<chrono::Utc>,
     json: bool,
@@ -138,7 +138,7 @@ fn human_secs(s: i64) -> String {
 
 /// Prints a flush answer (a pass summary) for people: one line for the pass, then a table of the events it
 /// froze or settled (read from the journal when this user can read it), then the outcome counts.
-pub fn print_flush(body: &str, events: Option<&[crate::journal::status::EventLine]>) {
+pub(crate) fn print_flush(body: &str, events: Option<&[crate::journal::status::EventLine]>) {
     let v: serde_json::Value = match serde_json::from_str(body) {
         Ok(v) => v,
         Err(_) => {
@@ -192,7 +192,7 @@ pub fn print_flush(body: &str, events: Option<&[crate::journal::status::EventLin
 }
 
 /// `meterd flush`: asks the daemon for a pass and prints what it did (`json`: the daemon's answer as is).
-pub async fn flush(
+pub(crate) async fn flush(
     settings: &Settings,
     env: &BTreeMap<String, String>,
     url: Option<&str>,

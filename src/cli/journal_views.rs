@@ -7,7 +7,7 @@ use crate::ingest::usage_api::parse_bound;
 use crate::journal::usage::{self, ReportFilter};
 
 /// `meterd report`.
-pub fn report(
+pub(crate) fn report(
     settings: &Settings,
     now: chrono::DateTime<chrono::Utc>,
     resource: Option<&str>,
@@ -124,7 +124,7 @@ fn csv(s: &str) -> String {
 }
 
 /// `meterd balance`.
-pub fn balance(
+pub(crate) fn balance(
     settings: &Settings,
     now: chrono::DateTime<chrono::Utc>,
     resource: &str,

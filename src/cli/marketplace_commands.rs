@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// `meterd check-config` (offline part): prints a summary of the validated settings.
-pub fn check_config(settings: &Settings, path: Option<&Path>) {
+pub(crate) fn check_config(settings: &Settings, path: Option<&Path>) {
     println!(
         "configuration OK: {}",
         path.map(|p| p.display().to_string())
@@ -56,7 +56,7 @@ pub fn check_config(settings: &Settings, path: Option<&Path>) {
 }
 
 /// `meterd subscriptions`: fetches the whole list and prints it; explains 401/403.
-pub async fn subscriptions(
+pub(crate) async fn subscriptions(
     settings: &Settings,
     env: &BTreeMap<String, String>,
     clock: crate::clock::SharedClock,
@@ -111,7 +111,7 @@ pub async fn subscriptions(
 /// Settings for a command that talks to the marketplace. In emulator mode the marketplace is the in-process
 /// emulator of the running daemon, on a port chosen at its start: its address comes from the daemon's
 /// `GET /v1/status` (`emulator.base_url`).
-pub async fn marketplace_settings(
+pub(crate) async fn marketplace_settings(
     settings: &Settings,
     env: &BTreeMap<String, String>,
 ) -> anyhow::Result<Settings> {
@@ -144,7 +144,7 @@ fn explain_call_error(e: crate::marketplace::client::CallError) -> anyhow::Error
 }
 
 /// `meterd check-config --online`: a token and the first subscription page.
-pub async fn check_online(
+pub(crate) async fn check_online(
     settings: &Settings,
     env: &BTreeMap<String, String>,
     clock: crate::clock::SharedClock,

@@ -8,6 +8,9 @@
 //! - `journal_views`: `report`, `balance`.
 //! - `marketplace_commands`: `subscriptions`, `check-config`, `reconcile`.
 //! - `dispatch`: runs one parsed command line (the whole of `main`).
+//!
+//! Public: the clap types, [`main`], and [`reconcile`] (its differences are checked in-process by the tests);
+//! the rest is `pub(crate)`.
 
 mod args;
 mod client;
@@ -18,13 +21,5 @@ mod marketplace_commands;
 mod setup;
 
 pub use args::{Cli, Command, ConfigArg, Format};
-pub use client::{call_daemon, daemon_url};
-pub use daemon_commands::{flush, print_flush, record, status};
 pub use dispatch::main;
-pub use journal_views::{balance, report};
-pub use marketplace_commands::{
-    Difference, check_config, check_online, marketplace_settings, reconcile, subscriptions,
-};
-pub use setup::{
-    find_config, load_settings, load_settings_without_credentials, warn_missing_credentials,
-};
+pub use marketplace_commands::{Difference, reconcile};

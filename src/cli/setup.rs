@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Finds the configuration file: `--config`, `$METERD_CONFIG`, `/etc/meterd/meterd.toml`, `./meterd.toml`.
-pub fn find_config(arg: &ConfigArg, env: &BTreeMap<String, String>) -> Option<PathBuf> {
+pub(crate) fn find_config(arg: &ConfigArg, env: &BTreeMap<String, String>) -> Option<PathBuf> {
     if let Some(p) = &arg.config {
         return Some(p.clone());
     }
@@ -21,7 +21,7 @@ pub fn find_config(arg: &ConfigArg, env: &BTreeMap<String, String>) -> Option<Pa
 }
 
 /// Loads settings; with `dev_fallback`, uses the built-in development settings when no file exists.
-pub fn load_settings(
+pub(crate) fn load_settings(
     arg: &ConfigArg,
     env: &BTreeMap<String, String>,
     dev_fallback: bool,
@@ -39,7 +39,7 @@ pub fn load_settings(
 /// Loads settings for a command that does not talk to the marketplace (`status`, `report`, `balance`,
 /// `record`, `flush`, offline `check-config`): the built-in development settings when no file exists, and
 /// missing marketplace credentials listed in `marketplace.missing_credentials` rather than refused.
-pub fn load_settings_without_credentials(
+pub(crate) fn load_settings_without_credentials(
     arg: &ConfigArg,
     env: &BTreeMap<String, String>,
 ) -> anyhow::Result<Settings> {
@@ -50,7 +50,7 @@ pub fn load_settings_without_credentials(
 }
 
 /// Prints, on stderr, what the marketplace commands would refuse (the journal commands work without it).
-pub fn warn_missing_credentials(settings: &Settings) {
+pub(crate) fn warn_missing_credentials(settings: &Settings) {
     for m in &settings.marketplace.missing_credentials {
         eprintln!(
             "warning: {m} (needed by `meterd run`, `subscriptions`, `reconcile` and `check-config --online`; \
