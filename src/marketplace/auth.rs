@@ -675,7 +675,7 @@ fn error_from_body(status: u16, body: &str) -> AuthError {
 fn network_error(error: reqwest::Error) -> AuthError {
     AuthError::Network {
         timeout: error.is_timeout(),
-        message: super::client::error_chain(&error),
+        message: super::error_chain(&error),
     }
 }
 

@@ -29,12 +29,12 @@ use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode, Url};
 use uuid::Uuid;
 
-use super::API_VERSION;
 use super::advice::excerpt;
 use super::auth::{AuthError, TokenProvider};
 use super::types::{
     ApiError, BatchUsageResponse, Subscription, SubscriptionPage, UsageEventsDaily,
 };
+use super::{API_VERSION, error_chain};
 use crate::clock::SharedClock;
 
 pub use super::advice::advice;
@@ -730,21 +730,6 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
             .to_std()
             .unwrap_or(Duration::ZERO),
     )
-}
-
-/// An error and its sources on one line (reqwest's `Display` alone hides the cause, e.g. "connection refused").
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
 }
 
 #[cfg(test)]
