@@ -9,8 +9,11 @@
 //! - [`secret`]: the [`secret::Secret`] newtype that never prints, and where secrets are loaded from.
 //! - [`quantity`]: exact conversions between micro-units (how meterd counts) and the decimals the API takes.
 //! - [`types`]: request and response bodies, and the frozen bytes of one usage event.
+//! - [`auth_config`]: how meterd authenticates ([`auth_config::AuthConfig`]), re-exported by [`auth`].
 //! - [`auth`]: Entra ID token providers (client secret v1/v2, managed identity, static), cached and refreshed early.
-//! - [`client`]: the HTTP client: batch usage, subscription list, usage report; what went wrong as a value.
+//! - [`client`]: the HTTP client: batch usage, subscription list, usage report.
+//! - [`error`]: what went wrong, as values ([`error::CallError`], re-exported by [`client`]; [`error::AuthError`],
+//!   re-exported by [`auth`]).
 //! - [`advice`]: actionable text for 401/403 answers and Entra `AADSTS` errors.
 //! - [`outcome`]: per-event classification of a batch answer and matching results to what was sent.
 //!
@@ -19,7 +22,9 @@
 
 pub mod advice;
 pub mod auth;
+pub mod auth_config;
 pub mod client;
+pub mod error;
 pub mod outcome;
 pub mod quantity;
 pub mod secret;
