@@ -21,7 +21,9 @@ pub const API_VERSION: &str = "2018-08-31";
 /// The ids of one call: the client's `x-ms-requestid` / `x-ms-correlationid`, or fresh GUIDs.
 #[derive(Debug, Clone)]
 pub struct RequestIds {
+    /// `x-ms-requestid`: the client's, or a fresh GUID.
     pub request_id: String,
+    /// `x-ms-correlationid`: the client's, or a fresh GUID.
     pub correlation_id: String,
 }
 
@@ -70,9 +72,11 @@ pub(crate) async fn request_ids(mut request: Request, next: Next) -> Response {
 /// What a handler needs to know about the call beside its body.
 #[derive(Debug, Clone)]
 pub struct Call {
+    /// The call's request ids.
     pub ids: RequestIds,
     /// Present when served by [`super::server`]: lets a fault drop the connection.
     pub kill: Option<ConnectionKill>,
+    /// The request headers.
     pub headers: HeaderMap,
     /// Decoded query parameters (last value wins).
     pub query: HashMap<String, String>,
