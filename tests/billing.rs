@@ -1,41 +1,20 @@
 //! Billing policy, in process: scenarios 12-14 of `shared/scenarios.md` and the rules around them.
 //!
-//! A journal, an emitter and an emulator share one `ManualClock`, so terms and hours pass without sleeping.
+//! The shared in-process rig ([`common::rig`]): a journal, an emitter and an emulator share one `ManualClock`, so
+//! terms and hours pass without sleeping.
+
+mod common;
 
 use chrono::{DateTime, Duration, Utc};
+use common::rig::{Extended as Rig, env, march_subscription, t};
 use meterd::clock::{ManualClock, SharedClock};
-use meterd::config::{self, Settings};
-use meterd::emit::{self, Emitter};
-use meterd::emulator::{
-    Emulator, EmulatorConfig, Phase, Plan, Route, Subscription, SubscriptionStatus,
-};
-use meterd::journal::Journal;
-use meterd::journal::usage::{self, IngestRules, NewRecord, ReportFilter};
+use meterd::emit;
+use meterd::emulator::{EmulatorConfig, Phase, Plan, Route, Subscription, SubscriptionStatus};
+use meterd::journal::usage::NewRecord;
 use meterd::quantity::Micros;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 const A: &str = "11111111-1111-4111-8111-111111111111";
-
-fn t(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-}
-
-fn env() -> BTreeMap<String, String> {
-    BTreeMap::from([(
-        "METERD_MARKETPLACE__AUTH__STATIC_TOKEN".to_string(),
-        "emulator-token".to_string(),
-    )])
-}
-
-struct Rig {
-    clock: ManualClock,
-    emu: Emulator,
-    settings: Arc<Settings>,
-    journal: Journal,
-    emitter: Emitter,
-    _dir: tempfile::TempDir,
-}
 
 const BILLING: &str = r#"
 [[dimensions]]
@@ -52,16 +31,11 @@ id = "gold"
 included = { api_calls = 100, gb_processed = "infinite", compute_blocks = 0 }
 "#;
 
+/// The shared rig with [`BILLING`] and subscription A on `gold` for March 2026, and this file's helpers.
 impl Rig {
     async fn new(start: &str, extra: &str) -> Rig {
-        let clock = ManualClock::new(t(start));
-        let shared: SharedClock = Arc::new(clock.clone());
-        let mut sub = Subscription::new(A, "gold");
-        sub.term.start_date = Some("2026-03-01".into());
-        sub.term.end_date = Some("2026-03-31".into());
-        sub.term.term_unit = "P1M".into();
+        let sub = march_subscription(A, "gold");
         let emu_config = EmulatorConfig {
-            clock: Some(shared.clone()),
             subscriptions: vec![sub],
             plans: vec![
                 Plan {
@@ -75,36 +49,13 @@ impl Rig {
             ],
             ..Default::default()
         };
-        let (addr, emu, _server) = Emulator::spawn_local(emu_config).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("journal.db");
-        let text = format!(
-            r#"{extra}
-[journal]
-path = "{}"
-[marketplace]
-mode = "azure"
-base_url = "http://{addr}/api"
-[marketplace.auth]
-kind = "static_token"
-[emit]
-grace = "5m"
-retry_min = "30s"
-{BILLING}"#,
-            path.display()
-        );
-        let settings = Arc::new(config::load_str(&text, "billing test", &env()).unwrap());
-        let journal = Journal::open(&path).unwrap();
-        let client = emit::client(&settings, &env(), shared.clone()).unwrap();
-        let emitter = Emitter::new(settings.clone(), journal.clone(), shared, client);
-        Rig {
-            clock,
-            emu,
-            settings,
-            journal,
-            emitter,
-            _dir: dir,
-        }
+        let rig = common::rig::Rig::at(t(start))
+            .top(extra)
+            .dimensions(BILLING)
+            .emulator(emu_config)
+            .start()
+            .await;
+        Rig(rig)
     }
 
     async fn ingest(&self, dimension: &str, time: &str, qty: &str) {
@@ -116,25 +67,13 @@ retry_min = "30s"
             quantity: Micros::parse_decimal(qty).unwrap(),
             key: None,
         }];
-        let rules = IngestRules {
-            now: self.clock.now_utc(),
-            late: self.settings.late_usage,
-            safety_margin: self.settings.emit.safety_margin,
-            min_send_time: self.settings.emit.min_send_time,
-        };
-        let out = self
-            .journal
-            .write(move |c| usage::ingest(c, &recs, &rules))
-            .await
-            .unwrap()
-            .unwrap();
+        let out = self.0.ingest(self.clock.now_utc(), recs).await;
         assert_eq!(out.accepted, 1);
     }
 
     /// Sets the clock and runs a pass.
     async fn pass_at(&self, at: &str) -> emit::PassSummary {
-        self.clock.set(t(at));
-        self.emitter.pass().await.unwrap()
+        self.0.pass_at(t(at)).await
     }
 
     /// Quantity the emulator accepted for (dimension, hour), if any.
@@ -147,20 +86,9 @@ retry_min = "30s"
     }
 
     async fn outcome(&self, dimension: &str, hour: &str) -> String {
-        let now = self.clock.now_utc();
-        let rows = self
-            .journal
-            .read(move |c| {
-                usage::hourly_report(
-                    c,
-                    &ReportFilter::default(),
-                    now,
-                    chrono::Duration::minutes(5),
-                )
-            })
+        self.report()
             .await
-            .unwrap();
-        rows.into_iter()
+            .into_iter()
             .find(|r| r.dimension == dimension && r.hour == hour)
             .map(|r| r.outcome)
             .unwrap_or_default()
@@ -294,17 +222,7 @@ async fn infinite_allowances_never_bill_and_unlisted_plans_bill_everything() {
         quantity: Micros(7_000_000),
         key: None,
     }];
-    let rules = IngestRules {
-        now: t("2026-03-10T10:10:00Z"),
-        late: r.settings.late_usage,
-        safety_margin: r.settings.emit.safety_margin,
-        min_send_time: r.settings.emit.min_send_time,
-    };
-    r.journal
-        .write(move |c| usage::ingest(c, &recs, &rules))
-        .await
-        .unwrap()
-        .unwrap();
+    r.0.ingest(t("2026-03-10T10:10:00Z"), recs).await;
     r.pass_at("2026-03-10T11:05:00Z").await;
     assert_eq!(r.sent("api_calls", "2026-03-10T10:00:00Z"), Some(7.0));
 }
@@ -825,17 +743,7 @@ async fn issue_11_8_a_managed_app_metered_by_its_resource_usage_id_is_sent() {
         quantity: Micros::parse_decimal("2400").unwrap(),
         key: None,
     }];
-    let rules = IngestRules {
-        now: r.clock.now_utc(),
-        late: r.settings.late_usage,
-        safety_margin: r.settings.emit.safety_margin,
-        min_send_time: r.settings.emit.min_send_time,
-    };
-    r.journal
-        .write(move |c| usage::ingest(c, &recs, &rules))
-        .await
-        .unwrap()
-        .unwrap();
+    r.0.ingest(r.clock.now_utc(), recs).await;
     r.pass_at("2026-03-10T10:05:00Z").await;
     let got: Vec<_> = r
         .emu

@@ -1,180 +1,27 @@
 //! Late usage in its own hour, per-key freezing, the sendable limit and resource letter case, in process.
 //!
-//! A [`Journal`] in a temporary directory, an [`Emitter`] against an in-process [`Emulator`], and one
-//! [`ManualClock`] shared by both, so hours pass by `clock.set(..)`. UTC on 2026-03-10, grace 5 minutes,
-//! safety margin 15 minutes, `emit.min_send_time` 1 hour (the defaults), resource A Subscribed on plan `gold`.
+//! The shared in-process rig ([`common::rig`]): a journal in a temporary directory, an emitter against an
+//! in-process emulator, and one `ManualClock` shared by both, so hours pass by `clock.set(..)`. UTC on 2026-03-10,
+//! grace 5 minutes, safety margin 15 minutes, `emit.min_send_time` 1 hour (the defaults), resource A Subscribed on
+//! plan `gold`.
+
+mod common;
 
 use chrono::{DateTime, Duration, Utc};
-use meterd::clock::{Clock, ManualClock, SharedClock};
-use meterd::config::{self, Settings};
-use meterd::emit::{self, Emitter, PassSummary};
-use meterd::emulator::{Emulator, EmulatorConfig, ManagedApp, ResultOrder, SubscriptionStatus};
-use meterd::journal::Journal;
-use meterd::journal::usage::{
-    self, CarryRow, HourlyRow, IngestOutcome, IngestRules, LateRecord, NewRecord, ReportFilter,
-};
+use common::rig::{Rig, next_day, record, t};
+use meterd::emulator::{EmulatorConfig, ManagedApp, ResultOrder, SubscriptionStatus};
+use meterd::journal::usage::{self, IngestOutcome, NewRecord};
 use meterd::quantity::Micros;
-use std::collections::BTreeMap;
-use std::sync::Arc;
 
 const A: &str = "11111111-1111-4111-8111-111111111111";
 const API: &str = "api_calls";
 const GB: &str = "gb_processed";
-const TOKEN: &str = meterd::emulator::config::DEFAULT_STATIC_TOKEN;
 const APP: &str = "/subscriptions/aaaa0000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.Solutions/applications/app1";
 
-/// `"09:05"` on 2026-03-10, or a full RFC 3339 time.
-fn t(s: &str) -> DateTime<Utc> {
-    let full = if s.contains('T') {
-        s.to_string()
-    } else {
-        format!("2026-03-10T{s}:00Z")
-    };
-    DateTime::parse_from_rfc3339(&full)
-        .unwrap()
-        .with_timezone(&Utc)
-}
-
-fn next_day(s: &str) -> DateTime<Utc> {
-    t(s) + Duration::hours(24)
-}
-
-fn record(resource: &str, dimension: &str, time: DateTime<Utc>, qty: &str) -> NewRecord {
-    NewRecord {
-        resource: resource.to_string(),
-        plan: None,
-        dimension: dimension.to_string(),
-        time,
-        quantity: Micros::parse_decimal(qty).unwrap(),
-        key: None,
-    }
-}
-
-fn env() -> BTreeMap<String, String> {
-    BTreeMap::from([(
-        "METERD_MARKETPLACE__AUTH__STATIC_TOKEN".to_string(),
-        TOKEN.to_string(),
-    )])
-}
-
-struct Rig {
-    clock: ManualClock,
-    emu: Emulator,
-    settings: Arc<Settings>,
-    journal: Journal,
-    emitter: Emitter,
-    _dir: tempfile::TempDir,
-}
-
+/// What these tests add to the shared rig.
 impl Rig {
     async fn new(start: DateTime<Utc>, top: &str, emu_config: EmulatorConfig) -> Rig {
-        let clock = ManualClock::new(start);
-        let shared: SharedClock = Arc::new(clock.clone());
-        let mut emu_config = emu_config;
-        emu_config.clock = Some(shared.clone());
-        let (addr, emu, _server) = Emulator::spawn_local(emu_config).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let journal_path = dir.path().join("journal.db");
-        let text = format!(
-            r#"{top}
-[journal]
-path = "{journal}"
-[marketplace]
-mode = "azure"
-base_url = "http://{addr}/api"
-[marketplace.auth]
-kind = "static_token"
-[emit]
-grace = "5m"
-retry_min = "30s"
-[[dimensions]]
-id = "api_calls"
-[[dimensions]]
-id = "gb_processed"
-"#,
-            journal = journal_path.display()
-        );
-        let settings = Arc::new(config::load_str(&text, "late_usage", &env()).unwrap());
-        let journal = Journal::open(&journal_path).unwrap();
-        let client = emit::client(&settings, &env(), shared.clone()).unwrap();
-        let emitter = Emitter::new(settings.clone(), journal.clone(), shared, client);
-        Rig {
-            clock,
-            emu,
-            settings,
-            journal,
-            emitter,
-            _dir: dir,
-        }
-    }
-
-    fn rules(&self, now: DateTime<Utc>) -> IngestRules {
-        IngestRules {
-            now,
-            late: self.settings.late_usage,
-            safety_margin: self.settings.emit.safety_margin,
-            min_send_time: self.settings.emit.min_send_time,
-        }
-    }
-
-    async fn try_ingest(
-        &self,
-        now: DateTime<Utc>,
-        records: Vec<NewRecord>,
-    ) -> Result<IngestOutcome, Vec<LateRecord>> {
-        self.clock.set(now);
-        let rules = self.rules(now);
-        self.journal
-            .write(move |c| usage::ingest(c, &records, &rules))
-            .await
-            .unwrap()
-    }
-
-    async fn ingest(&self, now: DateTime<Utc>, records: Vec<NewRecord>) -> IngestOutcome {
-        self.try_ingest(now, records).await.unwrap()
-    }
-
-    async fn pass_at(&self, now: DateTime<Utc>) -> PassSummary {
-        self.clock.set(now);
-        self.emitter.pass().await.unwrap()
-    }
-
-    async fn report(&self) -> Vec<HourlyRow> {
-        self.report_for(None).await
-    }
-
-    async fn report_for(&self, resource: Option<&str>) -> Vec<HourlyRow> {
-        let (now, grace) = (self.clock.now(), self.settings.emit.grace);
-        let filter = ReportFilter {
-            resource: resource.map(str::to_string),
-            ..Default::default()
-        };
-        self.journal
-            .read(move |c| usage::hourly_report(c, &filter, now, grace))
-            .await
-            .unwrap()
-    }
-
-    async fn carries(&self) -> Vec<CarryRow> {
-        self.journal
-            .read(|c| usage::carry_report(c, &ReportFilter::default()))
-            .await
-            .unwrap()
-    }
-
-    async fn row(&self, resource: &str, dimension: &str, hour: DateTime<Utc>) -> HourlyRow {
-        let hour = usage::fmt_time(hour.timestamp());
-        let report = self.report().await;
-        let rows: Vec<_> = report
-            .iter()
-            .filter(|r| r.resource == resource && r.dimension == dimension && r.hour == hour)
-            .collect();
-        assert_eq!(
-            rows.len(),
-            1,
-            "one row {resource}/{dimension}/{hour}: {report:#?}"
-        );
-        rows[0].clone()
+        Rig::at(start).top(top).emulator(emu_config).start().await
     }
 
     /// Accepted events as (resource, dimension, hour, quantity), in acceptance order.

@@ -10,19 +10,16 @@
 //!
 //! `PROPTEST_CASES` raises the case count (default 12, a few seconds).
 
+mod common;
+
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use meterd::clock::{ManualClock, SharedClock};
-use meterd::config::{self, Settings};
-use meterd::emit::{self, Emitter};
-use meterd::emulator::{
-    Emulator, EmulatorConfig, Fault, FaultKind, Phase, Plan, Route, Subscription,
-};
+use common::rig::{Extended as Rig, march_subscription};
+use meterd::emulator::{EmulatorConfig, Fault, FaultKind, Phase, Plan, Route};
 use meterd::journal::Journal;
-use meterd::journal::usage::{self, IngestRules, NewRecord};
+use meterd::journal::usage::NewRecord;
 use meterd::quantity::Micros;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 const A: &str = "11111111-1111-4111-8111-111111111111";
 const UNIT: i64 = 1200;
@@ -31,13 +28,6 @@ const DIMS: [&str; 2] = ["compute_blocks", "api_calls"];
 
 fn base() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 3, 10, 0, 0, 0).unwrap()
-}
-
-fn env() -> BTreeMap<String, String> {
-    BTreeMap::from([(
-        "METERD_MARKETPLACE__AUTH__STATIC_TOKEN".to_string(),
-        "emulator-token".to_string(),
-    )])
 }
 
 /// One marketplace answer for the next batch call.
@@ -140,52 +130,24 @@ fn per_event(status: &str, recorded: &[meterd::emulator::AcceptedEvent]) -> Faul
     )
 }
 
-struct Rig {
-    clock: ManualClock,
-    emu: Emulator,
-    addr: std::net::SocketAddr,
-    settings: Arc<Settings>,
-    journal: Journal,
-    emitter: Emitter,
-    _dir: tempfile::TempDir,
-}
-
+/// The shared rig with subscription A on `gold`, `compute_blocks` in units of [`UNIT`], and this file's helpers.
 impl Rig {
     async fn new() -> Rig {
-        let clock = ManualClock::new(base());
-        let shared: SharedClock = Arc::new(clock.clone());
-        let mut sub = Subscription::new(A, "gold");
-        sub.term.start_date = Some("2026-03-01".into());
-        sub.term.end_date = Some("2026-03-31".into());
-        sub.term.term_unit = "P1M".into();
-        let (addr, emu, _server) = Emulator::spawn_local(EmulatorConfig {
-            clock: Some(shared.clone()),
-            subscriptions: vec![sub],
-            plans: vec![Plan {
-                id: "gold".into(),
-                dimensions: None,
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("journal.db");
-        let text = format!(
-            r#"
-[journal]
-path = "{}"
-[marketplace]
-mode = "azure"
-base_url = "http://{addr}/api"
-timeout = "5s"
-[marketplace.auth]
-kind = "static_token"
-[emit]
-grace = "5m"
-retry_min = "1m"
-retry_max = "10m"
-[[dimensions]]
+        let sub = march_subscription(A, "gold");
+        let rig = common::rig::Rig::at(base())
+            .emulator(EmulatorConfig {
+                subscriptions: vec![sub],
+                plans: vec![Plan {
+                    id: "gold".into(),
+                    dimensions: None,
+                }],
+                ..Default::default()
+            })
+            .marketplace("timeout = \"5s\"")
+            .retry_min("1m")
+            .emit("retry_max = \"10m\"")
+            .dimensions(&format!(
+                r#"[[dimensions]]
 id = "compute_blocks"
 unit = {UNIT}
 [[dimensions]]
@@ -193,22 +155,11 @@ id = "api_calls"
 [[plans]]
 id = "gold"
 included = {{ compute_blocks = 0, api_calls = 0 }}
-"#,
-            path.display()
-        );
-        let settings = Arc::new(config::load_str(&text, "property test", &env()).unwrap());
-        let journal = Journal::open(&path).unwrap();
-        let client = emit::client(&settings, &env(), shared.clone()).unwrap();
-        let emitter = Emitter::new(settings.clone(), journal.clone(), shared, client);
-        Rig {
-            clock,
-            emu,
-            addr,
-            settings,
-            journal,
-            emitter,
-            _dir: dir,
-        }
+"#
+            ))
+            .start()
+            .await;
+        Rig(rig)
     }
 
     async fn ingest(&self, dimension: &str, hour: i64, seconds: i64) {
@@ -220,18 +171,10 @@ included = {{ compute_blocks = 0, api_calls = 0 }}
             quantity: Micros(seconds * 1_000_000),
             key: None,
         }];
-        let rules = IngestRules {
-            now: meterd::clock::Clock::now(&self.clock),
-            late: self.settings.late_usage,
-            safety_margin: self.settings.emit.safety_margin,
-            min_send_time: self.settings.emit.min_send_time,
-        };
         let out = self
-            .journal
-            .write(move |c| usage::ingest(c, &recs, &rules))
-            .await
-            .unwrap()
-            .unwrap();
+            .0
+            .ingest(meterd::clock::Clock::now(&self.clock), recs)
+            .await;
         assert_eq!(out.accepted, 1);
     }
 
@@ -255,11 +198,6 @@ included = {{ compute_blocks = 0, api_calls = 0 }}
             .await
             .unwrap();
         assert!(r.status().is_success(), "{}", r.status());
-    }
-
-    async fn pass_at(&self, at: DateTime<Utc>) {
-        self.clock.set(at);
-        self.emitter.pass().await.unwrap();
     }
 }
 

@@ -5,13 +5,12 @@
 //!
 //! CI: 24 random step sequences. Long: `RELIABILITY_LONG=1 cargo test --release --test reliability_clock` (512).
 
+mod common;
+
 use chrono::{DateTime, Duration, Utc};
-use meterd::clock::{Clock, ManualClock, SharedClock};
-use meterd::config;
-use meterd::emit::{self, Emitter};
-use meterd::emulator::{Emulator, EmulatorConfig};
-use meterd::journal::Journal;
-use meterd::journal::usage::{self, IngestRules, NewRecord, ReportFilter};
+use common::rig::{Rig, ingest_rules};
+use meterd::clock::{Clock, ManualClock};
+use meterd::journal::usage::{self, NewRecord, ReportFilter};
 use meterd::quantity::Micros;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -66,30 +65,22 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let clock = ManualClock::new(start());
         let real = ManualClock::new(start());
-        let emu_clock: SharedClock = Arc::new(real.clone());
-        let (addr, emu, _server) = Emulator::spawn_local(EmulatorConfig {
-            clock: Some(emu_clock),
-            ..EmulatorConfig::default()
-        })
-        .await
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("journal.db");
-        let text = format!(
-            "[journal]\npath = \"{}\"\n[marketplace]\nmode = \"azure\"\nbase_url = \"http://{addr}/api\"\n[marketplace.auth]\nkind = \"static_token\"\n[emit]\ngrace = \"{GRACE_MIN}m\"\nretry_min = \"30s\"\n[[dimensions]]\nid = \"api_calls\"\n",
-            path.display()
-        );
-        let env = BTreeMap::from([(
-            "METERD_MARKETPLACE__AUTH__STATIC_TOKEN".to_string(),
-            meterd::emulator::config::DEFAULT_STATIC_TOKEN.to_string(),
-        )]);
-        let settings = Arc::new(config::load_str(&text, "clock", &env).unwrap());
-        let journal = Journal::open(&path).unwrap();
-        let shared: SharedClock = Arc::new(clock.clone());
-        let client = emit::client(&settings, &env, shared.clone()).unwrap();
-        let emitter = Emitter::new(settings.clone(), journal.clone(), shared, client);
+        let rig = Rig::at(start())
+            .emulator_clock(Arc::new(real.clone()))
+            .grace(&format!("{GRACE_MIN}m"))
+            .dimensions("[[dimensions]]\nid = \"api_calls\"\n")
+            .start()
+            .await;
+        let Rig {
+            clock,
+            emu,
+            settings,
+            journal,
+            emitter,
+            dir: _dir,
+            ..
+        } = rig;
 
         let mut ingested = 0i64;
         let mut max_now = start();
@@ -97,8 +88,20 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         let grace = Duration::minutes(GRACE_MIN);
         let mut all = steps.clone();
         // Finally: real time moves 3 h on and two passes settle everything.
-        all.push(Step { minutes: 180, back: 0, resource_b: false, qty: 1, pass: true });
-        all.push(Step { minutes: 1, back: 0, resource_b: false, qty: 1, pass: true });
+        all.push(Step {
+            minutes: 180,
+            back: 0,
+            resource_b: false,
+            qty: 1,
+            pass: true,
+        });
+        all.push(Step {
+            minutes: 1,
+            back: 0,
+            resource_b: false,
+            qty: 1,
+            pass: true,
+        });
         for s in &all {
             clock.advance(Duration::minutes(s.minutes));
             let now = clock.now();
@@ -114,12 +117,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 quantity: Micros(s.qty),
                 key: None,
             };
-            let rules = IngestRules {
-                now,
-                late: settings.late_usage,
-                safety_margin: settings.emit.safety_margin,
-                min_send_time: settings.emit.min_send_time,
-            };
+            let rules = ingest_rules(&settings, now);
             let out = journal
                 .write(move |c| usage::ingest(c, &[rec], &rules))
                 .await
@@ -133,7 +131,9 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     let hour = e.event["effectiveStartTime"].as_str().unwrap().to_string();
                     let key = format!("{}|{hour}", e.event["resourceId"]);
                     first_seen.entry(key).or_insert(max_now);
-                    let h = DateTime::parse_from_rfc3339(&hour).unwrap().with_timezone(&Utc);
+                    let h = DateTime::parse_from_rfc3339(&hour)
+                        .unwrap()
+                        .with_timezone(&Utc);
                     prop_assert!(
                         h + Duration::hours(1) + grace <= max_now,
                         "hour {hour} sent early (real now {max_now})"
@@ -152,7 +152,9 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         prop_assert!(keys.values().all(|n| *n == 1), "{keys:?}");
         let now = clock.now();
         let rows = journal
-            .read(move |c| usage::hourly_report(c, &ReportFilter::default(), now, settings.emit.grace))
+            .read(move |c| {
+                usage::hourly_report(c, &ReportFilter::default(), now, settings.emit.grace)
+            })
             .await
             .unwrap();
         let mut in_rows = 0i64;
@@ -162,8 +164,16 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 in_rows += r.quantity_micros;
             }
         }
-        prop_assert_eq!(in_rows, ingested, "units in the journal vs ingested: {:#?}", rows);
-        let billed: i64 = accepted.iter().map(|e| (e.quantity * 1e6).round() as i64).sum();
+        prop_assert_eq!(
+            in_rows,
+            ingested,
+            "units in the journal vs ingested: {:#?}",
+            rows
+        );
+        let billed: i64 = accepted
+            .iter()
+            .map(|e| (e.quantity * 1e6).round() as i64)
+            .sum();
         let frozen: i64 = rows
             .iter()
             .filter(|r| r.outcome == "accepted" || r.outcome == "duplicate")

@@ -1,26 +1,22 @@
 //! Golden tests of the worked scenarios 1-11 of `shared/scenarios.md`, in process.
 //!
-//! Each test drives the library directly: a [`Journal`] in a temporary directory, an [`Emitter`] built with
-//! [`emit::client`] against an in-process [`Emulator`], and one [`ManualClock`] shared by meterd and the emulator,
-//! so hours pass by `clock.set(..)` without sleeping. Times and numbers are those of the scenarios: UTC on
+//! Each test drives the library directly through the shared in-process rig ([`common::rig`]): a journal in a
+//! temporary directory, an emitter against an in-process emulator, and one `ManualClock` shared by meterd and the
+//! emulator, so hours pass by `clock.set(..)` without sleeping. Times and numbers are those of the scenarios: UTC on
 //! 2026-03-10, grace 5 minutes, resource A Subscribed on plan `gold`. Outcomes are read through
 //! `usage::hourly_report`, `status::status` and what the emulator received and accepted.
 //!
 //! A property test at the end checks invariant 6 ("nothing vanishes") over random records, clock steps and faults.
 
+mod common;
+
 use chrono::{DateTime, Duration, Utc};
-use meterd::clock::{Clock, ManualClock, SharedClock};
-use meterd::config::{self, Settings};
-use meterd::emit::{self, Emitter, PassSummary};
+use common::rig::{Rig, TOKEN, next_day, record, t};
 use meterd::emulator::{
-    AcceptedEvent, Emulator, EmulatorConfig, Phase, Route, Subscription, SubscriptionStatus,
+    AcceptedEvent, EmulatorConfig, Phase, Route, Subscription, SubscriptionStatus,
 };
-use meterd::journal::Journal;
 use meterd::journal::outbound;
-use meterd::journal::status::{self, JournalStatus};
-use meterd::journal::usage::{
-    self, CarryRow, HourlyRow, IngestOutcome, IngestRules, LateRecord, NewRecord, ReportFilter,
-};
+use meterd::journal::usage::{self, IngestOutcome, NewRecord};
 use meterd::quantity::Micros;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,66 +26,13 @@ const A: &str = "11111111-1111-4111-8111-111111111111";
 const B: &str = "22222222-2222-4222-8222-222222222222";
 const API: &str = "api_calls";
 const GB: &str = "gb_processed";
-const TOKEN: &str = meterd::emulator::config::DEFAULT_STATIC_TOKEN;
-
-/// `"09:05"`, `"09:59:59"` on 2026-03-10, or a full RFC 3339 time.
-fn t(s: &str) -> DateTime<Utc> {
-    let full = if s.contains('T') {
-        s.to_string()
-    } else if s.len() == 5 {
-        format!("2026-03-10T{s}:00Z")
-    } else {
-        format!("2026-03-10T{s}Z")
-    };
-    DateTime::parse_from_rfc3339(&full)
-        .unwrap_or_else(|e| panic!("bad time {s}: {e}"))
-        .with_timezone(&Utc)
-}
-
-/// The same time of day on 2026-03-11.
-fn next_day(s: &str) -> DateTime<Utc> {
-    t(s) + Duration::hours(24)
-}
-
-fn micros(q: &str) -> Micros {
-    Micros::parse_decimal(q).unwrap()
-}
-
-fn record(resource: &str, dimension: &str, time: DateTime<Utc>, qty: &str) -> NewRecord {
-    NewRecord {
-        resource: resource.to_string(),
-        plan: None,
-        dimension: dimension.to_string(),
-        time,
-        quantity: micros(qty),
-        key: None,
-    }
-}
 
 fn keyed(mut r: NewRecord, key: &str) -> NewRecord {
     r.key = Some(key.to_string());
     r
 }
 
-/// Everything one scenario needs; the emulator and meterd share `clock`.
-struct Rig {
-    clock: ManualClock,
-    emu: Emulator,
-    /// `http://127.0.0.1:PORT`.
-    base: String,
-    settings: Arc<Settings>,
-    journal: Journal,
-    emitter: Emitter,
-    _dir: tempfile::TempDir,
-}
-
-fn env() -> BTreeMap<String, String> {
-    BTreeMap::from([(
-        "METERD_MARKETPLACE__AUTH__STATIC_TOKEN".to_string(),
-        TOKEN.to_string(),
-    )])
-}
-
+/// What the scenarios add to the shared rig.
 impl Rig {
     /// A rig with the clock at `start`, default emulator, and extra configuration lines.
     async fn new(start: &str) -> Rig {
@@ -102,129 +45,21 @@ impl Rig {
         top: &str,
         marketplace: &str,
         emit: &str,
-        mut emu_config: EmulatorConfig,
+        emu_config: EmulatorConfig,
     ) -> Rig {
-        let clock = ManualClock::new(start);
-        let shared: SharedClock = Arc::new(clock.clone());
-        emu_config.clock = Some(shared.clone());
-        let (addr, emu, _server) = Emulator::spawn_local(emu_config).await.unwrap();
-        let base = format!("http://{addr}");
-        let dir = tempfile::tempdir().unwrap();
-        let journal_path = dir.path().join("journal.db");
-        let text = format!(
-            r#"{top}
-[journal]
-path = "{journal}"
-[marketplace]
-mode = "azure"
-base_url = "{base}/api"
-{marketplace}
-[marketplace.auth]
-kind = "static_token"
-[emit]
-grace = "5m"
-retry_min = "30s"
-{emit}
-[[dimensions]]
-id = "api_calls"
-[[dimensions]]
-id = "gb_processed"
-"#,
-            journal = journal_path.display()
-        );
-        let settings = Arc::new(config::load_str(&text, "scenario", &env()).unwrap());
-        let journal = Journal::open(&journal_path).unwrap();
-        let client = emit::client(&settings, &env(), shared.clone()).unwrap();
-        let emitter = Emitter::new(settings.clone(), journal.clone(), shared, client);
-        Rig {
-            clock,
-            emu,
-            base,
-            settings,
-            journal,
-            emitter,
-            _dir: dir,
-        }
-    }
-
-    /// Another emitter on the same journal (a restarted process).
-    fn restarted_emitter(&self) -> Emitter {
-        let shared: SharedClock = Arc::new(self.clock.clone());
-        let client = emit::client(&self.settings, &env(), shared.clone()).unwrap();
-        Emitter::new(self.settings.clone(), self.journal.clone(), shared, client)
-    }
-
-    /// Ingests `records` at `now` as `POST /v1/usage` stores them.
-    async fn try_ingest(
-        &self,
-        now: DateTime<Utc>,
-        records: Vec<NewRecord>,
-    ) -> Result<IngestOutcome, Vec<LateRecord>> {
-        self.clock.set(now);
-        let rules = IngestRules {
-            now,
-            late: self.settings.late_usage,
-            safety_margin: self.settings.emit.safety_margin,
-            min_send_time: self.settings.emit.min_send_time,
-        };
-        self.journal
-            .write(move |c| usage::ingest(c, &records, &rules))
+        Rig::at(start)
+            .top(top)
+            .marketplace(marketplace)
+            .emit(emit)
+            .emulator(emu_config)
+            .start()
             .await
-            .unwrap()
-    }
-
-    async fn ingest(&self, now: DateTime<Utc>, records: Vec<NewRecord>) -> IngestOutcome {
-        self.try_ingest(now, records).await.unwrap()
     }
 
     /// Records that arrive when they happen.
     async fn record_now(&self, resource: &str, dimension: &str, time: &str, qty: &str) {
         self.ingest(t(time), vec![record(resource, dimension, t(time), qty)])
             .await;
-    }
-
-    /// Sets the clock and runs one pass.
-    async fn pass_at(&self, now: DateTime<Utc>) -> PassSummary {
-        self.clock.set(now);
-        self.emitter.pass().await.unwrap()
-    }
-
-    async fn report(&self) -> Vec<HourlyRow> {
-        let (now, grace) = (self.clock.now(), self.settings.emit.grace);
-        self.journal
-            .read(move |c| usage::hourly_report(c, &ReportFilter::default(), now, grace))
-            .await
-            .unwrap()
-    }
-
-    async fn carries(&self) -> Vec<CarryRow> {
-        self.journal
-            .read(|c| usage::carry_report(c, &ReportFilter::default()))
-            .await
-            .unwrap()
-    }
-
-    async fn status(&self) -> JournalStatus {
-        let now = self.clock.now();
-        self.journal
-            .read(move |c| status::status(c, now))
-            .await
-            .unwrap()
-    }
-
-    /// The report row of (resource, dimension, hour).
-    async fn row(&self, resource: &str, dimension: &str, hour: DateTime<Utc>) -> HourlyRow {
-        let hour = usage::fmt_time(hour.timestamp());
-        let report = self.report().await;
-        let mut rows = report
-            .iter()
-            .filter(|r| r.resource == resource && r.dimension == dimension && r.hour == hour);
-        let row = rows
-            .next()
-            .unwrap_or_else(|| panic!("no row {resource}/{dimension}/{hour} in {report:#?}"))
-            .clone();
-        assert!(rows.next().is_none(), "one row per key: {report:#?}");
-        row
     }
 
     /// Bodies the emulator received on `batchUsageEvent`, grouped by call, in arrival order.

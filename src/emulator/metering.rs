@@ -7,10 +7,10 @@
 //! [`super::usage`].
 
 use super::Emulator;
+use super::call::{Call, bad_argument, guarded, precheck};
 use super::config::ResultOrder;
 use super::faults::Route;
 use super::model::ReceivedEvent;
-use super::routes::{Call, bad_argument, guarded, precheck};
 use super::state::State as World;
 use super::usage::{
     Status, Verdict, accepted_json, bad_request_json, batch_item, conflict_json, judge,

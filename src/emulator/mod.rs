@@ -13,14 +13,16 @@
 //! - [`model`]: subscriptions, plans, managed apps and usage events as the emulator stores them.
 //! - [`state`]: the mutable world behind one mutex.
 //! - [`usage`]: the metering rules and the JSON they answer with.
+//! - [`call`]: what every marketplace call shares: request ids, logging, bearer auth, `api-version`, the fault guard.
 //! - [`metering`], [`saas`], [`token`]: the marketplace routes.
 //! - [`admin`]: `/emulator/...`, the control API.
 //! - [`faults`]: scripted failures, delays, dropped connections.
-//! - [`routes`]: the router, request ids, logging, bearer auth.
+//! - [`routes`]: the router (the route table).
 //! - [`server`]: the accept loop that can drop a connection without answering.
 //! - [`clock`]: the emulator's own clock.
 
 pub mod admin;
+pub mod call;
 pub mod clock;
 pub mod config;
 pub mod faults;

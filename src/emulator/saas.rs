@@ -8,9 +8,9 @@
 //! ([`NextLinkMode`](super::NextLinkMode)), as production points at `main.prod.marketplaceapi.azure.com`.
 
 use super::Emulator;
+use super::call::{API_VERSION, Call, guarded, precheck};
 use super::config::NextLinkMode;
 use super::faults::Route;
-use super::routes::{API_VERSION, Call, guarded, precheck};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -12,9 +12,9 @@
 //! - scope / resource other than the marketplace's: 400 `invalid_resource` AADSTS500011.
 
 use super::Emulator;
+use super::call::{Call, guarded};
 use super::config::MARKETPLACE_RESOURCE;
 use super::faults::Route;
-use super::routes::{Call, guarded};
 use axum::Form;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, State};

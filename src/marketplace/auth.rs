@@ -23,15 +23,15 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use super::MARKETPLACE_RESOURCE_ID;
-use super::advice::{aadsts_advice, excerpt, find_aadsts_code};
+use super::advice::excerpt;
 use super::secret::Secret;
 use crate::clock::SharedClock;
 
+pub use super::auth_config::{AuthConfig, EndpointVersion, IMDS_ENDPOINT};
+pub use super::error::AuthError;
+
 /// A boxed, sendable future (what [`TokenProvider::token`] returns, to keep the trait object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// The default IMDS token endpoint (VMs, managed applications).
-pub const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
 /// Refresh at the latest this long before expiry.
 const REFRESH_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
@@ -73,197 +73,6 @@ pub trait TokenProvider: Send + Sync + fmt::Debug {
 
     /// Drops the cached token (the marketplace answered 401 with it); the next [`TokenProvider::token`] fetches.
     fn invalidate(&self);
-}
-
-/// Which Entra token endpoint a client secret is used with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum EndpointVersion {
-    /// `/oauth2/token` with `resource=`; numbers come back as strings.
-    V1,
-    /// `/oauth2/v2.0/token` with `scope=<resource>/.default`.
-    #[default]
-    V2,
-}
-
-/// How meterd authenticates. `Debug` never shows a secret.
-#[derive(Debug, Clone)]
-pub enum AuthConfig {
-    /// An Entra app registration with a client secret (the app registered on the offer in Partner Center).
-    ClientSecret {
-        /// The tenant that owns the app (its id, not `common`).
-        tenant_id: String,
-        /// The app (client) id.
-        client_id: String,
-        /// The secret's value.
-        secret: Secret,
-        /// Overrides the endpoint (default from `tenant_id` and `version`).
-        token_url: Option<String>,
-        /// v1 or v2 endpoint.
-        version: EndpointVersion,
-    },
-    /// A managed identity: IMDS, or App Service style when `identity_header` is set.
-    ManagedIdentity {
-        /// Overrides the endpoint (default [`IMDS_ENDPOINT`], or `$IDENTITY_ENDPOINT`).
-        endpoint: Option<String>,
-        /// A user-assigned identity's client id.
-        client_id: Option<String>,
-        /// `$IDENTITY_HEADER`, sent as `X-IDENTITY-HEADER` (App Service style).
-        identity_header: Option<Secret>,
-    },
-    /// A fixed token (tests, the emulator).
-    StaticToken {
-        /// The token.
-        token: Secret,
-    },
-}
-
-impl AuthConfig {
-    /// A managed identity configuration that uses `$IDENTITY_ENDPOINT` and `$IDENTITY_HEADER` when both are set
-    /// (App Service, Container Apps), else IMDS.
-    pub fn managed_identity_from_env(client_id: Option<String>) -> Self {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        match (var("IDENTITY_ENDPOINT"), var("IDENTITY_HEADER")) {
-            (Some(endpoint), Some(header)) => Self::ManagedIdentity {
-                endpoint: Some(endpoint),
-                client_id,
-                identity_header: Some(Secret::new(header)),
-            },
-            _ => Self::ManagedIdentity {
-                endpoint: None,
-                client_id,
-                identity_header: None,
-            },
-        }
-    }
-
-    /// Rejects configurations that cannot work, with a message that says what to change.
-    pub fn validate(&self) -> Result<(), AuthError> {
-        let reason = match self {
-            Self::ClientSecret {
-                tenant_id,
-                client_id,
-                token_url,
-                ..
-            } => {
-                let tenant = tenant_id.trim().to_ascii_lowercase();
-                if token_url.as_deref().is_some_and(|u| !u.is_empty()) {
-                    None
-                } else if tenant.is_empty() {
-                    Some("tenant_id is empty".to_owned())
-                } else if ["common", "organizations", "consumers"].contains(&tenant.as_str()) {
-                    Some(format!(
-                        "tenant_id {tenant_id:?} cannot issue app tokens: use the id of the tenant that owns the \
-                         app registered on the offer in Partner Center"
-                    ))
-                } else if client_id.trim().is_empty() {
-                    Some("client_id is empty".to_owned())
-                } else {
-                    None
-                }
-            }
-            Self::ManagedIdentity { .. } => None,
-            Self::StaticToken { token } => token
-                .expose()
-                .is_empty()
-                .then(|| "the static token is empty".to_owned()),
-        };
-        match reason {
-            Some(reason) => Err(AuthError::Config { reason }),
-            None => Ok(()),
-        }
-    }
-
-    /// The URL tokens are fetched from (`None` for a static token).
-    pub fn token_url(&self) -> Option<String> {
-        match self {
-            Self::ClientSecret {
-                tenant_id,
-                token_url,
-                version,
-                ..
-            } => Some(token_url.clone().filter(|u| !u.is_empty()).unwrap_or_else(
-                || match version {
-                    EndpointVersion::V1 => {
-                        format!("https://login.microsoftonline.com/{tenant_id}/oauth2/token")
-                    }
-                    EndpointVersion::V2 => {
-                        format!("https://login.microsoftonline.com/{tenant_id}/oauth2/v2.0/token")
-                    }
-                },
-            )),
-            Self::ManagedIdentity { endpoint, .. } => Some(
-                endpoint
-                    .clone()
-                    .filter(|e| !e.is_empty())
-                    .unwrap_or_else(|| IMDS_ENDPOINT.to_owned()),
-            ),
-            Self::StaticToken { .. } => None,
-        }
-    }
-}
-
-/// Why no token could be had. Never holds a secret or a token.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum AuthError {
-    /// Entra (or the identity endpoint) answered with an OAuth error.
-    #[error("token request refused ({status}): {error}: {description}")]
-    Entra {
-        /// HTTP status.
-        status: u16,
-        /// OAuth `error`, e.g. `invalid_client`.
-        error: String,
-        /// `error_description`, with the `AADSTS` code.
-        description: String,
-    },
-    /// Another error answer.
-    #[error("token endpoint answered {status}: {body}")]
-    Http {
-        /// HTTP status.
-        status: u16,
-        /// An excerpt of the body.
-        body: String,
-    },
-    /// The endpoint could not be reached, or did not answer in time.
-    #[error("token endpoint unreachable: {message}")]
-    Network {
-        /// What failed.
-        message: String,
-        /// It was a timeout.
-        timeout: bool,
-    },
-    /// A success answer that is not a token response (its body is not repeated: it may hold a token).
-    #[error("token response not understood: {reason}")]
-    Decode {
-        /// What was wrong.
-        reason: String,
-    },
-    /// The configuration cannot work (e.g. an unparsable endpoint URL).
-    #[error("authentication misconfigured: {reason}")]
-    Config {
-        /// What is wrong.
-        reason: String,
-    },
-}
-
-impl AuthError {
-    /// Actionable advice for an `AADSTS` code in the answer, if any.
-    pub fn advice(&self) -> Option<&'static str> {
-        match self {
-            Self::Entra { description, .. } => {
-                find_aadsts_code(description).and_then(aadsts_advice)
-            }
-            Self::Http { body, .. } => find_aadsts_code(body).and_then(aadsts_advice),
-            _ => None,
-        }
-    }
-
-    /// The HTTP status of the answer, if there was one.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            Self::Entra { status, .. } | Self::Http { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
 }
 
 /// How token fetches are retried (only failures that can pass: network, 429, 5xx, and 404 from IMDS).
@@ -675,7 +484,7 @@ fn error_from_body(status: u16, body: &str) -> AuthError {
 fn network_error(error: reqwest::Error) -> AuthError {
     AuthError::Network {
         timeout: error.is_timeout(),
-        message: super::client::error_chain(&error),
+        message: super::error_chain(&error),
     }
 }
 

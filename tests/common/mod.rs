@@ -1,5 +1,8 @@
-//! Test harness: starts the real `meterd` binary on an ephemeral port and talks to it.
+//! Test harness: starts the real `meterd` binary on an ephemeral port and talks to it; [`rig`] is the in-process
+//! rig (journal, emitter and emulator on one `ManualClock`).
 #![allow(dead_code)]
+
+pub mod rig;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
