@@ -15,11 +15,20 @@ use std::collections::BTreeMap;
 /// Where `record` and `flush` reach the daemon.
 pub(crate) fn daemon_url(settings: &Settings) -> String {
     match &settings.ingest.listen {
-        ListenAddr::Tcp(a) => format!(
-            "http://{}",
-            a.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
-        ),
+        ListenAddr::Tcp(a) => format!("http://{}", connect_address(a)),
         ListenAddr::Unix(p) => format!("unix:{}", p.display()),
+    }
+}
+
+/// Where a client reaches a daemon listening on `listen`: an unspecified address (`0.0.0.0`, `[::]`) is reached
+/// on the loopback of the same family; any other address as written.
+fn connect_address(listen: &str) -> String {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(std::net::SocketAddr::V4(a)) if a.ip().is_unspecified() => {
+            format!("127.0.0.1:{}", a.port())
+        }
+        Ok(std::net::SocketAddr::V6(a)) if a.ip().is_unspecified() => format!("[::1]:{}", a.port()),
+        _ => listen.to_string(),
     }
 }
 
@@ -90,4 +99,19 @@ where
     let status = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_address;
+
+    #[test]
+    fn an_unspecified_listen_address_is_reached_on_loopback_and_others_as_written() {
+        assert_eq!(connect_address("0.0.0.0:8787"), "127.0.0.1:8787");
+        assert_eq!(connect_address("[::]:8787"), "[::1]:8787");
+        // A text replace of "0.0.0.0" turned this one into "1127.0.0.1:8787".
+        assert_eq!(connect_address("10.0.0.0:8787"), "10.0.0.0:8787");
+        assert_eq!(connect_address("127.0.0.1:9"), "127.0.0.1:9");
+        assert_eq!(connect_address("localhost:8787"), "localhost:8787");
+    }
 }

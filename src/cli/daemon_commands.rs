@@ -20,7 +20,7 @@ pub(crate) async fn record(
     id: Option<&str>,
     plan: Option<&str>,
 ) -> anyhow::Result<()> {
-    // The quantity goes as a JSON number literal so the daemon checks it exactly as typed.
+    // The quantity goes as a JSON string of the decimal as typed, so the daemon parses it exactly (no f64 on the way).
     if crate::quantity::Micros::parse_decimal(quantity).is_err() && quantity.parse::<f64>().is_err()
     {
         bail!("--quantity `{quantity}` is not a number");
