@@ -19,7 +19,7 @@ pub fn raise(
     now: DateTime<Utc>,
 ) -> Result<bool, JournalError> {
     body["kind"] = kind.into();
-    body["raised_at"] = crate::journal::usage::fmt_time(now.timestamp()).into();
+    body["raised_at"] = crate::clock::fmt_time(now.timestamp()).into();
     let n = conn
         .prepare_cached(
             "INSERT INTO alerts (kind, dedupe, body, created_at, next_attempt_at) VALUES (?1, ?2, ?3, ?4, ?4)
@@ -68,7 +68,7 @@ pub fn list(conn: &Connection, limit: i64) -> Result<Vec<serde_json::Value>, Jou
         let mut v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         v["delivered_at"] = r
             .get::<_, Option<i64>>(1)?
-            .map(crate::journal::usage::fmt_time)
+            .map(crate::clock::fmt_time)
             .into();
         v["attempts"] = r.get::<_, i64>(2)?.into();
         v["last_error"] = r.get::<_, Option<String>>(3)?.into();

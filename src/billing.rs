@@ -31,7 +31,7 @@
 
 use crate::config::{Included, Settings, Threshold};
 use crate::journal::JournalError;
-use crate::journal::usage::fmt_time;
+use crate::clock::fmt_time;
 use chrono::{DateTime, Datelike, Months, TimeZone, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -106,7 +106,7 @@ pub fn term_for(
     resource: &str,
     hour: i64,
 ) -> Result<(i64, i64), JournalError> {
-    let at = crate::journal::usage::to_utc(hour);
+    let at = crate::clock::to_utc(hour);
     let sub: Option<(Option<i64>, Option<String>)> = conn
         .prepare_cached("SELECT term_start, term_unit FROM subscriptions WHERE id = ?1")?
         .query_row([resource.to_ascii_lowercase()], |r| {
@@ -115,7 +115,7 @@ pub fn term_for(
         .optional()?;
     let (anchor, months) = match sub {
         Some((Some(start), Some(unit))) if months_of(&unit).is_some() => (
-            crate::journal::usage::to_utc(start),
+            crate::clock::to_utc(start),
             months_of(&unit).unwrap_or(1),
         ),
         _ => (
@@ -333,7 +333,7 @@ pub fn balance(
     now: DateTime<Utc>,
 ) -> Result<Vec<DimensionBalance>, JournalError> {
     use crate::quantity::Micros;
-    let hour = crate::journal::usage::hour_of(now);
+    let hour = crate::clock::hour_of(now);
     let (term_start, term_end) = term_for(conn, settings, resource, hour)?;
     let sub_plan: Option<String> = conn
         .prepare_cached("SELECT plan FROM subscriptions WHERE id = ?1")?

@@ -31,5 +31,6 @@ pub mod journal;
 pub mod marketplace;
 pub mod ops;
 pub mod quantity;
+pub mod resource;
 pub mod secret;
 pub mod tls;

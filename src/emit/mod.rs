@@ -10,14 +10,14 @@ pub mod schedule;
 
 use crate::clock::SharedClock;
 use crate::config::{AuthKind, EndpointVersion, MarketplaceMode, Settings};
-use crate::ingest::validate::is_guid;
 use crate::journal::Journal;
 use crate::journal::outbound::{self, KnownSubscription, ListedSubscription, PendingEvent, Settle};
-use crate::journal::usage::{HOUR, fmt_time, to_utc};
+use crate::clock::{HOUR, fmt_time, to_utc};
 use crate::marketplace::auth::{AuthConfig, CachedTokenProvider, TokenProvider};
 use crate::marketplace::client::{CallError, MarketplaceClient};
 use crate::marketplace::outcome::{Classified, SentKey, classify, match_results, unmatched};
-use crate::marketplace::types::{ResourceRef, batch_body, event_json};
+use crate::marketplace::types::{batch_body, event_json};
+use crate::resource::ResourceRef;
 use crate::quantity::Micros;
 use anyhow::Context;
 use backon::BackoffBuilder;
@@ -122,7 +122,7 @@ pub fn token_provider(
                     client_id,
                     identity_header: env
                         .get("IDENTITY_HEADER")
-                        .map(|h| crate::marketplace::secret::Secret::new(h.clone())),
+                        .map(|h| crate::secret::Secret::new(h.clone())),
                 },
                 None => AuthConfig::managed_identity_from_env(client_id),
             }
@@ -524,7 +524,7 @@ impl Emitter {
         due: &[PendingEvent],
         now: DateTime<Utc>,
     ) -> Option<BTreeMap<String, KnownSubscription>> {
-        if !self.settings.subscriptions.check || !due.iter().any(|e| is_guid(&e.resource)) {
+        if !self.settings.subscriptions.check || !due.iter().any(|e| ResourceRef::parse(&e.resource).is_saas_subscription()) {
             return self.journal.read(outbound::known_subscriptions).await.ok();
         }
         let mut cache = self.subscriptions.lock().await;
@@ -609,7 +609,7 @@ impl Emitter {
         let sub = known
             .as_ref()
             .and_then(|k| k.get(&ev.resource.to_ascii_lowercase()));
-        let checked = self.settings.subscriptions.check && is_guid(&ev.resource);
+        let checked = self.settings.subscriptions.check && ResourceRef::parse(&ev.resource).is_saas_subscription();
         if checked {
             let Some(known) = known else {
                 return Decision::Settle(Settle::Defer {
@@ -882,7 +882,7 @@ async fn send_batch(
             if let Some(status @ (401 | 403)) = e.status() {
                 // Repeated 401/403 means the identity is wrong: one alert per hour while it lasts.
                 call_alert = Some((
-                    format!("auth:{status}:{}", crate::journal::usage::hour_of(now)),
+                    format!("auth:{status}:{}", crate::clock::hour_of(now)),
                     serde_json::json!({"status": status, "error": e.to_string(), "advice": e.advice().unwrap_or("")}),
                 ));
             }

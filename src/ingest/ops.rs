@@ -120,7 +120,7 @@ pub async fn balance(
     let settings = state.settings.clone();
     let r = resource.clone();
     match state.journal.read(move |c| crate::billing::balance(c, &settings, &r, now)).await {
-        Ok(dims) => axum::Json(json!({"resource": resource, "at": crate::journal::usage::fmt_time(now.timestamp()), "dimensions": dims})).into_response(),
+        Ok(dims) => axum::Json(json!({"resource": resource, "at": crate::clock::fmt_time(now.timestamp()), "dimensions": dims})).into_response(),
         Err(e) => journal_error_response(&e),
     }
 }

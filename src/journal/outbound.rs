@@ -4,7 +4,8 @@
 //! event either before or after the step, never between.
 
 use super::JournalError;
-use super::usage::{HOUR, add_to_hour, fmt_time, frozen_through, hour_of, record_carry};
+use super::usage::{add_to_hour, frozen_through, record_carry};
+use crate::clock::{HOUR, fmt_time, hour_of};
 use crate::config::LateUsage;
 use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, OptionalExtension, params};

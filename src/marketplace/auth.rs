@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use super::MARKETPLACE_RESOURCE_ID;
 use super::advice::{aadsts_advice, excerpt, find_aadsts_code};
-use super::secret::Secret;
+use crate::secret::Secret;
 use crate::clock::SharedClock;
 
 /// A boxed, sendable future (what [`TokenProvider::token`] returns, to keep the trait object-safe).

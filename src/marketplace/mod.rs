@@ -6,8 +6,6 @@
 //!
 //! # Layout
 //!
-//! - [`secret`]: the [`secret::Secret`] newtype that never prints, and where secrets are loaded from.
-//! - [`quantity`]: exact conversions between micro-units (how meterd counts) and the decimals the API takes.
 //! - [`types`]: request and response bodies, and the frozen bytes of one usage event.
 //! - [`auth`]: Entra ID token providers (client secret v1/v2, managed identity, static), cached and refreshed early.
 //! - [`client`]: the HTTP client: batch usage, subscription list, usage report; what went wrong as a value.
@@ -18,8 +16,6 @@ pub mod advice;
 pub mod auth;
 pub mod client;
 pub mod outcome;
-pub mod quantity;
-pub mod secret;
 pub mod types;
 
 /// The marketplace API version sent on every call.
