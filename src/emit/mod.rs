@@ -16,11 +16,13 @@ use crate::clock::{HOUR, fmt_time, to_utc};
 use crate::marketplace::auth::{AuthConfig, CachedTokenProvider, TokenProvider};
 use crate::marketplace::client::{CallError, MarketplaceClient};
 use crate::marketplace::outcome::{Classified, SentKey, classify, match_results, unmatched};
-use crate::marketplace::types::{batch_body, event_json};
+use crate::marketplace::types::{SubscriptionStatus, batch_body, event_json};
 use crate::resource::ResourceRef;
+use crate::alert_kind::AlertKey;
+use crate::outcome::Outcome;
 use crate::quantity::Micros;
+use crate::retry::RetryDelays;
 use anyhow::Context;
-use backon::BackoffBuilder;
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -34,8 +36,6 @@ const PASS_LIMIT: i64 = 200_000;
 const LEASE_TTL_SECS: i64 = 600;
 /// With held events waiting, the subscription list is re-read at most this often (passes can be frequent).
 const HELD_REFRESH_SECS: i64 = 60;
-/// How a hold after a marketplace refusal (`ResourceNotFound`, `ResourceNotActive`) starts its reason.
-pub const REFUSED: &str = "the marketplace answered ";
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -56,6 +56,23 @@ pub struct PassSummary {
     pub lease_held_by: Option<String>,
     /// Pending events left after the pass.
     pub pending_after: i64,
+}
+
+impl PassSummary {
+    /// The systemd `STATUS=` line after this pass: pending count and when the pass ran.
+    pub fn status_line(&self) -> String {
+        format!(
+            "pending {}; last pass {} (frozen {}, sent {}){}",
+            self.pending_after,
+            self.started,
+            self.frozen,
+            self.sent,
+            self.lease_held_by
+                .as_ref()
+                .map(|h| format!("; lease held by {h}"))
+                .unwrap_or_default()
+        )
+    }
 }
 
 /// What happened at the last pass, for status and systemd `STATUS=`.
@@ -346,8 +363,8 @@ impl Emitter {
                 }
                 let f = outbound::freeze(c, now, grace, margin)?;
                 let e = outbound::expire_overdue(c, now, &expire_policy)?;
-                for x in e.iter().filter(|x| x.state == "expired_unconfirmed") {
-                    raise_expired_unconfirmed(c, x.id, now)?;
+                for x in e.iter().filter(|x| x.state == Outcome::ExpiredUnconfirmed) {
+                    outbound::raise_expired_unconfirmed(c, x.id, now)?;
                 }
                 outbound::raise_pending_age_alerts(c, now, pending_age)?;
                 let (hours, records) = crate::journal::usage::apply_retention(c, now, retention, dedupe_window)?;
@@ -362,15 +379,15 @@ impl Emitter {
             tracing::info!(message = "Closed hours frozen.", events = frozen.frozen, through = %fmt_time(frozen.through));
         }
         for e in &expired {
-            match e.state.as_str() {
+            match e.state {
                 // Logged at error level with its alert, in `raise_expired_unconfirmed`.
-                "expired_unconfirmed" => {}
+                Outcome::ExpiredUnconfirmed => {}
                 state => {
-                    tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = state)
+                    tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = state.as_str())
                 }
             }
-            *summary.outcomes.entry(e.state.clone()).or_default() += 1;
-            metrics::counter!("meterd_events_total", "outcome" => e.state.clone()).increment(1);
+            *summary.outcomes.entry(e.state.to_string()).or_default() += 1;
+            metrics::counter!("meterd_events_total", "outcome" => e.state.as_str()).increment(1);
         }
         summary.expired = expired;
 
@@ -406,7 +423,7 @@ impl Emitter {
                             let name = match (&s, state) {
                                 (Settle::Hold { .. }, _) => "held",
                                 (Settle::Defer { .. }, _) => "deferred",
-                                (_, st) => st,
+                                (_, st) => st.as_str(),
                             };
                             *counts.entry(name.to_string()).or_default() += 1;
                         }
@@ -416,7 +433,7 @@ impl Emitter {
                                 continue;
                             }
                             // Billed once, with the body: allowance, billing units, thresholds.
-                            let bill = crate::billing::bill(c, &settings, &ev, &plan, now)?;
+                            let bill = crate::journal::billing::bill(c, &settings, &ev, &plan, now)?;
                             if bill.send == 0 {
                                 let state = outbound::settle_unbilled(c, id, &plan, &bill, now)?;
                                 *counts.entry(state.to_string()).or_default() += 1;
@@ -622,7 +639,7 @@ impl Emitter {
                 // its `resourceUsageId` (which no list shows), and the marketplace judges it. An unknown SaaS id is
                 // refused (`ResourceNotFound`) and held like any refusal, re-checked once per list refresh.
                 None => {}
-                Some(s) if s.status == "Subscribed" => {}
+                Some(s) if SubscriptionStatus::from_wire(&s.status) == SubscriptionStatus::Subscribed => {}
                 Some(s) if s.status == "Unsubscribed" => {
                     let seen = s.unsubscribed_seen_at.unwrap_or(now.timestamp());
                     // The marketplace refused this hour and the list now shows the cancellation: the hour
@@ -644,7 +661,7 @@ impl Emitter {
         }
         let plan = if !ev.plan.is_empty() {
             ev.plan.clone()
-        } else if let Some(p) = sub.map(|s| s.plan.clone()).filter(|p| !p.is_empty()) {
+        } else if let Some(p) = sub.and_then(|s| s.plan.clone()) {
             p
         } else if let Some(p) = &self.settings.default_plan {
             p.clone()
@@ -670,36 +687,6 @@ struct BatchResult {
     split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
     outcomes: BTreeMap<String, usize>,
     recheck_subscriptions: bool,
-}
-
-/// Retry delays (from the settings).
-#[derive(Debug, Clone, Copy)]
-pub struct RetryDelays {
-    /// First delay.
-    pub min: std::time::Duration,
-    /// Largest delay.
-    pub max: std::time::Duration,
-}
-
-impl RetryDelays {
-    /// Delay before the retry that follows attempt number `attempts`, as a chrono duration.
-    fn after(&self, attempts: i64) -> Duration {
-        Duration::from_std(backoff_delay(attempts, *self)).unwrap_or(Duration::seconds(60))
-    }
-}
-
-/// The delay before retry number `attempts` (1-based): exponential from `min`, doubling, at most `max`, jittered
-/// (backon computes the sequence).
-pub fn backoff_delay(attempts: i64, delays: RetryDelays) -> std::time::Duration {
-    let mut it = backon::ExponentialBuilder::default()
-        .with_min_delay(delays.min)
-        .with_max_delay(delays.max)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build();
-    let n = attempts.clamp(1, 64) as usize;
-    it.nth(n - 1).unwrap_or(delays.max)
 }
 
 /// Sends `batch`; a whole call refused with HTTP 400 is retried at once in halves, down to single events, so one
@@ -757,7 +744,7 @@ async fn send_batch(
         ..Default::default()
     };
     let mut settles: Vec<(i64, Settle)> = Vec::with_capacity(batch.len());
-    let mut call_alert: Option<(String, serde_json::Value)> = None;
+    let mut call_alert: Option<(AlertKey, serde_json::Value)> = None;
     match answer {
         Ok(call) => {
             metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => call.status.to_string()).increment(1);
@@ -806,7 +793,8 @@ async fn send_batch(
                         result.recheck_subscriptions = true;
                         Settle::Hold {
                             reason: format!(
-                                "{REFUSED}{}; holding and re-checking the subscription at the next list refresh",
+                                "{}{}; holding and re-checking the subscription at the next list refresh",
+                                outbound::REFUSED,
                                 status.as_str()
                             ),
                             next_at: now + hold_recheck,
@@ -882,7 +870,7 @@ async fn send_batch(
             if let Some(status @ (401 | 403)) = e.status() {
                 // Repeated 401/403 means the identity is wrong: one alert per hour while it lasts.
                 call_alert = Some((
-                    format!("auth:{status}:{}", crate::clock::hour_of(now)),
+                    AlertKey::marketplace_auth(status, crate::clock::hour_of(now)),
                     serde_json::json!({"status": status, "error": e.to_string(), "advice": e.advice().unwrap_or("")}),
                 ));
             }
@@ -909,12 +897,7 @@ async fn send_batch(
                 result.split = Some((first, second));
             }
             for ev in batch.iter().filter(|_| !split) {
-                let mut delay = delays.after(ev.attempts + 1);
-                if let Some(ra) = e.retry_after() {
-                    delay = chrono::Duration::from_std(ra)
-                        .unwrap_or(delay)
-                        .max(Duration::seconds(1));
-                }
+                let delay = delays.after_answer(ev.attempts + 1, e.retry_after());
                 settles.push((
                     ev.id,
                     Settle::Retry {
@@ -930,20 +913,20 @@ async fn send_batch(
     let outcomes = journal
         .write(move |c| {
             if let Some((dedupe, body)) = &call_alert {
-                crate::alerts::raise(c, "marketplace_auth", dedupe, body.clone(), now)?;
+                crate::journal::alerts::raise(c, dedupe, body.clone(), now)?;
             }
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             for (id, s) in &settles {
                 let state = outbound::settle(c, *id, s, now, &policy)?;
-                raise_for(c, *id, s, now)?;
-                if state == "expired_unconfirmed" {
+                outbound::raise_for_settle(c, *id, s, now)?;
+                if state == Outcome::ExpiredUnconfirmed {
                     // A per-event `Expired` after an earlier ambiguous attempt: the same alert as an expiry.
-                    raise_expired_unconfirmed(c, *id, now)?;
+                    outbound::raise_expired_unconfirmed(c, *id, now)?;
                 }
                 let name = match (s, state) {
                     (Settle::Hold { .. }, _) => "held",
                     (Settle::Retry { .. }, _) => "retry",
-                    (_, st) => st,
+                    (_, st) => st.as_str(),
                 };
                 *counts.entry(name.to_string()).or_default() += 1;
             }
@@ -955,57 +938,4 @@ async fn send_batch(
     }
     result.outcomes = outcomes;
     Ok(result)
-}
-
-/// Raises the reconcile alert for an event that ended `expired_unconfirmed` (whichever way it got there) and logs
-/// it at error level, in the same transaction as the outcome.
-fn raise_expired_unconfirmed(
-    c: &rusqlite::Connection,
-    id: i64,
-    now: DateTime<Utc>,
-) -> Result<(), crate::journal::JournalError> {
-    let mut body = outbound::event_summary(c, id)?;
-    body["advice"] =
-        "an attempt may have been recorded; run `meterd reconcile --date` for this day".into();
-    if crate::alerts::raise(
-        c,
-        "expired_unconfirmed",
-        &format!("expired_unconfirmed:{id}"),
-        body.clone(),
-        now,
-    )? {
-        tracing::error!(
-            message = "Event expired after an ambiguous attempt; nothing carried. Run `meterd reconcile` for its day.",
-            resource = %body["resource"].as_str().unwrap_or(""), dimension = %body["dimension"].as_str().unwrap_or(""),
-            hour = %body["hour"].as_str().unwrap_or(""), alert = "expired_unconfirmed"
-        );
-    }
-    Ok(())
-}
-
-/// Raises the alert an outcome calls for, in the same transaction as the outcome.
-fn raise_for(
-    c: &rusqlite::Connection,
-    id: i64,
-    s: &Settle,
-    now: DateTime<Utc>,
-) -> Result<(), crate::journal::JournalError> {
-    let (kind, detail) = match s {
-        Settle::DuplicateMismatch { market_quantity } => (
-            "duplicate_mismatch",
-            serde_json::json!({"marketplace_quantity": Micros(*market_quantity).to_decimal_string()}),
-        ),
-        Settle::Rejected { reason } if reason.starts_with("ResourceNotAuthorized") => (
-            "resource_not_authorized",
-            serde_json::json!({"reason": reason}),
-        ),
-        Settle::Rejected { reason } => ("rejected", serde_json::json!({"reason": reason})),
-        _ => return Ok(()),
-    };
-    let mut body = outbound::event_summary(c, id)?;
-    if let (Some(b), Some(d)) = (body.as_object_mut(), detail.as_object()) {
-        b.extend(d.clone());
-    }
-    crate::alerts::raise(c, kind, &format!("{kind}:{id}"), body, now)?;
-    Ok(())
 }

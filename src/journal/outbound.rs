@@ -9,23 +9,14 @@ use crate::clock::{HOUR, fmt_time, hour_of};
 use crate::config::LateUsage;
 use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
+use crate::alert_kind::{AlertKey, AlertKind};
+use crate::outcome::Outcome;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// Terminal states an outbound event can end in (plus `pending`).
-pub const STATES: &[&str] = &[
-    "pending",
-    "included",
-    "remainder",
-    "accepted",
-    "duplicate",
-    "duplicate_mismatch",
-    "expired",
-    "expired_unconfirmed",
-    "rejected",
-    "skipped_unsubscribed",
-    "not_active",
-];
+/// How a hold after a marketplace refusal (`ResourceNotFound`, `ResourceNotActive`) starts its reason (the
+/// journal finds those holds by it).
+pub const REFUSED: &str = "the marketplace answered ";
 
 /// The first hour that is not closed at `now`: hour H is closed when `H + 1h + grace <= now`.
 pub fn first_open_hour(now: DateTime<Utc>, grace: Duration) -> i64 {
@@ -182,7 +173,7 @@ pub fn due_events(
                 prebilled, send_quantity, COALESCE(substr(held, 1, length(?3)) = ?3, 0) FROM outbound_events
          WHERE state = 'pending' AND next_attempt_at <= ?1 AND deadline > ?1 ORDER BY hour, id LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![now.timestamp(), limit, crate::emit::REFUSED], |r| {
+    let rows = stmt.query_map(params![now.timestamp(), limit, REFUSED], |r| {
         Ok(PendingEvent {
             id: r.get(0)?,
             resource: r.get(1)?,
@@ -218,7 +209,7 @@ pub fn set_body(
     id: i64,
     plan: &str,
     body: &str,
-    bill: &crate::billing::Bill,
+    bill: &crate::bill::Bill,
 ) -> Result<String, JournalError> {
     conn.prepare_cached(
         "UPDATE outbound_events SET plan = ?2, body = ?3, included = ?4, billable = ?5, send_quantity = ?6, term_start = ?7
@@ -236,20 +227,20 @@ pub fn settle_unbilled(
     conn: &Connection,
     id: i64,
     plan: &str,
-    bill: &crate::billing::Bill,
+    bill: &crate::bill::Bill,
     now: DateTime<Utc>,
-) -> Result<&'static str, JournalError> {
+) -> Result<Outcome, JournalError> {
     let state = if bill.billable == 0 {
-        "included"
+        Outcome::Included
     } else {
-        "remainder"
+        Outcome::Remainder
     };
     conn.prepare_cached(
         "UPDATE outbound_events SET plan = ?2, state = ?3, included = ?4, billable = ?5, send_quantity = 0, term_start = ?6,
                 finished_at = ?7, held = NULL, in_flight = 0
          WHERE id = ?1 AND state = 'pending'",
     )?
-    .execute(params![id, plan, state, bill.included, bill.billable, bill.term_start, now.timestamp()])?;
+    .execute(params![id, plan, state.as_str(), bill.included, bill.billable, bill.term_start, now.timestamp()])?;
     Ok(state)
 }
 
@@ -418,7 +409,7 @@ pub fn settle(
     outcome: &Settle,
     now: DateTime<Utc>,
     policy: &SettlePolicy,
-) -> Result<&'static str, JournalError> {
+) -> Result<Outcome, JournalError> {
     let now_s = now.timestamp();
     let unit = || -> Result<i64, JournalError> {
         let dimension: Option<String> = conn
@@ -427,18 +418,18 @@ pub fn settle(
             .optional()?;
         Ok(dimension.map(|d| policy.unit(&d)).unwrap_or(1))
     };
-    let finish = |state: &'static str,
+    let finish = |state: Outcome,
                   error: Option<&str>,
                   usage_event_id: Option<&str>,
                   market: Option<i64>|
-     -> Result<&'static str, JournalError> {
+     -> Result<Outcome, JournalError> {
         let pending: bool = conn
             .prepare_cached(
                 "SELECT COUNT(*) FROM outbound_events WHERE id = ?1 AND state = 'pending'",
             )?
             .query_row([id], |r| r.get::<_, i64>(0))?
             == 1;
-        if pending && matches!(state, "rejected" | "skipped_unsubscribed") {
+        if pending && matches!(state, Outcome::Rejected | Outcome::SkippedUnsubscribed) {
             restore_remainder(conn, id, unit()?)?;
         }
         conn.prepare_cached(
@@ -446,31 +437,31 @@ pub fn settle(
                     market_quantity = ?5, finished_at = ?6, held = NULL, in_flight = 0
              WHERE id = ?1 AND state = 'pending'",
         )?
-        .execute(params![id, state, error, usage_event_id, market, now_s])?;
+        .execute(params![id, state.as_str(), error, usage_event_id, market, now_s])?;
         Ok(state)
     };
     match outcome {
         Settle::Accepted { usage_event_id } => {
-            finish("accepted", None, usage_event_id.as_deref(), None)
+            finish(Outcome::Accepted, None, usage_event_id.as_deref(), None)
         }
         Settle::Duplicate {
             market_quantity,
             usage_event_id,
         } => finish(
-            "duplicate",
+            Outcome::Duplicate,
             None,
             usage_event_id.as_deref(),
             *market_quantity,
         ),
         Settle::DuplicateMismatch { market_quantity } => finish(
-            "duplicate_mismatch",
+            Outcome::DuplicateMismatch,
             Some("the marketplace holds another quantity for this hour"),
             None,
             Some(*market_quantity),
         ),
-        Settle::Rejected { reason } => finish("rejected", Some(reason), None, None),
+        Settle::Rejected { reason } => finish(Outcome::Rejected, Some(reason), None, None),
         Settle::SkippedUnsubscribed => finish(
-            "skipped_unsubscribed",
+            Outcome::SkippedUnsubscribed,
             Some("the subscription was cancelled before this hour closed"),
             None,
             None,
@@ -482,7 +473,7 @@ pub fn settle(
                  WHERE id = ?1 AND state = 'pending'",
             )?
             .execute(params![id, reason, next_at.timestamp()])?;
-            Ok("pending")
+            Ok(Outcome::Pending)
         }
         Settle::Defer { reason, next_at } => {
             conn.prepare_cached(
@@ -490,7 +481,7 @@ pub fn settle(
                  WHERE id = ?1 AND state = 'pending'",
             )?
             .execute(params![id, reason, next_at.timestamp()])?;
-            Ok("pending")
+            Ok(Outcome::Pending)
         }
         Settle::Retry {
             error,
@@ -503,7 +494,7 @@ pub fn settle(
                  WHERE id = ?1 AND state = 'pending'",
             )?
             .execute(params![id, error, next_at.timestamp(), *ambiguous as i64])?;
-            Ok("pending")
+            Ok(Outcome::Pending)
         }
     }
 }
@@ -542,7 +533,7 @@ fn expire(
     now: DateTime<Utc>,
     policy: &SettlePolicy,
     by_deadline: bool,
-) -> Result<&'static str, JournalError> {
+) -> Result<Outcome, JournalError> {
     let late = policy.late;
     type Row = (
         String,
@@ -565,7 +556,7 @@ fn expire(
     let Some((resource, plan, dimension, hour, raw, ambiguous, held, send_quantity, prebilled)) =
         row
     else {
-        return Ok("pending");
+        return Ok(Outcome::Pending);
     };
     // A billed event carries what its whole units covered (it already went through the allowance); the
     // sub-unit remainder it left in `remainders` stays there and meets the next hour from there, so carrying it
@@ -580,10 +571,10 @@ fn expire(
     };
     let now_s = now.timestamp();
     let (state, carried_to) = if ambiguous != 0 {
-        ("expired_unconfirmed", None)
+        (Outcome::ExpiredUnconfirmed, None)
     } else if by_deadline && held.is_some() {
         restore_remainder(conn, id, policy.unit(&dimension))?;
-        ("not_active", None)
+        (Outcome::NotActive, None)
     } else if late == LateUsage::CarryForward {
         let target = hour_of(now).max(frozen_through(conn)?);
         add_to_hour(conn, &resource, &plan, &dimension, target, qty, 0, qty)?;
@@ -596,18 +587,18 @@ fn expire(
             hour,
             target,
             qty,
-            "expired",
+            Outcome::Expired.as_str(),
             Some(id),
             now_s,
         )?;
-        ("expired", Some(target))
+        (Outcome::Expired, Some(target))
     } else {
         restore_remainder(conn, id, policy.unit(&dimension))?;
-        ("expired", None)
+        (Outcome::Expired, None)
     };
     let error = match (state, &held) {
-        ("not_active", Some(h)) => format!("window ran out while held: {h}"),
-        ("expired_unconfirmed", _) => {
+        (Outcome::NotActive, Some(h)) => format!("window ran out while held: {h}"),
+        (Outcome::ExpiredUnconfirmed, _) => {
             format!("{message}; an earlier attempt may have been recorded: run `meterd reconcile`")
         }
         _ => message.to_string(),
@@ -615,7 +606,7 @@ fn expire(
     conn.prepare_cached(
         "UPDATE outbound_events SET state = ?2, last_error = ?3, carried_to = ?4, finished_at = ?5 WHERE id = ?1",
     )?
-    .execute(params![id, state, error, carried_to, now_s])?;
+    .execute(params![id, state.as_str(), error, carried_to, now_s])?;
     Ok(state)
 }
 
@@ -630,8 +621,8 @@ pub struct Expired {
     pub dimension: String,
     /// Hour, RFC 3339.
     pub hour: String,
-    /// State written.
-    pub state: String,
+    /// Outcome written.
+    pub state: Outcome,
 }
 
 /// Ends every pending event whose retry deadline has passed.
@@ -658,7 +649,7 @@ pub fn expire_overdue(
             resource,
             dimension,
             hour: fmt_time(hour),
-            state: state.to_string(),
+            state,
         });
     }
     Ok(out)
@@ -671,8 +662,8 @@ pub struct KnownSubscription {
     pub id: String,
     /// `Subscribed`, `Suspended`, ...
     pub status: String,
-    /// Current plan.
-    pub plan: String,
+    /// Current plan (`None`: the list named none; stored as `''`).
+    pub plan: Option<String>,
     /// When meterd first saw it `Unsubscribed`, unix seconds.
     pub unsubscribed_seen_at: Option<i64>,
     /// Term start, unix seconds.
@@ -720,7 +711,7 @@ fn term_to_store(
     let unit_known = listed
         .term_unit
         .as_deref()
-        .is_some_and(|u| crate::billing::months_of(u).is_some());
+        .is_some_and(|u| crate::bill::months_of(u).is_some());
     let starts_later = listed.term_start.is_some_and(|s| s > now.timestamp());
     if listed.term_start.is_some() && unit_known && !starts_later {
         return Ok(as_listed);
@@ -785,7 +776,7 @@ pub fn known_subscriptions(
         Ok(KnownSubscription {
             id: r.get(0)?,
             status: r.get(1)?,
-            plan: r.get(2)?,
+            plan: Some(r.get::<_, String>(2)?).filter(|p| !p.is_empty()),
             unsubscribed_seen_at: r.get(3)?,
             term_start: r.get(4)?,
             term_end: r.get(5)?,
@@ -873,7 +864,7 @@ pub fn raise_pending_age_alerts(
             .prepare_cached("SELECT last_error FROM outbound_events WHERE id = ?1")?
             .query_row([id], |r| r.get::<_, Option<String>>(0))?
             .into();
-        if crate::alerts::raise(conn, "pending_age", &format!("pending_age:{id}"), body, now)? {
+        if super::alerts::raise(conn, &AlertKey::event(AlertKind::PendingAge, id), body, now)? {
             tracing::warn!(
                 message = "An event has been pending longer than alerts.pending_age.",
                 id,
@@ -883,4 +874,56 @@ pub fn raise_pending_age_alerts(
         }
     }
     Ok(n)
+}
+
+/// Raises the reconcile alert for an event that ended `expired_unconfirmed` (whichever way it got there) and logs
+/// it at error level, in the same transaction as the outcome.
+pub fn raise_expired_unconfirmed(
+    c: &Connection,
+    id: i64,
+    now: DateTime<Utc>,
+) -> Result<(), JournalError> {
+    let mut body = event_summary(c, id)?;
+    body["advice"] =
+        "an attempt may have been recorded; run `meterd reconcile --date` for this day".into();
+    if super::alerts::raise(
+        c,
+        &AlertKey::event(AlertKind::ExpiredUnconfirmed, id),
+        body.clone(),
+        now,
+    )? {
+        tracing::error!(
+            message = "Event expired after an ambiguous attempt; nothing carried. Run `meterd reconcile` for its day.",
+            resource = %body["resource"].as_str().unwrap_or(""), dimension = %body["dimension"].as_str().unwrap_or(""),
+            hour = %body["hour"].as_str().unwrap_or(""), alert = "expired_unconfirmed"
+        );
+    }
+    Ok(())
+}
+
+/// Raises the alert an outcome calls for, in the same transaction as the outcome.
+pub fn raise_for_settle(
+    c: &Connection,
+    id: i64,
+    s: &Settle,
+    now: DateTime<Utc>,
+) -> Result<(), JournalError> {
+    let (kind, detail) = match s {
+        Settle::DuplicateMismatch { market_quantity } => (
+            AlertKind::DuplicateMismatch,
+            serde_json::json!({"marketplace_quantity": crate::quantity::Micros(*market_quantity).to_decimal_string()}),
+        ),
+        Settle::Rejected { reason } if reason.starts_with("ResourceNotAuthorized") => (
+            AlertKind::ResourceNotAuthorized,
+            serde_json::json!({"reason": reason}),
+        ),
+        Settle::Rejected { reason } => (AlertKind::Rejected, serde_json::json!({"reason": reason})),
+        _ => return Ok(()),
+    };
+    let mut body = event_summary(c, id)?;
+    if let (Some(b), Some(d)) = (body.as_object_mut(), detail.as_object()) {
+        b.extend(d.clone());
+    }
+    super::alerts::raise(c, &AlertKey::event(kind, id), body, now)?;
+    Ok(())
 }

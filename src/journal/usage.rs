@@ -2,6 +2,7 @@
 
 use super::JournalError;
 use crate::config::LateUsage;
+use crate::outcome::Outcome;
 use crate::quantity::Micros;
 use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -457,7 +458,7 @@ pub fn hourly_report(
         let plan: String = r.get(1)?;
         let sent_plan: Option<String> = r.get(11)?;
         let outcome = match (state, carried_to) {
-            (Some(s), Some(_)) if s == "expired" => "carried".to_string(),
+            (Some(s), Some(_)) if s == Outcome::Expired.as_str() => Outcome::Carried.to_string(),
             (Some(s), _) => s,
             (None, _) if hour >= open_hour => "open".to_string(),
             (None, _) if hour >= closed_before => "closing".to_string(),

@@ -60,21 +60,9 @@ pub fn notify_stopping() {
     ]);
 }
 
-/// `STATUS=` after each pass: pending count and when the pass ran.
-pub fn notify_status(summary: &crate::emit::PassSummary) {
-    let line = format!(
-        "pending {}; last pass {} (frozen {}, sent {}){}",
-        summary.pending_after,
-        summary.started,
-        summary.frozen,
-        summary.sent,
-        summary
-            .lease_held_by
-            .as_ref()
-            .map(|h| format!("; lease held by {h}"))
-            .unwrap_or_default()
-    );
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+/// `STATUS=` after each pass (the line the emitter's pass summary prints: pending count and when it ran).
+pub fn notify_status(line: &str) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(line)]);
 }
 
 /// Pings the systemd watchdog at half its interval, but only while the journal writer answers and the scheduler
@@ -112,10 +100,4 @@ pub fn spawn_watchdog(
             tokio::time::sleep(every).await;
         }
     }))
-}
-
-/// Installs the Prometheus recorder (once per process) and returns a renderer for `/metrics` (without the
-/// journal gauges; the daemon uses [`metrics::renderer`] with them).
-pub fn install_metrics() -> Option<std::sync::Arc<dyn Fn() -> String + Send + Sync>> {
-    metrics::renderer(None)
 }
