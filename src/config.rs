@@ -33,20 +33,27 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read configuration file {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
     /// The file (or an override) is not valid TOML or names an unknown key.
     #[error("{source_name}: {message}")]
     Parse {
+        /// The file, or the environment variable.
         source_name: String,
+        /// What is wrong.
         message: String,
     },
     /// A key has a value that is not allowed.
     #[error("{source_name}: key `{key}`: {message}")]
     Invalid {
+        /// The file, or the environment variable.
         source_name: String,
+        /// The key.
         key: String,
+        /// What is wrong.
         message: String,
     },
 }
