@@ -18,6 +18,7 @@
 //! - [`bill`]: billing arithmetic (allowance, overage, billing units, remainders, thresholds) into a [`bill::Bill`].
 //! - [`retry`]: retry policy (backoff with jitter, `Retry-After`).
 //! - [`alert_kind`]: alert kinds and their dedupe keys.
+//! - [`settle`]: per-event settlements: what one marketplace answer means for one event ([`settle::settle`]).
 //! - [`config`]: `meterd.toml` + `METERD_*` overrides, validated into [`config::Settings`] (reads its file and
 //!   the environment it is given; used by every layer above).
 //!
@@ -63,6 +64,7 @@ pub mod quantity;
 pub mod retry;
 pub mod resource;
 pub mod secret;
+pub mod settle;
 pub mod tls;
 
 /// Balances and consumption (the journal's billing face, [`journal::billing`]), at the path callers know.

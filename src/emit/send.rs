@@ -11,6 +11,7 @@ use crate::marketplace::types::batch_body;
 use crate::outcome::Outcome;
 use crate::quantity::Micros;
 use crate::resource::ResourceRef;
+use crate::settle::{SettleContext, settle};
 use chrono::Duration;
 use std::collections::BTreeMap;
 
@@ -100,67 +101,40 @@ async fn send_batch(
             for (i, r) in &pairs {
                 let ev = &batch[*i];
                 let sent_quantity = ev.send_quantity.unwrap_or(ev.quantity);
-                let settle = match classify(r, sent_quantity) {
-                    Classified::Accepted { usage_event_id } => Settle::Accepted { usage_event_id },
-                    Classified::Duplicate {
-                        theirs_micros,
-                        usage_event_id,
-                    } => Settle::Duplicate {
-                        market_quantity: theirs_micros.or(Some(sent_quantity)),
-                        usage_event_id,
-                    },
+                let classified = classify(r, sent_quantity);
+                // The log events of the answers that call for one (each with its alert).
+                match &classified {
                     Classified::DuplicateMismatch {
                         ours_micros,
                         theirs_micros,
-                    } => {
-                        tracing::error!(
-                            message = "The marketplace already holds another quantity for this hour; ours can never replace it.",
-                            resource = %ev.resource, dimension = %ev.dimension, hour = %fmt_time(ev.hour),
-                            ours = %Micros(ours_micros), theirs = %Micros(theirs_micros), alert = "duplicate_mismatch",
-                            request_id = %call.ids.request_id
-                        );
-                        Settle::DuplicateMismatch {
-                            market_quantity: theirs_micros,
-                        }
-                    }
-                    Classified::Expired => Settle::Expired {
-                        message: "the marketplace answered Expired".into(),
+                    } => tracing::error!(
+                        message = "The marketplace already holds another quantity for this hour; ours can never replace it.",
+                        resource = %ev.resource, dimension = %ev.dimension, hour = %fmt_time(ev.hour),
+                        ours = %Micros(*ours_micros), theirs = %Micros(*theirs_micros), alert = "duplicate_mismatch",
+                        request_id = %call.ids.request_id
+                    ),
+                    Classified::NotAuthorized { message } => tracing::error!(
+                        message = "This identity may not report usage for the resource (ResourceNotAuthorized).",
+                        resource = %ev.resource, detail = %message, alert = "resource_not_authorized"
+                    ),
+                    Classified::Invalid { status, message } => tracing::error!(
+                        message = "The marketplace rejected the event.", resource = %ev.resource, dimension = %ev.dimension,
+                        plan = %ev.plan, status = %status.as_str(), detail = %message, alert = "rejected"
+                    ),
+                    _ => {}
+                }
+                let settlement = settle(
+                    classified.into(),
+                    &SettleContext {
+                        sent_quantity,
+                        attempts: ev.attempts,
+                        delays,
+                        hold_recheck,
                     },
-                    Classified::NotFoundOrNotActive { status } => {
-                        result.recheck_subscriptions = true;
-                        Settle::Hold {
-                            reason: format!(
-                                "{}{}; holding and re-checking the subscription at the next list refresh",
-                                outbound::REFUSED,
-                                status.as_str()
-                            ),
-                            next_at: now + hold_recheck,
-                        }
-                    }
-                    Classified::NotAuthorized { message } => {
-                        tracing::error!(
-                            message = "This identity may not report usage for the resource (ResourceNotAuthorized).",
-                            resource = %ev.resource, detail = %message, alert = "resource_not_authorized"
-                        );
-                        Settle::Rejected {
-                            reason: format!("ResourceNotAuthorized: {message}"),
-                        }
-                    }
-                    Classified::Invalid { status, message } => {
-                        tracing::error!(
-                            message = "The marketplace rejected the event.", resource = %ev.resource, dimension = %ev.dimension,
-                            plan = %ev.plan, status = %status.as_str(), detail = %message, alert = "rejected"
-                        );
-                        Settle::Rejected {
-                            reason: format!("{}: {message}", status.as_str()),
-                        }
-                    }
-                    Classified::Transient { message, ambiguous } => Settle::Retry {
-                        error: message,
-                        next_at: now + delays.after(ev.attempts + 1),
-                        ambiguous,
-                    },
-                };
+                    now,
+                );
+                result.recheck_subscriptions |= settlement.recheck_subscriptions;
+                let settle = settlement.settle;
                 settles.push((ev.id, settle));
             }
             for i in unmatched(&keys, &pairs) {

@@ -14,9 +14,7 @@ use crate::outcome::Outcome;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// How a hold after a marketplace refusal (`ResourceNotFound`, `ResourceNotActive`) starts its reason (the
-/// journal finds those holds by it).
-pub const REFUSED: &str = "the marketplace answered ";
+pub use crate::settle::REFUSED;
 
 /// The first hour that is not closed at `now`: hour H is closed when `H + 1h + grace <= now`.
 pub fn first_open_hour(now: DateTime<Utc>, grace: Duration) -> i64 {
@@ -260,62 +258,7 @@ pub fn add_prebilled(
     Ok(())
 }
 
-/// How one event's attempt ended, as the journal records it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Settle {
-    /// Recorded by the marketplace.
-    Accepted {
-        /// The marketplace's id.
-        usage_event_id: Option<String>,
-    },
-    /// Already recorded with the same quantity.
-    Duplicate {
-        /// Quantity the marketplace holds (as it said it, billing units in micro-units).
-        market_quantity: Option<i64>,
-        /// The marketplace's id of the recorded event, when it said it.
-        usage_event_id: Option<String>,
-    },
-    /// Already recorded with another quantity.
-    DuplicateMismatch {
-        /// Quantity the marketplace holds.
-        market_quantity: i64,
-    },
-    /// The marketplace said `Expired`.
-    Expired {
-        /// What it said.
-        message: String,
-    },
-    /// Terminal refusal (`InvalidDimension`, `ResourceNotAuthorized`, ...).
-    Rejected {
-        /// The marketplace's reason.
-        reason: String,
-    },
-    /// The subscription was cancelled before this hour closed.
-    SkippedUnsubscribed,
-    /// Not sendable now (subscription not active); re-check at `next_at`.
-    Hold {
-        /// Why.
-        reason: String,
-        /// When to look again.
-        next_at: DateTime<Utc>,
-    },
-    /// Not sent this time for a passing reason (subscription list unavailable); look again at `next_at`.
-    Defer {
-        /// Why.
-        reason: String,
-        /// When to look again.
-        next_at: DateTime<Utc>,
-    },
-    /// The attempt failed; try again at `next_at`.
-    Retry {
-        /// What went wrong.
-        error: String,
-        /// When.
-        next_at: DateTime<Utc>,
-        /// The attempt may have been recorded.
-        ambiguous: bool,
-    },
-}
+pub use crate::settle::Settle;
 
 /// What settling an event needs from the settings: the late-usage policy for expired units and the billing
 /// unit of each dimension (to know how much of a billed event's usage its whole units cover).

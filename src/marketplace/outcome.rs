@@ -245,6 +245,35 @@ pub fn unmatched(sent: &[SentKey], matched: &[(usize, &UsageResult)]) -> Vec<usi
         .collect()
 }
 
+impl From<Classified> for crate::settle::Answer {
+    fn from(c: Classified) -> Self {
+        use crate::settle::Answer;
+        match c {
+            Classified::Accepted { usage_event_id } => Answer::Accepted { usage_event_id },
+            Classified::Duplicate {
+                theirs_micros,
+                usage_event_id,
+            } => Answer::Duplicate {
+                theirs_micros,
+                usage_event_id,
+            },
+            Classified::DuplicateMismatch { theirs_micros, .. } => {
+                Answer::DuplicateMismatch { theirs_micros }
+            }
+            Classified::Expired => Answer::Expired,
+            Classified::NotFoundOrNotActive { status } => Answer::NotFoundOrNotActive {
+                status: status.as_str().to_owned(),
+            },
+            Classified::NotAuthorized { message } => Answer::NotAuthorized { message },
+            Classified::Invalid { status, message } => Answer::Invalid {
+                status: status.as_str().to_owned(),
+                message,
+            },
+            Classified::Transient { message, ambiguous } => Answer::Transient { message, ambiguous },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
