@@ -19,6 +19,7 @@ use crate::journal::Journal;
 use crate::journal::outbound::{self, PendingEvent, Settle};
 use crate::marketplace::client::MarketplaceClient;
 use crate::marketplace::types::event_json;
+use crate::ops::telemetry::{EventsSettled, InternalEvent};
 use crate::outcome::Outcome;
 use crate::resource::ResourceRef;
 use crate::retry::RetryDelays;
@@ -293,7 +294,7 @@ impl Emitter {
                 }
             }
             *summary.outcomes.entry(e.state.to_string()).or_default() += 1;
-            metrics::counter!("meterd_events_total", "outcome" => e.state.as_str()).increment(1);
+            EventsSettled { outcome: e.state.as_str(), count: 1 }.emit();
         }
         summary.expired = expired;
 
@@ -367,7 +368,7 @@ impl Emitter {
             .await?;
         for (k, n) in counts {
             // Outcomes settled without a call (included, remainder, skipped_unsubscribed, held, ...) count too.
-            metrics::counter!("meterd_events_total", "outcome" => k.clone()).increment(n as u64);
+            EventsSettled { outcome: &k, count: n as u64 }.emit();
             *summary.outcomes.entry(k).or_default() += n;
         }
         if sendable.is_empty() {

@@ -8,6 +8,7 @@ use crate::journal::outbound::{self, PendingEvent, Settle};
 use crate::marketplace::client::{CallError, MarketplaceClient};
 use crate::marketplace::outcome::{Classified, SentKey, classify, match_results, unmatched};
 use crate::marketplace::types::batch_body;
+use crate::ops::telemetry::{EventsSettled, InternalEvent};
 use crate::outcome::Outcome;
 use crate::quantity::Micros;
 use crate::resource::ResourceRef;
@@ -245,7 +246,7 @@ async fn send_batch(
         })
         .await?;
     for (k, n) in &outcomes {
-        metrics::counter!("meterd_events_total", "outcome" => k.clone()).increment(*n as u64);
+        EventsSettled { outcome: k, count: *n as u64 }.emit();
     }
     result.outcomes = outcomes;
     Ok(result)

@@ -8,6 +8,7 @@ use crate::journal::Journal;
 use crate::journal::outbound::{self, KnownSubscription, ListedSubscription, PendingEvent, Settle};
 use crate::marketplace::client::MarketplaceClient;
 use crate::marketplace::types::SubscriptionStatus;
+use crate::ops::telemetry::{InternalEvent, SubscriptionListFailed, SubscriptionListFetched};
 use crate::resource::ResourceRef;
 use chrono::{DateTime, Duration, Utc};
 use std::collections::BTreeMap;
@@ -77,10 +78,10 @@ impl SubscriptionView {
             let started = std::time::Instant::now();
             match client.list_subscriptions().await {
                 Ok(list) => {
-                    metrics::counter!("meterd_subscription_refreshes_total", "result" => "ok")
-                        .increment(1);
-                    metrics::histogram!("meterd_subscription_refresh_seconds")
-                        .record(started.elapsed().as_secs_f64());
+                    SubscriptionListFetched {
+                        elapsed: started.elapsed(),
+                    }
+                    .emit();
                     let listed: Vec<ListedSubscription> = list
                         .iter()
                         .map(|s| ListedSubscription {
@@ -119,12 +120,11 @@ impl SubscriptionView {
                     }
                 }
                 Err(e) => {
-                    metrics::counter!("meterd_subscription_refreshes_total", "result" => "error")
-                        .increment(1);
-                    tracing::warn!(
-                        message = "Could not fetch the subscription list; using what meterd saw last.",
-                        error = %e, advice = e.advice().unwrap_or("")
-                    );
+                    SubscriptionListFailed {
+                        error: &e,
+                        advice: e.advice().unwrap_or(""),
+                    }
+                    .emit();
                     cache.0?;
                 }
             }

@@ -1,9 +1,10 @@
 //! Operations: liveness of the daemon's moving parts (health probes and the systemd watchdog read it), the
 //! systemd notify protocol (`READY=1`, `WATCHDOG=1`, `STATUS=`, `STOPPING=1`), socket activation
-//! ([`activation`]) and Prometheus metrics ([`metrics`]).
+//! ([`activation`]), Prometheus metrics ([`metrics`]) and typed telemetry ([`telemetry`]).
 
 pub mod activation;
 pub mod metrics;
+pub mod telemetry;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
