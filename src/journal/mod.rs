@@ -82,9 +82,11 @@
 
 pub mod alerts;
 pub mod billing;
+pub mod leases;
 pub mod outbound;
 mod schema;
 pub mod status;
+pub mod subscriptions;
 pub mod usage;
 
 pub use schema::{current_version, migrate};
