@@ -18,7 +18,8 @@
 //! - [`bill`]: billing arithmetic (allowance, overage, billing units, remainders, thresholds) into a [`bill::Bill`].
 //! - [`retry`]: retry policy (backoff with jitter, `Retry-After`).
 //! - [`alert_kind`]: alert kinds and their dedupe keys.
-//! - [`settle`]: per-event settlements: what one marketplace answer means for one event ([`settle::settle`]).
+//! - [`settle`]: per-event settlements ([`settle::Settle`], [`settle::Settlement`]); the pure mapping of a
+//!   classified answer onto one is `marketplace::outcome::settle`, next to the classification.
 //! - [`config`]: `meterd.toml` + `METERD_*` overrides, validated into [`config::Settings`] (reads its file and
 //!   the environment it is given; used by every layer above).
 //!

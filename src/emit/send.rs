@@ -6,13 +6,13 @@ use crate::clock::{SharedClock, fmt_time, to_utc};
 use crate::journal::Journal;
 use crate::journal::outbound::{self, PendingEvent, Settle};
 use crate::marketplace::client::{CallError, MarketplaceClient};
-use crate::marketplace::outcome::{Classified, SentKey, classify, match_results, unmatched};
+use crate::marketplace::outcome::{Classified, SentKey, classify, match_results, settle, unmatched};
 use crate::marketplace::types::batch_body;
 use crate::ops::telemetry::{EventsSettled, InternalEvent};
 use crate::outcome::Outcome;
 use crate::quantity::Micros;
 use crate::resource::ResourceRef;
-use crate::settle::{SettleContext, settle};
+use crate::settle::SettleContext;
 use chrono::Duration;
 use std::collections::BTreeMap;
 
@@ -125,7 +125,7 @@ async fn send_batch(
                     _ => {}
                 }
                 let settlement = settle(
-                    classified.into(),
+                    classified,
                     &SettleContext {
                         sent_quantity,
                         attempts: ev.attempts,

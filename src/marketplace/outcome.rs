@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::quantity::Micros;
 use crate::resource::ResourceRef;
+use crate::settle::{REFUSED, Settle, SettleContext, Settlement};
 use super::types::{UsageEvent, UsageResult, UsageStatus, parse_utc};
 
 /// The meaning of one event's result.
@@ -245,32 +246,49 @@ pub fn unmatched(sent: &[SentKey], matched: &[(usize, &UsageResult)]) -> Vec<usi
         .collect()
 }
 
-impl From<Classified> for crate::settle::Answer {
-    fn from(c: Classified) -> Self {
-        use crate::settle::Answer;
-        match c {
-            Classified::Accepted { usage_event_id } => Answer::Accepted { usage_event_id },
-            Classified::Duplicate {
-                theirs_micros,
-                usage_event_id,
-            } => Answer::Duplicate {
-                theirs_micros,
-                usage_event_id,
-            },
-            Classified::DuplicateMismatch { theirs_micros, .. } => {
-                Answer::DuplicateMismatch { theirs_micros }
+/// Maps one event's classified answer onto its settlement at `now`. Pure.
+pub fn settle(answer: Classified, event: &SettleContext, now: DateTime<Utc>) -> Settlement {
+    let mut recheck_subscriptions = false;
+    let settle = match answer {
+        Classified::Accepted { usage_event_id } => Settle::Accepted { usage_event_id },
+        Classified::Duplicate {
+            theirs_micros,
+            usage_event_id,
+        } => Settle::Duplicate {
+            market_quantity: theirs_micros.or(Some(event.sent_quantity)),
+            usage_event_id,
+        },
+        Classified::DuplicateMismatch { theirs_micros, .. } => Settle::DuplicateMismatch {
+            market_quantity: theirs_micros,
+        },
+        Classified::Expired => Settle::Expired {
+            message: "the marketplace answered Expired".into(),
+        },
+        Classified::NotFoundOrNotActive { status } => {
+            recheck_subscriptions = true;
+            Settle::Hold {
+                reason: format!(
+                    "{REFUSED}{}; holding and re-checking the subscription at the next list refresh",
+                    status.as_str()
+                ),
+                next_at: now + event.hold_recheck,
             }
-            Classified::Expired => Answer::Expired,
-            Classified::NotFoundOrNotActive { status } => Answer::NotFoundOrNotActive {
-                status: status.as_str().to_owned(),
-            },
-            Classified::NotAuthorized { message } => Answer::NotAuthorized { message },
-            Classified::Invalid { status, message } => Answer::Invalid {
-                status: status.as_str().to_owned(),
-                message,
-            },
-            Classified::Transient { message, ambiguous } => Answer::Transient { message, ambiguous },
         }
+        Classified::NotAuthorized { message } => Settle::Rejected {
+            reason: format!("ResourceNotAuthorized: {message}"),
+        },
+        Classified::Invalid { status, message } => Settle::Rejected {
+            reason: format!("{}: {message}", status.as_str()),
+        },
+        Classified::Transient { message, ambiguous } => Settle::Retry {
+            error: message,
+            next_at: now + event.delays.after(event.attempts + 1),
+            ambiguous,
+        },
+    };
+    Settlement {
+        settle,
+        recheck_subscriptions,
     }
 }
 
@@ -559,5 +577,64 @@ mod tests {
     fn sent_key_rejects_foreign_json() {
         assert!(SentKey::from_event_json("{}").is_err());
         assert!(SentKey::from_event_json("not json").is_err());
+    }
+
+    fn settle_ctx() -> SettleContext {
+        SettleContext {
+            sent_quantity: 5_000_000,
+            attempts: 0,
+            delays: crate::retry::RetryDelays {
+                min: std::time::Duration::from_secs(30),
+                max: std::time::Duration::from_secs(60),
+            },
+            hold_recheck: chrono::Duration::seconds(300),
+        }
+    }
+
+    #[test]
+    fn settles_answers_onto_settlements() {
+        let now = DateTime::from_timestamp(1_000_000, 0).unwrap();
+        use chrono::Duration;
+        let s = settle(
+            Classified::Duplicate {
+                theirs_micros: None,
+                usage_event_id: None,
+            },
+            &settle_ctx(),
+            now,
+        );
+        assert_eq!(
+            s.settle,
+            Settle::Duplicate {
+                market_quantity: Some(5_000_000),
+                usage_event_id: None
+            }
+        );
+        let s = settle(
+            Classified::NotFoundOrNotActive {
+                status: UsageStatus::ResourceNotFound,
+            },
+            &settle_ctx(),
+            now,
+        );
+        assert!(s.recheck_subscriptions);
+        assert_eq!(
+            s.settle,
+            Settle::Hold {
+                reason: "the marketplace answered ResourceNotFound; holding and re-checking the subscription at the next list refresh".into(),
+                next_at: now + Duration::seconds(300)
+            }
+        );
+        let s = settle(
+            Classified::Transient {
+                message: "Error".into(),
+                ambiguous: true,
+            },
+            &settle_ctx(),
+            now,
+        );
+        assert!(
+            matches!(s.settle, Settle::Retry { ambiguous: true, next_at, .. } if next_at > now && next_at <= now + Duration::seconds(60))
+        );
     }
 }
