@@ -88,11 +88,17 @@ mod tests {
 
     #[test]
     fn dedupe_keys_are_todays() {
-        assert_eq!(AlertKey::event(AlertKind::PendingAge, 7).dedupe, "pending_age:7");
+        assert_eq!(
+            AlertKey::event(AlertKind::PendingAge, 7).dedupe,
+            "pending_age:7"
+        );
         assert_eq!(
             AlertKey::threshold("r", "d", 3600, "80%").dedupe,
             "threshold:r:d:3600:80%"
         );
-        assert_eq!(AlertKey::marketplace_auth(401, 7200).dedupe, "auth:401:7200");
+        assert_eq!(
+            AlertKey::marketplace_auth(401, 7200).dedupe,
+            "auth:401:7200"
+        );
     }
 }

@@ -43,7 +43,9 @@ pub async fn deliver_once(
     http: Option<&reqwest::Client>,
 ) -> Result<usize, JournalError> {
     let now = clock.now();
-    let due = journal.read(move |c| crate::journal::alerts::due(c, now)).await?;
+    let due = journal
+        .read(move |c| crate::journal::alerts::due(c, now))
+        .await?;
     let mut delivered = 0;
     for alert in due {
         let result: Result<(), String> = match (url, http) {

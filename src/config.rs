@@ -1,3 +1,6 @@
+//! (Over 600 lines for one role: the one schema of `meterd.toml`, its environment overrides and their validation;
+//! splitting it would split each key from its check.)
+//!
 //! Configuration in three steps: the TOML file is read into [`RawConfig`] (every key optional, unknown keys
 //! rejected), environment variables `METERD_<SECTION>__<KEY>` are laid over it, and [`Settings::validate`] turns
 //! it into [`Settings`], where every value has been checked and every default applied.

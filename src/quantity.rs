@@ -228,7 +228,10 @@ mod tests {
         assert_eq!(Micros(12_345_678).to_decimal_string(), "12.345678");
         assert_eq!(Micros(100_000).to_decimal_string(), "0.1");
         assert_eq!(Micros(-1_500_000).to_decimal_string(), "-1.5");
-        assert_eq!(Micros(i64::MIN).to_decimal_string(), "-9223372036854.775808");
+        assert_eq!(
+            Micros(i64::MIN).to_decimal_string(),
+            "-9223372036854.775808"
+        );
     }
 
     #[test]
@@ -249,7 +252,11 @@ mod tests {
         for micros in [1_i64, 7, 999_999, 1_000_001, 20_500_000, 123_456_789_012] {
             let printed = Micros(micros).to_decimal_string();
             let parsed: f64 = printed.parse().expect("a decimal");
-            assert_eq!(Micros::from_f64_rounded(parsed), Some(Micros(micros)), "{printed}");
+            assert_eq!(
+                Micros::from_f64_rounded(parsed),
+                Some(Micros(micros)),
+                "{printed}"
+            );
         }
     }
 }

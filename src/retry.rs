@@ -29,7 +29,11 @@ impl RetryDelays {
 
     /// Delay before the retry that follows attempt number `attempts` when the answer may carry a `Retry-After`:
     /// the marketplace's delay wins (at least one second), else the backoff.
-    pub fn after_answer(&self, attempts: i64, retry_after: Option<std::time::Duration>) -> Duration {
+    pub fn after_answer(
+        &self,
+        attempts: i64,
+        retry_after: Option<std::time::Duration>,
+    ) -> Duration {
         let delay = self.after(attempts);
         match retry_after {
             Some(ra) => Duration::from_std(ra)

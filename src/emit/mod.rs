@@ -87,7 +87,6 @@ pub struct LastPass {
     pub last_completed: Option<String>,
 }
 
-
 /// The emitter.
 pub struct Emitter {
     settings: Arc<Settings>,
@@ -104,7 +103,6 @@ pub struct Emitter {
     pass_lock: tokio::sync::Mutex<()>,
     last: std::sync::Mutex<LastPass>,
 }
-
 
 impl Emitter {
     /// An emitter over `journal`, sending through `client`.
@@ -136,7 +134,6 @@ impl Emitter {
     pub fn last(&self) -> LastPass {
         self.last.lock().expect("last pass lock").clone()
     }
-
 
     fn delays(&self) -> RetryDelays {
         RetryDelays {
@@ -294,7 +291,11 @@ impl Emitter {
                 }
             }
             *summary.outcomes.entry(e.state.to_string()).or_default() += 1;
-            EventsSettled { outcome: e.state.as_str(), count: 1 }.emit();
+            EventsSettled {
+                outcome: e.state.as_str(),
+                count: 1,
+            }
+            .emit();
         }
         summary.expired = expired;
 
@@ -305,7 +306,10 @@ impl Emitter {
         if due.is_empty() {
             return Ok(());
         }
-        let known = self.subscriptions.known(&self.client, &self.journal, &due, now).await;
+        let known = self
+            .subscriptions
+            .known(&self.client, &self.journal, &due, now)
+            .await;
         let mut decisions = Vec::with_capacity(due.len());
         for ev in &due {
             decisions.push(self.subscriptions.decide(ev, &known, now));
@@ -340,7 +344,8 @@ impl Emitter {
                                 continue;
                             }
                             // Billed once, with the body: allowance, billing units, thresholds.
-                            let bill = crate::journal::billing::bill(c, &settings, &ev, &plan, now)?;
+                            let bill =
+                                crate::journal::billing::bill(c, &settings, &ev, &plan, now)?;
                             if bill.send == 0 {
                                 let state = outbound::settle_unbilled(c, id, &plan, &bill, now)?;
                                 *counts.entry(state.to_string()).or_default() += 1;
@@ -368,7 +373,11 @@ impl Emitter {
             .await?;
         for (k, n) in counts {
             // Outcomes settled without a call (included, remainder, skipped_unsubscribed, held, ...) count too.
-            EventsSettled { outcome: &k, count: n as u64 }.emit();
+            EventsSettled {
+                outcome: &k,
+                count: n as u64,
+            }
+            .emit();
             *summary.outcomes.entry(k).or_default() += n;
         }
         if sendable.is_empty() {
@@ -441,6 +450,4 @@ impl Emitter {
         }
         Ok(())
     }
-
 }
-

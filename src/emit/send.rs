@@ -6,7 +6,9 @@ use crate::clock::{SharedClock, fmt_time, to_utc};
 use crate::journal::Journal;
 use crate::journal::outbound::{self, PendingEvent, Settle};
 use crate::marketplace::client::{CallError, MarketplaceClient};
-use crate::marketplace::outcome::{Classified, SentKey, classify, match_results, settle, unmatched};
+use crate::marketplace::outcome::{
+    Classified, SentKey, classify, match_results, settle, unmatched,
+};
 use crate::marketplace::types::batch_body;
 use crate::ops::telemetry::{EventsSettled, InternalEvent};
 use crate::outcome::Outcome;
@@ -246,9 +248,12 @@ async fn send_batch(
         })
         .await?;
     for (k, n) in &outcomes {
-        EventsSettled { outcome: k, count: *n as u64 }.emit();
+        EventsSettled {
+            outcome: k,
+            count: *n as u64,
+        }
+        .emit();
     }
     result.outcomes = outcomes;
     Ok(result)
 }
-

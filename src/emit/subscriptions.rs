@@ -60,7 +60,11 @@ impl SubscriptionView {
         due: &[PendingEvent],
         now: DateTime<Utc>,
     ) -> Option<BTreeMap<String, KnownSubscription>> {
-        if !self.settings.subscriptions.check || !due.iter().any(|e| ResourceRef::parse(&e.resource).is_saas_subscription()) {
+        if !self.settings.subscriptions.check
+            || !due
+                .iter()
+                .any(|e| ResourceRef::parse(&e.resource).is_saas_subscription())
+        {
             return journal.read(outbound::known_subscriptions).await.ok();
         }
         let mut cache = self.cache.lock().await;
@@ -143,7 +147,8 @@ impl SubscriptionView {
         let sub = known
             .as_ref()
             .and_then(|k| k.get(&ev.resource.to_ascii_lowercase()));
-        let checked = self.settings.subscriptions.check && ResourceRef::parse(&ev.resource).is_saas_subscription();
+        let checked = self.settings.subscriptions.check
+            && ResourceRef::parse(&ev.resource).is_saas_subscription();
         if checked {
             let Some(known) = known else {
                 return Decision::Settle(Settle::Defer {
@@ -156,8 +161,13 @@ impl SubscriptionView {
                 // its `resourceUsageId` (which no list shows), and the marketplace judges it. An unknown SaaS id is
                 // refused (`ResourceNotFound`) and held like any refusal, re-checked once per list refresh.
                 None => {}
-                Some(s) if SubscriptionStatus::from_wire(&s.status) == SubscriptionStatus::Subscribed => {}
-                Some(s) if SubscriptionStatus::from_wire(&s.status) == SubscriptionStatus::Unsubscribed => {
+                Some(s)
+                    if SubscriptionStatus::from_wire(&s.status)
+                        == SubscriptionStatus::Subscribed => {}
+                Some(s)
+                    if SubscriptionStatus::from_wire(&s.status)
+                        == SubscriptionStatus::Unsubscribed =>
+                {
                     let seen = s.unsubscribed_seen_at.unwrap_or(now.timestamp());
                     // The marketplace refused this hour and the list now shows the cancellation: the hour
                     // closed after the real cancellation, before meterd saw it. Sending again cannot help.

@@ -76,7 +76,12 @@ pub fn list(conn: &Connection, limit: i64) -> Result<Vec<serde_json::Value>, Jou
 }
 
 /// Records a delivered alert.
-pub fn delivered(conn: &Connection, id: i64, attempts: i64, now: DateTime<Utc>) -> Result<(), JournalError> {
+pub fn delivered(
+    conn: &Connection,
+    id: i64,
+    attempts: i64,
+    now: DateTime<Utc>,
+) -> Result<(), JournalError> {
     conn.execute(
         "UPDATE alerts SET delivered_at = ?2, attempts = ?3, last_error = NULL WHERE id = ?1",
         params![id, now.timestamp(), attempts],

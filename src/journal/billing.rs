@@ -28,10 +28,9 @@ pub fn term_for(
         })
         .optional()?;
     let (anchor, months) = match sub {
-        Some((Some(start), Some(unit))) if months_of(&unit).is_some() => (
-            crate::clock::to_utc(start),
-            months_of(&unit).unwrap_or(1),
-        ),
+        Some((Some(start), Some(unit))) if months_of(&unit).is_some() => {
+            (crate::clock::to_utc(start), months_of(&unit).unwrap_or(1))
+        }
         _ => (
             Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0)
                 .single()
@@ -78,7 +77,14 @@ pub fn bill(
         thresholds: decl.map(|d| d.thresholds.as_slice()).unwrap_or(&[]),
     })
     .ok_or_else(|| JournalError::Invalid("term consumption overflows".into()))?;
-    let Computed { mut bill, fresh, overage, consumed_after: after, store_remainder, crossings } = computed;
+    let Computed {
+        mut bill,
+        fresh,
+        overage,
+        consumed_after: after,
+        store_remainder,
+        crossings,
+    } = computed;
     conn.prepare_cached(
         "INSERT INTO term_usage (resource, dimension, plan, term_start, term_end, consumed, overage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (resource, dimension, plan, term_start) DO UPDATE SET consumed = consumed + excluded.consumed, overage = overage + excluded.overage",

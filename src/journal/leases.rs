@@ -1,8 +1,8 @@
 //! Leases (`leases` table): single-flight emission (invariant 7 of this module's face: one owner until expiry).
 
 use super::JournalError;
-use chrono::{DateTime, Duration, Utc};
 use crate::clock::fmt_time;
+use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, params};
 
 /// Takes (or renews) the lease `name` for `owner` until `now + ttl`. `Err(holder)` when someone else holds it.
@@ -41,4 +41,3 @@ pub fn release_lease(conn: &Connection, name: &str, owner: &str) -> Result<(), J
 pub fn clear_leases(conn: &Connection) -> Result<usize, JournalError> {
     Ok(conn.execute("DELETE FROM leases", [])?)
 }
-

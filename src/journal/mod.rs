@@ -1,5 +1,8 @@
 //! The journal: meterd's only state, one SQLite file.
 //!
+//! (Over 600 lines for one role: the face with its invariants and tables, the single writer thread, and the
+//! tests of its commit and rollback rules.)
+//!
 //! # Invariants
 //!
 //! These are the promises of `design.md`; every change to this module keeps them, and each has a test.

@@ -8,9 +8,9 @@ use super::JournalError;
 use super::usage::{add_to_hour, frozen_through, record_carry};
 use crate::clock::{HOUR, fmt_time, hour_of};
 use crate::config::LateUsage;
+use crate::outcome::Outcome;
 use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
-use crate::outcome::Outcome;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -599,6 +599,10 @@ pub fn expire_overdue(
 }
 
 pub use super::leases::{acquire_lease, clear_leases, release_lease};
-pub use super::subscriptions::{KnownSubscription, ListedSubscription, known_subscriptions, store_subscriptions};
+pub use super::subscriptions::{
+    KnownSubscription, ListedSubscription, known_subscriptions, store_subscriptions,
+};
 
-pub use super::alerts::{event_summary, raise_expired_unconfirmed, raise_for_settle, raise_pending_age_alerts};
+pub use super::alerts::{
+    event_summary, raise_expired_unconfirmed, raise_for_settle, raise_pending_age_alerts,
+};

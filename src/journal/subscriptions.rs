@@ -2,8 +2,8 @@
 //! cancellation was first seen.
 
 use super::JournalError;
-use chrono::{DateTime, Utc};
 use crate::clock::fmt_time;
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
 
@@ -141,4 +141,3 @@ pub fn known_subscriptions(
     }
     Ok(out)
 }
-

@@ -24,8 +24,8 @@ use serde::Deserialize;
 
 use super::MARKETPLACE_RESOURCE_ID;
 use super::advice::{aadsts_advice, excerpt, find_aadsts_code};
-use crate::secret::Secret;
 use crate::clock::SharedClock;
+use crate::secret::Secret;
 
 /// A boxed, sendable future (what [`TokenProvider::token`] returns, to keep the trait object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

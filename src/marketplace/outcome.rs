@@ -7,10 +7,10 @@
 
 use chrono::{DateTime, Utc};
 
+use super::types::{UsageEvent, UsageResult, UsageStatus, parse_utc};
 use crate::quantity::Micros;
 use crate::resource::ResourceRef;
 use crate::settle::{REFUSED, Settle, SettleContext, Settlement};
-use super::types::{UsageEvent, UsageResult, UsageStatus, parse_utc};
 
 /// The meaning of one event's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +85,10 @@ pub fn classify(result: &UsageResult, ours_micros: i64) -> Classified {
                 .as_ref()
                 .and_then(|e| e.additional_info.as_ref())
                 .and_then(|a| a.accepted_message.as_ref());
-            let theirs = original.and_then(|m| m.quantity).and_then(Micros::from_f64_rounded).map(|m| m.0);
+            let theirs = original
+                .and_then(|m| m.quantity)
+                .and_then(Micros::from_f64_rounded)
+                .map(|m| m.0);
             let usage_event_id = original
                 .and_then(|m| m.usage_event_id.clone())
                 .or_else(|| result.usage_event_id.clone());

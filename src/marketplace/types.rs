@@ -1,7 +1,9 @@
 //! Request and response bodies of the Metering and SaaS Fulfillment APIs.
 //!
-//! Outbound: meterd freezes each usage event as JSON bytes when its hour closes ([`event_json`]) and sends those
-//! bytes, wrapped by [`batch_body`], on every attempt. Re-serialising on retry could change the bytes (a timestamp
+//! (Over 600 lines for one role: every body of the contract, with the lenient parsers real answers need.)
+//!
+//! Outbound: meterd freezes each usage event as JSON bytes once, when it is first billed, just before its first
+//! send ([`event_json`]), and sends those bytes, wrapped by [`batch_body`], on every attempt. Re-serialising on retry could change the bytes (a timestamp
 //! recomputed, a float printed differently) and turn a harmless resend into a `Duplicate` mismatch.
 //!
 //! Inbound: real answers differ from the published spec (per-event errors are BadRequest-shaped, numbers come as
@@ -9,8 +11,8 @@
 //! parses numbers leniently.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize};
+use std::fmt;
 
 use crate::quantity::Micros;
 use crate::resource::ResourceRef;

@@ -18,7 +18,8 @@ pub struct SubscriptionListFetched {
 impl InternalEvent for SubscriptionListFetched {
     fn emit(self) {
         metrics::counter!("meterd_subscription_refreshes_total", "result" => "ok").increment(1);
-        metrics::histogram!("meterd_subscription_refresh_seconds").record(self.elapsed.as_secs_f64());
+        metrics::histogram!("meterd_subscription_refresh_seconds")
+            .record(self.elapsed.as_secs_f64());
     }
 }
 
@@ -52,6 +53,7 @@ pub struct EventsSettled<'a> {
 
 impl InternalEvent for EventsSettled<'_> {
     fn emit(self) {
-        metrics::counter!("meterd_events_total", "outcome" => self.outcome.to_string()).increment(self.count);
+        metrics::counter!("meterd_events_total", "outcome" => self.outcome.to_string())
+            .increment(self.count);
     }
 }
