@@ -6,7 +6,6 @@
 //! a restart loses nothing). Every alert is also a log event and a metric when it is raised.
 
 use crate::journal::{Journal, JournalError};
-use std::sync::Arc;
 
 /// Every alert (newest first), for status and tests: [`crate::journal::alerts::list`].
 pub use crate::journal::alerts::list;
@@ -109,7 +108,6 @@ pub fn spawn(
     url: Option<String>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let _ = Arc::new(());
     tokio::spawn(deliver_loop(
         journal,
         clock,

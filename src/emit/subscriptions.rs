@@ -91,7 +91,7 @@ impl SubscriptionView {
                         .map(|s| ListedSubscription {
                             id: s.id.clone(),
                             status: s.saas_subscription_status.trim().to_string(),
-                            plan: s.plan_id.clone().unwrap_or_default(),
+                            plan: s.plan_id.clone(),
                             offer: s.offer_id.clone().unwrap_or_default(),
                             term_start: s
                                 .term

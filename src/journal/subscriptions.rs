@@ -31,8 +31,8 @@ pub struct ListedSubscription {
     pub id: String,
     /// Status, trimmed.
     pub status: String,
-    /// Plan id.
-    pub plan: String,
+    /// Plan id (`None`: the list named none; stored as `''`).
+    pub plan: Option<String>,
     /// Offer id.
     pub offer: String,
     /// Term start.
@@ -109,7 +109,14 @@ pub fn store_subscriptions(
         let id = s.id.to_ascii_lowercase();
         let (term_start, term_end, term_unit) = term_to_store(conn, &id, s, now)?;
         stmt.execute(params![
-            id, s.status, s.plan, s.offer, term_start, term_end, term_unit, now_s
+            id,
+            s.status,
+            s.plan.as_deref().unwrap_or(""),
+            s.offer,
+            term_start,
+            term_end,
+            term_unit,
+            now_s
         ])?;
     }
     conn.prepare_cached("UPDATE subscriptions SET status = 'Unknown' WHERE updated_at < ?1 AND status != 'Unsubscribed'")?
