@@ -6,76 +6,9 @@
 //! a restart loses nothing). Every alert is also a log event and a metric when it is raised.
 
 use crate::journal::{Journal, JournalError};
-use chrono::{DateTime, Duration, Utc};
-use rusqlite::{Connection, params};
-use std::sync::Arc;
 
-/// Records an alert once per `dedupe` key. Returns true when it is new.
-pub fn raise(
-    conn: &Connection,
-    kind: &str,
-    dedupe: &str,
-    mut body: serde_json::Value,
-    now: DateTime<Utc>,
-) -> Result<bool, JournalError> {
-    body["kind"] = kind.into();
-    body["raised_at"] = crate::journal::usage::fmt_time(now.timestamp()).into();
-    let n = conn
-        .prepare_cached(
-            "INSERT INTO alerts (kind, dedupe, body, created_at, next_attempt_at) VALUES (?1, ?2, ?3, ?4, ?4)
-             ON CONFLICT (dedupe) DO NOTHING",
-        )?
-        .execute(params![kind, dedupe, body.to_string(), now.timestamp()])?;
-    if n == 1 {
-        metrics::counter!("meterd_alerts_total", "kind" => kind.to_string()).increment(1);
-    }
-    Ok(n == 1)
-}
-
-/// An alert waiting for delivery.
-#[derive(Debug, Clone)]
-pub struct PendingAlert {
-    /// Row id.
-    pub id: i64,
-    /// JSON body.
-    pub body: String,
-    /// Attempts so far.
-    pub attempts: i64,
-}
-
-/// Alerts due for delivery.
-pub fn due(conn: &Connection, now: DateTime<Utc>) -> Result<Vec<PendingAlert>, JournalError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, body, attempts FROM alerts WHERE delivered_at IS NULL AND next_attempt_at <= ?1 ORDER BY id LIMIT 100",
-    )?;
-    let rows = stmt.query_map([now.timestamp()], |r| {
-        Ok(PendingAlert {
-            id: r.get(0)?,
-            body: r.get(1)?,
-            attempts: r.get(2)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-/// Every alert (newest first), for status and tests.
-pub fn list(conn: &Connection, limit: i64) -> Result<Vec<serde_json::Value>, JournalError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT body, delivered_at, attempts, last_error FROM alerts ORDER BY id DESC LIMIT ?1",
-    )?;
-    let rows = stmt.query_map([limit], |r| {
-        let body: String = r.get(0)?;
-        let mut v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        v["delivered_at"] = r
-            .get::<_, Option<i64>>(1)?
-            .map(crate::journal::usage::fmt_time)
-            .into();
-        v["attempts"] = r.get::<_, i64>(2)?.into();
-        v["last_error"] = r.get::<_, Option<String>>(3)?.into();
-        Ok(v)
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
+/// Every alert (newest first), for status and tests: [`crate::journal::alerts::list`].
+pub use crate::journal::alerts::list;
 
 /// Delivers due alerts to `url` until `stop` turns true; checks every `every`.
 pub async fn deliver_loop(
@@ -109,7 +42,9 @@ pub async fn deliver_once(
     http: Option<&reqwest::Client>,
 ) -> Result<usize, JournalError> {
     let now = clock.now();
-    let due = journal.read(move |c| due(c, now)).await?;
+    let due = journal
+        .read(move |c| crate::journal::alerts::due(c, now))
+        .await?;
     let mut delivered = 0;
     for alert in due {
         let result: Result<(), String> = match (url, http) {
@@ -152,19 +87,11 @@ pub async fn deliver_once(
         journal
             .write(move |c| {
                 if ok {
-                    c.execute("UPDATE alerts SET delivered_at = ?2, attempts = ?3, last_error = NULL WHERE id = ?1", params![id, now.timestamp(), attempts])?;
+                    crate::journal::alerts::delivered(c, id, attempts, now)
                 } else {
-                    let delay = crate::emit::backoff_delay(
-                        attempts,
-                        crate::emit::RetryDelays { min: std::time::Duration::from_secs(5), max: std::time::Duration::from_secs(600) },
-                    );
-                    let next = now + Duration::from_std(delay).unwrap_or(Duration::seconds(60));
-                    c.execute(
-                        "UPDATE alerts SET attempts = ?2, last_error = ?3, next_attempt_at = ?4 WHERE id = ?1",
-                        params![id, attempts, err, next.timestamp()],
-                    )?;
+                    let next = now + crate::retry::ALERT_DELIVERY.after(attempts);
+                    crate::journal::alerts::failed(c, id, attempts, err.as_deref(), next)
                 }
-                Ok(())
             })
             .await?;
         if ok {
@@ -181,7 +108,6 @@ pub fn spawn(
     url: Option<String>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let _ = Arc::new(());
     tokio::spawn(deliver_loop(
         journal,
         clock,

@@ -2,9 +2,30 @@
 //!
 //! meterd never reads local time. Every decision that depends on "now" (closing an hour, the 24-hour window, retry
 //! deadlines, token expiry) asks a [`Clock`], so tests move time by hand instead of sleeping.
+//!
+//! The hour math lives here too: meterd counts in UTC hours kept as unix seconds ([`hour_of`], [`HOUR`]) and
+//! prints instants one way ([`fmt_time`]).
 
 use chrono::{DateTime, Duration, Utc};
 use std::sync::{Arc, Mutex};
+
+/// Seconds in an hour.
+pub const HOUR: i64 = 3600;
+
+/// The start of the UTC hour holding `t`, in unix seconds.
+pub fn hour_of(t: DateTime<Utc>) -> i64 {
+    t.timestamp().div_euclid(HOUR) * HOUR
+}
+
+/// Unix seconds to a UTC instant.
+pub fn to_utc(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(secs, 0).unwrap_or_default()
+}
+
+/// RFC 3339 with `Z`, seconds precision.
+pub fn fmt_time(secs: i64) -> String {
+    to_utc(secs).format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
 
 /// A source of the current UTC instant.
 pub trait Clock: Send + Sync + std::fmt::Debug {

@@ -1,3 +1,6 @@
+//! (Over 600 lines for one role: the one schema of `meterd.toml`, its environment overrides and their validation;
+//! splitting it would split each key from its check.)
+//!
 //! Configuration in three steps: the TOML file is read into [`RawConfig`] (every key optional, unknown keys
 //! rejected), environment variables `METERD_<SECTION>__<KEY>` are laid over it, and [`Settings::validate`] turns
 //! it into [`Settings`], where every value has been checked and every default applied.
@@ -23,26 +26,37 @@ const SECRET_ENV_VARS: &[&str] = &[
 /// Default journal location when neither the file nor `$STATE_DIRECTORY` says otherwise.
 pub const DEFAULT_JOURNAL_PATH: &str = "/var/lib/meterd/journal.db";
 
+/// The bearer token meterd sends in `marketplace.mode = "emulator"` when no static token is configured (the
+/// emulator accepts it by default: its `DEFAULT_STATIC_TOKEN` must stay equal).
+pub const EMULATOR_STATIC_TOKEN: &str = "emulator-token";
+
 /// A configuration problem, naming where it came from.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read configuration file {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
     /// The file (or an override) is not valid TOML or names an unknown key.
     #[error("{source_name}: {message}")]
     Parse {
+        /// The file, or the environment variable.
         source_name: String,
+        /// What is wrong.
         message: String,
     },
     /// A key has a value that is not allowed.
     #[error("{source_name}: key `{key}`: {message}")]
     Invalid {
+        /// The file, or the environment variable.
         source_name: String,
+        /// The key.
         key: String,
+        /// What is wrong.
         message: String,
     },
 }

@@ -406,7 +406,7 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     let gauges = Arc::new(crate::ops::metrics::JournalGauges::default());
     let pass_gauges = gauges.clone();
     let on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync> = Arc::new(move |s: &PassSummary| {
-        crate::ops::notify_status(s);
+        crate::ops::notify_status(&s.status_line());
         pass_gauges.request_refresh();
     });
     let (handle, mut scheduler, loop_task) = schedule::start(
@@ -490,7 +490,9 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         w.abort();
     }
     gauge_task.abort();
-    // One last delivery attempt for alerts raised by the final pass; undelivered ones wait in the journal.
+    // The delivery task was told to stop with the rest (before the final pass), so it makes no further attempt:
+    // wait (briefly) for a delivery it has under way. Alerts raised by the final pass, and any still undelivered,
+    // wait in the journal for the next start.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), alerts).await;
     journal.checkpoint().await.ok();
     journal.close();

@@ -3,6 +3,10 @@
 //! A quantity is kept as micro-units in an `i64` (`1.5` is `1_500_000`), so sums are exact and never drift the
 //! way `f64` accumulation does. Parsing works on the decimal text as the client sent it, not on a float, so
 //! `0.1` is exactly `100_000` micro-units and a seventh decimal is an error instead of a silent rounding.
+//!
+//! The wire form: the marketplace API takes a JSON number. Printing it from the integer (never through `f64`) keeps
+//! the frozen bytes exact and stable: `2500000` is always `2.5`, never `2.4999999999999996`. Numbers coming back (a
+//! duplicate's accepted quantity) are `f64` and are rounded to the nearest micro-unit before comparing.
 
 use std::fmt;
 
@@ -91,7 +95,32 @@ impl Micros {
 
     /// The quantity as the shortest exact decimal (`4`, `2.5`, `0.000001`).
     pub fn to_decimal_string(self) -> String {
-        crate::marketplace::quantity::micros_to_decimal_string(self.0)
+        let sign = if self.0 < 0 { "-" } else { "" };
+        // unsigned_abs keeps i64::MIN printable.
+        let abs = self.0.unsigned_abs();
+        let units = abs / MICROS as u64;
+        let frac = abs % MICROS as u64;
+        if frac == 0 {
+            format!("{sign}{units}")
+        } else {
+            let digits = format!("{frac:06}");
+            format!("{sign}{units}.{}", digits.trim_end_matches('0'))
+        }
+    }
+
+    /// A decimal quantity from the wire (a double), rounded to the nearest micro-unit.
+    ///
+    /// `None` for NaN, infinities and values outside the `i64` range.
+    pub fn from_f64_rounded(value: f64) -> Option<Micros> {
+        if !value.is_finite() {
+            return None;
+        }
+        let scaled = (value * MICROS as f64).round();
+        // i64::MAX as f64 rounds up to 2^63, which is out of range: compare with a strict upper bound.
+        if scaled >= -(i64::MIN as f64) || scaled < i64::MIN as f64 {
+            return None;
+        }
+        Some(Micros(scaled as i64))
     }
 
     /// The quantity as a float, for the JSON sent to the marketplace (which takes a double).
@@ -187,6 +216,47 @@ mod tests {
             // The float the marketplace receives prints back to the same decimal.
             let f: f64 = Micros(m).as_f64();
             prop_assert_eq!(Micros::parse_decimal(&format!("{f}")), Ok(Micros(m)));
+        }
+    }
+
+    #[test]
+    fn prints_exact_decimals() {
+        assert_eq!(Micros(4_000_000).to_decimal_string(), "4");
+        assert_eq!(Micros(2_500_000).to_decimal_string(), "2.5");
+        assert_eq!(Micros(1).to_decimal_string(), "0.000001");
+        assert_eq!(Micros(0).to_decimal_string(), "0");
+        assert_eq!(Micros(12_345_678).to_decimal_string(), "12.345678");
+        assert_eq!(Micros(100_000).to_decimal_string(), "0.1");
+        assert_eq!(Micros(-1_500_000).to_decimal_string(), "-1.5");
+        assert_eq!(
+            Micros(i64::MIN).to_decimal_string(),
+            "-9223372036854.775808"
+        );
+    }
+
+    #[test]
+    fn converts_floats_to_nearest_micro() {
+        assert_eq!(Micros::from_f64_rounded(12.5), Some(Micros(12_500_000)));
+        assert_eq!(Micros::from_f64_rounded(0.000001), Some(Micros(1)));
+        assert_eq!(Micros::from_f64_rounded(0.1 + 0.2), Some(Micros(300_000)));
+        assert_eq!(Micros::from_f64_rounded(2.0000004), Some(Micros(2_000_000)));
+        assert_eq!(Micros::from_f64_rounded(2.0000006), Some(Micros(2_000_001)));
+        assert_eq!(Micros::from_f64_rounded(-3.0), Some(Micros(-3_000_000)));
+        assert_eq!(Micros::from_f64_rounded(f64::NAN), None);
+        assert_eq!(Micros::from_f64_rounded(f64::INFINITY), None);
+        assert_eq!(Micros::from_f64_rounded(1e300), None);
+    }
+
+    #[test]
+    fn round_trips_through_the_printed_decimal() {
+        for micros in [1_i64, 7, 999_999, 1_000_001, 20_500_000, 123_456_789_012] {
+            let printed = Micros(micros).to_decimal_string();
+            let parsed: f64 = printed.parse().expect("a decimal");
+            assert_eq!(
+                Micros::from_f64_rounded(parsed),
+                Some(Micros(micros)),
+                "{printed}"
+            );
         }
     }
 }

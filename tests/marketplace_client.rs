@@ -19,8 +19,9 @@ use meterd::marketplace::auth::{
     AuthConfig, AuthError, CachedTokenProvider, EndpointVersion, RetryPolicy, TokenProvider,
 };
 use meterd::marketplace::client::{CallError, FatalKind, MarketplaceClient, TransientKind};
-use meterd::marketplace::secret::Secret;
-use meterd::marketplace::types::{ResourceRef, batch_body, event_json};
+use meterd::marketplace::types::{batch_body, event_json};
+use meterd::resource::ResourceRef;
+use meterd::secret::Secret;
 
 const CLIENT_SECRET: &str = "client-secret-value-XYZ";
 const TOKEN_PREFIX: &str = "tok-secret-";

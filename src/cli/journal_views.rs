@@ -132,7 +132,7 @@ pub(crate) fn balance(
 ) -> anyhow::Result<()> {
     let resource = crate::ingest::validate::resource(resource).map_err(anyhow::Error::msg)?;
     let conn = open_journal(settings)?;
-    let dims = crate::billing::balance(&conn, settings, &resource, now)?;
+    let dims = crate::journal::billing::balance(&conn, settings, &resource, now)?;
     if json {
         println!(
             "{}",

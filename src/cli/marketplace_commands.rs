@@ -214,10 +214,10 @@ pub async fn reconcile(
             continue;
         };
         // What was submitted and recorded; `processedQuantity` lags behind it.
-        let q = crate::marketplace::quantity::f64_to_micros(
+        let q = crate::quantity::Micros::from_f64_rounded(
             d.submitted_quantity.or(d.processed_quantity).unwrap_or(0.0),
         )
-        .unwrap_or(0);
+        .map_or(0, |m| m.0);
         *market.entry((r.to_ascii_lowercase(), dim)).or_default() += q;
     }
     let conn = open_journal(settings)?;

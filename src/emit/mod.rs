@@ -6,25 +6,30 @@
 //! row in the journal across processes. An event is finished only by a classified answer, never by "request
 //! sent"; only the transient subset of a batch is retried, with the retry state persisted in the journal.
 
+mod connect;
 pub mod schedule;
+mod send;
+mod subscriptions;
 
-use crate::clock::SharedClock;
-use crate::config::{AuthKind, EndpointVersion, MarketplaceMode, Settings};
-use crate::ingest::validate::is_guid;
+pub use connect::{client, token_provider};
+
+use crate::clock::{SharedClock, fmt_time, to_utc};
+use crate::config::Settings;
 use crate::journal::Journal;
-use crate::journal::outbound::{self, KnownSubscription, ListedSubscription, PendingEvent, Settle};
-use crate::journal::usage::{HOUR, fmt_time, to_utc};
-use crate::marketplace::auth::{AuthConfig, CachedTokenProvider, TokenProvider};
-use crate::marketplace::client::{CallError, MarketplaceClient};
-use crate::marketplace::outcome::{Classified, SentKey, classify, match_results, unmatched};
-use crate::marketplace::types::{ResourceRef, batch_body, event_json};
-use crate::quantity::Micros;
+use crate::journal::outbound::{self, PendingEvent, Settle};
+use crate::marketplace::client::MarketplaceClient;
+use crate::marketplace::types::event_json;
+use crate::ops::telemetry::{EventsSettled, InternalEvent};
+use crate::outcome::Outcome;
+use crate::resource::ResourceRef;
+use crate::retry::RetryDelays;
 use anyhow::Context;
-use backon::BackoffBuilder;
 use chrono::{DateTime, Duration, Utc};
+use send::send_splitting;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use subscriptions::{Decision, SubscriptionView};
 
 /// Most events in one marketplace call.
 pub const BATCH_SIZE: usize = 25;
@@ -32,10 +37,6 @@ pub const BATCH_SIZE: usize = 25;
 const PASS_LIMIT: i64 = 200_000;
 /// How long a pass may hold the emitter lease before another process may take it over.
 const LEASE_TTL_SECS: i64 = 600;
-/// With held events waiting, the subscription list is re-read at most this often (passes can be frequent).
-const HELD_REFRESH_SECS: i64 = 60;
-/// How a hold after a marketplace refusal (`ResourceNotFound`, `ResourceNotActive`) starts its reason.
-pub const REFUSED: &str = "the marketplace answered ";
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -58,6 +59,23 @@ pub struct PassSummary {
     pub pending_after: i64,
 }
 
+impl PassSummary {
+    /// The systemd `STATUS=` line after this pass: pending count and when the pass ran.
+    pub fn status_line(&self) -> String {
+        format!(
+            "pending {}; last pass {} (frozen {}, sent {}){}",
+            self.pending_after,
+            self.started,
+            self.frozen,
+            self.sent,
+            self.lease_held_by
+                .as_ref()
+                .map(|h| format!("; lease held by {h}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
 /// What happened at the last pass, for status and systemd `STATUS=`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LastPass {
@@ -69,88 +87,6 @@ pub struct LastPass {
     pub last_completed: Option<String>,
 }
 
-/// Builds the token provider for the configured auth kind, loading the secret.
-pub fn token_provider(
-    settings: &Settings,
-    env: &BTreeMap<String, String>,
-    clock: SharedClock,
-) -> anyhow::Result<Arc<dyn TokenProvider>> {
-    let a = &settings.marketplace.auth;
-    let config = match a.kind {
-        AuthKind::StaticToken => {
-            let token = crate::secret::load_secret(
-                a.static_token_file.as_deref(),
-                "static-token",
-                "METERD_MARKETPLACE__AUTH__STATIC_TOKEN",
-                env,
-            )?;
-            let token = match (token, settings.marketplace.mode) {
-                (Some(t), _) => t,
-                (None, MarketplaceMode::Emulator) => {
-                    crate::secret::Secret::new(crate::emulator::config::DEFAULT_STATIC_TOKEN)
-                }
-                (None, MarketplaceMode::Azure) => anyhow::bail!(
-                    "marketplace.auth.kind = \"static_token\" needs a token: set static_token_file, \
-                     $CREDENTIALS_DIRECTORY/static-token or METERD_MARKETPLACE__AUTH__STATIC_TOKEN"
-                ),
-            };
-            AuthConfig::StaticToken { token }
-        }
-        AuthKind::ClientSecret => {
-            let secret = crate::secret::load_secret(a.client_secret_file.as_deref(), "client-secret", "METERD_MARKETPLACE__AUTH__CLIENT_SECRET", env)?
-                .context(
-                    "no client secret: set marketplace.auth.client_secret_file, pass it as the systemd credential \
-                     `client-secret` (LoadCredential=client-secret:/path), or set METERD_MARKETPLACE__AUTH__CLIENT_SECRET; \
-                     to try meterd without credentials run `meterd run --emulator`",
-                )?;
-            AuthConfig::ClientSecret {
-                tenant_id: a.tenant_id.clone(),
-                client_id: a.client_id.clone(),
-                secret,
-                token_url: a.token_url.clone(),
-                version: match a.endpoint_version {
-                    EndpointVersion::V1 => crate::marketplace::auth::EndpointVersion::V1,
-                    EndpointVersion::V2 => crate::marketplace::auth::EndpointVersion::V2,
-                },
-            }
-        }
-        AuthKind::ManagedIdentity => {
-            let client_id = Some(a.client_id.clone()).filter(|c| !c.is_empty());
-            match &a.identity_endpoint {
-                Some(e) => AuthConfig::ManagedIdentity {
-                    endpoint: Some(e.clone()),
-                    client_id,
-                    identity_header: env
-                        .get("IDENTITY_HEADER")
-                        .map(|h| crate::marketplace::secret::Secret::new(h.clone())),
-                },
-                None => AuthConfig::managed_identity_from_env(client_id),
-            }
-        }
-    };
-    Ok(Arc::new(CachedTokenProvider::new(config, clock)?))
-}
-
-/// Builds the marketplace client from the settings.
-pub fn client(
-    settings: &Settings,
-    env: &BTreeMap<String, String>,
-    clock: SharedClock,
-) -> anyhow::Result<MarketplaceClient> {
-    let auth = token_provider(settings, env, clock.clone())?;
-    let timeout = settings
-        .marketplace
-        .timeout
-        .to_std()
-        .unwrap_or(std::time::Duration::from_secs(30));
-    Ok(MarketplaceClient::new(
-        settings.marketplace.base_url.clone(),
-        auth,
-        clock,
-        timeout,
-    )?)
-}
-
 /// The emitter.
 pub struct Emitter {
     settings: Arc<Settings>,
@@ -159,19 +95,13 @@ pub struct Emitter {
     client: Arc<MarketplaceClient>,
     /// Lease owner name: host, pid and a random suffix, so two processes never share it.
     owner: String,
-    /// When the subscription list was last fetched, and whether a refresh is forced.
-    subscriptions: tokio::sync::Mutex<(Option<DateTime<Utc>>, bool)>,
+    /// The subscription list as meterd sees it, and the decision per due event.
+    subscriptions: SubscriptionView,
     /// An operator asked for a pass (flush): held events are looked at in it, not only after a list refresh.
     release_held: std::sync::atomic::AtomicBool,
     /// In-process single flight.
     pass_lock: tokio::sync::Mutex<()>,
     last: std::sync::Mutex<LastPass>,
-}
-
-/// What to do with one due event.
-enum Decision {
-    Send { plan: String },
-    Settle(Settle),
 }
 
 impl Emitter {
@@ -188,12 +118,12 @@ impl Emitter {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         Emitter {
+            subscriptions: SubscriptionView::new(settings.clone()),
             settings,
             journal,
             clock,
             client: Arc::new(client),
             owner,
-            subscriptions: tokio::sync::Mutex::new((None, false)),
             release_held: std::sync::atomic::AtomicBool::new(false),
             pass_lock: tokio::sync::Mutex::new(()),
             last: std::sync::Mutex::new(LastPass::default()),
@@ -203,15 +133,6 @@ impl Emitter {
     /// The last pass, for status.
     pub fn last(&self) -> LastPass {
         self.last.lock().expect("last pass lock").clone()
-    }
-
-    /// How long a held event waits before it is looked at again: one subscription list refresh, so a refused
-    /// hour is neither re-sent nor re-checked more often than the list can change in meterd's view.
-    fn hold_recheck(&self) -> Duration {
-        self.settings
-            .subscriptions
-            .refresh
-            .max(Duration::seconds(1))
     }
 
     fn delays(&self) -> RetryDelays {
@@ -234,7 +155,7 @@ impl Emitter {
     /// Makes the next pass re-read the subscription list (an operator's flush: a subscription may just have been
     /// activated).
     pub async fn request_subscription_refresh(&self) {
-        self.subscriptions.lock().await.1 = true;
+        self.subscriptions.force_refresh().await;
         self.release_held
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
@@ -346,8 +267,8 @@ impl Emitter {
                 }
                 let f = outbound::freeze(c, now, grace, margin)?;
                 let e = outbound::expire_overdue(c, now, &expire_policy)?;
-                for x in e.iter().filter(|x| x.state == "expired_unconfirmed") {
-                    raise_expired_unconfirmed(c, x.id, now)?;
+                for x in e.iter().filter(|x| x.state == Outcome::ExpiredUnconfirmed) {
+                    outbound::raise_expired_unconfirmed(c, x.id, now)?;
                 }
                 outbound::raise_pending_age_alerts(c, now, pending_age)?;
                 let (hours, records) = crate::journal::usage::apply_retention(c, now, retention, dedupe_window)?;
@@ -362,15 +283,19 @@ impl Emitter {
             tracing::info!(message = "Closed hours frozen.", events = frozen.frozen, through = %fmt_time(frozen.through));
         }
         for e in &expired {
-            match e.state.as_str() {
+            match e.state {
                 // Logged at error level with its alert, in `raise_expired_unconfirmed`.
-                "expired_unconfirmed" => {}
+                Outcome::ExpiredUnconfirmed => {}
                 state => {
-                    tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = state)
+                    tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = state.as_str())
                 }
             }
-            *summary.outcomes.entry(e.state.clone()).or_default() += 1;
-            metrics::counter!("meterd_events_total", "outcome" => e.state.clone()).increment(1);
+            *summary.outcomes.entry(e.state.to_string()).or_default() += 1;
+            EventsSettled {
+                outcome: e.state.as_str(),
+                count: 1,
+            }
+            .emit();
         }
         summary.expired = expired;
 
@@ -381,10 +306,13 @@ impl Emitter {
         if due.is_empty() {
             return Ok(());
         }
-        let known = self.subscription_view(&due, now).await;
+        let known = self
+            .subscriptions
+            .known(&self.client, &self.journal, &due, now)
+            .await;
         let mut decisions = Vec::with_capacity(due.len());
         for ev in &due {
-            decisions.push(self.decide(ev, &known, now));
+            decisions.push(self.subscriptions.decide(ev, &known, now));
         }
         // Write holds/skips, bill and freeze bodies (once) for what will be sent.
         let settings = self.settings.clone();
@@ -406,7 +334,7 @@ impl Emitter {
                             let name = match (&s, state) {
                                 (Settle::Hold { .. }, _) => "held",
                                 (Settle::Defer { .. }, _) => "deferred",
-                                (_, st) => st,
+                                (_, st) => st.as_str(),
                             };
                             *counts.entry(name.to_string()).or_default() += 1;
                         }
@@ -416,7 +344,8 @@ impl Emitter {
                                 continue;
                             }
                             // Billed once, with the body: allowance, billing units, thresholds.
-                            let bill = crate::billing::bill(c, &settings, &ev, &plan, now)?;
+                            let bill =
+                                crate::journal::billing::bill(c, &settings, &ev, &plan, now)?;
                             if bill.send == 0 {
                                 let state = outbound::settle_unbilled(c, id, &plan, &bill, now)?;
                                 *counts.entry(state.to_string()).or_default() += 1;
@@ -444,7 +373,11 @@ impl Emitter {
             .await?;
         for (k, n) in counts {
             // Outcomes settled without a call (included, remainder, skipped_unsubscribed, held, ...) count too.
-            metrics::counter!("meterd_events_total", "outcome" => k.clone()).increment(n as u64);
+            EventsSettled {
+                outcome: &k,
+                count: n as u64,
+            }
+            .emit();
             *summary.outcomes.entry(k).or_default() += n;
         }
         if sendable.is_empty() {
@@ -487,7 +420,7 @@ impl Emitter {
             );
             let delays = self.delays();
             let policy = policy.clone();
-            let hold_recheck = self.hold_recheck();
+            let hold_recheck = self.subscriptions.hold_recheck();
             tasks.spawn(async move {
                 let r = send_splitting(
                     &client,
@@ -513,499 +446,8 @@ impl Emitter {
             }
         }
         if force_refresh {
-            self.subscriptions.lock().await.1 = true;
+            self.subscriptions.force_refresh().await;
         }
         Ok(())
     }
-
-    /// The subscriptions as known to the journal, refreshed from the marketplace when stale or when forced.
-    async fn subscription_view(
-        &self,
-        due: &[PendingEvent],
-        now: DateTime<Utc>,
-    ) -> Option<BTreeMap<String, KnownSubscription>> {
-        if !self.settings.subscriptions.check || !due.iter().any(|e| is_guid(&e.resource)) {
-            return self.journal.read(outbound::known_subscriptions).await.ok();
-        }
-        let mut cache = self.subscriptions.lock().await;
-        let any_held = due.iter().any(|e| e.held);
-        let stale = match cache.0 {
-            None => true,
-            Some(t) => {
-                cache.1
-                    || now - t >= self.settings.subscriptions.refresh
-                    || (any_held && now - t >= Duration::seconds(HELD_REFRESH_SECS))
-                    || now < t
-            }
-        };
-        if stale {
-            let started = std::time::Instant::now();
-            match self.client.list_subscriptions().await {
-                Ok(list) => {
-                    metrics::counter!("meterd_subscription_refreshes_total", "result" => "ok")
-                        .increment(1);
-                    metrics::histogram!("meterd_subscription_refresh_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    let listed: Vec<ListedSubscription> = list
-                        .iter()
-                        .map(|s| ListedSubscription {
-                            id: s.id.clone(),
-                            status: s.saas_subscription_status.trim().to_string(),
-                            plan: s.plan_id.clone().unwrap_or_default(),
-                            offer: s.offer_id.clone().unwrap_or_default(),
-                            term_start: s
-                                .term
-                                .as_ref()
-                                .and_then(|t| t.start_date)
-                                .map(|d| d.timestamp()),
-                            term_end: s
-                                .term
-                                .as_ref()
-                                .and_then(|t| t.end_date)
-                                .map(|d| d.timestamp()),
-                            term_unit: s.term.as_ref().and_then(|t| t.term_unit.clone()),
-                        })
-                        .collect();
-                    let n = listed.len();
-                    match self
-                        .journal
-                        .write(move |c| outbound::store_subscriptions(c, &listed, now))
-                        .await
-                    {
-                        Ok(()) => {
-                            tracing::info!(
-                                message = "Subscription list refreshed.",
-                                subscriptions = n
-                            );
-                            *cache = (Some(now), false);
-                        }
-                        Err(e) => {
-                            tracing::warn!(message = "Could not store the subscription list.", error = %e)
-                        }
-                    }
-                }
-                Err(e) => {
-                    metrics::counter!("meterd_subscription_refreshes_total", "result" => "error")
-                        .increment(1);
-                    tracing::warn!(
-                        message = "Could not fetch the subscription list; using what meterd saw last.",
-                        error = %e, advice = e.advice().unwrap_or("")
-                    );
-                    cache.0?;
-                }
-            }
-        }
-        self.journal.read(outbound::known_subscriptions).await.ok()
-    }
-
-    fn decide(
-        &self,
-        ev: &PendingEvent,
-        known: &Option<BTreeMap<String, KnownSubscription>>,
-        now: DateTime<Utc>,
-    ) -> Decision {
-        // A held event is looked at again after one list refresh, not at every pass.
-        let recheck = now + self.hold_recheck();
-        let sub = known
-            .as_ref()
-            .and_then(|k| k.get(&ev.resource.to_ascii_lowercase()));
-        let checked = self.settings.subscriptions.check && is_guid(&ev.resource);
-        if checked {
-            let Some(known) = known else {
-                return Decision::Settle(Settle::Defer {
-                    reason: "the subscription list could not be fetched; waiting to check the subscription".into(),
-                    next_at: now + Duration::seconds(60),
-                });
-            };
-            match known.get(&ev.resource.to_ascii_lowercase()) {
-                // A GUID the SaaS list does not know is sent as it is: it may be a managed application metered by
-                // its `resourceUsageId` (which no list shows), and the marketplace judges it. An unknown SaaS id is
-                // refused (`ResourceNotFound`) and held like any refusal, re-checked once per list refresh.
-                None => {}
-                Some(s) if s.status == "Subscribed" => {}
-                Some(s) if s.status == "Unsubscribed" => {
-                    let seen = s.unsubscribed_seen_at.unwrap_or(now.timestamp());
-                    // The marketplace refused this hour and the list now shows the cancellation: the hour
-                    // closed after the real cancellation, before meterd saw it. Sending again cannot help.
-                    if ev.hour + HOUR > seen || ev.refused {
-                        return Decision::Settle(Settle::SkippedUnsubscribed);
-                    }
-                }
-                Some(s) => {
-                    return Decision::Settle(Settle::Hold {
-                        reason: format!(
-                            "subscription is {}; holding until it is Subscribed",
-                            s.status
-                        ),
-                        next_at: recheck,
-                    });
-                }
-            }
-        }
-        let plan = if !ev.plan.is_empty() {
-            ev.plan.clone()
-        } else if let Some(p) = sub.map(|s| s.plan.clone()).filter(|p| !p.is_empty()) {
-            p
-        } else if let Some(p) = &self.settings.default_plan {
-            p.clone()
-        } else {
-            return Decision::Settle(Settle::Defer {
-                reason: "no plan id: the records name none, the subscription list has none for this resource, and \
-                         default_plan is empty; set default_plan or send `plan` with the records"
-                    .into(),
-                next_at: recheck,
-            });
-        };
-        Decision::Send { plan }
-    }
-}
-
-/// What one batch call did.
-#[derive(Debug, Default)]
-struct BatchResult {
-    /// Marketplace calls made.
-    calls: usize,
-    sent: usize,
-    /// A whole call refused with 400: the two halves to send instead (one bad event must not block the rest).
-    split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
-    outcomes: BTreeMap<String, usize>,
-    recheck_subscriptions: bool,
-}
-
-/// Retry delays (from the settings).
-#[derive(Debug, Clone, Copy)]
-pub struct RetryDelays {
-    /// First delay.
-    pub min: std::time::Duration,
-    /// Largest delay.
-    pub max: std::time::Duration,
-}
-
-impl RetryDelays {
-    /// Delay before the retry that follows attempt number `attempts`, as a chrono duration.
-    fn after(&self, attempts: i64) -> Duration {
-        Duration::from_std(backoff_delay(attempts, *self)).unwrap_or(Duration::seconds(60))
-    }
-}
-
-/// The delay before retry number `attempts` (1-based): exponential from `min`, doubling, at most `max`, jittered
-/// (backon computes the sequence).
-pub fn backoff_delay(attempts: i64, delays: RetryDelays) -> std::time::Duration {
-    let mut it = backon::ExponentialBuilder::default()
-        .with_min_delay(delays.min)
-        .with_max_delay(delays.max)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build();
-    let n = attempts.clamp(1, 64) as usize;
-    it.nth(n - 1).unwrap_or(delays.max)
-}
-
-/// Sends `batch`; a whole call refused with HTTP 400 is retried at once in halves, down to single events, so one
-/// malformed event keeps only itself pending (retried and alerted as before) and the good ones go through.
-async fn send_splitting(
-    client: &MarketplaceClient,
-    journal: &Journal,
-    clock: &SharedClock,
-    policy: outbound::SettlePolicy,
-    delays: (RetryDelays, Duration),
-    batch: Vec<PendingEvent>,
-) -> anyhow::Result<BatchResult> {
-    let mut total = BatchResult::default();
-    let mut todo = vec![batch];
-    while let Some(batch) = todo.pop() {
-        let mut r = send_batch(client, journal, clock, policy.clone(), delays, batch).await?;
-        total.calls += 1;
-        total.sent += r.sent;
-        total.recheck_subscriptions |= r.recheck_subscriptions;
-        if let Some((first, second)) = r.split.take() {
-            todo.push(second);
-            todo.push(first);
-            continue;
-        }
-        for (k, n) in r.outcomes {
-            *total.outcomes.entry(k).or_default() += n;
-        }
-    }
-    Ok(total)
-}
-
-async fn send_batch(
-    client: &MarketplaceClient,
-    journal: &Journal,
-    clock: &SharedClock,
-    policy: outbound::SettlePolicy,
-    (delays, hold_recheck): (RetryDelays, Duration),
-    batch: Vec<PendingEvent>,
-) -> anyhow::Result<BatchResult> {
-    let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
-    let mark = ids.clone();
-    journal
-        .write(move |c| outbound::mark_attempt(c, &mark))
-        .await?;
-    let bodies: Vec<&str> = batch.iter().map(|e| e.body.as_str()).collect();
-    let body = batch_body(&bodies);
-    let started = std::time::Instant::now();
-    let answer = client.batch_usage(&body).await;
-    metrics::histogram!("meterd_marketplace_call_seconds", "call" => "batchUsageEvent")
-        .record(started.elapsed().as_secs_f64());
-    let now = clock.now();
-    let mut result = BatchResult {
-        sent: batch.len(),
-        calls: 1,
-        ..Default::default()
-    };
-    let mut settles: Vec<(i64, Settle)> = Vec::with_capacity(batch.len());
-    let mut call_alert: Option<(String, serde_json::Value)> = None;
-    match answer {
-        Ok(call) => {
-            metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => call.status.to_string()).increment(1);
-            let keys: Vec<SentKey> = batch
-                .iter()
-                .map(|e| {
-                    SentKey::new(
-                        ResourceRef::parse(&e.resource),
-                        e.plan.clone(),
-                        e.dimension.clone(),
-                        to_utc(e.hour),
-                    )
-                })
-                .collect();
-            let pairs = match_results(&keys, &call.response);
-            for (i, r) in &pairs {
-                let ev = &batch[*i];
-                let sent_quantity = ev.send_quantity.unwrap_or(ev.quantity);
-                let settle = match classify(r, sent_quantity) {
-                    Classified::Accepted { usage_event_id } => Settle::Accepted { usage_event_id },
-                    Classified::Duplicate {
-                        theirs_micros,
-                        usage_event_id,
-                    } => Settle::Duplicate {
-                        market_quantity: theirs_micros.or(Some(sent_quantity)),
-                        usage_event_id,
-                    },
-                    Classified::DuplicateMismatch {
-                        ours_micros,
-                        theirs_micros,
-                    } => {
-                        tracing::error!(
-                            message = "The marketplace already holds another quantity for this hour; ours can never replace it.",
-                            resource = %ev.resource, dimension = %ev.dimension, hour = %fmt_time(ev.hour),
-                            ours = %Micros(ours_micros), theirs = %Micros(theirs_micros), alert = "duplicate_mismatch",
-                            request_id = %call.ids.request_id
-                        );
-                        Settle::DuplicateMismatch {
-                            market_quantity: theirs_micros,
-                        }
-                    }
-                    Classified::Expired => Settle::Expired {
-                        message: "the marketplace answered Expired".into(),
-                    },
-                    Classified::NotFoundOrNotActive { status } => {
-                        result.recheck_subscriptions = true;
-                        Settle::Hold {
-                            reason: format!(
-                                "{REFUSED}{}; holding and re-checking the subscription at the next list refresh",
-                                status.as_str()
-                            ),
-                            next_at: now + hold_recheck,
-                        }
-                    }
-                    Classified::NotAuthorized { message } => {
-                        tracing::error!(
-                            message = "This identity may not report usage for the resource (ResourceNotAuthorized).",
-                            resource = %ev.resource, detail = %message, alert = "resource_not_authorized"
-                        );
-                        Settle::Rejected {
-                            reason: format!("ResourceNotAuthorized: {message}"),
-                        }
-                    }
-                    Classified::Invalid { status, message } => {
-                        tracing::error!(
-                            message = "The marketplace rejected the event.", resource = %ev.resource, dimension = %ev.dimension,
-                            plan = %ev.plan, status = %status.as_str(), detail = %message, alert = "rejected"
-                        );
-                        Settle::Rejected {
-                            reason: format!("{}: {message}", status.as_str()),
-                        }
-                    }
-                    Classified::Transient { message, ambiguous } => Settle::Retry {
-                        error: message,
-                        next_at: now + delays.after(ev.attempts + 1),
-                        ambiguous,
-                    },
-                };
-                settles.push((ev.id, settle));
-            }
-            for i in unmatched(&keys, &pairs) {
-                let ev = &batch[i];
-                settles.push((
-                    ev.id,
-                    Settle::Retry {
-                        error: "the batch answer had no result for this event".into(),
-                        next_at: now + delays.after(ev.attempts + 1),
-                        ambiguous: true,
-                    },
-                ));
-            }
-            tracing::info!(
-                message = "Batch sent.",
-                request_id = %call.ids.request_id, correlation_id = %call.ids.correlation_id,
-                events = batch.len(), results = call.response.result.len()
-            );
-        }
-        Err(e) => {
-            let status = e
-                .status()
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "none".into());
-            metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => status).increment(1);
-            let ambiguous = e.is_ambiguous();
-            let ids = e.ids();
-            let split = e.status() == Some(400) && batch.len() > 1;
-            match &e {
-                _ if split => tracing::warn!(
-                    message = "Batch call refused with 400; sending it again in halves to isolate the event that caused it.",
-                    error = %e, request_id = %ids.request_id, correlation_id = %ids.correlation_id, events = batch.len()
-                ),
-                CallError::Fatal { advice, .. } => tracing::error!(
-                    message = "Batch call refused; the events stay pending and are retried.",
-                    error = %e, advice = advice.as_deref().unwrap_or(""), request_id = %ids.request_id,
-                    correlation_id = %ids.correlation_id, events = batch.len(), alert = "marketplace_call_refused"
-                ),
-                CallError::Transient { .. } => tracing::warn!(
-                    message = "Batch call failed; retrying later.",
-                    error = %e, ambiguous, request_id = %ids.request_id, correlation_id = %ids.correlation_id, events = batch.len()
-                ),
-            }
-            if let Some(status @ (401 | 403)) = e.status() {
-                // Repeated 401/403 means the identity is wrong: one alert per hour while it lasts.
-                call_alert = Some((
-                    format!("auth:{status}:{}", crate::journal::usage::hour_of(now)),
-                    serde_json::json!({"status": status, "error": e.to_string(), "advice": e.advice().unwrap_or("")}),
-                ));
-            }
-            if split {
-                // Nothing was recorded (a 400 is a definite refusal); the halves are sent right away.
-                for ev in &batch {
-                    settles.push((
-                        ev.id,
-                        Settle::Retry {
-                            error: e.to_string(),
-                            next_at: now,
-                            ambiguous: false,
-                        },
-                    ));
-                }
-                let mut first: Vec<PendingEvent> = batch
-                    .iter()
-                    .map(|ev| PendingEvent {
-                        attempts: ev.attempts + 1,
-                        ..ev.clone()
-                    })
-                    .collect();
-                let second = first.split_off(first.len() / 2);
-                result.split = Some((first, second));
-            }
-            for ev in batch.iter().filter(|_| !split) {
-                let mut delay = delays.after(ev.attempts + 1);
-                if let Some(ra) = e.retry_after() {
-                    delay = chrono::Duration::from_std(ra)
-                        .unwrap_or(delay)
-                        .max(Duration::seconds(1));
-                }
-                settles.push((
-                    ev.id,
-                    Settle::Retry {
-                        error: e.to_string(),
-                        next_at: now + delay,
-                        ambiguous,
-                    },
-                ));
-            }
-        }
-    }
-    let call_alert = call_alert;
-    let outcomes = journal
-        .write(move |c| {
-            if let Some((dedupe, body)) = &call_alert {
-                crate::alerts::raise(c, "marketplace_auth", dedupe, body.clone(), now)?;
-            }
-            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-            for (id, s) in &settles {
-                let state = outbound::settle(c, *id, s, now, &policy)?;
-                raise_for(c, *id, s, now)?;
-                if state == "expired_unconfirmed" {
-                    // A per-event `Expired` after an earlier ambiguous attempt: the same alert as an expiry.
-                    raise_expired_unconfirmed(c, *id, now)?;
-                }
-                let name = match (s, state) {
-                    (Settle::Hold { .. }, _) => "held",
-                    (Settle::Retry { .. }, _) => "retry",
-                    (_, st) => st,
-                };
-                *counts.entry(name.to_string()).or_default() += 1;
-            }
-            Ok(counts)
-        })
-        .await?;
-    for (k, n) in &outcomes {
-        metrics::counter!("meterd_events_total", "outcome" => k.clone()).increment(*n as u64);
-    }
-    result.outcomes = outcomes;
-    Ok(result)
-}
-
-/// Raises the reconcile alert for an event that ended `expired_unconfirmed` (whichever way it got there) and logs
-/// it at error level, in the same transaction as the outcome.
-fn raise_expired_unconfirmed(
-    c: &rusqlite::Connection,
-    id: i64,
-    now: DateTime<Utc>,
-) -> Result<(), crate::journal::JournalError> {
-    let mut body = outbound::event_summary(c, id)?;
-    body["advice"] =
-        "an attempt may have been recorded; run `meterd reconcile --date` for this day".into();
-    if crate::alerts::raise(
-        c,
-        "expired_unconfirmed",
-        &format!("expired_unconfirmed:{id}"),
-        body.clone(),
-        now,
-    )? {
-        tracing::error!(
-            message = "Event expired after an ambiguous attempt; nothing carried. Run `meterd reconcile` for its day.",
-            resource = %body["resource"].as_str().unwrap_or(""), dimension = %body["dimension"].as_str().unwrap_or(""),
-            hour = %body["hour"].as_str().unwrap_or(""), alert = "expired_unconfirmed"
-        );
-    }
-    Ok(())
-}
-
-/// Raises the alert an outcome calls for, in the same transaction as the outcome.
-fn raise_for(
-    c: &rusqlite::Connection,
-    id: i64,
-    s: &Settle,
-    now: DateTime<Utc>,
-) -> Result<(), crate::journal::JournalError> {
-    let (kind, detail) = match s {
-        Settle::DuplicateMismatch { market_quantity } => (
-            "duplicate_mismatch",
-            serde_json::json!({"marketplace_quantity": Micros(*market_quantity).to_decimal_string()}),
-        ),
-        Settle::Rejected { reason } if reason.starts_with("ResourceNotAuthorized") => (
-            "resource_not_authorized",
-            serde_json::json!({"reason": reason}),
-        ),
-        Settle::Rejected { reason } => ("rejected", serde_json::json!({"reason": reason})),
-        _ => return Ok(()),
-    };
-    let mut body = outbound::event_summary(c, id)?;
-    if let (Some(b), Some(d)) = (body.as_object_mut(), detail.as_object()) {
-        b.extend(d.clone());
-    }
-    crate::alerts::raise(c, kind, &format!("{kind}:{id}"), body, now)?;
-    Ok(())
 }

@@ -119,8 +119,8 @@ pub async fn balance(
     let now = state.clock.now();
     let settings = state.settings.clone();
     let r = resource.clone();
-    match state.journal.read(move |c| crate::billing::balance(c, &settings, &r, now)).await {
-        Ok(dims) => axum::Json(json!({"resource": resource, "at": crate::journal::usage::fmt_time(now.timestamp()), "dimensions": dims})).into_response(),
+    match state.journal.read(move |c| crate::journal::billing::balance(c, &settings, &r, now)).await {
+        Ok(dims) => axum::Json(json!({"resource": resource, "at": crate::clock::fmt_time(now.timestamp()), "dimensions": dims})).into_response(),
         Err(e) => journal_error_response(&e),
     }
 }
@@ -169,7 +169,7 @@ pub async fn consumption(
     let (r, d) = (resource.clone(), q.dimension.clone());
     match state
         .journal
-        .read(move |c| crate::billing::consumption(c, &r, d.as_deref(), from, to))
+        .read(move |c| crate::journal::billing::consumption(c, &r, d.as_deref(), from, to))
         .await
     {
         Ok(rows) => {

@@ -50,15 +50,7 @@ impl FieldError {
     }
 }
 
-/// True for `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (hex).
-pub fn is_guid(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => *c == b'-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
+pub use crate::resource::is_guid;
 
 /// Checks a resource and returns its canonical form: a SaaS subscription id (GUID, lower-cased so that one
 /// subscription never splits into two hourly events) or an ARM resource URI of a managed application, kept as

@@ -1,5 +1,8 @@
 //! The journal: meterd's only state, one SQLite file.
 //!
+//! (Over 600 lines for one role: the face with its invariants and tables, the single writer thread, and the
+//! tests of its commit and rollback rules.)
+//!
 //! # Invariants
 //!
 //! These are the promises of `design.md`; every change to this module keeps them, and each has a test.
@@ -11,7 +14,9 @@
 //!    adds nothing. Keys are kept at least `ingest.dedupe_window`.
 //! 3. **Exact sums.** Quantities are `i64` micro-units everywhere; sums use checked arithmetic.
 //! 4. **Frozen outbound events.** `outbound_events` has one row per (resource, dimension, hour), ever
-//!    (`UNIQUE`); its `body` is written once at freezing and sent byte for byte on every attempt.
+//!    (`UNIQUE`), written at freezing with its final quantity. Its `body` is written once, when the event is first
+//!    billed (just before its first send, when the plan is known: `outbound::set_body` only fills an empty body),
+//!    and then sent byte for byte on every attempt.
 //! 5. **No partial hours; freezing per key.** A key (resource, dimension, hour) is frozen only when
 //!    `hour + 1h + emit.grace <= now`, by the first pass after that, or (late usage) by the first pass after its
 //!    usage arrives. A record for a closed hour whose key has no outbound event yet, while the hour is still
@@ -36,6 +41,28 @@
 //!    (`outbound::settle`). `in_flight` is set before a call and cleared by every answer, so `ambiguous` marks
 //!    only attempts that may have been recorded unseen.
 //!
+//! # Tables
+//!
+//! Every table, what it holds and which invariant guards it:
+//!
+//! - `usage_records`: accepted records (idempotency keys, compacted after `ingest.dedupe_window`) — 1, 2.
+//! - `hourly_totals`: the sum per (resource, plan, dimension, hour); `outbound_id` once frozen — 3, 5, 6.
+//! - `carries`: where a late or expired quantity went (from hour, to hour, why) — 6.
+//! - `outbound_events`: one frozen event per key, its body, state (the [`crate::outcome::Outcome`] strings), retry
+//!   state, billing figures — 4, 6, 9.
+//! - `resource_spellings`: the first spelling of each resource (ASCII case-folded) — 5.
+//! - `meta`: `frozen_through` (never moves backwards) — 5. The schema version is `PRAGMA user_version`.
+//! - `leases`: the emitter lease (owner, expiry; no fencing counter yet, see design.md 8); cleared by `meterd run`
+//!   at start — 7.
+//! - `subscriptions`: the last subscription list seen (status, plan `''` for none, term, when first seen
+//!   `Unsubscribed`), for holds and terms.
+//! - `term_usage`: consumption and overage per (resource, dimension, plan, term), added to once per event when it
+//!   is billed (`billing::bill`) — 3, 9.
+//! - `remainders`: the partial billing unit carried per (resource, dimension); may be negative — 9.
+//! - `thresholds_fired`: one row per (resource, dimension, term, threshold): a threshold fires once per term.
+//! - `alerts`: raised in the transaction of their cause, once per dedupe key ([`crate::alert_kind::AlertKey`]);
+//!   delivery state (attempts, next attempt, delivered) survives restarts.
+//!
 //! # Threads
 //!
 //! One writer thread owns the only read-write connection. Jobs reach it over a channel; it runs each in a
@@ -56,9 +83,13 @@
 //! marketplace answer and the journal update leaves the event `pending`; the next pass sends the same bytes and
 //! the marketplace answers `Duplicate` with the original quantity, which counts as billed once.
 
+pub mod alerts;
+pub mod billing;
+pub mod leases;
 pub mod outbound;
 mod schema;
 pub mod status;
+pub mod subscriptions;
 pub mod usage;
 
 pub use schema::{current_version, migrate};

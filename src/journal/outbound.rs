@@ -1,30 +1,20 @@
-//! Outbound events: freezing closed hours, settling results, expiry, subscriptions seen, and the emitter lease.
+//! Outbound events: freezing closed hours, claiming due events, recording attempts, settling results, expiry.
+//! (Subscriptions seen and the emitter lease have their own files; re-exported here.)
 //!
 //! Every function here runs inside a writer job (or a read), so each step is one transaction: a crash leaves the
 //! event either before or after the step, never between.
 
 use super::JournalError;
-use super::usage::{HOUR, add_to_hour, fmt_time, frozen_through, hour_of, record_carry};
+use super::usage::{add_to_hour, frozen_through, record_carry};
+use crate::clock::{HOUR, fmt_time, hour_of};
 use crate::config::LateUsage;
+use crate::outcome::Outcome;
 use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// Terminal states an outbound event can end in (plus `pending`).
-pub const STATES: &[&str] = &[
-    "pending",
-    "included",
-    "remainder",
-    "accepted",
-    "duplicate",
-    "duplicate_mismatch",
-    "expired",
-    "expired_unconfirmed",
-    "rejected",
-    "skipped_unsubscribed",
-    "not_active",
-];
+pub use crate::settle::REFUSED;
 
 /// The first hour that is not closed at `now`: hour H is closed when `H + 1h + grace <= now`.
 pub fn first_open_hour(now: DateTime<Utc>, grace: Duration) -> i64 {
@@ -181,7 +171,7 @@ pub fn due_events(
                 prebilled, send_quantity, COALESCE(substr(held, 1, length(?3)) = ?3, 0) FROM outbound_events
          WHERE state = 'pending' AND next_attempt_at <= ?1 AND deadline > ?1 ORDER BY hour, id LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![now.timestamp(), limit, crate::emit::REFUSED], |r| {
+    let rows = stmt.query_map(params![now.timestamp(), limit, REFUSED], |r| {
         Ok(PendingEvent {
             id: r.get(0)?,
             resource: r.get(1)?,
@@ -217,7 +207,7 @@ pub fn set_body(
     id: i64,
     plan: &str,
     body: &str,
-    bill: &crate::billing::Bill,
+    bill: &crate::bill::Bill,
 ) -> Result<String, JournalError> {
     conn.prepare_cached(
         "UPDATE outbound_events SET plan = ?2, body = ?3, included = ?4, billable = ?5, send_quantity = ?6, term_start = ?7
@@ -235,20 +225,20 @@ pub fn settle_unbilled(
     conn: &Connection,
     id: i64,
     plan: &str,
-    bill: &crate::billing::Bill,
+    bill: &crate::bill::Bill,
     now: DateTime<Utc>,
-) -> Result<&'static str, JournalError> {
+) -> Result<Outcome, JournalError> {
     let state = if bill.billable == 0 {
-        "included"
+        Outcome::Included
     } else {
-        "remainder"
+        Outcome::Remainder
     };
     conn.prepare_cached(
         "UPDATE outbound_events SET plan = ?2, state = ?3, included = ?4, billable = ?5, send_quantity = 0, term_start = ?6,
                 finished_at = ?7, held = NULL, in_flight = 0
          WHERE id = ?1 AND state = 'pending'",
     )?
-    .execute(params![id, plan, state, bill.included, bill.billable, bill.term_start, now.timestamp()])?;
+    .execute(params![id, plan, state.as_str(), bill.included, bill.billable, bill.term_start, now.timestamp()])?;
     Ok(state)
 }
 
@@ -268,62 +258,7 @@ pub fn add_prebilled(
     Ok(())
 }
 
-/// How one event's attempt ended, as the journal records it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Settle {
-    /// Recorded by the marketplace.
-    Accepted {
-        /// The marketplace's id.
-        usage_event_id: Option<String>,
-    },
-    /// Already recorded with the same quantity.
-    Duplicate {
-        /// Quantity the marketplace holds (as it said it, billing units in micro-units).
-        market_quantity: Option<i64>,
-        /// The marketplace's id of the recorded event, when it said it.
-        usage_event_id: Option<String>,
-    },
-    /// Already recorded with another quantity.
-    DuplicateMismatch {
-        /// Quantity the marketplace holds.
-        market_quantity: i64,
-    },
-    /// The marketplace said `Expired`.
-    Expired {
-        /// What it said.
-        message: String,
-    },
-    /// Terminal refusal (`InvalidDimension`, `ResourceNotAuthorized`, ...).
-    Rejected {
-        /// The marketplace's reason.
-        reason: String,
-    },
-    /// The subscription was cancelled before this hour closed.
-    SkippedUnsubscribed,
-    /// Not sendable now (subscription not active); re-check at `next_at`.
-    Hold {
-        /// Why.
-        reason: String,
-        /// When to look again.
-        next_at: DateTime<Utc>,
-    },
-    /// Not sent this time for a passing reason (subscription list unavailable); look again at `next_at`.
-    Defer {
-        /// Why.
-        reason: String,
-        /// When to look again.
-        next_at: DateTime<Utc>,
-    },
-    /// The attempt failed; try again at `next_at`.
-    Retry {
-        /// What went wrong.
-        error: String,
-        /// When.
-        next_at: DateTime<Utc>,
-        /// The attempt may have been recorded.
-        ambiguous: bool,
-    },
-}
+pub use crate::settle::Settle;
 
 /// What settling an event needs from the settings: the late-usage policy for expired units and the billing
 /// unit of each dimension (to know how much of a billed event's usage its whole units cover).
@@ -417,7 +352,7 @@ pub fn settle(
     outcome: &Settle,
     now: DateTime<Utc>,
     policy: &SettlePolicy,
-) -> Result<&'static str, JournalError> {
+) -> Result<Outcome, JournalError> {
     let now_s = now.timestamp();
     let unit = || -> Result<i64, JournalError> {
         let dimension: Option<String> = conn
@@ -426,18 +361,18 @@ pub fn settle(
             .optional()?;
         Ok(dimension.map(|d| policy.unit(&d)).unwrap_or(1))
     };
-    let finish = |state: &'static str,
+    let finish = |state: Outcome,
                   error: Option<&str>,
                   usage_event_id: Option<&str>,
                   market: Option<i64>|
-     -> Result<&'static str, JournalError> {
+     -> Result<Outcome, JournalError> {
         let pending: bool = conn
             .prepare_cached(
                 "SELECT COUNT(*) FROM outbound_events WHERE id = ?1 AND state = 'pending'",
             )?
             .query_row([id], |r| r.get::<_, i64>(0))?
             == 1;
-        if pending && matches!(state, "rejected" | "skipped_unsubscribed") {
+        if pending && matches!(state, Outcome::Rejected | Outcome::SkippedUnsubscribed) {
             restore_remainder(conn, id, unit()?)?;
         }
         conn.prepare_cached(
@@ -445,31 +380,31 @@ pub fn settle(
                     market_quantity = ?5, finished_at = ?6, held = NULL, in_flight = 0
              WHERE id = ?1 AND state = 'pending'",
         )?
-        .execute(params![id, state, error, usage_event_id, market, now_s])?;
+        .execute(params![id, state.as_str(), error, usage_event_id, market, now_s])?;
         Ok(state)
     };
     match outcome {
         Settle::Accepted { usage_event_id } => {
-            finish("accepted", None, usage_event_id.as_deref(), None)
+            finish(Outcome::Accepted, None, usage_event_id.as_deref(), None)
         }
         Settle::Duplicate {
             market_quantity,
             usage_event_id,
         } => finish(
-            "duplicate",
+            Outcome::Duplicate,
             None,
             usage_event_id.as_deref(),
             *market_quantity,
         ),
         Settle::DuplicateMismatch { market_quantity } => finish(
-            "duplicate_mismatch",
+            Outcome::DuplicateMismatch,
             Some("the marketplace holds another quantity for this hour"),
             None,
             Some(*market_quantity),
         ),
-        Settle::Rejected { reason } => finish("rejected", Some(reason), None, None),
+        Settle::Rejected { reason } => finish(Outcome::Rejected, Some(reason), None, None),
         Settle::SkippedUnsubscribed => finish(
-            "skipped_unsubscribed",
+            Outcome::SkippedUnsubscribed,
             Some("the subscription was cancelled before this hour closed"),
             None,
             None,
@@ -481,7 +416,7 @@ pub fn settle(
                  WHERE id = ?1 AND state = 'pending'",
             )?
             .execute(params![id, reason, next_at.timestamp()])?;
-            Ok("pending")
+            Ok(Outcome::Pending)
         }
         Settle::Defer { reason, next_at } => {
             conn.prepare_cached(
@@ -489,7 +424,7 @@ pub fn settle(
                  WHERE id = ?1 AND state = 'pending'",
             )?
             .execute(params![id, reason, next_at.timestamp()])?;
-            Ok("pending")
+            Ok(Outcome::Pending)
         }
         Settle::Retry {
             error,
@@ -502,7 +437,7 @@ pub fn settle(
                  WHERE id = ?1 AND state = 'pending'",
             )?
             .execute(params![id, error, next_at.timestamp(), *ambiguous as i64])?;
-            Ok("pending")
+            Ok(Outcome::Pending)
         }
     }
 }
@@ -541,7 +476,7 @@ fn expire(
     now: DateTime<Utc>,
     policy: &SettlePolicy,
     by_deadline: bool,
-) -> Result<&'static str, JournalError> {
+) -> Result<Outcome, JournalError> {
     let late = policy.late;
     type Row = (
         String,
@@ -564,7 +499,7 @@ fn expire(
     let Some((resource, plan, dimension, hour, raw, ambiguous, held, send_quantity, prebilled)) =
         row
     else {
-        return Ok("pending");
+        return Ok(Outcome::Pending);
     };
     // A billed event carries what its whole units covered (it already went through the allowance); the
     // sub-unit remainder it left in `remainders` stays there and meets the next hour from there, so carrying it
@@ -579,10 +514,10 @@ fn expire(
     };
     let now_s = now.timestamp();
     let (state, carried_to) = if ambiguous != 0 {
-        ("expired_unconfirmed", None)
+        (Outcome::ExpiredUnconfirmed, None)
     } else if by_deadline && held.is_some() {
         restore_remainder(conn, id, policy.unit(&dimension))?;
-        ("not_active", None)
+        (Outcome::NotActive, None)
     } else if late == LateUsage::CarryForward {
         let target = hour_of(now).max(frozen_through(conn)?);
         add_to_hour(conn, &resource, &plan, &dimension, target, qty, 0, qty)?;
@@ -595,18 +530,18 @@ fn expire(
             hour,
             target,
             qty,
-            "expired",
+            Outcome::Expired.as_str(),
             Some(id),
             now_s,
         )?;
-        ("expired", Some(target))
+        (Outcome::Expired, Some(target))
     } else {
         restore_remainder(conn, id, policy.unit(&dimension))?;
-        ("expired", None)
+        (Outcome::Expired, None)
     };
     let error = match (state, &held) {
-        ("not_active", Some(h)) => format!("window ran out while held: {h}"),
-        ("expired_unconfirmed", _) => {
+        (Outcome::NotActive, Some(h)) => format!("window ran out while held: {h}"),
+        (Outcome::ExpiredUnconfirmed, _) => {
             format!("{message}; an earlier attempt may have been recorded: run `meterd reconcile`")
         }
         _ => message.to_string(),
@@ -614,7 +549,7 @@ fn expire(
     conn.prepare_cached(
         "UPDATE outbound_events SET state = ?2, last_error = ?3, carried_to = ?4, finished_at = ?5 WHERE id = ?1",
     )?
-    .execute(params![id, state, error, carried_to, now_s])?;
+    .execute(params![id, state.as_str(), error, carried_to, now_s])?;
     Ok(state)
 }
 
@@ -629,8 +564,8 @@ pub struct Expired {
     pub dimension: String,
     /// Hour, RFC 3339.
     pub hour: String,
-    /// State written.
-    pub state: String,
+    /// Outcome written.
+    pub state: Outcome,
 }
 
 /// Ends every pending event whose retry deadline has passed.
@@ -657,229 +592,17 @@ pub fn expire_overdue(
             resource,
             dimension,
             hour: fmt_time(hour),
-            state: state.to_string(),
+            state,
         });
     }
     Ok(out)
 }
 
-/// What meterd knows of a SaaS subscription.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KnownSubscription {
-    /// Subscription id (lower case).
-    pub id: String,
-    /// `Subscribed`, `Suspended`, ...
-    pub status: String,
-    /// Current plan.
-    pub plan: String,
-    /// When meterd first saw it `Unsubscribed`, unix seconds.
-    pub unsubscribed_seen_at: Option<i64>,
-    /// Term start, unix seconds.
-    pub term_start: Option<i64>,
-    /// Term end, unix seconds.
-    pub term_end: Option<i64>,
-}
+pub use super::leases::{acquire_lease, clear_leases, release_lease};
+pub use super::subscriptions::{
+    KnownSubscription, ListedSubscription, known_subscriptions, store_subscriptions,
+};
 
-/// A subscription as listed by the marketplace.
-#[derive(Debug, Clone)]
-pub struct ListedSubscription {
-    /// Id.
-    pub id: String,
-    /// Status, trimmed.
-    pub status: String,
-    /// Plan id.
-    pub plan: String,
-    /// Offer id.
-    pub offer: String,
-    /// Term start.
-    pub term_start: Option<i64>,
-    /// Term end.
-    pub term_end: Option<i64>,
-    /// Term unit.
-    pub term_unit: Option<String>,
-}
-
-/// A subscription's term as stored: start, end (unix seconds) and unit.
-type StoredTerm = (Option<i64>, Option<i64>, Option<String>);
-
-/// The term to store for a listed subscription, so that the allowance never resets mid-term:
-///
-/// - listed without a term (or without its start or a known unit), it keeps the term meterd knew, instead of
-///   falling back to `billing.fallback_term` (another term);
-/// - listed with a term that starts later (a renewal into another term unit, announced before it begins), it
-///   keeps the running term until then: rolling the new term back from its future start would put the running
-///   hours into another term.
-fn term_to_store(
-    conn: &Connection,
-    id: &str,
-    listed: &ListedSubscription,
-    now: DateTime<Utc>,
-) -> Result<StoredTerm, JournalError> {
-    let as_listed = (listed.term_start, listed.term_end, listed.term_unit.clone());
-    let unit_known = listed
-        .term_unit
-        .as_deref()
-        .is_some_and(|u| crate::billing::months_of(u).is_some());
-    let starts_later = listed.term_start.is_some_and(|s| s > now.timestamp());
-    if listed.term_start.is_some() && unit_known && !starts_later {
-        return Ok(as_listed);
-    }
-    let known: Option<StoredTerm> = conn
-        .prepare_cached("SELECT term_start, term_end, term_unit FROM subscriptions WHERE id = ?1")?
-        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    Ok(match known {
-        Some(k @ (Some(start), _, Some(_))) if start <= now.timestamp() => {
-            if starts_later {
-                tracing::info!(
-                    message = "The subscription's next term starts later; the running term stays in force until then.",
-                    subscription = %id, next_term_start = %fmt_time(listed.term_start.unwrap_or_default())
-                );
-            }
-            k
-        }
-        _ => as_listed,
-    })
-}
-
-/// Stores a full subscription list. Remembers when a cancellation was first seen; subscriptions missing from
-/// the list become `Unknown`.
-pub fn store_subscriptions(
-    conn: &Connection,
-    list: &[ListedSubscription],
-    now: DateTime<Utc>,
-) -> Result<(), JournalError> {
-    let now_s = now.timestamp();
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO subscriptions (id, status, plan, offer, term_start, term_end, term_unit, unsubscribed_seen_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?2 = 'Unsubscribed' THEN ?8 END, ?8)
-         ON CONFLICT (id) DO UPDATE SET
-             status = excluded.status, plan = excluded.plan, offer = excluded.offer,
-             term_start = excluded.term_start, term_end = excluded.term_end, term_unit = excluded.term_unit,
-             unsubscribed_seen_at = CASE WHEN excluded.status = 'Unsubscribed'
-                                         THEN COALESCE(subscriptions.unsubscribed_seen_at, excluded.updated_at)
-                                         ELSE NULL END,
-             updated_at = excluded.updated_at",
-    )?;
-    for s in list {
-        let id = s.id.to_ascii_lowercase();
-        let (term_start, term_end, term_unit) = term_to_store(conn, &id, s, now)?;
-        stmt.execute(params![
-            id, s.status, s.plan, s.offer, term_start, term_end, term_unit, now_s
-        ])?;
-    }
-    conn.prepare_cached("UPDATE subscriptions SET status = 'Unknown' WHERE updated_at < ?1 AND status != 'Unsubscribed'")?
-        .execute([now_s])?;
-    Ok(())
-}
-
-/// Every subscription meterd knows, by id.
-pub fn known_subscriptions(
-    conn: &Connection,
-) -> Result<BTreeMap<String, KnownSubscription>, JournalError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, status, plan, unsubscribed_seen_at, term_start, term_end FROM subscriptions",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(KnownSubscription {
-            id: r.get(0)?,
-            status: r.get(1)?,
-            plan: r.get(2)?,
-            unsubscribed_seen_at: r.get(3)?,
-            term_start: r.get(4)?,
-            term_end: r.get(5)?,
-        })
-    })?;
-    let mut out = BTreeMap::new();
-    for r in rows {
-        let s = r?;
-        out.insert(s.id.clone(), s);
-    }
-    Ok(out)
-}
-
-/// Takes (or renews) the lease `name` for `owner` until `now + ttl`. `Err(holder)` when someone else holds it.
-pub fn acquire_lease(
-    conn: &Connection,
-    name: &str,
-    owner: &str,
-    now: DateTime<Utc>,
-    ttl: Duration,
-) -> Result<Result<(), String>, JournalError> {
-    let changed = conn
-        .prepare_cached(
-            "INSERT INTO leases (name, owner, expires_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
-             WHERE leases.owner = excluded.owner OR leases.expires_at <= ?4",
-        )?
-        .execute(params![name, owner, (now + ttl).timestamp(), now.timestamp()])?;
-    if changed == 1 {
-        return Ok(Ok(()));
-    }
-    let holder: (String, i64) = conn
-        .prepare_cached("SELECT owner, expires_at FROM leases WHERE name = ?1")?
-        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(Err(format!("{} (until {})", holder.0, fmt_time(holder.1))))
-}
-
-/// Gives the lease back if `owner` holds it.
-pub fn release_lease(conn: &Connection, name: &str, owner: &str) -> Result<(), JournalError> {
-    conn.prepare_cached("DELETE FROM leases WHERE name = ?1 AND owner = ?2")?
-        .execute(params![name, owner])?;
-    Ok(())
-}
-
-/// Drops every lease. Only for a process that holds the journal's exclusive lock: no other process can be
-/// running, so any lease left is a crashed process's.
-pub fn clear_leases(conn: &Connection) -> Result<usize, JournalError> {
-    Ok(conn.execute("DELETE FROM leases", [])?)
-}
-
-/// An outbound event as JSON, for alerts.
-pub fn event_summary(conn: &Connection, id: i64) -> Result<serde_json::Value, JournalError> {
-    Ok(conn
-        .prepare_cached("SELECT resource, plan, dimension, hour, quantity, send_quantity, state FROM outbound_events WHERE id = ?1")?
-        .query_row([id], |r| {
-            Ok(serde_json::json!({
-                "resource": r.get::<_, String>(0)?,
-                "plan": r.get::<_, String>(1)?,
-                "dimension": r.get::<_, String>(2)?,
-                "hour": fmt_time(r.get(3)?),
-                "quantity": crate::quantity::Micros(r.get::<_, Option<i64>>(5)?.unwrap_or(r.get(4)?)).to_decimal_string(),
-                "outcome": r.get::<_, String>(6)?,
-            }))
-        })?)
-}
-
-/// Raises a `pending_age` alert (once per event) for events pending longer than `age` since their hour ended.
-pub fn raise_pending_age_alerts(
-    conn: &Connection,
-    now: DateTime<Utc>,
-    age: Duration,
-) -> Result<usize, JournalError> {
-    let limit = now.timestamp() - age.num_seconds() - HOUR;
-    let ids: Vec<(i64, i64)> = conn
-        .prepare_cached(
-            "SELECT id, deadline FROM outbound_events WHERE state = 'pending' AND hour <= ?1",
-        )?
-        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let mut n = 0;
-    for (id, deadline) in ids {
-        let mut body = event_summary(conn, id)?;
-        body["seconds_to_expiry"] = (deadline - now.timestamp()).into();
-        body["last_error"] = conn
-            .prepare_cached("SELECT last_error FROM outbound_events WHERE id = ?1")?
-            .query_row([id], |r| r.get::<_, Option<String>>(0))?
-            .into();
-        if crate::alerts::raise(conn, "pending_age", &format!("pending_age:{id}"), body, now)? {
-            tracing::warn!(
-                message = "An event has been pending longer than alerts.pending_age.",
-                id,
-                alert = "pending_age"
-            );
-            n += 1;
-        }
-    }
-    Ok(n)
-}
+pub use super::alerts::{
+    event_summary, raise_expired_unconfirmed, raise_for_settle, raise_pending_age_alerts,
+};

@@ -7,7 +7,7 @@
 use rusqlite::Connection;
 
 /// Ordered migrations; index `i` upgrades from `user_version = i`.
-pub const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the initial schema.
     r#"
     CREATE TABLE meta (

@@ -1,7 +1,8 @@
 //! Figures for `meterd status` and `GET /v1/status`, read from the journal alone.
 
 use super::JournalError;
-use super::usage::{HOUR, fmt_time, frozen_through, hour_of};
+use super::usage::frozen_through;
+use crate::clock::{HOUR, fmt_time, hour_of};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;

@@ -2,29 +2,16 @@
 
 use super::JournalError;
 use crate::config::LateUsage;
+use crate::outcome::Outcome;
 use crate::quantity::Micros;
 use chrono::{DateTime, Duration, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 
-/// Seconds in an hour.
-pub const HOUR: i64 = 3600;
-
-/// The start of the UTC hour holding `t`, in unix seconds.
-pub fn hour_of(t: DateTime<Utc>) -> i64 {
-    t.timestamp().div_euclid(HOUR) * HOUR
-}
-
-/// Unix seconds to a UTC instant.
-pub fn to_utc(secs: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp(secs, 0).unwrap_or_default()
-}
-
-/// RFC 3339 with `Z`, seconds precision.
-pub fn fmt_time(secs: i64) -> String {
-    to_utc(secs).format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
+// The hour helpers belong to the rules layer ([`crate::clock`]); re-exported here for callers that reach them
+// through the journal's face.
+pub use crate::clock::{HOUR, fmt_time, hour_of, to_utc};
 
 /// One validated record ready to be journaled.
 #[derive(Debug, Clone, PartialEq)]
@@ -471,7 +458,7 @@ pub fn hourly_report(
         let plan: String = r.get(1)?;
         let sent_plan: Option<String> = r.get(11)?;
         let outcome = match (state, carried_to) {
-            (Some(s), Some(_)) if s == "expired" => "carried".to_string(),
+            (Some(s), Some(_)) if s == Outcome::Expired.as_str() => Outcome::Carried.to_string(),
             (Some(s), _) => s,
             (None, _) if hour >= open_hour => "open".to_string(),
             (None, _) if hour >= closed_before => "closing".to_string(),

@@ -24,8 +24,8 @@ use serde::Deserialize;
 
 use super::MARKETPLACE_RESOURCE_ID;
 use super::advice::excerpt;
-use super::secret::Secret;
 use crate::clock::SharedClock;
+use crate::secret::Secret;
 
 pub use super::auth_config::{AuthConfig, EndpointVersion, IMDS_ENDPOINT};
 pub use super::error::AuthError;

@@ -2,7 +2,7 @@
 //! and the token endpoint it implies. [`super::auth`] fetches and caches the tokens.
 
 use super::error::AuthError;
-use super::secret::Secret;
+use crate::secret::Secret;
 
 /// The default IMDS token endpoint (VMs, managed applications).
 pub const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";

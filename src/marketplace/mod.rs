@@ -6,8 +6,6 @@
 //!
 //! # Layout
 //!
-//! - [`secret`]: the [`secret::Secret`] newtype that never prints, and where secrets are loaded from.
-//! - [`quantity`]: exact conversions between micro-units (how meterd counts) and the decimals the API takes.
 //! - [`types`]: request and response bodies, and the frozen bytes of one usage event.
 //! - [`auth_config`]: how meterd authenticates ([`auth_config::AuthConfig`]), re-exported by [`auth`].
 //! - [`auth`]: Entra ID token providers (client secret v1/v2, managed identity, static), cached and refreshed early.
@@ -26,8 +24,6 @@ pub mod auth_config;
 pub mod client;
 pub mod error;
 pub mod outcome;
-pub mod quantity;
-pub mod secret;
 pub mod types;
 
 /// The marketplace API version sent on every call.

@@ -7,8 +7,10 @@
 
 use chrono::{DateTime, Utc};
 
-use super::quantity::f64_to_micros;
-use super::types::{ResourceRef, UsageEvent, UsageResult, UsageStatus, parse_utc};
+use super::types::{UsageEvent, UsageResult, UsageStatus, parse_utc};
+use crate::quantity::Micros;
+use crate::resource::ResourceRef;
+use crate::settle::{REFUSED, Settle, SettleContext, Settlement};
 
 /// The meaning of one event's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +85,10 @@ pub fn classify(result: &UsageResult, ours_micros: i64) -> Classified {
                 .as_ref()
                 .and_then(|e| e.additional_info.as_ref())
                 .and_then(|a| a.accepted_message.as_ref());
-            let theirs = original.and_then(|m| m.quantity).and_then(f64_to_micros);
+            let theirs = original
+                .and_then(|m| m.quantity)
+                .and_then(Micros::from_f64_rounded)
+                .map(|m| m.0);
             let usage_event_id = original
                 .and_then(|m| m.usage_event_id.clone())
                 .or_else(|| result.usage_event_id.clone());
@@ -242,6 +247,52 @@ pub fn unmatched(sent: &[SentKey], matched: &[(usize, &UsageResult)]) -> Vec<usi
         .filter(|(_, a)| !**a)
         .map(|(i, _)| i)
         .collect()
+}
+
+/// Maps one event's classified answer onto its settlement at `now`. Pure.
+pub fn settle(answer: Classified, event: &SettleContext, now: DateTime<Utc>) -> Settlement {
+    let mut recheck_subscriptions = false;
+    let settle = match answer {
+        Classified::Accepted { usage_event_id } => Settle::Accepted { usage_event_id },
+        Classified::Duplicate {
+            theirs_micros,
+            usage_event_id,
+        } => Settle::Duplicate {
+            market_quantity: theirs_micros.or(Some(event.sent_quantity)),
+            usage_event_id,
+        },
+        Classified::DuplicateMismatch { theirs_micros, .. } => Settle::DuplicateMismatch {
+            market_quantity: theirs_micros,
+        },
+        Classified::Expired => Settle::Expired {
+            message: "the marketplace answered Expired".into(),
+        },
+        Classified::NotFoundOrNotActive { status } => {
+            recheck_subscriptions = true;
+            Settle::Hold {
+                reason: format!(
+                    "{REFUSED}{}; holding and re-checking the subscription at the next list refresh",
+                    status.as_str()
+                ),
+                next_at: now + event.hold_recheck,
+            }
+        }
+        Classified::NotAuthorized { message } => Settle::Rejected {
+            reason: format!("ResourceNotAuthorized: {message}"),
+        },
+        Classified::Invalid { status, message } => Settle::Rejected {
+            reason: format!("{}: {message}", status.as_str()),
+        },
+        Classified::Transient { message, ambiguous } => Settle::Retry {
+            error: message,
+            next_at: now + event.delays.after(event.attempts + 1),
+            ambiguous,
+        },
+    };
+    Settlement {
+        settle,
+        recheck_subscriptions,
+    }
 }
 
 #[cfg(test)]
@@ -529,5 +580,64 @@ mod tests {
     fn sent_key_rejects_foreign_json() {
         assert!(SentKey::from_event_json("{}").is_err());
         assert!(SentKey::from_event_json("not json").is_err());
+    }
+
+    fn settle_ctx() -> SettleContext {
+        SettleContext {
+            sent_quantity: 5_000_000,
+            attempts: 0,
+            delays: crate::retry::RetryDelays {
+                min: std::time::Duration::from_secs(30),
+                max: std::time::Duration::from_secs(60),
+            },
+            hold_recheck: chrono::Duration::seconds(300),
+        }
+    }
+
+    #[test]
+    fn settles_answers_onto_settlements() {
+        let now = DateTime::from_timestamp(1_000_000, 0).unwrap();
+        use chrono::Duration;
+        let s = settle(
+            Classified::Duplicate {
+                theirs_micros: None,
+                usage_event_id: None,
+            },
+            &settle_ctx(),
+            now,
+        );
+        assert_eq!(
+            s.settle,
+            Settle::Duplicate {
+                market_quantity: Some(5_000_000),
+                usage_event_id: None
+            }
+        );
+        let s = settle(
+            Classified::NotFoundOrNotActive {
+                status: UsageStatus::ResourceNotFound,
+            },
+            &settle_ctx(),
+            now,
+        );
+        assert!(s.recheck_subscriptions);
+        assert_eq!(
+            s.settle,
+            Settle::Hold {
+                reason: "the marketplace answered ResourceNotFound; holding and re-checking the subscription at the next list refresh".into(),
+                next_at: now + Duration::seconds(300)
+            }
+        );
+        let s = settle(
+            Classified::Transient {
+                message: "Error".into(),
+                ambiguous: true,
+            },
+            &settle_ctx(),
+            now,
+        );
+        assert!(
+            matches!(s.settle, Settle::Retry { ambiguous: true, next_at, .. } if next_at > now && next_at <= now + Duration::seconds(60))
+        );
     }
 }

@@ -8,6 +8,7 @@
 
 use crate::clock::SharedClock;
 use crate::journal::Journal;
+use crate::outcome::Outcome;
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -19,21 +20,6 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(15);
 /// Reported as `meterd_nearest_expiry_seconds` when nothing is pending: no event can be closer to its
 /// deadline than a whole marketplace window, so `< N` alerts need no extra condition.
 pub const NO_PENDING_EXPIRY_SECONDS: f64 = 86_400.0;
-
-/// Every outcome an outbound event can have (`pending` until it settles). Gauges are written for each, zero
-/// included, so alert expressions never meet a missing series.
-pub const OUTCOMES: &[&str] = &[
-    "pending",
-    "accepted",
-    "duplicate",
-    "duplicate_mismatch",
-    "expired",
-    "expired_unconfirmed",
-    "rejected",
-    "skipped_unsubscribed",
-    "not_active",
-    "carried",
-];
 
 /// Registers `# HELP` (and units) for every metric meterd emits. Called once when the recorder is installed.
 pub fn describe() {
@@ -210,12 +196,13 @@ impl JournalFigures {
             _ => NO_PENDING_EXPIRY_SECONDS,
         };
         metrics::gauge!("meterd_nearest_expiry_seconds").set(expiry);
-        for outcome in OUTCOMES {
-            let n = self.outcomes.get(*outcome).copied().unwrap_or(0);
-            metrics::gauge!("meterd_journal_events", "outcome" => *outcome).set(n as f64);
+        // Every outcome is written, zero included, so alert expressions never meet a missing series.
+        for outcome in Outcome::ALL {
+            let n = self.outcomes.get(outcome.as_str()).copied().unwrap_or(0);
+            metrics::gauge!("meterd_journal_events", "outcome" => outcome.as_str()).set(n as f64);
         }
         for (outcome, n) in &self.outcomes {
-            if !OUTCOMES.contains(&outcome.as_str()) {
+            if Outcome::parse(outcome).is_none() {
                 metrics::gauge!("meterd_journal_events", "outcome" => outcome.clone())
                     .set(*n as f64);
             }

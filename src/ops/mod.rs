@@ -1,9 +1,10 @@
 //! Operations: liveness of the daemon's moving parts (health probes and the systemd watchdog read it), the
 //! systemd notify protocol (`READY=1`, `WATCHDOG=1`, `STATUS=`, `STOPPING=1`), socket activation
-//! ([`activation`]) and Prometheus metrics ([`metrics`]).
+//! ([`activation`]), Prometheus metrics ([`metrics`]) and typed telemetry ([`telemetry`]).
 
 pub mod activation;
 pub mod metrics;
+pub mod telemetry;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -60,21 +61,9 @@ pub fn notify_stopping() {
     ]);
 }
 
-/// `STATUS=` after each pass: pending count and when the pass ran.
-pub fn notify_status(summary: &crate::emit::PassSummary) {
-    let line = format!(
-        "pending {}; last pass {} (frozen {}, sent {}){}",
-        summary.pending_after,
-        summary.started,
-        summary.frozen,
-        summary.sent,
-        summary
-            .lease_held_by
-            .as_ref()
-            .map(|h| format!("; lease held by {h}"))
-            .unwrap_or_default()
-    );
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+/// `STATUS=` after each pass (the line the emitter's pass summary prints: pending count and when it ran).
+pub fn notify_status(line: &str) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(line)]);
 }
 
 /// Pings the systemd watchdog at half its interval, but only while the journal writer answers and the scheduler
@@ -112,10 +101,4 @@ pub fn spawn_watchdog(
             tokio::time::sleep(every).await;
         }
     }))
-}
-
-/// Installs the Prometheus recorder (once per process) and returns a renderer for `/metrics` (without the
-/// journal gauges; the daemon uses [`metrics::renderer`] with them).
-pub fn install_metrics() -> Option<std::sync::Arc<dyn Fn() -> String + Send + Sync>> {
-    metrics::renderer(None)
 }

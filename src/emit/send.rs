@@ -1,0 +1,259 @@
+//! Sending one batch: the call, the split of a batch refused with 400, and the settlement of every event of it.
+
+use super::RetryDelays;
+use crate::alert_kind::AlertKey;
+use crate::clock::{SharedClock, fmt_time, to_utc};
+use crate::journal::Journal;
+use crate::journal::outbound::{self, PendingEvent, Settle};
+use crate::marketplace::client::{CallError, MarketplaceClient};
+use crate::marketplace::outcome::{
+    Classified, SentKey, classify, match_results, settle, unmatched,
+};
+use crate::marketplace::types::batch_body;
+use crate::ops::telemetry::{EventsSettled, InternalEvent};
+use crate::outcome::Outcome;
+use crate::quantity::Micros;
+use crate::resource::ResourceRef;
+use crate::settle::SettleContext;
+use chrono::Duration;
+use std::collections::BTreeMap;
+
+/// What one batch call did.
+#[derive(Debug, Default)]
+pub(super) struct BatchResult {
+    /// Marketplace calls made.
+    pub(super) calls: usize,
+    pub(super) sent: usize,
+    /// A whole call refused with 400: the two halves to send instead (one bad event must not block the rest).
+    pub(super) split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
+    pub(super) outcomes: BTreeMap<String, usize>,
+    pub(super) recheck_subscriptions: bool,
+}
+
+/// Sends `batch`; a whole call refused with HTTP 400 is retried at once in halves, down to single events, so one
+/// malformed event keeps only itself pending (retried and alerted as before) and the good ones go through.
+pub(super) async fn send_splitting(
+    client: &MarketplaceClient,
+    journal: &Journal,
+    clock: &SharedClock,
+    policy: outbound::SettlePolicy,
+    delays: (RetryDelays, Duration),
+    batch: Vec<PendingEvent>,
+) -> anyhow::Result<BatchResult> {
+    let mut total = BatchResult::default();
+    let mut todo = vec![batch];
+    while let Some(batch) = todo.pop() {
+        let mut r = send_batch(client, journal, clock, policy.clone(), delays, batch).await?;
+        total.calls += 1;
+        total.sent += r.sent;
+        total.recheck_subscriptions |= r.recheck_subscriptions;
+        if let Some((first, second)) = r.split.take() {
+            todo.push(second);
+            todo.push(first);
+            continue;
+        }
+        for (k, n) in r.outcomes {
+            *total.outcomes.entry(k).or_default() += n;
+        }
+    }
+    Ok(total)
+}
+
+async fn send_batch(
+    client: &MarketplaceClient,
+    journal: &Journal,
+    clock: &SharedClock,
+    policy: outbound::SettlePolicy,
+    (delays, hold_recheck): (RetryDelays, Duration),
+    batch: Vec<PendingEvent>,
+) -> anyhow::Result<BatchResult> {
+    let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
+    let mark = ids.clone();
+    journal
+        .write(move |c| outbound::mark_attempt(c, &mark))
+        .await?;
+    let bodies: Vec<&str> = batch.iter().map(|e| e.body.as_str()).collect();
+    let body = batch_body(&bodies);
+    let started = std::time::Instant::now();
+    let answer = client.batch_usage(&body).await;
+    metrics::histogram!("meterd_marketplace_call_seconds", "call" => "batchUsageEvent")
+        .record(started.elapsed().as_secs_f64());
+    let now = clock.now();
+    let mut result = BatchResult {
+        sent: batch.len(),
+        calls: 1,
+        ..Default::default()
+    };
+    let mut settles: Vec<(i64, Settle)> = Vec::with_capacity(batch.len());
+    let mut call_alert: Option<(AlertKey, serde_json::Value)> = None;
+    match answer {
+        Ok(call) => {
+            metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => call.status.to_string()).increment(1);
+            let keys: Vec<SentKey> = batch
+                .iter()
+                .map(|e| {
+                    SentKey::new(
+                        ResourceRef::parse(&e.resource),
+                        e.plan.clone(),
+                        e.dimension.clone(),
+                        to_utc(e.hour),
+                    )
+                })
+                .collect();
+            let pairs = match_results(&keys, &call.response);
+            for (i, r) in &pairs {
+                let ev = &batch[*i];
+                let sent_quantity = ev.send_quantity.unwrap_or(ev.quantity);
+                let classified = classify(r, sent_quantity);
+                // The log events of the answers that call for one (each with its alert).
+                match &classified {
+                    Classified::DuplicateMismatch {
+                        ours_micros,
+                        theirs_micros,
+                    } => tracing::error!(
+                        message = "The marketplace already holds another quantity for this hour; ours can never replace it.",
+                        resource = %ev.resource, dimension = %ev.dimension, hour = %fmt_time(ev.hour),
+                        ours = %Micros(*ours_micros), theirs = %Micros(*theirs_micros), alert = "duplicate_mismatch",
+                        request_id = %call.ids.request_id
+                    ),
+                    Classified::NotAuthorized { message } => tracing::error!(
+                        message = "This identity may not report usage for the resource (ResourceNotAuthorized).",
+                        resource = %ev.resource, detail = %message, alert = "resource_not_authorized"
+                    ),
+                    Classified::Invalid { status, message } => tracing::error!(
+                        message = "The marketplace rejected the event.", resource = %ev.resource, dimension = %ev.dimension,
+                        plan = %ev.plan, status = %status.as_str(), detail = %message, alert = "rejected"
+                    ),
+                    _ => {}
+                }
+                let settlement = settle(
+                    classified,
+                    &SettleContext {
+                        sent_quantity,
+                        attempts: ev.attempts,
+                        delays,
+                        hold_recheck,
+                    },
+                    now,
+                );
+                result.recheck_subscriptions |= settlement.recheck_subscriptions;
+                let settle = settlement.settle;
+                settles.push((ev.id, settle));
+            }
+            for i in unmatched(&keys, &pairs) {
+                let ev = &batch[i];
+                settles.push((
+                    ev.id,
+                    Settle::Retry {
+                        error: "the batch answer had no result for this event".into(),
+                        next_at: now + delays.after(ev.attempts + 1),
+                        ambiguous: true,
+                    },
+                ));
+            }
+            tracing::info!(
+                message = "Batch sent.",
+                request_id = %call.ids.request_id, correlation_id = %call.ids.correlation_id,
+                events = batch.len(), results = call.response.result.len()
+            );
+        }
+        Err(e) => {
+            let status = e
+                .status()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "none".into());
+            metrics::counter!("meterd_marketplace_calls_total", "call" => "batchUsageEvent", "status" => status).increment(1);
+            let ambiguous = e.is_ambiguous();
+            let ids = e.ids();
+            let split = e.status() == Some(400) && batch.len() > 1;
+            match &e {
+                _ if split => tracing::warn!(
+                    message = "Batch call refused with 400; sending it again in halves to isolate the event that caused it.",
+                    error = %e, request_id = %ids.request_id, correlation_id = %ids.correlation_id, events = batch.len()
+                ),
+                CallError::Fatal { advice, .. } => tracing::error!(
+                    message = "Batch call refused; the events stay pending and are retried.",
+                    error = %e, advice = advice.as_deref().unwrap_or(""), request_id = %ids.request_id,
+                    correlation_id = %ids.correlation_id, events = batch.len(), alert = "marketplace_call_refused"
+                ),
+                CallError::Transient { .. } => tracing::warn!(
+                    message = "Batch call failed; retrying later.",
+                    error = %e, ambiguous, request_id = %ids.request_id, correlation_id = %ids.correlation_id, events = batch.len()
+                ),
+            }
+            if let Some(status @ (401 | 403)) = e.status() {
+                // Repeated 401/403 means the identity is wrong: one alert per hour while it lasts.
+                call_alert = Some((
+                    AlertKey::marketplace_auth(status, crate::clock::hour_of(now)),
+                    serde_json::json!({"status": status, "error": e.to_string(), "advice": e.advice().unwrap_or("")}),
+                ));
+            }
+            if split {
+                // Nothing was recorded (a 400 is a definite refusal); the halves are sent right away.
+                for ev in &batch {
+                    settles.push((
+                        ev.id,
+                        Settle::Retry {
+                            error: e.to_string(),
+                            next_at: now,
+                            ambiguous: false,
+                        },
+                    ));
+                }
+                let mut first: Vec<PendingEvent> = batch
+                    .iter()
+                    .map(|ev| PendingEvent {
+                        attempts: ev.attempts + 1,
+                        ..ev.clone()
+                    })
+                    .collect();
+                let second = first.split_off(first.len() / 2);
+                result.split = Some((first, second));
+            }
+            for ev in batch.iter().filter(|_| !split) {
+                let delay = delays.after_answer(ev.attempts + 1, e.retry_after());
+                settles.push((
+                    ev.id,
+                    Settle::Retry {
+                        error: e.to_string(),
+                        next_at: now + delay,
+                        ambiguous,
+                    },
+                ));
+            }
+        }
+    }
+    let call_alert = call_alert;
+    let outcomes = journal
+        .write(move |c| {
+            if let Some((dedupe, body)) = &call_alert {
+                crate::journal::alerts::raise(c, dedupe, body.clone(), now)?;
+            }
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for (id, s) in &settles {
+                let state = outbound::settle(c, *id, s, now, &policy)?;
+                outbound::raise_for_settle(c, *id, s, now)?;
+                if state == Outcome::ExpiredUnconfirmed {
+                    // A per-event `Expired` after an earlier ambiguous attempt: the same alert as an expiry.
+                    outbound::raise_expired_unconfirmed(c, *id, now)?;
+                }
+                let name = match (s, state) {
+                    (Settle::Hold { .. }, _) => "held",
+                    (Settle::Retry { .. }, _) => "retry",
+                    (_, st) => st.as_str(),
+                };
+                *counts.entry(name.to_string()).or_default() += 1;
+            }
+            Ok(counts)
+        })
+        .await?;
+    for (k, n) in &outcomes {
+        EventsSettled {
+            outcome: k,
+            count: *n as u64,
+        }
+        .emit();
+    }
+    result.outcomes = outcomes;
+    Ok(result)
+}

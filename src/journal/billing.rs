@@ -1,0 +1,255 @@
+//! Billing storage: the term of an event, the term's consumption (`term_usage`), carried remainders
+//! (`remainders`), thresholds fired (`thresholds_fired`), balances and consumption reports.
+//!
+//! The arithmetic is [`crate::bill`]; this module reads its inputs and stores its results, in the writer
+//! transaction that freezes the event's body (see the policy there).
+
+use super::JournalError;
+use crate::alert_kind::AlertKey;
+use crate::bill::{Bill, BillInputs, Computed, Crossing, compute, months_of, term_around};
+use crate::clock::fmt_time;
+use crate::config::{Included, Settings};
+use crate::quantity::Micros;
+use chrono::{DateTime, TimeZone, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// The term holding `hour` for `resource`.
+pub fn term_for(
+    conn: &Connection,
+    settings: &Settings,
+    resource: &str,
+    hour: i64,
+) -> Result<(i64, i64), JournalError> {
+    let at = crate::clock::to_utc(hour);
+    let sub: Option<(Option<i64>, Option<String>)> = conn
+        .prepare_cached("SELECT term_start, term_unit FROM subscriptions WHERE id = ?1")?
+        .query_row([resource.to_ascii_lowercase()], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let (anchor, months) = match sub {
+        Some((Some(start), Some(unit))) if months_of(&unit).is_some() => {
+            (crate::clock::to_utc(start), months_of(&unit).unwrap_or(1))
+        }
+        _ => (
+            Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0)
+                .single()
+                .unwrap_or_default(),
+            settings.billing.fallback_term_months,
+        ),
+    };
+    let (s, e) = term_around(anchor, months, at);
+    Ok((s.timestamp(), e.timestamp()))
+}
+
+/// Bills an event (allowance, units and thresholds: [`crate::bill::compute`]) and stores what that changes:
+/// the term's consumption, the remainder, the thresholds fired (each raising its alert once). Runs once per event,
+/// inside the writer transaction that stores its body.
+pub fn bill(
+    conn: &Connection,
+    settings: &Settings,
+    ev: &crate::journal::outbound::PendingEvent,
+    plan: &str,
+    now: DateTime<Utc>,
+) -> Result<Bill, JournalError> {
+    let (resource, dimension, hour) = (ev.resource.as_str(), ev.dimension.as_str(), ev.hour);
+    let (term_start, term_end) = term_for(conn, settings, resource, hour)?;
+    let included = settings.included(plan, dimension);
+    let before: i64 = conn
+        .prepare_cached("SELECT consumed FROM term_usage WHERE resource = ?1 AND dimension = ?2 AND plan = ?3 AND term_start = ?4")?
+        .query_row(params![resource, dimension, plan, term_start], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let carried_in: i64 = conn
+        .prepare_cached("SELECT remainder FROM remainders WHERE resource = ?1 AND dimension = ?2")?
+        .query_row(params![resource, dimension], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let decl = settings.dimension(dimension);
+    let computed = compute(BillInputs {
+        raw: ev.quantity,
+        prebilled: ev.prebilled,
+        consumed_before: before,
+        carried_in,
+        included,
+        unit: decl.and_then(|d| d.unit).unwrap_or(1),
+        term: (term_start, term_end),
+        thresholds: decl.map(|d| d.thresholds.as_slice()).unwrap_or(&[]),
+    })
+    .ok_or_else(|| JournalError::Invalid("term consumption overflows".into()))?;
+    let Computed {
+        mut bill,
+        fresh,
+        overage,
+        consumed_after: after,
+        store_remainder,
+        crossings,
+    } = computed;
+    conn.prepare_cached(
+        "INSERT INTO term_usage (resource, dimension, plan, term_start, term_end, consumed, overage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (resource, dimension, plan, term_start) DO UPDATE SET consumed = consumed + excluded.consumed, overage = overage + excluded.overage",
+    )?
+    .execute(params![resource, dimension, plan, term_start, term_end, fresh, overage])?;
+    if store_remainder {
+        conn.prepare_cached(
+            "INSERT INTO remainders (resource, dimension, remainder) VALUES (?1, ?2, ?3)
+             ON CONFLICT (resource, dimension) DO UPDATE SET remainder = excluded.remainder",
+        )?
+        .execute(params![resource, dimension, bill.remainder])?;
+    }
+    for Crossing { text, value } in crossings {
+        let inserted = conn
+            .prepare_cached(
+                "INSERT INTO thresholds_fired (resource, dimension, term_start, threshold, fired_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![resource, dimension, term_start, text, now.timestamp()])?;
+        if inserted == 1 {
+            let body = serde_json::json!({
+                "kind": "threshold",
+                "resource": resource,
+                "dimension": dimension,
+                "plan": plan,
+                "threshold": text,
+                "threshold_quantity": Micros(value).to_decimal_string(),
+                "consumed": Micros(after).to_decimal_string(),
+                "included": match included { Included::Infinite => "infinite".to_string(), Included::Quantity(q) => Micros(q).to_decimal_string() },
+                "hour": fmt_time(hour),
+                "term_start": fmt_time(term_start),
+                "term_end": fmt_time(term_end),
+            });
+            super::alerts::raise(
+                conn,
+                &AlertKey::threshold(resource, dimension, term_start, &text),
+                body,
+                now,
+            )?;
+            tracing::warn!(
+                message = "Consumption crossed a threshold.",
+                %resource, %dimension, threshold = %text, consumed = %Micros(after), alert = "threshold"
+            );
+            metrics::counter!("meterd_thresholds_crossed_total", "dimension" => dimension.to_string()).increment(1);
+            bill.crossed.push(text);
+        }
+    }
+    Ok(bill)
+}
+
+/// One dimension's balance for a subscription's current term.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct DimensionBalance {
+    /// Dimension.
+    pub dimension: String,
+    /// Plan the balance is for.
+    pub plan: String,
+    /// Term start (RFC 3339).
+    pub term_start: String,
+    /// Term end, exclusive (RFC 3339).
+    pub term_end: String,
+    /// Included quantity, or `infinite`.
+    pub included: String,
+    /// Consumed this term under this plan (frozen and not yet frozen usage).
+    pub consumed: String,
+    /// Included quantity left (`infinite` when unlimited).
+    pub remaining: String,
+    /// Overage frozen into outbound events this term (billing units).
+    pub overage_frozen: String,
+    /// Of which the marketplace accepted (billing units).
+    pub overage_accepted: String,
+    /// Partial billing unit carried to the next hour (usage units).
+    pub carried_remainder: String,
+    /// Usage per billing unit.
+    pub unit: i64,
+}
+
+/// The balance of every declared dimension for `resource` at `now`.
+pub fn balance(
+    conn: &Connection,
+    settings: &Settings,
+    resource: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<DimensionBalance>, JournalError> {
+    let hour = crate::clock::hour_of(now);
+    let (term_start, term_end) = term_for(conn, settings, resource, hour)?;
+    let sub_plan: Option<String> = conn
+        .prepare_cached("SELECT plan FROM subscriptions WHERE id = ?1")?
+        .query_row([resource.to_ascii_lowercase()], |r| r.get(0))
+        .optional()?
+        .filter(|p: &String| !p.is_empty());
+    let mut out = Vec::new();
+    for d in &settings.dimensions {
+        let last_plan: Option<String> = conn
+            .prepare_cached("SELECT plan FROM term_usage WHERE resource = ?1 AND dimension = ?2 AND term_start = ?3 ORDER BY rowid DESC LIMIT 1")
+            .and_then(|mut s| s.query_row(params![resource, d.id, term_start], |r| r.get(0)).optional())
+            .unwrap_or(None);
+        let plan = sub_plan
+            .clone()
+            .or(last_plan)
+            .or_else(|| settings.default_plan.clone())
+            .unwrap_or_default();
+        let billed: i64 = conn
+            .prepare_cached("SELECT COALESCE(SUM(consumed), 0) FROM term_usage WHERE resource = ?1 AND dimension = ?2 AND plan = ?3 AND term_start = ?4")?
+            .query_row(params![resource, d.id, plan, term_start], |r| r.get(0))?;
+        let unbilled: i64 = conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(h.quantity - h.prebilled), 0) FROM hourly_totals h LEFT JOIN outbound_events o ON o.id = h.outbound_id
+                 WHERE h.resource = ?1 AND h.dimension = ?2 AND h.hour >= ?3 AND h.hour < ?4
+                   AND (o.id IS NULL OR (o.state = 'pending' AND o.billable IS NULL))",
+            )?
+            .query_row(params![resource, d.id, term_start, term_end], |r| r.get(0))?;
+        let consumed = billed + unbilled;
+        let (frozen, accepted): (i64, i64) = conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(send_quantity), 0),
+                        COALESCE(SUM(CASE WHEN state IN ('accepted', 'duplicate') THEN send_quantity ELSE 0 END), 0)
+                 FROM outbound_events WHERE resource = ?1 AND dimension = ?2 AND term_start = ?3",
+            )?
+            .query_row(params![resource, d.id, term_start], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let remainder: i64 = conn
+            .prepare_cached(
+                "SELECT remainder FROM remainders WHERE resource = ?1 AND dimension = ?2",
+            )?
+            .query_row(params![resource, d.id], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        let (included, remaining) = match settings.included(&plan, &d.id) {
+            Included::Infinite => ("infinite".to_string(), "infinite".to_string()),
+            Included::Quantity(q) => (
+                Micros(q).to_decimal_string(),
+                Micros((q - consumed).max(0)).to_decimal_string(),
+            ),
+        };
+        out.push(DimensionBalance {
+            dimension: d.id.clone(),
+            plan,
+            term_start: fmt_time(term_start),
+            term_end: fmt_time(term_end),
+            included,
+            consumed: Micros(consumed).to_decimal_string(),
+            remaining,
+            overage_frozen: Micros(frozen).to_decimal_string(),
+            overage_accepted: Micros(accepted).to_decimal_string(),
+            carried_remainder: Micros(remainder).to_decimal_string(),
+            unit: d.unit.unwrap_or(1),
+        });
+    }
+    Ok(out)
+}
+
+/// Raw consumption of `resource` (optionally one dimension) over `[from, to)`, per dimension, micro-units.
+pub fn consumption(
+    conn: &Connection,
+    resource: &str,
+    dimension: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(String, i64, i64)>, JournalError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT dimension, COALESCE(SUM(quantity), 0), COUNT(DISTINCT hour) FROM hourly_totals
+         WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND hour >= ?3 AND hour < ?4 GROUP BY dimension ORDER BY dimension",
+    )?;
+    let rows = stmt.query_map(params![resource, dimension, from, to], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
