@@ -441,6 +441,35 @@ async fn two_casings_of_a_managed_app_uri_are_one_event_accepted_with_the_sum() 
     let filtered = rig.report_for(Some(&upper)).await;
     assert_eq!(filtered.len(), 2, "{filtered:#?}");
     assert!(filtered.iter().all(|r| r.resource == APP));
+    // Consumption and balance of the application are the same whichever spelling asks for them.
+    let up2 = upper.clone();
+    let (s1, s2, up1) = (rig.settings.clone(), rig.settings.clone(), upper.clone());
+    let (by_first, by_other) = rig
+        .journal
+        .read(move |c| {
+            let now = t("10:20");
+            Ok((
+                meterd::journal::billing::balance(c, &s1, APP, now)?,
+                meterd::journal::billing::balance(c, &s2, &up1, now)?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_first, by_other);
+    let (c1, c2) = rig
+        .journal
+        .read(move |c| {
+            let (from, to) = (t("09:00").timestamp(), t("11:00").timestamp());
+            Ok((
+                meterd::journal::billing::consumption(c, APP, Some(API), from, to)?,
+                meterd::journal::billing::consumption(c, &up2, Some(API), from, to)?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(c1.len(), 1, "{c1:?}");
+    assert_eq!(c1[0].1, 5_000_000, "{c1:?}");
+    assert_eq!(c1, c2);
 }
 
 /// Scenario 4b, backfill after an outage: passes ran every hour while the app was cut off from meterd (05:00 to

@@ -169,6 +169,9 @@ pub fn balance(
     resource: &str,
     now: DateTime<Utc>,
 ) -> Result<Vec<DimensionBalance>, JournalError> {
+    // Every spelling of a resource is journaled as its first one (case-insensitive).
+    let journaled = super::usage::known_spelling(conn, resource)?;
+    let resource = journaled.as_deref().unwrap_or(resource);
     let hour = crate::clock::hour_of(now);
     let (term_start, term_end) = term_for(conn, settings, resource, hour)?;
     let sub_plan: Option<String> = conn
@@ -244,6 +247,8 @@ pub fn consumption(
     from: i64,
     to: i64,
 ) -> Result<Vec<(String, i64, i64)>, JournalError> {
+    let journaled = super::usage::known_spelling(conn, resource)?;
+    let resource = journaled.as_deref().unwrap_or(resource);
     let mut stmt = conn.prepare_cached(
         "SELECT dimension, COALESCE(SUM(quantity), 0), COUNT(DISTINCT hour) FROM hourly_totals
          WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND hour >= ?3 AND hour < ?4 GROUP BY dimension ORDER BY dimension",
