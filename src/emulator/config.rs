@@ -16,8 +16,9 @@ pub const DEFAULT_TENANT: &str = "emulator-tenant";
 pub const DEFAULT_CLIENT_ID: &str = "00000000-0000-0000-0000-00000000c11e";
 /// Default client secret.
 pub const DEFAULT_CLIENT_SECRET: &str = "emulator-secret";
-/// A bearer token that is always accepted on `/api` (meterd's `static_token` auth kind).
-pub const DEFAULT_STATIC_TOKEN: &str = "emulator-token";
+/// A bearer token that is always accepted on `/api` (meterd's `static_token` auth kind): the token meterd sends
+/// in emulator mode, defined once in [`crate::config::EMULATOR_STATIC_TOKEN`].
+pub const DEFAULT_STATIC_TOKEN: &str = crate::config::EMULATOR_STATIC_TOKEN;
 /// The `X-IDENTITY-HEADER` value the App Service style managed identity endpoint expects.
 pub const DEFAULT_IDENTITY_HEADER: &str = "emulator-identity-header";
 /// The marketplace API's Entra application id (token `scope`/`resource`).
