@@ -65,10 +65,7 @@ pub async fn v2(
     Path(tenant): Path<String>,
     form: FormResult,
 ) -> Response {
-    guarded(&emulator, Route::Token, &call, || async {
-        client_credentials(&emulator, &call, &tenant, form, Version::V2)
-    })
-    .await
+    entra_token(emulator, call, tenant, form, Version::V2).await
 }
 
 /// `POST /{tenant}/oauth2/token`.
@@ -78,8 +75,19 @@ pub async fn v1(
     Path(tenant): Path<String>,
     form: FormResult,
 ) -> Response {
+    entra_token(emulator, call, tenant, form, Version::V1).await
+}
+
+/// Both Entra endpoints: the token route's fault guard around [`client_credentials`].
+async fn entra_token(
+    emulator: Emulator,
+    call: Call,
+    tenant: String,
+    form: FormResult,
+    version: Version,
+) -> Response {
     guarded(&emulator, Route::Token, &call, || async {
-        client_credentials(&emulator, &call, &tenant, form, Version::V1)
+        client_credentials(&emulator, &call, &tenant, form, version)
     })
     .await
 }
@@ -210,12 +218,14 @@ fn resource_is_marketplace(resource: &str) -> bool {
     resource.trim_end_matches('/') == MARKETPLACE_RESOURCE
 }
 
-fn managed_identity_token(
-    emulator: &Emulator,
-    resource: &str,
-    client_id: Option<&str>,
-    app_service: bool,
-) -> Response {
+/// Both managed identity endpoints, once their own header checks passed: checks `resource`, then issues a token
+/// for `client_id` (default: the configured one) in the endpoint's shape.
+fn managed_identity_token(emulator: &Emulator, call: &Call, app_service: bool) -> Response {
+    let resource = match check_resource(call) {
+        Ok(resource) => resource,
+        Err(response) => return *response,
+    };
+    let client_id = call.param("client_id");
     let now = emulator.now();
     let default_client = emulator.lock().credentials.client_id.clone();
     let (token, expires) = emulator.lock().issue_token(now);
@@ -275,12 +285,7 @@ pub async fn imds(State(emulator): State<Emulator>, call: Call) -> Response {
                 "Required query variable 'api-version' is missing",
             );
         }
-        match check_resource(&call) {
-            Ok(resource) => {
-                managed_identity_token(&emulator, &resource, call.param("client_id"), false)
-            }
-            Err(response) => *response,
-        }
+        managed_identity_token(&emulator, &call, false)
     })
     .await
 }
@@ -296,12 +301,7 @@ pub async fn app_service(State(emulator): State<Emulator>, call: Call) -> Respon
                 "The X-IDENTITY-HEADER header is missing or invalid.",
             );
         }
-        match check_resource(&call) {
-            Ok(resource) => {
-                managed_identity_token(&emulator, &resource, call.param("client_id"), true)
-            }
-            Err(response) => *response,
-        }
+        managed_identity_token(&emulator, &call, true)
     })
     .await
 }
