@@ -39,7 +39,7 @@ use tracing::info;
 
 /// Why an admin call failed.
 #[derive(Debug, thiserror::Error)]
-pub enum AdminError {
+pub(super) enum AdminError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -59,7 +59,7 @@ impl IntoResponse for AdminError {
 type AdminResult = Result<axum::Json<Value>, AdminError>;
 
 /// The `/emulator` routes.
-pub fn router() -> Router<Emulator> {
+pub(super) fn router() -> Router<Emulator> {
     Router::new()
         .route("/clock", get(clock).post(set_clock))
         .route(

@@ -10,30 +10,30 @@
 //! # Layout
 //!
 //! - [`config`]: [`EmulatorConfig`], defaults (credentials, seed subscriptions), seed files, durations.
-//! - [`model`]: subscriptions, plans, managed apps and usage events as the emulator stores them.
-//! - [`state`]: the mutable world behind one mutex.
-//! - [`usage`]: the metering rules and the JSON they answer with.
-//! - [`call`]: what every marketplace call shares: request ids, logging, bearer auth, `api-version`, the fault guard.
-//! - [`metering`], [`saas`], [`token`]: the marketplace routes.
-//! - [`admin`]: `/emulator/...`, the control API.
-//! - [`faults`]: scripted failures, delays, dropped connections.
-//! - [`routes`]: the router (the route table).
-//! - [`server`]: the accept loop that can drop a connection without answering.
-//! - [`clock`]: the emulator's own clock.
+//! - `model`: subscriptions, plans, managed apps and usage events as the emulator stores them.
+//! - `state`: the mutable world behind one mutex.
+//! - `usage`: the metering rules and the JSON they answer with.
+//! - `call`: what every marketplace call shares: request ids, logging, bearer auth, `api-version`, the fault guard.
+//! - `metering`, `saas`, `token`: the marketplace routes.
+//! - `admin`: `/emulator/...`, the control API.
+//! - `faults`: scripted failures, delays, dropped connections.
+//! - `routes`: the router (the route table).
+//! - `server`: the accept loop that can drop a connection without answering.
+//! - `clock`: the emulator's own clock.
 
-pub mod admin;
-pub mod call;
-pub mod clock;
+mod admin;
+mod call;
+mod clock;
 pub mod config;
-pub mod faults;
-pub mod metering;
-pub mod model;
-pub mod routes;
-pub mod saas;
-pub mod server;
-pub mod state;
-pub mod token;
-pub mod usage;
+mod faults;
+mod metering;
+mod model;
+mod routes;
+mod saas;
+mod server;
+mod state;
+mod token;
+mod usage;
 
 pub use config::{ConfigError, Credentials, EmulatorConfig, NextLinkMode, ResultOrder};
 pub use faults::{Fault, FaultKind, Phase, Route};

@@ -12,11 +12,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 /// First write wins per (resource, dimension, UTC hour): resource lowercased, hour as a Unix timestamp.
-pub type DedupeKey = (String, String, i64);
+pub(super) type DedupeKey = (String, String, i64);
 
 /// Everything the emulator knows and remembers.
 #[derive(Debug)]
-pub struct State {
+pub(crate) struct State {
     pub credentials: Credentials,
     pub plans: Vec<Plan>,
     /// In insertion order: the list pages through them in this order.
@@ -44,7 +44,7 @@ pub struct State {
 impl State {
     /// Applies the scripted cancellations whose time has come: the subscription becomes `Unsubscribed`, cancelled
     /// at the scripted time.
-    pub fn apply_cancellations(&mut self, now: DateTime<Utc>) {
+    pub(crate) fn apply_cancellations(&mut self, now: DateTime<Utc>) {
         let due: Vec<(String, DateTime<Utc>)> = self
             .faults
             .cancellations
@@ -68,7 +68,7 @@ impl State {
     }
 
     /// The state an emulator starts (and resets) with.
-    pub fn from_config(config: &EmulatorConfig) -> Self {
+    pub(crate) fn from_config(config: &EmulatorConfig) -> Self {
         Self {
             credentials: config.credentials.clone(),
             plans: config.plans.clone(),
@@ -90,14 +90,14 @@ impl State {
     }
 
     /// A subscription by id (GUIDs compare case-insensitively).
-    pub fn subscription(&self, id: &str) -> Option<&Subscription> {
+    pub(crate) fn subscription(&self, id: &str) -> Option<&Subscription> {
         self.subscriptions
             .iter()
             .find(|s| s.id.eq_ignore_ascii_case(id.trim()))
     }
 
     /// Adds `subscription`, or replaces the one with its id (keeping its place in the list).
-    pub fn upsert_subscription(&mut self, subscription: Subscription) {
+    pub(crate) fn upsert_subscription(&mut self, subscription: Subscription) {
         match self
             .subscriptions
             .iter_mut()
@@ -109,12 +109,12 @@ impl State {
     }
 
     /// A plan by id.
-    pub fn plan(&self, id: &str) -> Option<&Plan> {
+    pub(crate) fn plan(&self, id: &str) -> Option<&Plan> {
         self.plans.iter().find(|p| p.id == id)
     }
 
     /// Adds `plan`, or replaces the one with its id.
-    pub fn upsert_plan(&mut self, plan: Plan) {
+    pub(crate) fn upsert_plan(&mut self, plan: Plan) {
         match self.plans.iter_mut().find(|p| p.id == plan.id) {
             Some(existing) => *existing = plan,
             None => self.plans.push(plan),
@@ -122,7 +122,7 @@ impl State {
     }
 
     /// Adds a managed application, or replaces the one with its `resourceUri`.
-    pub fn upsert_managed_app(&mut self, app: ManagedApp) {
+    pub(crate) fn upsert_managed_app(&mut self, app: ManagedApp) {
         match self
             .managed_apps
             .iter_mut()
@@ -134,7 +134,7 @@ impl State {
     }
 
     /// Issues a new opaque token valid until `now + token_lifetime`.
-    pub fn issue_token(&mut self, now: DateTime<Utc>) -> (String, DateTime<Utc>) {
+    pub(crate) fn issue_token(&mut self, now: DateTime<Utc>) -> (String, DateTime<Utc>) {
         let token = format!(
             "emu.{}.{}",
             uuid::Uuid::new_v4().simple(),
@@ -150,13 +150,13 @@ impl State {
     }
 
     /// Whether `token` may call the API at `now`: the static token, or an issued one not yet expired.
-    pub fn token_is_valid(&self, token: &str, now: DateTime<Utc>) -> bool {
+    pub(crate) fn token_is_valid(&self, token: &str, now: DateTime<Utc>) -> bool {
         (!self.credentials.static_token.is_empty() && token == self.credentials.static_token)
             || self.tokens.get(token).is_some_and(|exp| *exp > now)
     }
 
     /// Counts one call of `route`.
-    pub fn count(&mut self, route: Route) {
+    pub(crate) fn count(&mut self, route: Route) {
         *self.requests.entry(route.name()).or_default() += 1;
     }
 }

@@ -59,7 +59,7 @@ fn entra_error(
 }
 
 /// `POST /{tenant}/oauth2/v2.0/token`.
-pub async fn v2(
+pub(super) async fn v2(
     State(emulator): State<Emulator>,
     call: Call,
     Path(tenant): Path<String>,
@@ -69,7 +69,7 @@ pub async fn v2(
 }
 
 /// `POST /{tenant}/oauth2/token`.
-pub async fn v1(
+pub(super) async fn v1(
     State(emulator): State<Emulator>,
     call: Call,
     Path(tenant): Path<String>,
@@ -266,7 +266,7 @@ fn check_resource(call: &Call) -> Result<String, Box<Response>> {
 }
 
 /// `GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=...` with `Metadata: true` (IMDS).
-pub async fn imds(State(emulator): State<Emulator>, call: Call) -> Response {
+pub(super) async fn imds(State(emulator): State<Emulator>, call: Call) -> Response {
     guarded(&emulator, Route::Token, &call, || async {
         if !call
             .header("metadata")
@@ -291,7 +291,7 @@ pub async fn imds(State(emulator): State<Emulator>, call: Call) -> Response {
 }
 
 /// `GET /msi/token?api-version=2019-08-01&resource=...` with `X-IDENTITY-HEADER` (App Service / Functions).
-pub async fn app_service(State(emulator): State<Emulator>, call: Call) -> Response {
+pub(super) async fn app_service(State(emulator): State<Emulator>, call: Call) -> Response {
     guarded(&emulator, Route::Token, &call, || async {
         let expected = emulator.lock().credentials.identity_header.clone();
         if call.header("x-identity-header").as_deref() != Some(expected.as_str()) {
