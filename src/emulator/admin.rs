@@ -118,6 +118,11 @@ fn to_json<T: serde::Serialize>(value: T) -> axum::Json<Value> {
     axum::Json(serde_json::to_value(value).unwrap_or(Value::Null))
 }
 
+/// What every fault-scripting call answers: the faults now in force.
+fn faults_json(emulator: &Emulator) -> axum::Json<Value> {
+    to_json(emulator.lock().faults.clone())
+}
+
 fn clock_json(emulator: &Emulator) -> axum::Json<Value> {
     let offset = emulator.emulator_clock().offset();
     axum::Json(
@@ -283,7 +288,7 @@ async fn reset(State(emulator): State<Emulator>) -> axum::Json<Value> {
 }
 
 async fn faults(State(emulator): State<Emulator>) -> axum::Json<Value> {
-    to_json(emulator.lock().faults.clone())
+    faults_json(&emulator)
 }
 
 async fn add_faults(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
@@ -301,7 +306,7 @@ async fn add_faults(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResu
         info!(message = "Fault scripted.", route = %f.route, kind = ?f.kind, times = f.times);
         emulator.add_fault(f.clone());
     }
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
 
 async fn clear_faults(State(emulator): State<Emulator>) -> axum::Json<Value> {
@@ -317,7 +322,7 @@ struct LatencyBody {
 async fn latency(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
     let b: LatencyBody = body(&bytes)?;
     emulator.set_latency(std::time::Duration::from_millis(b.ms));
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
 
 #[derive(Deserialize)]
@@ -328,12 +333,12 @@ struct ResourceBody {
 async fn forbid(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
     let b: ResourceBody = body(&bytes)?;
     emulator.forbid_resource(&b.resource);
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
 
 async fn clear_forbidden(State(emulator): State<Emulator>) -> axum::Json<Value> {
     emulator.lock().faults.forbidden.clear();
-    to_json(emulator.lock().faults.clone())
+    faults_json(&emulator)
 }
 
 #[derive(Deserialize)]
@@ -357,7 +362,7 @@ async fn cancellation(State(emulator): State<Emulator>, bytes: Bytes) -> AdminRe
         })?
         .with_timezone(&Utc);
     emulator.cancel_at(&b.subscription, at);
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
 
 #[derive(Deserialize)]
@@ -368,11 +373,11 @@ struct PoisonBody {
 async fn poison(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
     let b: PoisonBody = body(&bytes)?;
     emulator.poison_dimension(&b.dimension);
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
 
 async fn event_errors(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
     let b: CountBody = body(&bytes)?;
     emulator.fail_next_events(b.count);
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
