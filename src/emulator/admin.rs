@@ -190,11 +190,12 @@ async fn delete_subscription(
     Path(id): Path<String>,
 ) -> AdminResult {
     let mut world = emulator.lock();
-    let before = world.subscriptions.len();
+    let before = world.current.subscriptions.len();
     world
+        .current
         .subscriptions
         .retain(|s| !s.id.eq_ignore_ascii_case(&id));
-    if world.subscriptions.len() == before {
+    if world.current.subscriptions.len() == before {
         return Err(AdminError::NotFound(format!("no subscription {id}")));
     }
     Ok(axum::Json(json!({"deleted": id})))
@@ -231,7 +232,7 @@ async fn subscription_action(
 }
 
 async fn plans(State(emulator): State<Emulator>) -> axum::Json<Value> {
-    to_json(emulator.lock().plans.clone())
+    to_json(emulator.lock().current.plans.clone())
 }
 
 async fn upsert_plan(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
@@ -244,7 +245,7 @@ async fn upsert_plan(State(emulator): State<Emulator>, bytes: Bytes) -> AdminRes
 }
 
 async fn managed_apps(State(emulator): State<Emulator>) -> axum::Json<Value> {
-    to_json(emulator.lock().managed_apps.clone())
+    to_json(emulator.lock().current.managed_apps.clone())
 }
 
 async fn upsert_managed_app(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {

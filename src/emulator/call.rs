@@ -131,7 +131,7 @@ where
     let (fault, latency) = {
         let mut state = emulator.lock();
         state.count(route);
-        let latency = state.latency + Duration::from_millis(state.faults.latency_ms);
+        let latency = state.current.latency + Duration::from_millis(state.faults.latency_ms);
         (state.faults.take(route), latency)
     };
     if !latency.is_zero() {

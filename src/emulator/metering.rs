@@ -105,7 +105,7 @@ pub(super) async fn batch(State(emulator): State<Emulator>, call: Call, body: By
                     batch_item(event, &verdict, now)
                 })
                 .collect();
-            (results, world.result_order, accepted)
+            (results, world.current.result_order, accepted)
         };
         match order {
             ResultOrder::AsSent => {}

@@ -123,7 +123,7 @@ pub async fn run_cli(args: EmulatorArgs) -> anyhow::Result<()> {
     info!(
         message = "Emulator ready.",
         base_url = %format!("http://{addr}/api"),
-        token_url = %format!("http://{addr}/{}/oauth2/v2.0/token", emulator.lock().credentials.tenant),
+        token_url = %format!("http://{addr}/{}/oauth2/v2.0/token", emulator.lock().current.credentials.tenant),
         admin = %format!("http://{addr}/emulator/"),
     );
     emulator
@@ -240,6 +240,7 @@ impl Emulator {
         let now = self.now();
         let mut state = self.lock();
         match state
+            .current
             .subscriptions
             .iter_mut()
             .find(|s| s.id.eq_ignore_ascii_case(id))
@@ -275,7 +276,7 @@ impl Emulator {
 
     /// Every subscription, in list order.
     pub fn subscriptions(&self) -> Vec<Subscription> {
-        self.lock().subscriptions.clone()
+        self.lock().current.subscriptions.clone()
     }
 
     /// Adds a plan, or replaces the one with its id.

@@ -81,24 +81,24 @@ pub(super) async fn list(State(emulator): State<Emulator>, call: Call) -> Respon
         };
         let mut world = emulator.lock();
         world.apply_cancellations(emulator.now());
-        if world.subscriptions.is_empty() {
+        if world.current.subscriptions.is_empty() {
             return StatusCode::OK.into_response();
         }
         let page: Vec<Value> = world
-            .subscriptions
+            .current.subscriptions
             .iter()
             .skip(offset)
-            .take(world.page_size)
+            .take(world.current.page_size)
             .map(|s| serde_json::to_value(s).unwrap_or(Value::Null))
             .collect();
         let mut body = Map::new();
         body.insert("subscriptions".into(), Value::Array(page));
-        let next = offset.saturating_add(world.page_size);
-        if next < world.subscriptions.len() {
+        let next = offset.saturating_add(world.current.page_size);
+        if next < world.current.subscriptions.len() {
             let host = call.header("host").unwrap_or_else(|| "127.0.0.1".into());
             let link = format!(
                 "{}/saas/subscriptions/?continuationToken={}&api-version={API_VERSION}",
-                next_link_base(&world.next_link, &host),
+                next_link_base(&world.current.next_link, &host),
                 percent_encode(&continuation_token(next)),
             );
             body.insert("@nextLink".into(), Value::String(link));

@@ -4,12 +4,11 @@
 //! One lock keeps each call atomic (a batch is judged and recorded as a whole, like a single marketplace call), and
 //! no lock is ever held across an `.await`.
 
-use super::config::{Credentials, EmulatorConfig, NextLinkMode, ResultOrder};
+use super::config::EmulatorConfig;
 use super::faults::{Faults, Route};
 use super::model::{AcceptedEvent, ManagedApp, Plan, ReceivedEvent, Subscription};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 /// First write wins per (resource, dimension, UTC hour): resource lowercased, hour as a Unix timestamp.
 pub(super) type DedupeKey = (String, String, i64);
@@ -17,17 +16,9 @@ pub(super) type DedupeKey = (String, String, i64);
 /// Everything the emulator knows and remembers.
 #[derive(Debug)]
 pub(crate) struct State {
-    pub credentials: Credentials,
-    pub plans: Vec<Plan>,
-    /// In insertion order: the list pages through them in this order.
-    pub subscriptions: Vec<Subscription>,
-    pub managed_apps: Vec<ManagedApp>,
-    pub token_lifetime: Duration,
-    pub page_size: usize,
-    pub next_link: NextLinkMode,
-    pub result_order: ResultOrder,
-    pub latency: Duration,
-    pub echo_saas_resource_uri: bool,
+    /// The catalogue and knobs as they stand now: the [`EmulatorConfig`] it started from (page size at least 1),
+    /// changed since by admin calls. One field list for both.
+    pub current: EmulatorConfig,
     /// Issued token -> expiry (emulator clock).
     pub tokens: HashMap<String, DateTime<Utc>>,
     /// Every event received, with the status it got.
@@ -54,6 +45,7 @@ impl State {
             .collect();
         for (id, at) in due {
             if let Some(s) = self
+                .current
                 .subscriptions
                 .iter_mut()
                 .find(|s| s.id.eq_ignore_ascii_case(&id))
@@ -69,17 +61,10 @@ impl State {
 
     /// The state an emulator starts (and resets) with.
     pub(crate) fn from_config(config: &EmulatorConfig) -> Self {
+        let mut current = config.clone();
+        current.page_size = current.page_size.max(1);
         Self {
-            credentials: config.credentials.clone(),
-            plans: config.plans.clone(),
-            subscriptions: config.subscriptions.clone(),
-            managed_apps: config.managed_apps.clone(),
-            token_lifetime: config.token_lifetime,
-            page_size: config.page_size.max(1),
-            next_link: config.next_link.clone(),
-            result_order: config.result_order,
-            latency: config.latency,
-            echo_saas_resource_uri: config.echo_saas_resource_uri,
+            current,
             tokens: HashMap::new(),
             received: Vec::new(),
             accepted: Vec::new(),
@@ -91,7 +76,8 @@ impl State {
 
     /// A subscription by id (GUIDs compare case-insensitively).
     pub(crate) fn subscription(&self, id: &str) -> Option<&Subscription> {
-        self.subscriptions
+        self.current
+            .subscriptions
             .iter()
             .find(|s| s.id.eq_ignore_ascii_case(id.trim()))
     }
@@ -99,37 +85,39 @@ impl State {
     /// Adds `subscription`, or replaces the one with its id (keeping its place in the list).
     pub(crate) fn upsert_subscription(&mut self, subscription: Subscription) {
         match self
+            .current
             .subscriptions
             .iter_mut()
             .find(|s| s.id.eq_ignore_ascii_case(&subscription.id))
         {
             Some(existing) => *existing = subscription,
-            None => self.subscriptions.push(subscription),
+            None => self.current.subscriptions.push(subscription),
         }
     }
 
     /// A plan by id.
     pub(crate) fn plan(&self, id: &str) -> Option<&Plan> {
-        self.plans.iter().find(|p| p.id == id)
+        self.current.plans.iter().find(|p| p.id == id)
     }
 
     /// Adds `plan`, or replaces the one with its id.
     pub(crate) fn upsert_plan(&mut self, plan: Plan) {
-        match self.plans.iter_mut().find(|p| p.id == plan.id) {
+        match self.current.plans.iter_mut().find(|p| p.id == plan.id) {
             Some(existing) => *existing = plan,
-            None => self.plans.push(plan),
+            None => self.current.plans.push(plan),
         }
     }
 
     /// Adds a managed application, or replaces the one with its `resourceUri`.
     pub(crate) fn upsert_managed_app(&mut self, app: ManagedApp) {
         match self
+            .current
             .managed_apps
             .iter_mut()
             .find(|a| a.resource_uri.eq_ignore_ascii_case(&app.resource_uri))
         {
             Some(existing) => *existing = app,
-            None => self.managed_apps.push(app),
+            None => self.current.managed_apps.push(app),
         }
     }
 
@@ -140,7 +128,7 @@ impl State {
             uuid::Uuid::new_v4().simple(),
             uuid::Uuid::new_v4().simple()
         );
-        let lifetime = chrono::Duration::from_std(self.token_lifetime)
+        let lifetime = chrono::Duration::from_std(self.current.token_lifetime)
             .unwrap_or_else(|_| chrono::Duration::hours(1));
         let expires = now + lifetime;
         // Forget expired tokens so a long run does not grow without bound.
@@ -151,7 +139,8 @@ impl State {
 
     /// Whether `token` may call the API at `now`: the static token, or an issued one not yet expired.
     pub(crate) fn token_is_valid(&self, token: &str, now: DateTime<Utc>) -> bool {
-        (!self.credentials.static_token.is_empty() && token == self.credentials.static_token)
+        (!self.current.credentials.static_token.is_empty()
+            && token == self.current.credentials.static_token)
             || self.tokens.get(token).is_some_and(|exp| *exp > now)
     }
 

@@ -100,7 +100,7 @@ fn client_credentials(
     version: Version,
 ) -> Response {
     let now = emulator.now();
-    let credentials = emulator.lock().credentials.clone();
+    let credentials = emulator.lock().current.credentials.clone();
     if !tenant.eq_ignore_ascii_case(&credentials.tenant) {
         return entra_error(
             StatusCode::BAD_REQUEST,
@@ -227,7 +227,7 @@ fn managed_identity_token(emulator: &Emulator, call: &Call, app_service: bool) -
     };
     let client_id = call.param("client_id");
     let now = emulator.now();
-    let default_client = emulator.lock().credentials.client_id.clone();
+    let default_client = emulator.lock().current.credentials.client_id.clone();
     let (token, expires) = emulator.lock().issue_token(now);
     let lifetime = (expires - now).num_seconds().to_string();
     let client_id = client_id.map(str::to_owned).unwrap_or(default_client);
@@ -293,7 +293,7 @@ pub(super) async fn imds(State(emulator): State<Emulator>, call: Call) -> Respon
 /// `GET /msi/token?api-version=2019-08-01&resource=...` with `X-IDENTITY-HEADER` (App Service / Functions).
 pub(super) async fn app_service(State(emulator): State<Emulator>, call: Call) -> Response {
     guarded(&emulator, Route::Token, &call, || async {
-        let expected = emulator.lock().credentials.identity_header.clone();
+        let expected = emulator.lock().current.credentials.identity_header.clone();
         if call.header("x-identity-header").as_deref() != Some(expected.as_str()) {
             return identity_error(
                 StatusCode::UNAUTHORIZED,

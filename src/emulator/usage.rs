@@ -296,7 +296,7 @@ pub(super) fn judge(state: &mut State, event: &Value, now: DateTime<Utc>) -> Ver
         resource_uri: parsed
             .resource_uri
             .map(str::to_owned)
-            .or(saas_uri.filter(|_| state.echo_saas_resource_uri)),
+            .or(saas_uri.filter(|_| state.current.echo_saas_resource_uri)),
         quantity: parsed.quantity,
         dimension: parsed.dimension.to_owned(),
         effective_start_time: parsed.effective_start_time.to_owned(),
@@ -342,7 +342,7 @@ fn resolve(state: &State, parsed: &Parsed<'_>) -> Result<Resolved, Rejection> {
                 Some(sub.resource_uri()),
             ));
         }
-        if let Some(app) = state.managed_apps.iter().find(|a| {
+        if let Some(app) = state.current.managed_apps.iter().find(|a| {
             a.resource_usage_id
                 .as_deref()
                 .is_some_and(|u| u.eq_ignore_ascii_case(id))
@@ -353,6 +353,7 @@ fn resolve(state: &State, parsed: &Parsed<'_>) -> Result<Resolved, Rejection> {
     }
     let uri = parsed.resource_uri.unwrap_or_default();
     state
+        .current
         .managed_apps
         .iter()
         .find(|a| a.resource_uri.eq_ignore_ascii_case(uri))
