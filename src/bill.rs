@@ -210,6 +210,143 @@ fn threshold_value(t: Threshold, included: Included) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quantity::MICROS;
+    use proptest::prelude::*;
+
+    const M: i64 = MICROS;
+
+    /// One event of whole `raw` units (no prebilled part, no thresholds) in the term `(0, 1)`.
+    fn event(
+        raw: i64,
+        consumed_before: i64,
+        carried_in: i64,
+        included: Included,
+        unit: i64,
+    ) -> Computed {
+        compute(BillInputs {
+            raw: raw * M,
+            prebilled: 0,
+            consumed_before: consumed_before * M,
+            carried_in: carried_in * M,
+            included,
+            unit,
+            term: (0, 1),
+            thresholds: &[],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn scenario_12_allowance_crossing_then_new_term() {
+        // docs/billing.md, scenario 12: gold includes 100 api_calls, 60 consumed before 09:00.
+        let gold = Included::Quantity(100 * M);
+        let nine = event(30, 60, 0, gold, 1);
+        assert_eq!(
+            (nine.bill.send, nine.bill.included, nine.overage),
+            (0, 30 * M, 0)
+        );
+        assert_eq!(nine.consumed_after, 90 * M);
+        let ten = event(25, 90, 0, gold, 1);
+        assert_eq!(
+            (ten.bill.send, ten.bill.included, ten.overage),
+            (15 * M, 10 * M, 15 * M)
+        );
+        assert_eq!(ten.consumed_after, 115 * M);
+        let eleven = event(5, 115, 0, gold, 1);
+        assert_eq!((eleven.bill.send, eleven.bill.included), (5 * M, 0));
+        assert_eq!(eleven.consumed_after, 120 * M);
+        // 2026-04-01: a new term, its consumption starts from zero.
+        let april = event(50, 0, 0, gold, 1);
+        assert_eq!((april.bill.send, april.bill.included), (0, 50 * M));
+        assert_eq!(april.consumed_after, 50 * M);
+        assert!(!april.store_remainder);
+    }
+
+    #[test]
+    fn scenario_13_billing_units_carry_the_remainder() {
+        // docs/billing.md, scenario 13: unit = 1200 s, nothing included.
+        let none = Included::Quantity(0);
+        let first = event(3000, 0, 0, none, 1200);
+        assert_eq!((first.bill.send, first.bill.remainder), (2 * M, 600 * M));
+        assert!(first.store_remainder);
+        let second = event(700, 3000, 600, none, 1200);
+        assert_eq!(second.bill.billable, 1300 * M);
+        assert_eq!((second.bill.send, second.bill.remainder), (M, 100 * M));
+        // An hour with no usage sends nothing; the 100 s stay carried.
+        let third = event(0, 3700, 100, none, 1200);
+        assert_eq!((third.bill.send, third.bill.remainder), (0, 100 * M));
+        assert!(third.store_remainder);
+    }
+
+    #[test]
+    fn infinite_never_bills_and_zero_bills_everything() {
+        let inf = event(1_000_000, 5_000_000, 0, Included::Infinite, 1);
+        assert_eq!(
+            (inf.bill.send, inf.overage, inf.bill.included),
+            (0, 0, 1_000_000 * M)
+        );
+        let zero = event(7, 0, 0, Included::Quantity(0), 1);
+        assert_eq!(
+            (zero.bill.send, zero.overage, zero.bill.included),
+            (7 * M, 7 * M, 0)
+        );
+        assert_eq!(zero.bill.remainder, 0);
+    }
+
+    proptest! {
+        #[test]
+        fn units_and_remainder_add_up_to_usage_billed_after_the_allowance(
+            usage in proptest::collection::vec(0i64..5_000 * M, 0..40),
+            included in prop_oneof![Just(None), (0i64..20_000 * M).prop_map(Some)],
+            unit in prop_oneof![Just(1i64), 1i64..2_000],
+        ) {
+            let allowance = included.map_or(Included::Infinite, Included::Quantity);
+            let (mut consumed, mut carried, mut sent, mut billed) = (0i64, 0i64, 0i64, 0i64);
+            for raw in &usage {
+                let c = compute(BillInputs {
+                    raw: *raw,
+                    prebilled: 0,
+                    consumed_before: consumed,
+                    carried_in: carried,
+                    included: allowance,
+                    unit,
+                    term: (0, 1),
+                    thresholds: &[],
+                })
+                .unwrap();
+                prop_assert_eq!(c.bill.included + c.overage, *raw);
+                // The allowance is drawn before anything is billed.
+                match included {
+                    None => prop_assert_eq!(c.overage, 0),
+                    Some(q) => {
+                        prop_assert_eq!(c.bill.included, (*raw).min((q - consumed).max(0)));
+                        if c.overage > 0 {
+                            prop_assert!(consumed + c.bill.included >= q);
+                        }
+                    }
+                }
+                prop_assert!(c.bill.send >= 0);
+                if unit > 1 {
+                    // Whole units only; the rest (less than one unit) is carried.
+                    prop_assert_eq!(c.bill.send % M, 0);
+                    prop_assert!((0..unit * M).contains(&c.bill.remainder));
+                } else {
+                    prop_assert_eq!(c.bill.remainder, 0);
+                }
+                consumed = c.consumed_after;
+                carried = c.bill.remainder;
+                sent += c.bill.send;
+                billed += c.overage;
+            }
+            // units x unit + remainder == usage billed (`send` is in micro-units of billing units).
+            prop_assert_eq!(sent * unit + carried, billed);
+            let total: i64 = usage.iter().sum();
+            match included {
+                None => prop_assert_eq!(billed, 0),
+                Some(q) => prop_assert_eq!(billed, (total - q).max(0)),
+            }
+        }
+    }
 
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

@@ -26,8 +26,8 @@ const SECRET_ENV_VARS: &[&str] = &[
 /// Default journal location when neither the file nor `$STATE_DIRECTORY` says otherwise.
 pub const DEFAULT_JOURNAL_PATH: &str = "/var/lib/meterd/journal.db";
 
-/// The bearer token meterd sends in `marketplace.mode = "emulator"` when no static token is configured (the
-/// emulator accepts it by default: its `DEFAULT_STATIC_TOKEN` must stay equal).
+/// The bearer token meterd sends in `marketplace.mode = "emulator"` when no static token is configured. The one
+/// definition: the emulator's `DEFAULT_STATIC_TOKEN` (what it accepts by default) refers to it.
 pub const EMULATOR_STATIC_TOKEN: &str = "emulator-token";
 
 /// A configuration problem, naming where it came from.

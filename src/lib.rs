@@ -47,14 +47,11 @@
 pub mod alert_kind;
 pub mod alerts;
 pub mod bill;
-// arch-cli and arch-edge (issue 13) own these trees and document them; remove the allow when they have.
-#[allow(missing_docs, unreachable_pub)]
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod emit;
-#[allow(missing_docs, unreachable_pub)]
 pub mod emulator;
 pub mod ingest;
 pub mod journal;

@@ -4,6 +4,7 @@
 use super::client::{call_daemon, daemon_url};
 use super::setup::open_journal;
 use crate::config::{self, Settings};
+use crate::marketplace::types::SubscriptionStatus;
 use anyhow::{Context, bail};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -91,7 +92,7 @@ pub(crate) async fn subscriptions(
                 )
             })
             .unwrap_or_default();
-        let billable = if s.saas_subscription_status.trim() == "Subscribed" {
+        let billable = if s.status() == SubscriptionStatus::Subscribed {
             ""
         } else {
             "  (not billable)"

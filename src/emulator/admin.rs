@@ -39,7 +39,7 @@ use tracing::info;
 
 /// Why an admin call failed.
 #[derive(Debug, thiserror::Error)]
-pub enum AdminError {
+pub(super) enum AdminError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -59,7 +59,7 @@ impl IntoResponse for AdminError {
 type AdminResult = Result<axum::Json<Value>, AdminError>;
 
 /// The `/emulator` routes.
-pub fn router() -> Router<Emulator> {
+pub(super) fn router() -> Router<Emulator> {
     Router::new()
         .route("/clock", get(clock).post(set_clock))
         .route(
@@ -116,6 +116,11 @@ impl<T> OneOrMany<T> {
 
 fn to_json<T: serde::Serialize>(value: T) -> axum::Json<Value> {
     axum::Json(serde_json::to_value(value).unwrap_or(Value::Null))
+}
+
+/// What every fault-scripting call answers: the faults now in force.
+fn faults_json(emulator: &Emulator) -> axum::Json<Value> {
+    to_json(emulator.lock().faults.clone())
 }
 
 fn clock_json(emulator: &Emulator) -> axum::Json<Value> {
@@ -185,11 +190,12 @@ async fn delete_subscription(
     Path(id): Path<String>,
 ) -> AdminResult {
     let mut world = emulator.lock();
-    let before = world.subscriptions.len();
+    let before = world.current.subscriptions.len();
     world
+        .current
         .subscriptions
         .retain(|s| !s.id.eq_ignore_ascii_case(&id));
-    if world.subscriptions.len() == before {
+    if world.current.subscriptions.len() == before {
         return Err(AdminError::NotFound(format!("no subscription {id}")));
     }
     Ok(axum::Json(json!({"deleted": id})))
@@ -226,7 +232,7 @@ async fn subscription_action(
 }
 
 async fn plans(State(emulator): State<Emulator>) -> axum::Json<Value> {
-    to_json(emulator.lock().plans.clone())
+    to_json(emulator.lock().current.plans.clone())
 }
 
 async fn upsert_plan(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
@@ -239,7 +245,7 @@ async fn upsert_plan(State(emulator): State<Emulator>, bytes: Bytes) -> AdminRes
 }
 
 async fn managed_apps(State(emulator): State<Emulator>) -> axum::Json<Value> {
-    to_json(emulator.lock().managed_apps.clone())
+    to_json(emulator.lock().current.managed_apps.clone())
 }
 
 async fn upsert_managed_app(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
@@ -283,7 +289,7 @@ async fn reset(State(emulator): State<Emulator>) -> axum::Json<Value> {
 }
 
 async fn faults(State(emulator): State<Emulator>) -> axum::Json<Value> {
-    to_json(emulator.lock().faults.clone())
+    faults_json(&emulator)
 }
 
 async fn add_faults(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
@@ -301,7 +307,7 @@ async fn add_faults(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResu
         info!(message = "Fault scripted.", route = %f.route, kind = ?f.kind, times = f.times);
         emulator.add_fault(f.clone());
     }
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
 
 async fn clear_faults(State(emulator): State<Emulator>) -> axum::Json<Value> {
@@ -317,7 +323,7 @@ struct LatencyBody {
 async fn latency(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
     let b: LatencyBody = body(&bytes)?;
     emulator.set_latency(std::time::Duration::from_millis(b.ms));
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
 
 #[derive(Deserialize)]
@@ -328,12 +334,12 @@ struct ResourceBody {
 async fn forbid(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
     let b: ResourceBody = body(&bytes)?;
     emulator.forbid_resource(&b.resource);
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
 
 async fn clear_forbidden(State(emulator): State<Emulator>) -> axum::Json<Value> {
     emulator.lock().faults.forbidden.clear();
-    to_json(emulator.lock().faults.clone())
+    faults_json(&emulator)
 }
 
 #[derive(Deserialize)]
@@ -357,7 +363,7 @@ async fn cancellation(State(emulator): State<Emulator>, bytes: Bytes) -> AdminRe
         })?
         .with_timezone(&Utc);
     emulator.cancel_at(&b.subscription, at);
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
 
 #[derive(Deserialize)]
@@ -368,11 +374,11 @@ struct PoisonBody {
 async fn poison(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
     let b: PoisonBody = body(&bytes)?;
     emulator.poison_dimension(&b.dimension);
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }
 
 async fn event_errors(State(emulator): State<Emulator>, bytes: Bytes) -> AdminResult {
     let b: CountBody = body(&bytes)?;
     emulator.fail_next_events(b.count);
-    Ok(to_json(emulator.lock().faults.clone()))
+    Ok(faults_json(&emulator))
 }

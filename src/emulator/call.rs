@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// The only API version the marketplace serves.
-pub const API_VERSION: &str = "2018-08-31";
+pub(super) const API_VERSION: &str = "2018-08-31";
 
 /// The ids of one call: the client's `x-ms-requestid` / `x-ms-correlationid`, or fresh GUIDs.
 #[derive(Debug, Clone)]
-pub struct RequestIds {
+pub(super) struct RequestIds {
     /// `x-ms-requestid`: the client's, or a fresh GUID.
     pub request_id: String,
     /// `x-ms-correlationid`: the client's, or a fresh GUID.
@@ -71,7 +71,7 @@ pub(crate) async fn request_ids(mut request: Request, next: Next) -> Response {
 
 /// What a handler needs to know about the call beside its body.
 #[derive(Debug, Clone)]
-pub struct Call {
+pub(super) struct Call {
     /// The call's request ids.
     pub ids: RequestIds,
     /// Present when served by [`super::server`]: lets a fault drop the connection.
@@ -84,12 +84,12 @@ pub struct Call {
 
 impl Call {
     /// A query parameter, by exact name.
-    pub fn param(&self, name: &str) -> Option<&str> {
+    pub(super) fn param(&self, name: &str) -> Option<&str> {
         self.query.get(name).map(String::as_str)
     }
 
     /// A header as a string.
-    pub fn header(&self, name: &str) -> Option<String> {
+    pub(super) fn header(&self, name: &str) -> Option<String> {
         header(&self.headers, name)
     }
 }
@@ -118,7 +118,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Call {
 
 /// Runs `work` for a marketplace call of `route`, after counting it, adding latency and applying the next scripted
 /// fault of that route.
-pub async fn guarded<F, Fut>(emulator: &Emulator, route: Route, call: &Call, work: F) -> Response
+pub(super) async fn guarded<F, Fut>(
+    emulator: &Emulator,
+    route: Route,
+    call: &Call,
+    work: F,
+) -> Response
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Response>,
@@ -126,7 +131,7 @@ where
     let (fault, latency) = {
         let mut state = emulator.lock();
         state.count(route);
-        let latency = state.latency + Duration::from_millis(state.faults.latency_ms);
+        let latency = state.current.latency + Duration::from_millis(state.faults.latency_ms);
         (state.faults.take(route), latency)
     };
     if !latency.is_zero() {
@@ -178,7 +183,7 @@ where
 }
 
 /// Checks the bearer token of an `/api` call: the static token, or an issued token not expired by the emulator clock.
-pub fn authorize(emulator: &Emulator, call: &Call) -> Option<Response> {
+pub(super) fn authorize(emulator: &Emulator, call: &Call) -> Option<Response> {
     let token = call
         .header("authorization")
         .and_then(|h| {
@@ -207,7 +212,7 @@ pub fn authorize(emulator: &Emulator, call: &Call) -> Option<Response> {
 }
 
 /// Checks `api-version` (required on every marketplace API call).
-pub fn check_api_version(call: &Call) -> Option<Response> {
+pub(super) fn check_api_version(call: &Call) -> Option<Response> {
     let message = match call.param("api-version") {
         Some(API_VERSION) => return None,
         None => "The api-version query parameter (?api-version=) is required for all requests."
@@ -220,12 +225,12 @@ pub fn check_api_version(call: &Call) -> Option<Response> {
 }
 
 /// The checks every `/api` call starts with: bearer token, then `api-version`. `Some` is the answer to give.
-pub fn precheck(emulator: &Emulator, call: &Call) -> Option<Response> {
+pub(super) fn precheck(emulator: &Emulator, call: &Call) -> Option<Response> {
     authorize(emulator, call).or_else(|| check_api_version(call))
 }
 
 /// A 400 with the BadArgument shape of `single_400_badargument.json`.
-pub fn bad_argument(target: &str, message: &str) -> Response {
+pub(super) fn bad_argument(target: &str, message: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
         axum::Json(super::usage::bad_request_json(target, message)),

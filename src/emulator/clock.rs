@@ -9,14 +9,14 @@ use std::sync::{Arc, Mutex};
 
 /// A base clock shifted by an adjustable offset.
 #[derive(Debug)]
-pub struct EmulatorClock {
+pub(crate) struct EmulatorClock {
     base: SharedClock,
     offset: Mutex<Duration>,
 }
 
 impl EmulatorClock {
     /// A clock reading `base` (the wall clock when `None`), not shifted.
-    pub fn new(base: Option<SharedClock>) -> Self {
+    pub(crate) fn new(base: Option<SharedClock>) -> Self {
         Self {
             base: base.unwrap_or_else(|| Arc::new(SystemClock)),
             offset: Mutex::new(Duration::zero()),
@@ -24,22 +24,22 @@ impl EmulatorClock {
     }
 
     /// Moves the clock by `by` (negative: back).
-    pub fn shift(&self, by: Duration) {
+    pub(crate) fn shift(&self, by: Duration) {
         *self.lock() += by;
     }
 
     /// Makes `now()` return `at` at this instant.
-    pub fn set(&self, at: DateTime<Utc>) {
+    pub(crate) fn set(&self, at: DateTime<Utc>) {
         *self.lock() = at - self.base.now();
     }
 
     /// Back to the base clock.
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
         *self.lock() = Duration::zero();
     }
 
     /// The current offset from the base clock.
-    pub fn offset(&self) -> Duration {
+    pub(crate) fn offset(&self) -> Duration {
         *self.lock()
     }
 

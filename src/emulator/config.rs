@@ -16,8 +16,9 @@ pub const DEFAULT_TENANT: &str = "emulator-tenant";
 pub const DEFAULT_CLIENT_ID: &str = "00000000-0000-0000-0000-00000000c11e";
 /// Default client secret.
 pub const DEFAULT_CLIENT_SECRET: &str = "emulator-secret";
-/// A bearer token that is always accepted on `/api` (meterd's `static_token` auth kind).
-pub const DEFAULT_STATIC_TOKEN: &str = "emulator-token";
+/// A bearer token that is always accepted on `/api` (meterd's `static_token` auth kind): the token meterd sends
+/// in emulator mode, defined once in [`crate::config::EMULATOR_STATIC_TOKEN`].
+pub const DEFAULT_STATIC_TOKEN: &str = crate::config::EMULATOR_STATIC_TOKEN;
 /// The `X-IDENTITY-HEADER` value the App Service style managed identity endpoint expects.
 pub const DEFAULT_IDENTITY_HEADER: &str = "emulator-identity-header";
 /// The marketplace API's Entra application id (token `scope`/`resource`).
@@ -34,22 +35,37 @@ pub const DEFAULT_PAGE_SIZE: usize = 2;
 /// Errors of seed files and duration strings; callers (the CLI, tests) match on them.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The seed file could not be read.
     #[error("cannot read seed file {path}: {source}")]
     Read {
+        /// The seed file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// The seed file is not valid TOML (or does not fit the seed's shape).
     #[error("invalid TOML in seed file {path}: {message}")]
-    Toml { path: PathBuf, message: String },
+    Toml {
+        /// The seed file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// The seed file is not valid JSON (or does not fit the seed's shape).
     #[error("invalid JSON in seed file {path}: {source}")]
     Json {
+        /// The seed file.
         path: PathBuf,
+        /// The parser's error.
         source: serde_json::Error,
     },
+    /// The seed file's name ends in neither `.toml` nor `.json`.
     #[error("seed file {0} must end in .toml or .json")]
     Extension(PathBuf),
+    /// A `result_order` other than `as-sent`, `reversed` or `shuffled`.
     #[error("invalid result_order {0:?}: expected as-sent, reversed or shuffled")]
     ResultOrder(String),
+    /// A duration that is not a number and a unit.
     #[error(
         "invalid duration {0:?}: expected a number and a unit (ms, s, m, h, d), like 30s, 5m or -2h"
     )]
@@ -72,9 +88,12 @@ pub enum NextLinkMode {
 /// The order of `result` items in a batch answer (undocumented in production; clients must match by fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ResultOrder {
+    /// In the order of the request's `request` items.
     #[default]
     AsSent,
+    /// Last item first.
     Reversed,
+    /// In random order.
     Shuffled,
 }
 
@@ -82,8 +101,11 @@ pub enum ResultOrder {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct Credentials {
+    /// The tenant of the token endpoint paths (`/{tenant}/oauth2/...`).
     pub tenant: String,
+    /// The client id accepted by client credentials (and the default of managed identity tokens).
     pub client_id: String,
+    /// The client secret accepted by client credentials.
     pub client_secret: String,
     /// Always accepted as a bearer token on `/api`; empty disables it.
     pub static_token: String,
@@ -106,9 +128,11 @@ impl Default for Credentials {
 /// Everything an [`Emulator`](super::Emulator) starts with.
 #[derive(Clone)]
 pub struct EmulatorConfig {
+    /// What the token endpoints and the API accept.
     pub credentials: Credentials,
     /// Known plans; an event on a plan not listed here is `InvalidDimension`.
     pub plans: Vec<Plan>,
+    /// SaaS subscriptions, in the order the list pages through them.
     pub subscriptions: Vec<Subscription>,
     /// Managed application instances that may be metered by `resourceUri` (or `resourceUsageId`).
     pub managed_apps: Vec<ManagedApp>,
@@ -116,7 +140,9 @@ pub struct EmulatorConfig {
     pub token_lifetime: Duration,
     /// Subscriptions per page of `GET /saas/subscriptions/` (at least 1).
     pub page_size: usize,
+    /// Where `@nextLink` of the subscription list points.
     pub next_link: NextLinkMode,
+    /// The order of `result` items in a batch answer.
     pub result_order: ResultOrder,
     /// Added to every marketplace call (not to admin calls).
     pub latency: Duration,

@@ -22,8 +22,11 @@ use tokio::sync::Notify;
 pub enum Route {
     /// Every token endpoint (v1, v2, IMDS, App Service).
     Token,
+    /// `POST /api/batchUsageEvent`.
     BatchUsageEvent,
+    /// `POST /api/usageEvent`.
     UsageEvent,
+    /// `GET /api/usageEvents` (the daily totals).
     UsageEvents,
     /// The subscription list and single-subscription reads.
     Subscriptions,
@@ -59,8 +62,10 @@ impl Route {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub enum Phase {
+    /// Before the handler runs: nothing is recorded.
     #[default]
     Before,
+    /// After the handler ran and recorded what it accepted, before the answer.
     After,
 }
 
@@ -75,20 +80,26 @@ pub enum FaultKind {
     /// Answer `status` without processing; `retryAfter` (seconds) adds a `Retry-After` header; `body` replaces the
     /// default body.
     Fail {
+        /// The HTTP status answered.
         status: u16,
+        /// `Retry-After` seconds, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after: Option<u64>,
+        /// The body answered instead of the default one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         body: Option<Value>,
     },
     /// Wait `delayMs` before processing, or after processing and before answering.
     Delay {
+        /// How long, milliseconds.
         delay_ms: u64,
+        /// Before or after processing.
         #[serde(default)]
         phase: Phase,
     },
     /// Close the connection without an answer, before processing or after processing.
     Drop {
+        /// Before or after processing.
         #[serde(default)]
         phase: Phase,
     },
@@ -101,6 +112,7 @@ pub struct Fault {
     /// A route name (`batchUsageEvent`, `usageEvent`, `usageEvents`, `subscriptions`, `token`) or `*`.
     #[serde(default = "any_route")]
     pub route: String,
+    /// What it does.
     #[serde(flatten)]
     pub kind: FaultKind,
     /// How many calls it still applies to.
@@ -134,7 +146,7 @@ impl Fault {
 /// The fault script and standing settings, as `GET /emulator/faults` shows them.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Faults {
+pub(crate) struct Faults {
     pub scripted: Vec<Fault>,
     /// Added to every marketplace call, on top of the configured latency.
     pub latency_ms: u64,
@@ -153,7 +165,7 @@ pub struct Faults {
 
 impl Faults {
     /// Consumes one use of the first scripted fault that applies to `route`.
-    pub fn take(&mut self, route: Route) -> Option<FaultKind> {
+    pub(crate) fn take(&mut self, route: Route) -> Option<FaultKind> {
         let index = self
             .scripted
             .iter()
@@ -168,12 +180,12 @@ impl Faults {
     }
 
     /// Whether events for `resource` are refused (403 / `ResourceNotAuthorized`).
-    pub fn is_forbidden(&self, resource: &str) -> bool {
+    pub(crate) fn is_forbidden(&self, resource: &str) -> bool {
         self.forbidden.contains(&resource.to_ascii_lowercase())
     }
 
     /// Consumes one injected per-event `Error`, if any is left.
-    pub fn take_event_error(&mut self) -> bool {
+    pub(crate) fn take_event_error(&mut self) -> bool {
         if self.event_errors > 0 {
             self.event_errors -= 1;
             true
@@ -185,17 +197,21 @@ impl Faults {
 
 /// Closes the connection a request came on, without an answer; put in each request's extensions by the server loop.
 #[derive(Debug, Clone, Default)]
-pub struct ConnectionKill(pub(crate) Arc<Notify>);
+pub(super) struct ConnectionKill(pub(crate) Arc<Notify>);
 
 impl ConnectionKill {
     /// Asks the connection task to drop the socket; the caller should then never return.
-    pub fn kill(&self) {
+    pub(super) fn kill(&self) {
         self.0.notify_one();
     }
 }
 
 /// The answer of a `Fail` fault: a plausible body for the status.
-pub fn failure_response(status: u16, retry_after: Option<u64>, body: Option<Value>) -> Response {
+pub(super) fn failure_response(
+    status: u16,
+    retry_after: Option<u64>,
+    body: Option<Value>,
+) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = body.unwrap_or_else(|| match code.as_u16() {
         401 => json!({"error": {"code": "Unauthorized", "message": "The access token is missing, invalid or expired."}}),

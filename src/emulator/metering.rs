@@ -31,7 +31,7 @@ type DayKey = (NaiveDate, String, String, String);
 type DayTotal = (String, String, String, f64, u64);
 
 /// Most events one batch may carry.
-pub const MAX_BATCH: usize = 25;
+pub(super) const MAX_BATCH: usize = 25;
 
 fn record(
     world: &mut World,
@@ -64,7 +64,7 @@ fn parse_json(body: &Bytes) -> Result<Value, Box<Response>> {
 }
 
 /// `POST /api/batchUsageEvent`.
-pub async fn batch(State(emulator): State<Emulator>, call: Call, body: Bytes) -> Response {
+pub(super) async fn batch(State(emulator): State<Emulator>, call: Call, body: Bytes) -> Response {
     guarded(&emulator, Route::BatchUsageEvent, &call, || async {
         if let Some(r) = precheck(&emulator, &call) {
             return r;
@@ -105,7 +105,7 @@ pub async fn batch(State(emulator): State<Emulator>, call: Call, body: Bytes) ->
                     batch_item(event, &verdict, now)
                 })
                 .collect();
-            (results, world.result_order, accepted)
+            (results, world.current.result_order, accepted)
         };
         match order {
             ResultOrder::AsSent => {}
@@ -119,7 +119,7 @@ pub async fn batch(State(emulator): State<Emulator>, call: Call, body: Bytes) ->
 }
 
 /// `POST /api/usageEvent`.
-pub async fn single(State(emulator): State<Emulator>, call: Call, body: Bytes) -> Response {
+pub(super) async fn single(State(emulator): State<Emulator>, call: Call, body: Bytes) -> Response {
     guarded(&emulator, Route::UsageEvent, &call, || async {
         if let Some(r) = precheck(&emulator, &call) {
             return r;
@@ -176,7 +176,7 @@ fn parse_day(s: &str) -> Option<NaiveDate> {
 /// `GET /api/usageEvents?usageStartDate=..&UsageEndDate=..`: daily totals of accepted events per resource,
 /// dimension and plan, for the UTC days from the start date to the end date inclusive (default: today).
 /// Optional filters: `offerId`, `planId`, `dimension`, `azureSubscriptionId`, `reconStatus`.
-pub async fn usage_events(State(emulator): State<Emulator>, call: Call) -> Response {
+pub(super) async fn usage_events(State(emulator): State<Emulator>, call: Call) -> Response {
     guarded(&emulator, Route::UsageEvents, &call, || async {
         if let Some(r) = precheck(&emulator, &call) {
             return r;

@@ -10,30 +10,30 @@
 //! # Layout
 //!
 //! - [`config`]: [`EmulatorConfig`], defaults (credentials, seed subscriptions), seed files, durations.
-//! - [`model`]: subscriptions, plans, managed apps and usage events as the emulator stores them.
-//! - [`state`]: the mutable world behind one mutex.
-//! - [`usage`]: the metering rules and the JSON they answer with.
-//! - [`call`]: what every marketplace call shares: request ids, logging, bearer auth, `api-version`, the fault guard.
-//! - [`metering`], [`saas`], [`token`]: the marketplace routes.
-//! - [`admin`]: `/emulator/...`, the control API.
-//! - [`faults`]: scripted failures, delays, dropped connections.
-//! - [`routes`]: the router (the route table).
-//! - [`server`]: the accept loop that can drop a connection without answering.
-//! - [`clock`]: the emulator's own clock.
+//! - `model`: subscriptions, plans, managed apps and usage events as the emulator stores them.
+//! - `state`: the mutable world behind one mutex.
+//! - `usage`: the metering rules and the JSON they answer with.
+//! - `call`: what every marketplace call shares: request ids, logging, bearer auth, `api-version`, the fault guard.
+//! - `metering`, `saas`, `token`: the marketplace routes.
+//! - `admin`: `/emulator/...`, the control API.
+//! - `faults`: scripted failures, delays, dropped connections.
+//! - `routes`: the router (the route table).
+//! - `server`: the accept loop that can drop a connection without answering.
+//! - `clock`: the emulator's own clock.
 
-pub mod admin;
-pub mod call;
-pub mod clock;
+mod admin;
+mod call;
+mod clock;
 pub mod config;
-pub mod faults;
-pub mod metering;
-pub mod model;
-pub mod routes;
-pub mod saas;
-pub mod server;
-pub mod state;
-pub mod token;
-pub mod usage;
+mod faults;
+mod metering;
+mod model;
+mod routes;
+mod saas;
+mod server;
+mod state;
+mod token;
+mod usage;
 
 pub use config::{ConfigError, Credentials, EmulatorConfig, NextLinkMode, ResultOrder};
 pub use faults::{Fault, FaultKind, Phase, Route};
@@ -123,7 +123,7 @@ pub async fn run_cli(args: EmulatorArgs) -> anyhow::Result<()> {
     info!(
         message = "Emulator ready.",
         base_url = %format!("http://{addr}/api"),
-        token_url = %format!("http://{addr}/{}/oauth2/v2.0/token", emulator.lock().credentials.tenant),
+        token_url = %format!("http://{addr}/{}/oauth2/v2.0/token", emulator.lock().current.credentials.tenant),
         admin = %format!("http://{addr}/emulator/"),
     );
     emulator
@@ -240,6 +240,7 @@ impl Emulator {
         let now = self.now();
         let mut state = self.lock();
         match state
+            .current
             .subscriptions
             .iter_mut()
             .find(|s| s.id.eq_ignore_ascii_case(id))
@@ -275,7 +276,7 @@ impl Emulator {
 
     /// Every subscription, in list order.
     pub fn subscriptions(&self) -> Vec<Subscription> {
-        self.lock().subscriptions.clone()
+        self.lock().current.subscriptions.clone()
     }
 
     /// Adds a plan, or replaces the one with its id.

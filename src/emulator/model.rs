@@ -67,10 +67,13 @@ impl Default for AadIdentifier {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Term {
+    /// First day of the term (`YYYY-MM-DD`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_date: Option<String>,
+    /// Last day of the term.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_date: Option<String>,
+    /// `P1M`, `P1Y`, ... (default `P1M`).
     #[serde(default = "default_term_unit")]
     pub term_unit: String,
 }
@@ -95,41 +98,57 @@ impl Default for Term {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Subscription {
+    /// The subscription id (a GUID): the metering `resourceId`.
     pub id: String,
+    /// Publisher id.
     #[serde(default = "default_publisher")]
     pub publisher_id: String,
+    /// Offer id.
     #[serde(default = "default_offer")]
     pub offer_id: String,
+    /// Display name; also the resource name in [`Subscription::resource_uri`].
     #[serde(default)]
     pub name: String,
     /// Seed files may say `status` instead.
     #[serde(default, alias = "status")]
     pub saas_subscription_status: SubscriptionStatus,
+    /// Who uses the subscription.
     #[serde(default)]
     pub beneficiary: AadIdentifier,
+    /// Who bought it.
     #[serde(default)]
     pub purchaser: AadIdentifier,
+    /// Current plan id (default `gold`).
     #[serde(default = "default_plan")]
     pub plan_id: String,
     /// Seat count; usually absent for metered plans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantity: Option<i64>,
+    /// The current term.
     #[serde(default)]
     pub term: Term,
+    /// Renews at the end of the term (default true).
     #[serde(default = "yes")]
     pub auto_renew: bool,
+    /// A test purchase.
     #[serde(default)]
     pub is_test: bool,
+    /// A free trial.
     #[serde(default)]
     pub is_free_trial: bool,
+    /// Operations the customer may perform (default `Delete`, `Update`, `Read`).
     #[serde(default = "default_operations")]
     pub allowed_customer_operations: Vec<String>,
+    /// Sandbox type (default `None`).
     #[serde(default = "default_none")]
     pub sandbox_type: String,
+    /// Creation time, as the service writes it.
     #[serde(default = "default_created")]
     pub created: String,
+    /// Last modification, as the service writes it.
     #[serde(default = "default_last_modified")]
     pub last_modified: String,
+    /// Session mode (default `None`).
     #[serde(default = "default_none")]
     pub session_mode: String,
     /// The customer's Azure subscription: not part of the SaaS answer, but reported by `GET /usageEvents` and used
@@ -195,6 +214,7 @@ impl Subscription {
 /// A plan and the metering dimensions it allows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
+    /// Plan id.
     pub id: String,
     /// `None` (absent in the seed): any dimension is allowed on this plan.
     #[serde(default)]
@@ -214,11 +234,13 @@ impl Plan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagedApp {
+    /// The application's `resourceUri` (`/subscriptions/.../resourceGroups/.../providers/Microsoft.Solutions/applications/...`).
     #[serde(alias = "resource_uri")]
     pub resource_uri: String,
     /// `billingDetails.resourceUsageId`, a GUID usable as `resourceId`.
     #[serde(default, alias = "resource_usage_id")]
     pub resource_usage_id: Option<String>,
+    /// Offer id (default `emulator-offer`).
     #[serde(default = "default_offer", alias = "offer_id")]
     pub offer_id: String,
 }
@@ -229,6 +251,7 @@ pub struct ManagedApp {
 pub struct ReceivedEvent {
     /// `batchUsageEvent` or `usageEvent`.
     pub route: String,
+    /// The request id (`x-ms-requestid`) of the call that carried it.
     pub request_id: String,
     /// When it arrived, by the emulator clock.
     pub received_at: DateTime<Utc>,
@@ -236,6 +259,7 @@ pub struct ReceivedEvent {
     pub event: Value,
     /// The status the emulator gave it (`Accepted`, `Duplicate`, ...).
     pub status: String,
+    /// The `usageEventId` it was given, when accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_event_id: Option<String>,
 }
@@ -244,17 +268,23 @@ pub struct ReceivedEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AcceptedEvent {
+    /// The id the service gave it.
     pub usage_event_id: String,
     /// Formatted like the service: 7 fractional digits and `Z`.
     pub message_time: String,
+    /// `resourceId` as sent, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_id: Option<String>,
+    /// `resourceUri` as sent or added, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_uri: Option<String>,
+    /// Quantity as sent.
     pub quantity: f64,
+    /// Dimension as sent.
     pub dimension: String,
     /// As sent (the service echoes it verbatim).
     pub effective_start_time: String,
+    /// Plan as sent.
     pub plan_id: String,
     /// Parsed `effectiveStartTime`.
     #[serde(skip)]
@@ -262,14 +292,16 @@ pub struct AcceptedEvent {
     /// Offer and Azure subscription, for `GET /usageEvents`.
     #[serde(skip)]
     pub offer_id: String,
+    /// Offer type for `GET /usageEvents`: `SaaS` or `ManagedApplication`.
     #[serde(skip)]
     pub offer_type: String,
+    /// The customer's Azure subscription, for `GET /usageEvents`.
     #[serde(skip)]
     pub azure_subscription_id: String,
 }
 
 /// Formats an instant like the marketplace does in `messageTime`: `2024-05-01T10:05:12.1234567Z`.
-pub fn message_time(at: DateTime<Utc>) -> String {
+pub(super) fn message_time(at: DateTime<Utc>) -> String {
     format!(
         "{}.{:07}Z",
         at.format("%Y-%m-%dT%H:%M:%S"),

@@ -15,7 +15,7 @@ use axum::middleware::from_fn;
 use axum::routing::{get, post};
 
 /// All routes, with request-id handling and logging.
-pub fn router(emulator: &Emulator) -> Router {
+pub(super) fn router(emulator: &Emulator) -> Router {
     Router::new()
         .route("/api/batchUsageEvent", post(metering::batch))
         .route("/api/usageEvent", post(metering::single))

@@ -5,7 +5,7 @@
 //! page, and an **empty body** (200, no JSON at all) when the publisher has no subscription. The continuation token
 //! is percent-encoded JSON like production's (`[{"token":null,"range":{"min":"..","max":".."}}]`); a client that
 //! double-encodes it gets a 400. `@nextLink` may point at another host name of the same server
-//! ([`NextLinkMode`](super::NextLinkMode)), as production points at `main.prod.marketplaceapi.azure.com`.
+//! ([`NextLinkMode`]), as production points at `main.prod.marketplaceapi.azure.com`.
 
 use super::Emulator;
 use super::call::{API_VERSION, Call, guarded, precheck};
@@ -17,19 +17,19 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 /// Encodes `offset` as a production-looking continuation token (before percent-encoding).
-pub fn continuation_token(offset: usize) -> String {
+pub(super) fn continuation_token(offset: usize) -> String {
     format!(r#"[{{"token":null,"range":{{"min":"{offset:014X}","max":"FFFFFFFFFFFFFF"}}}}]"#)
 }
 
 /// The offset a continuation token (already percent-decoded once) points at.
-pub fn parse_continuation_token(token: &str) -> Option<usize> {
+pub(super) fn parse_continuation_token(token: &str) -> Option<usize> {
     let value: Value = serde_json::from_str(token).ok()?;
     let min = value.get(0)?.get("range")?.get("min")?.as_str()?;
     usize::from_str_radix(min, 16).ok()
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters (lowercase hex, like production's links).
-pub fn percent_encode(s: &str) -> String {
+pub(super) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -61,7 +61,7 @@ fn not_found(id: &str) -> Response {
 }
 
 /// `GET /api/saas/subscriptions/`.
-pub async fn list(State(emulator): State<Emulator>, call: Call) -> Response {
+pub(super) async fn list(State(emulator): State<Emulator>, call: Call) -> Response {
     guarded(&emulator, Route::Subscriptions, &call, || async {
         if let Some(r) = precheck(&emulator, &call) {
             return r;
@@ -81,24 +81,24 @@ pub async fn list(State(emulator): State<Emulator>, call: Call) -> Response {
         };
         let mut world = emulator.lock();
         world.apply_cancellations(emulator.now());
-        if world.subscriptions.is_empty() {
+        if world.current.subscriptions.is_empty() {
             return StatusCode::OK.into_response();
         }
         let page: Vec<Value> = world
-            .subscriptions
+            .current.subscriptions
             .iter()
             .skip(offset)
-            .take(world.page_size)
+            .take(world.current.page_size)
             .map(|s| serde_json::to_value(s).unwrap_or(Value::Null))
             .collect();
         let mut body = Map::new();
         body.insert("subscriptions".into(), Value::Array(page));
-        let next = offset.saturating_add(world.page_size);
-        if next < world.subscriptions.len() {
+        let next = offset.saturating_add(world.current.page_size);
+        if next < world.current.subscriptions.len() {
             let host = call.header("host").unwrap_or_else(|| "127.0.0.1".into());
             let link = format!(
                 "{}/saas/subscriptions/?continuationToken={}&api-version={API_VERSION}",
-                next_link_base(&world.next_link, &host),
+                next_link_base(&world.current.next_link, &host),
                 percent_encode(&continuation_token(next)),
             );
             body.insert("@nextLink".into(), Value::String(link));
@@ -109,7 +109,11 @@ pub async fn list(State(emulator): State<Emulator>, call: Call) -> Response {
 }
 
 /// `GET /api/saas/subscriptions/{id}`.
-pub async fn one(State(emulator): State<Emulator>, call: Call, Path(id): Path<String>) -> Response {
+pub(super) async fn one(
+    State(emulator): State<Emulator>,
+    call: Call,
+    Path(id): Path<String>,
+) -> Response {
     guarded(&emulator, Route::Subscriptions, &call, || async {
         if let Some(r) = precheck(&emulator, &call) {
             return r;

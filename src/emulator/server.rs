@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 /// Serves `router` on `listener` until `shutdown` completes; open connections finish on their own.
-pub async fn serve(
+pub(super) async fn serve(
     router: Router,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,

@@ -4,30 +4,21 @@
 //! One lock keeps each call atomic (a batch is judged and recorded as a whole, like a single marketplace call), and
 //! no lock is ever held across an `.await`.
 
-use super::config::{Credentials, EmulatorConfig, NextLinkMode, ResultOrder};
+use super::config::EmulatorConfig;
 use super::faults::{Faults, Route};
 use super::model::{AcceptedEvent, ManagedApp, Plan, ReceivedEvent, Subscription};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 /// First write wins per (resource, dimension, UTC hour): resource lowercased, hour as a Unix timestamp.
-pub type DedupeKey = (String, String, i64);
+pub(super) type DedupeKey = (String, String, i64);
 
 /// Everything the emulator knows and remembers.
 #[derive(Debug)]
-pub struct State {
-    pub credentials: Credentials,
-    pub plans: Vec<Plan>,
-    /// In insertion order: the list pages through them in this order.
-    pub subscriptions: Vec<Subscription>,
-    pub managed_apps: Vec<ManagedApp>,
-    pub token_lifetime: Duration,
-    pub page_size: usize,
-    pub next_link: NextLinkMode,
-    pub result_order: ResultOrder,
-    pub latency: Duration,
-    pub echo_saas_resource_uri: bool,
+pub(crate) struct State {
+    /// The catalogue and knobs as they stand now: the [`EmulatorConfig`] it started from (page size at least 1),
+    /// changed since by admin calls. One field list for both.
+    pub current: EmulatorConfig,
     /// Issued token -> expiry (emulator clock).
     pub tokens: HashMap<String, DateTime<Utc>>,
     /// Every event received, with the status it got.
@@ -44,7 +35,7 @@ pub struct State {
 impl State {
     /// Applies the scripted cancellations whose time has come: the subscription becomes `Unsubscribed`, cancelled
     /// at the scripted time.
-    pub fn apply_cancellations(&mut self, now: DateTime<Utc>) {
+    pub(crate) fn apply_cancellations(&mut self, now: DateTime<Utc>) {
         let due: Vec<(String, DateTime<Utc>)> = self
             .faults
             .cancellations
@@ -54,6 +45,7 @@ impl State {
             .collect();
         for (id, at) in due {
             if let Some(s) = self
+                .current
                 .subscriptions
                 .iter_mut()
                 .find(|s| s.id.eq_ignore_ascii_case(&id))
@@ -68,18 +60,11 @@ impl State {
     }
 
     /// The state an emulator starts (and resets) with.
-    pub fn from_config(config: &EmulatorConfig) -> Self {
+    pub(crate) fn from_config(config: &EmulatorConfig) -> Self {
+        let mut current = config.clone();
+        current.page_size = current.page_size.max(1);
         Self {
-            credentials: config.credentials.clone(),
-            plans: config.plans.clone(),
-            subscriptions: config.subscriptions.clone(),
-            managed_apps: config.managed_apps.clone(),
-            token_lifetime: config.token_lifetime,
-            page_size: config.page_size.max(1),
-            next_link: config.next_link.clone(),
-            result_order: config.result_order,
-            latency: config.latency,
-            echo_saas_resource_uri: config.echo_saas_resource_uri,
+            current,
             tokens: HashMap::new(),
             received: Vec::new(),
             accepted: Vec::new(),
@@ -90,57 +75,60 @@ impl State {
     }
 
     /// A subscription by id (GUIDs compare case-insensitively).
-    pub fn subscription(&self, id: &str) -> Option<&Subscription> {
-        self.subscriptions
+    pub(crate) fn subscription(&self, id: &str) -> Option<&Subscription> {
+        self.current
+            .subscriptions
             .iter()
             .find(|s| s.id.eq_ignore_ascii_case(id.trim()))
     }
 
     /// Adds `subscription`, or replaces the one with its id (keeping its place in the list).
-    pub fn upsert_subscription(&mut self, subscription: Subscription) {
+    pub(crate) fn upsert_subscription(&mut self, subscription: Subscription) {
         match self
+            .current
             .subscriptions
             .iter_mut()
             .find(|s| s.id.eq_ignore_ascii_case(&subscription.id))
         {
             Some(existing) => *existing = subscription,
-            None => self.subscriptions.push(subscription),
+            None => self.current.subscriptions.push(subscription),
         }
     }
 
     /// A plan by id.
-    pub fn plan(&self, id: &str) -> Option<&Plan> {
-        self.plans.iter().find(|p| p.id == id)
+    pub(crate) fn plan(&self, id: &str) -> Option<&Plan> {
+        self.current.plans.iter().find(|p| p.id == id)
     }
 
     /// Adds `plan`, or replaces the one with its id.
-    pub fn upsert_plan(&mut self, plan: Plan) {
-        match self.plans.iter_mut().find(|p| p.id == plan.id) {
+    pub(crate) fn upsert_plan(&mut self, plan: Plan) {
+        match self.current.plans.iter_mut().find(|p| p.id == plan.id) {
             Some(existing) => *existing = plan,
-            None => self.plans.push(plan),
+            None => self.current.plans.push(plan),
         }
     }
 
     /// Adds a managed application, or replaces the one with its `resourceUri`.
-    pub fn upsert_managed_app(&mut self, app: ManagedApp) {
+    pub(crate) fn upsert_managed_app(&mut self, app: ManagedApp) {
         match self
+            .current
             .managed_apps
             .iter_mut()
             .find(|a| a.resource_uri.eq_ignore_ascii_case(&app.resource_uri))
         {
             Some(existing) => *existing = app,
-            None => self.managed_apps.push(app),
+            None => self.current.managed_apps.push(app),
         }
     }
 
     /// Issues a new opaque token valid until `now + token_lifetime`.
-    pub fn issue_token(&mut self, now: DateTime<Utc>) -> (String, DateTime<Utc>) {
+    pub(crate) fn issue_token(&mut self, now: DateTime<Utc>) -> (String, DateTime<Utc>) {
         let token = format!(
             "emu.{}.{}",
             uuid::Uuid::new_v4().simple(),
             uuid::Uuid::new_v4().simple()
         );
-        let lifetime = chrono::Duration::from_std(self.token_lifetime)
+        let lifetime = chrono::Duration::from_std(self.current.token_lifetime)
             .unwrap_or_else(|_| chrono::Duration::hours(1));
         let expires = now + lifetime;
         // Forget expired tokens so a long run does not grow without bound.
@@ -150,13 +138,14 @@ impl State {
     }
 
     /// Whether `token` may call the API at `now`: the static token, or an issued one not yet expired.
-    pub fn token_is_valid(&self, token: &str, now: DateTime<Utc>) -> bool {
-        (!self.credentials.static_token.is_empty() && token == self.credentials.static_token)
+    pub(crate) fn token_is_valid(&self, token: &str, now: DateTime<Utc>) -> bool {
+        (!self.current.credentials.static_token.is_empty()
+            && token == self.current.credentials.static_token)
             || self.tokens.get(token).is_some_and(|exp| *exp > now)
     }
 
     /// Counts one call of `route`.
-    pub fn count(&mut self, route: Route) {
+    pub(crate) fn count(&mut self, route: Route) {
         *self.requests.entry(route.name()).or_default() += 1;
     }
 }

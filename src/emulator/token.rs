@@ -59,27 +59,35 @@ fn entra_error(
 }
 
 /// `POST /{tenant}/oauth2/v2.0/token`.
-pub async fn v2(
+pub(super) async fn v2(
     State(emulator): State<Emulator>,
     call: Call,
     Path(tenant): Path<String>,
     form: FormResult,
 ) -> Response {
-    guarded(&emulator, Route::Token, &call, || async {
-        client_credentials(&emulator, &call, &tenant, form, Version::V2)
-    })
-    .await
+    entra_token(emulator, call, tenant, form, Version::V2).await
 }
 
 /// `POST /{tenant}/oauth2/token`.
-pub async fn v1(
+pub(super) async fn v1(
     State(emulator): State<Emulator>,
     call: Call,
     Path(tenant): Path<String>,
     form: FormResult,
 ) -> Response {
+    entra_token(emulator, call, tenant, form, Version::V1).await
+}
+
+/// Both Entra endpoints: the token route's fault guard around [`client_credentials`].
+async fn entra_token(
+    emulator: Emulator,
+    call: Call,
+    tenant: String,
+    form: FormResult,
+    version: Version,
+) -> Response {
     guarded(&emulator, Route::Token, &call, || async {
-        client_credentials(&emulator, &call, &tenant, form, Version::V1)
+        client_credentials(&emulator, &call, &tenant, form, version)
     })
     .await
 }
@@ -92,7 +100,7 @@ fn client_credentials(
     version: Version,
 ) -> Response {
     let now = emulator.now();
-    let credentials = emulator.lock().credentials.clone();
+    let credentials = emulator.lock().current.credentials.clone();
     if !tenant.eq_ignore_ascii_case(&credentials.tenant) {
         return entra_error(
             StatusCode::BAD_REQUEST,
@@ -210,14 +218,16 @@ fn resource_is_marketplace(resource: &str) -> bool {
     resource.trim_end_matches('/') == MARKETPLACE_RESOURCE
 }
 
-fn managed_identity_token(
-    emulator: &Emulator,
-    resource: &str,
-    client_id: Option<&str>,
-    app_service: bool,
-) -> Response {
+/// Both managed identity endpoints, once their own header checks passed: checks `resource`, then issues a token
+/// for `client_id` (default: the configured one) in the endpoint's shape.
+fn managed_identity_token(emulator: &Emulator, call: &Call, app_service: bool) -> Response {
+    let resource = match check_resource(call) {
+        Ok(resource) => resource,
+        Err(response) => return *response,
+    };
+    let client_id = call.param("client_id");
     let now = emulator.now();
-    let default_client = emulator.lock().credentials.client_id.clone();
+    let default_client = emulator.lock().current.credentials.client_id.clone();
     let (token, expires) = emulator.lock().issue_token(now);
     let lifetime = (expires - now).num_seconds().to_string();
     let client_id = client_id.map(str::to_owned).unwrap_or(default_client);
@@ -256,7 +266,7 @@ fn check_resource(call: &Call) -> Result<String, Box<Response>> {
 }
 
 /// `GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=...` with `Metadata: true` (IMDS).
-pub async fn imds(State(emulator): State<Emulator>, call: Call) -> Response {
+pub(super) async fn imds(State(emulator): State<Emulator>, call: Call) -> Response {
     guarded(&emulator, Route::Token, &call, || async {
         if !call
             .header("metadata")
@@ -275,20 +285,15 @@ pub async fn imds(State(emulator): State<Emulator>, call: Call) -> Response {
                 "Required query variable 'api-version' is missing",
             );
         }
-        match check_resource(&call) {
-            Ok(resource) => {
-                managed_identity_token(&emulator, &resource, call.param("client_id"), false)
-            }
-            Err(response) => *response,
-        }
+        managed_identity_token(&emulator, &call, false)
     })
     .await
 }
 
 /// `GET /msi/token?api-version=2019-08-01&resource=...` with `X-IDENTITY-HEADER` (App Service / Functions).
-pub async fn app_service(State(emulator): State<Emulator>, call: Call) -> Response {
+pub(super) async fn app_service(State(emulator): State<Emulator>, call: Call) -> Response {
     guarded(&emulator, Route::Token, &call, || async {
-        let expected = emulator.lock().credentials.identity_header.clone();
+        let expected = emulator.lock().current.credentials.identity_header.clone();
         if call.header("x-identity-header").as_deref() != Some(expected.as_str()) {
             return identity_error(
                 StatusCode::UNAUTHORIZED,
@@ -296,12 +301,7 @@ pub async fn app_service(State(emulator): State<Emulator>, call: Call) -> Respon
                 "The X-IDENTITY-HEADER header is missing or invalid.",
             );
         }
-        match check_resource(&call) {
-            Ok(resource) => {
-                managed_identity_token(&emulator, &resource, call.param("client_id"), true)
-            }
-            Err(response) => *response,
-        }
+        managed_identity_token(&emulator, &call, true)
     })
     .await
 }

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 /// The per-event statuses of the metering API (`StatusEnum` in the spec).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
+pub(super) enum Status {
     Accepted,
     Duplicate,
     Expired,
@@ -29,7 +29,7 @@ pub enum Status {
 
 impl Status {
     /// The name on the wire.
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Status::Accepted => "Accepted",
             Status::Duplicate => "Duplicate",
@@ -47,7 +47,7 @@ impl Status {
 
 /// How one event was judged.
 #[derive(Debug, Clone)]
-pub enum Verdict {
+pub(super) enum Verdict {
     /// Recorded now.
     Accepted(AcceptedEvent),
     /// Its hour was already recorded: the original.
@@ -62,7 +62,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// The status it maps to.
-    pub fn status(&self) -> Status {
+    pub(super) fn status(&self) -> Status {
         match self {
             Verdict::Accepted(_) => Status::Accepted,
             Verdict::Duplicate(_) => Status::Duplicate,
@@ -73,7 +73,7 @@ impl Verdict {
 
 /// A refusal, before it becomes a [`Verdict`].
 #[derive(Debug, Clone)]
-pub struct Rejection {
+pub(super) struct Rejection {
     status: Status,
     target: &'static str,
     message: String,
@@ -223,7 +223,7 @@ fn parse(event: &Value) -> Result<Parsed<'_>, Rejection> {
 }
 
 /// Judges `event` at `now` and records it if accepted.
-pub fn judge(state: &mut State, event: &Value, now: DateTime<Utc>) -> Verdict {
+pub(super) fn judge(state: &mut State, event: &Value, now: DateTime<Utc>) -> Verdict {
     let parsed = match parse(event) {
         Ok(p) => p,
         Err(r) => return r.into(),
@@ -296,7 +296,7 @@ pub fn judge(state: &mut State, event: &Value, now: DateTime<Utc>) -> Verdict {
         resource_uri: parsed
             .resource_uri
             .map(str::to_owned)
-            .or(saas_uri.filter(|_| state.echo_saas_resource_uri)),
+            .or(saas_uri.filter(|_| state.current.echo_saas_resource_uri)),
         quantity: parsed.quantity,
         dimension: parsed.dimension.to_owned(),
         effective_start_time: parsed.effective_start_time.to_owned(),
@@ -342,7 +342,7 @@ fn resolve(state: &State, parsed: &Parsed<'_>) -> Result<Resolved, Rejection> {
                 Some(sub.resource_uri()),
             ));
         }
-        if let Some(app) = state.managed_apps.iter().find(|a| {
+        if let Some(app) = state.current.managed_apps.iter().find(|a| {
             a.resource_usage_id
                 .as_deref()
                 .is_some_and(|u| u.eq_ignore_ascii_case(id))
@@ -353,6 +353,7 @@ fn resolve(state: &State, parsed: &Parsed<'_>) -> Result<Resolved, Rejection> {
     }
     let uri = parsed.resource_uri.unwrap_or_default();
     state
+        .current
         .managed_apps
         .iter()
         .find(|a| a.resource_uri.eq_ignore_ascii_case(uri))
@@ -382,7 +383,7 @@ fn managed(app: &super::model::ManagedApp) -> Resolved {
 }
 
 /// A quantity as the service writes it: whole numbers without a fraction.
-pub fn quantity_json(q: f64) -> Value {
+pub(super) fn quantity_json(q: f64) -> Value {
     if q.fract() == 0.0 && q.abs() < 9.0e15 {
         json!(q as i64)
     } else {
@@ -391,7 +392,7 @@ pub fn quantity_json(q: f64) -> Value {
 }
 
 /// The accepted event as the service echoes it, with `status` set to `status`.
-pub fn accepted_json(event: &AcceptedEvent, status: Status) -> Value {
+pub(super) fn accepted_json(event: &AcceptedEvent, status: Status) -> Value {
     let mut map = Map::new();
     map.insert("usageEventId".into(), json!(event.usage_event_id));
     map.insert("status".into(), json!(status.as_str()));
@@ -417,7 +418,7 @@ pub fn accepted_json(event: &AcceptedEvent, status: Status) -> Value {
 }
 
 /// The `error` object of a duplicate (batch item), also the whole 409 body of the single call.
-pub fn conflict_json(original: &AcceptedEvent) -> Value {
+pub(super) fn conflict_json(original: &AcceptedEvent) -> Value {
     json!({
         "additionalInfo": {"acceptedMessage": accepted_json(original, Status::Duplicate)},
         "message": "This usage event already exist.",
@@ -426,7 +427,7 @@ pub fn conflict_json(original: &AcceptedEvent) -> Value {
 }
 
 /// A BadRequest-shaped error with one detail; also the whole 400 body of the single call.
-pub fn bad_request_json(target: &str, message: &str) -> Value {
+pub(super) fn bad_request_json(target: &str, message: &str) -> Value {
     json!({
         "code": "BadArgument",
         "target": "usageEventRequest",
@@ -437,7 +438,7 @@ pub fn bad_request_json(target: &str, message: &str) -> Value {
 
 /// One `result` item of a batch answer: the event as sent, plus `status`, `messageTime` and `usageEventId` or
 /// `error`.
-pub fn batch_item(event: &Value, verdict: &Verdict, now: DateTime<Utc>) -> Value {
+pub(super) fn batch_item(event: &Value, verdict: &Verdict, now: DateTime<Utc>) -> Value {
     if let Verdict::Accepted(accepted) = verdict {
         return accepted_json(accepted, Status::Accepted);
     }
