@@ -86,12 +86,14 @@
 pub mod alerts;
 pub mod billing;
 pub mod leases;
+mod ops;
 pub mod outbound;
 mod schema;
 pub mod status;
 pub mod subscriptions;
 pub mod usage;
 
+pub use ops::{Disposition, PassStart};
 pub use schema::{current_version, migrate};
 
 use rusqlite::{Connection, OpenFlags};
