@@ -12,13 +12,14 @@
 use super::alerts::PendingAlert;
 use super::billing::DimensionBalance;
 use super::outbound::{Expired, FreezeSummary, PendingEvent, Settle, SettlePolicy};
-use super::status::JournalStatus;
+use super::status::{EventLine, JournalStatus};
 use super::subscriptions::{KnownSubscription, ListedSubscription};
 use super::usage::{
     CarryRow, HourlyRow, IngestOutcome, IngestRules, LateRecord, NewRecord, ReportFilter,
 };
 use super::{
-    Journal, JournalError, alerts, billing, leases, outbound, status, subscriptions, usage,
+    Journal, JournalError, ReadOnlyJournal, alerts, billing, leases, outbound, status,
+    subscriptions, usage,
 };
 use crate::alert_kind::AlertKey;
 use crate::config::Settings;
@@ -342,5 +343,51 @@ impl Journal {
             Ok(counts)
         })
         .await
+    }
+}
+
+/// The read-only commands' face (`status`, `report`, `balance`, `reconcile`, `flush`): the same reads on the
+/// one read-only connection of a [`ReadOnlyJournal`], in the calling thread.
+impl ReadOnlyJournal {
+    /// The journal's figures at `now`.
+    pub fn status(&self, now: DateTime<Utc>) -> Result<JournalStatus, JournalError> {
+        status::status(&self.conn, now)
+    }
+
+    /// The hourly report and the carries for `filter`.
+    pub fn report(
+        &self,
+        filter: &ReportFilter,
+        now: DateTime<Utc>,
+        grace: Duration,
+    ) -> Result<(Vec<HourlyRow>, Vec<CarryRow>), JournalError> {
+        Ok((
+            usage::hourly_report(&self.conn, filter, now, grace)?,
+            usage::carry_report(&self.conn, filter)?,
+        ))
+    }
+
+    /// Balances of one resource at `now`.
+    pub fn balance(
+        &self,
+        settings: &Settings,
+        resource: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DimensionBalance>, JournalError> {
+        billing::balance(&self.conn, settings, resource, now)
+    }
+
+    /// Accepted quantities per (lower-cased resource, dimension) for hours in `[from, to)`.
+    pub fn accepted_totals(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<BTreeMap<(String, String), i64>, JournalError> {
+        status::accepted_totals(&self.conn, from, to)
+    }
+
+    /// Outbound events frozen or finished at or after `since` (what one pass did).
+    pub fn events_since(&self, since: DateTime<Utc>) -> Result<Vec<EventLine>, JournalError> {
+        status::events_since(&self.conn, since)
     }
 }
