@@ -42,9 +42,7 @@ pub async fn deliver_once(
     http: Option<&reqwest::Client>,
 ) -> Result<usize, JournalError> {
     let now = clock.now();
-    let due = journal
-        .read(move |c| crate::journal::alerts::due(c, now))
-        .await?;
+    let due = journal.alerts_due(now).await?;
     let mut delivered = 0;
     for alert in due {
         let result: Result<(), String> = match (url, http) {
@@ -85,14 +83,15 @@ pub async fn deliver_once(
             tracing::warn!(message = "Alert webhook delivery failed; retrying later.", error = %e, attempts);
         }
         journal
-            .write(move |c| {
+            .alert_attempted(
+                id,
+                attempts,
                 if ok {
-                    crate::journal::alerts::delivered(c, id, attempts, now)
+                    Ok(now)
                 } else {
-                    let next = now + crate::retry::ALERT_DELIVERY.after(attempts);
-                    crate::journal::alerts::failed(c, id, attempts, err.as_deref(), next)
-                }
-            })
+                    Err((err, now + crate::retry::ALERT_DELIVERY.after(attempts)))
+                },
+            )
             .await?;
         if ok {
             delivered += 1;

@@ -371,9 +371,7 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         )
     })?;
     // The journal lock proves no other meterd uses this journal: a lease left behind is a crashed process's.
-    let stale = journal
-        .write(crate::journal::outbound::clear_leases)
-        .await?;
+    let stale = journal.clear_leases().await?;
     if stale > 0 {
         tracing::info!(
             message = "Cleared the emission lease of a process that stopped without releasing it."

@@ -25,6 +25,7 @@
 //!
 //! **Storage**:
 //! - [`journal`]: the SQLite journal: every SQL statement of the crate, its writer thread, invariants and tables.
+//!   The layers above call its typed face (`journal/ops.rs`: one method per operation, one job each), never SQL.
 //!   [`billing`] is its billing face (balances, consumption), re-exported at the crate root.
 //!
 //! **Wire**:

@@ -75,8 +75,8 @@ pub(crate) fn status(
     now: chrono::DateTime<chrono::Utc>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let conn = open_journal(settings)?;
-    let s = crate::journal::status::status(&conn, now)?;
+    let journal = open_journal(settings)?;
+    let s = journal.status(now)?;
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["now"] = now.format("%Y-%m-%dT%H:%M:%SZ").to_string().into();
@@ -215,7 +215,7 @@ pub(crate) async fn flush(
     // The events themselves come from the journal; a user who cannot read it still gets the counts.
     let events = started.and_then(|t| {
         let j = crate::journal::open_read_only(&settings.journal.path).ok()?;
-        crate::journal::status::events_since(&j, t).ok()
+        j.events_since(t).ok()
     });
     print_flush(&body, events.as_deref());
     Ok(())

@@ -4,7 +4,7 @@ use super::args::Format;
 use super::setup::open_journal;
 use crate::config::Settings;
 use crate::ingest::usage_api::parse_bound;
-use crate::journal::usage::{self, ReportFilter};
+use crate::journal::usage::ReportFilter;
 
 /// `meterd report`.
 pub(crate) fn report(
@@ -22,9 +22,8 @@ pub(crate) fn report(
         from: parse_bound("from", from).map_err(anyhow::Error::msg)?,
         to: parse_bound("to", to).map_err(anyhow::Error::msg)?,
     };
-    let conn = open_journal(settings)?;
-    let hours = usage::hourly_report(&conn, &filter, now, settings.emit.grace)?;
-    let carries = usage::carry_report(&conn, &filter)?;
+    let journal = open_journal(settings)?;
+    let (hours, carries) = journal.report(&filter, now, settings.emit.grace)?;
     match format {
         Format::Json => {
             writeln!(
@@ -131,8 +130,8 @@ pub(crate) fn balance(
     json: bool,
 ) -> anyhow::Result<()> {
     let resource = crate::ingest::validate::resource(resource).map_err(anyhow::Error::msg)?;
-    let conn = open_journal(settings)?;
-    let dims = crate::journal::billing::balance(&conn, settings, &resource, now)?;
+    let journal = open_journal(settings)?;
+    let dims = journal.balance(settings, &resource, now)?;
     if json {
         println!(
             "{}",

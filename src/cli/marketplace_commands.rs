@@ -221,8 +221,8 @@ pub async fn reconcile(
         .map_or(0, |m| m.0);
         *market.entry((r.to_ascii_lowercase(), dim)).or_default() += q;
     }
-    let conn = open_journal(settings)?;
-    let ours = crate::journal::status::accepted_totals(&conn, start, end)?;
+    let journal = open_journal(settings)?;
+    let ours = journal.accepted_totals(start, end)?;
     let keys: std::collections::BTreeSet<_> = market.keys().chain(ours.keys()).cloned().collect();
     let mut diffs = Vec::new();
     for k in keys {

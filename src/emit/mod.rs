@@ -15,8 +15,8 @@ pub use connect::{client, token_provider};
 
 use crate::clock::{SharedClock, fmt_time, to_utc};
 use crate::config::Settings;
-use crate::journal::Journal;
-use crate::journal::outbound::{self, PendingEvent, Settle};
+use crate::journal::outbound::{self, PendingEvent};
+use crate::journal::{Disposition, Journal, PassStart};
 use crate::marketplace::client::MarketplaceClient;
 use crate::marketplace::types::event_json;
 use crate::ops::telemetry::{EventsSettled, InternalEvent};
@@ -201,15 +201,7 @@ impl Emitter {
         let pending_age = self.settings.alerts.pending_age;
         let lease = self
             .journal
-            .write(move |c| {
-                outbound::acquire_lease(
-                    c,
-                    "emitter",
-                    &owner,
-                    now,
-                    Duration::seconds(LEASE_TTL_SECS),
-                )
-            })
+            .acquire_lease("emitter", owner, now, Duration::seconds(LEASE_TTL_SECS))
             .await?;
         if let Err(holder) = lease {
             tracing::info!(message = "Another emitter holds the lease; skipping this pass.", holder = %holder);
@@ -220,20 +212,9 @@ impl Emitter {
             .pass_locked(now, policy, grace, margin, pending_age, &mut summary)
             .await;
         let owner = self.owner.clone();
-        self.journal
-            .write(move |c| outbound::release_lease(c, "emitter", &owner))
-            .await?;
+        self.journal.release_lease("emitter", owner).await?;
         result?;
-        summary.pending_after = self
-            .journal
-            .read(|c| {
-                Ok(c.query_row(
-                    "SELECT COUNT(*) FROM outbound_events WHERE state = 'pending'",
-                    [],
-                    |r| r.get(0),
-                )?)
-            })
-            .await?;
+        summary.pending_after = self.journal.pending_count().await?;
         metrics::gauge!("meterd_pending_events").set(summary.pending_after as f64);
         Ok(summary)
     }
@@ -257,26 +238,18 @@ impl Emitter {
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         let (frozen, expired) = self
             .journal
-            .write(move |c| {
-                if release_held {
-                    outbound::release_holds(c, now)?;
-                }
-                let recovered = outbound::recover_in_flight(c)?;
-                if recovered > 0 {
-                    tracing::warn!(message = "Events were in flight when meterd stopped; they count as possibly recorded.", events = recovered);
-                }
-                let f = outbound::freeze(c, now, grace, margin)?;
-                let e = outbound::expire_overdue(c, now, &expire_policy)?;
-                for x in e.iter().filter(|x| x.state == Outcome::ExpiredUnconfirmed) {
-                    outbound::raise_expired_unconfirmed(c, x.id, now)?;
-                }
-                outbound::raise_pending_age_alerts(c, now, pending_age)?;
-                let (hours, records) = crate::journal::usage::apply_retention(c, now, retention, dedupe_window)?;
-                if hours + records > 0 {
-                    tracing::info!(message = "Retention applied.", hourly_totals_deleted = hours, raw_records_compacted = records);
-                }
-                Ok((f, e))
-            })
+            .open_pass(
+                now,
+                PassStart {
+                    release_held,
+                    grace,
+                    margin,
+                    policy: expire_policy,
+                    pending_age,
+                    retention,
+                    dedupe_window,
+                },
+            )
             .await?;
         summary.frozen = frozen.frozen;
         if frozen.frozen > 0 {
@@ -299,10 +272,7 @@ impl Emitter {
         }
         summary.expired = expired;
 
-        let due = self
-            .journal
-            .read(move |c| outbound::due_events(c, now, PASS_LIMIT))
-            .await?;
+        let due = self.journal.due_events(now, PASS_LIMIT).await?;
         if due.is_empty() {
             return Ok(());
         }
@@ -316,59 +286,28 @@ impl Emitter {
         }
         // Write holds/skips, bill and freeze bodies (once) for what will be sent.
         let settings = self.settings.clone();
-        let to_write: Vec<(i64, Decision, PendingEvent)> = due
+        let to_write: Vec<(PendingEvent, Disposition)> = due
             .into_iter()
             .zip(decisions)
-            .map(|(e, d)| (e.id, d, e))
+            .map(|(e, d)| {
+                let d = match d {
+                    Decision::Send { plan } => Disposition::Send { plan },
+                    Decision::Settle(s) => Disposition::Settle(s),
+                };
+                (e, d)
+            })
             .collect();
         let decide_policy = policy.clone();
         let (sendable, counts) = self
             .journal
-            .write(move |c| {
-                let mut sendable = Vec::new();
-                let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-                for (id, decision, ev) in to_write {
-                    match decision {
-                        Decision::Settle(s) => {
-                            let state = outbound::settle(c, id, &s, now, &decide_policy)?;
-                            let name = match (&s, state) {
-                                (Settle::Hold { .. }, _) => "held",
-                                (Settle::Defer { .. }, _) => "deferred",
-                                (_, st) => st.as_str(),
-                            };
-                            *counts.entry(name.to_string()).or_default() += 1;
-                        }
-                        Decision::Send { plan } => {
-                            if !ev.body.is_empty() {
-                                sendable.push(PendingEvent { plan, ..ev });
-                                continue;
-                            }
-                            // Billed once, with the body: allowance, billing units, thresholds.
-                            let bill =
-                                crate::journal::billing::bill(c, &settings, &ev, &plan, now)?;
-                            if bill.send == 0 {
-                                let state = outbound::settle_unbilled(c, id, &plan, &bill, now)?;
-                                *counts.entry(state.to_string()).or_default() += 1;
-                                continue;
-                            }
-                            let json = event_json(
-                                &ResourceRef::parse(&ev.resource),
-                                &plan,
-                                &ev.dimension,
-                                to_utc(ev.hour),
-                                bill.send,
-                            );
-                            let body = outbound::set_body(c, id, &plan, &json, &bill)?;
-                            sendable.push(PendingEvent {
-                                body,
-                                plan,
-                                send_quantity: Some(bill.send),
-                                ..ev
-                            });
-                        }
-                    }
-                }
-                Ok((sendable, counts))
+            .dispose(to_write, settings, now, decide_policy, |ev, plan, send| {
+                event_json(
+                    &ResourceRef::parse(&ev.resource),
+                    plan,
+                    &ev.dimension,
+                    to_utc(ev.hour),
+                    send,
+                )
             })
             .await?;
         for (k, n) in counts {
@@ -396,15 +335,7 @@ impl Emitter {
                 let (owner, at) = (self.owner.clone(), self.clock.now());
                 let kept = self
                     .journal
-                    .write(move |c| {
-                        outbound::acquire_lease(
-                            c,
-                            "emitter",
-                            &owner,
-                            at,
-                            Duration::seconds(LEASE_TTL_SECS),
-                        )
-                    })
+                    .acquire_lease("emitter", owner, at, Duration::seconds(LEASE_TTL_SECS))
                     .await?;
                 if let Err(holder) = kept {
                     anyhow::bail!(

@@ -4,7 +4,6 @@
 
 use super::{Emitter, PassSummary};
 use crate::ingest::{EmitControl, FlushFuture};
-use crate::journal::outbound;
 use crate::ops::Liveness;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -131,7 +130,7 @@ async fn run_loop(
 /// pending, only the cron or a flush wakes the loop.
 async fn next_wait(emitter: &Emitter) -> std::time::Duration {
     let now = emitter.clock.now().timestamp();
-    match emitter.journal().read(outbound::next_due).await {
+    match emitter.journal().next_due().await {
         Ok(Some(due)) if due > now => std::time::Duration::from_secs(((due - now) as u64).min(60)),
         Ok(Some(_)) => std::time::Duration::from_secs(1),
         Ok(None) => std::time::Duration::from_secs(365 * 86_400),

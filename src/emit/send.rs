@@ -11,7 +11,6 @@ use crate::marketplace::outcome::{
 };
 use crate::marketplace::types::batch_body;
 use crate::ops::telemetry::{EventsSettled, InternalEvent};
-use crate::outcome::Outcome;
 use crate::quantity::Micros;
 use crate::resource::ResourceRef;
 use crate::settle::SettleContext;
@@ -69,9 +68,7 @@ async fn send_batch(
 ) -> anyhow::Result<BatchResult> {
     let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
     let mark = ids.clone();
-    journal
-        .write(move |c| outbound::mark_attempt(c, &mark))
-        .await?;
+    journal.mark_attempt(mark).await?;
     let bodies: Vec<&str> = batch.iter().map(|e| e.body.as_str()).collect();
     let body = batch_body(&bodies);
     let started = std::time::Instant::now();
@@ -225,27 +222,7 @@ async fn send_batch(
     }
     let call_alert = call_alert;
     let outcomes = journal
-        .write(move |c| {
-            if let Some((dedupe, body)) = &call_alert {
-                crate::journal::alerts::raise(c, dedupe, body.clone(), now)?;
-            }
-            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-            for (id, s) in &settles {
-                let state = outbound::settle(c, *id, s, now, &policy)?;
-                outbound::raise_for_settle(c, *id, s, now)?;
-                if state == Outcome::ExpiredUnconfirmed {
-                    // A per-event `Expired` after an earlier ambiguous attempt: the same alert as an expiry.
-                    outbound::raise_expired_unconfirmed(c, *id, now)?;
-                }
-                let name = match (s, state) {
-                    (Settle::Hold { .. }, _) => "held",
-                    (Settle::Retry { .. }, _) => "retry",
-                    (_, st) => st.as_str(),
-                };
-                *counts.entry(name.to_string()).or_default() += 1;
-            }
-            Ok(counts)
-        })
+        .settle_answers(call_alert, settles, now, policy)
         .await?;
     for (k, n) in &outcomes {
         EventsSettled {

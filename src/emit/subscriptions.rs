@@ -5,7 +5,7 @@
 use crate::clock::HOUR;
 use crate::config::Settings;
 use crate::journal::Journal;
-use crate::journal::outbound::{self, KnownSubscription, ListedSubscription, PendingEvent, Settle};
+use crate::journal::outbound::{KnownSubscription, ListedSubscription, PendingEvent, Settle};
 use crate::marketplace::client::MarketplaceClient;
 use crate::marketplace::types::SubscriptionStatus;
 use crate::ops::telemetry::{InternalEvent, SubscriptionListFailed, SubscriptionListFetched};
@@ -65,7 +65,7 @@ impl SubscriptionView {
                 .iter()
                 .any(|e| ResourceRef::parse(&e.resource).is_saas_subscription())
         {
-            return journal.read(outbound::known_subscriptions).await.ok();
+            return journal.known_subscriptions().await.ok();
         }
         let mut cache = self.cache.lock().await;
         let any_held = due.iter().any(|e| e.held);
@@ -107,10 +107,7 @@ impl SubscriptionView {
                         })
                         .collect();
                     let n = listed.len();
-                    match journal
-                        .write(move |c| outbound::store_subscriptions(c, &listed, now))
-                        .await
-                    {
+                    match journal.store_subscriptions(listed, now).await {
                         Ok(()) => {
                             tracing::info!(
                                 message = "Subscription list refreshed.",
@@ -133,7 +130,7 @@ impl SubscriptionView {
                 }
             }
         }
-        journal.read(outbound::known_subscriptions).await.ok()
+        journal.known_subscriptions().await.ok()
     }
 
     pub(super) fn decide(

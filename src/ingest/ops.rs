@@ -13,10 +13,7 @@ pub async fn status_json(
     state: &AppState,
 ) -> Result<serde_json::Value, crate::journal::JournalError> {
     let now = state.clock.now();
-    let js = state
-        .journal
-        .read(move |conn| crate::journal::status::status(conn, now))
-        .await?;
+    let js = state.journal.status(now).await?;
     let mut v = serde_json::to_value(js).unwrap_or_default();
     v["now"] = now.format("%Y-%m-%dT%H:%M:%SZ").to_string().into();
     if let Some(e) = &state.emitter {
@@ -119,7 +116,7 @@ pub async fn balance(
     let now = state.clock.now();
     let settings = state.settings.clone();
     let r = resource.clone();
-    match state.journal.read(move |c| crate::journal::billing::balance(c, &settings, &r, now)).await {
+    match state.journal.balance(settings, r, now).await {
         Ok(dims) => axum::Json(json!({"resource": resource, "at": crate::clock::fmt_time(now.timestamp()), "dimensions": dims})).into_response(),
         Err(e) => journal_error_response(&e),
     }
@@ -167,11 +164,7 @@ pub async fn consumption(
         }
     };
     let (r, d) = (resource.clone(), q.dimension.clone());
-    match state
-        .journal
-        .read(move |c| crate::journal::billing::consumption(c, &r, d.as_deref(), from, to))
-        .await
-    {
+    match state.journal.consumption(r, d, from, to).await {
         Ok(rows) => {
             let dims: Vec<serde_json::Value> = rows
                 .into_iter()

@@ -194,10 +194,7 @@ pub async fn store(
         min_send_time: state.settings.emit.min_send_time,
     };
     let n = records.len();
-    let result = state
-        .journal
-        .write(move |conn| usage::ingest(conn, &records, &rules))
-        .await;
+    let result = state.journal.ingest(records, rules).await;
     match result {
         Ok(Ok(outcome)) => {
             metrics::counter!("meterd_ingest_records_total", "result" => "accepted")
@@ -328,15 +325,7 @@ pub async fn get_usage(
     };
     let now = state.clock.now();
     let grace = state.settings.emit.grace;
-    let result = state
-        .journal
-        .read(move |conn| {
-            Ok((
-                usage::hourly_report(conn, &filter, now, grace)?,
-                usage::carry_report(conn, &filter)?,
-            ))
-        })
-        .await;
+    let result = state.journal.report(filter, now, grace).await;
     match result {
         Ok((hours, carries)) => {
             axum::Json(json!({"hours": hours, "carries": carries})).into_response()

@@ -3,6 +3,24 @@
 //! (Over 600 lines for one role: the face with its invariants and tables, the single writer thread, and the
 //! tests of its commit and rollback rules.)
 //!
+//! # The face
+//!
+//! The layers above call typed methods, not SQL: `journal/ops.rs` holds one method per operation on
+//! [`Journal`] (ingest, report, status, balance, consumption, pending count, alerts due and attempted, leases,
+//! subscriptions, due and next due events, attempts marked, and the emission pass's three jobs
+//! [`Journal::open_pass`], [`Journal::dispose`], [`Journal::settle_answers`]) and on [`ReadOnlyJournal`] (the
+//! read-only commands). Each is one read or one write job, exactly as the closure it replaced, so the
+//! invariants below hold per operation. The `&Connection` functions of `usage`, `outbound`, `billing`, `status`,
+//! `alerts`, `leases` and `subscriptions` are the SQLite side; no module of `src/` outside `journal/` calls them
+//! or [`Journal::read`]/[`Journal::write`] (the in-process tests still do, see below).
+//!
+//! A second backend (PostgreSQL) draws the trait from `ops.rs`: a `Store` trait with those methods (`&self`,
+//! owned arguments, [`JournalError`]), "one method, one transaction" as its contract, implemented by the SQLite
+//! `Journal`; the emitter, API, alerts and commands then hold an `Arc<dyn Store>` (or a generic). Not drawn yet:
+//! `read`/`write`, the submodules and their `&Connection` functions stay `pub` because the in-process tests
+//! (`tests/`) still build their fixtures and assertions with them; narrowing them to `pub(crate)` comes with
+//! moving those tests onto the face.
+//!
 //! # Invariants
 //!
 //! These are the promises of `design.md`; every change to this module keeps them, and each has a test.
@@ -86,12 +104,14 @@
 pub mod alerts;
 pub mod billing;
 pub mod leases;
+mod ops;
 pub mod outbound;
 mod schema;
 pub mod status;
 pub mod subscriptions;
 pub mod usage;
 
+pub use ops::{Disposition, PassStart};
 pub use schema::{current_version, migrate};
 
 use rusqlite::{Connection, OpenFlags};

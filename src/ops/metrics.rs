@@ -241,10 +241,7 @@ impl JournalGauges {
     /// Reads the journal once and publishes.
     pub async fn refresh(&self, journal: &Journal, clock: &SharedClock) {
         let now = clock.now();
-        match journal
-            .read(move |conn| crate::journal::status::status(conn, now))
-            .await
-        {
+        match journal.status(now).await {
             Ok(s) => {
                 let f = JournalFigures::from_status(&s, now.timestamp());
                 f.publish(clock.now().timestamp());
