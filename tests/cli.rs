@@ -372,7 +372,7 @@ fn quickstart_last_hour_goes_from_open_to_accepted() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut child = cmd.spawn().unwrap();
-    let last = ts(hour_start(1) + chrono::Duration::minutes(30));
+    let last = ts(hour_start(2) + chrono::Duration::minutes(30));
     let deadline = Instant::now() + Duration::from_secs(60);
     let record = loop {
         let out = meterd_in(
@@ -411,7 +411,7 @@ fn quickstart_last_hour_goes_from_open_to_accepted() {
     );
     assert!(flush.status.success(), "{}", text(&flush));
     let v: serde_json::Value = serde_json::from_slice(&report.stdout).expect("report json");
-    let hour = ts(hour_start(1));
+    let hour = ts(hour_start(2));
     let row = v["hours"]
         .as_array()
         .unwrap()
