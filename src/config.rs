@@ -154,6 +154,15 @@ pub struct IngestSettings {
     pub max_connections: usize,
 }
 
+impl IngestSettings {
+    /// `request_timeout` as a std duration (30 s if it does not fit one, which validation prevents).
+    pub fn request_timeout_std(&self) -> std::time::Duration {
+        self.request_timeout
+            .to_std()
+            .unwrap_or(std::time::Duration::from_secs(30))
+    }
+}
+
 /// Marketplace auth settings (secrets are loaded from files or the environment when the client is built).
 #[derive(Debug, Clone)]
 pub struct AuthSettings {

@@ -138,12 +138,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let timeout = state
-        .settings
-        .ingest
-        .request_timeout
-        .to_std()
-        .unwrap_or(std::time::Duration::from_secs(30));
+    let timeout = state.settings.ingest.request_timeout_std();
     let limit = state.settings.ingest.max_connections.max(1);
     let app = ingest::router(state).layer(tower::limit::ConcurrencyLimitLayer::new(limit));
     match listener {

@@ -204,12 +204,7 @@ pub async fn read_body(
     };
     // The body must arrive within `ingest.request_timeout` (slow clients). This is the only timeout of a request:
     // once the body is read, its journal job may be queued, and no error may be answered for a job that commits.
-    let timeout = state
-        .settings
-        .ingest
-        .request_timeout
-        .to_std()
-        .unwrap_or(std::time::Duration::from_secs(30));
+    let timeout = state.settings.ingest.request_timeout_std();
     // A declared length over the limit is refused from the header alone: the answer is 413 whatever part of the
     // body has arrived (hyper has already refused a length that is not a number). What the client sends anyway
     // is read and dropped, within the same timeout and up to `DRAIN_MAX` bytes, so that it can read the answer:
