@@ -106,6 +106,7 @@ pub mod billing;
 pub mod leases;
 mod ops;
 pub mod outbound;
+pub mod pg;
 mod schema;
 pub mod status;
 pub mod subscriptions;

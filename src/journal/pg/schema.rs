@@ -1,0 +1,228 @@
+//! The fleet journal's PostgreSQL schema, versioned, applied at start by every replica.
+//!
+//! The tables mirror the SQLite journal's (`journal/schema.rs`, same names, same columns, times as unix seconds
+//! in `BIGINT`, quantities as `BIGINT` micro-units) plus what a fleet needs: `records` from every replica (unique
+//! per idempotency key across the fleet), `replicas` (heartbeat and forward watermark), and per-event leases with
+//! a fencing counter on `outbound_events`. Migrations run under a transaction-scoped advisory lock
+//! (`pg_advisory_xact_lock`, released by the commit; no session lock, so PgBouncer in transaction mode is fine),
+//! so replicas starting at once apply each step exactly once.
+
+use tokio_postgres::Client;
+
+/// The advisory lock key taken (per transaction) while migrating: "meterd" in ASCII.
+const MIGRATION_LOCK: i64 = 0x6d_65_74_65_72_64;
+
+/// Each entry moves the schema from version `i` to `i + 1`. Append only; never edit a step once released.
+const MIGRATIONS: &[&str] = &[
+    // 1: the fleet journal.
+    r#"
+    -- One row per fleet-wide setting: `frozen_through` (never moves backwards), as in the SQLite `meta`.
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value BIGINT NOT NULL
+    );
+
+    -- Every record forwarded by any replica. `idem_key` is the client's id, or the key generated at ingest for a
+    -- record without one; it is the fleet-wide idempotency guarantee (`INSERT ... ON CONFLICT DO NOTHING`).
+    -- `hour` is where the quantity is counted (its own hour, or the open hour it was carried into).
+    CREATE TABLE records (
+        idem_key     TEXT PRIMARY KEY,
+        replica      TEXT NOT NULL,
+        resource     TEXT NOT NULL,
+        plan         TEXT NOT NULL,
+        dimension    TEXT NOT NULL,
+        event_time   BIGINT NOT NULL,
+        origin_hour  BIGINT NOT NULL,
+        hour         BIGINT NOT NULL,
+        quantity     BIGINT NOT NULL,
+        received_at  BIGINT NOT NULL,
+        forwarded_at BIGINT NOT NULL
+    );
+    CREATE INDEX records_received ON records(received_at);
+
+    -- As in SQLite: the exact sum per (resource, plan, dimension, hour); `outbound_id` once frozen.
+    CREATE TABLE hourly_totals (
+        resource    TEXT NOT NULL,
+        plan        TEXT NOT NULL,
+        dimension   TEXT NOT NULL,
+        hour        BIGINT NOT NULL,
+        quantity    BIGINT NOT NULL,
+        records     BIGINT NOT NULL,
+        carried_in  BIGINT NOT NULL DEFAULT 0,
+        prebilled   BIGINT NOT NULL DEFAULT 0,
+        outbound_id BIGINT,
+        PRIMARY KEY (resource, plan, dimension, hour)
+    );
+    CREATE INDEX hourly_totals_hour ON hourly_totals(hour);
+    CREATE INDEX hourly_totals_unfrozen ON hourly_totals(hour) WHERE outbound_id IS NULL;
+
+    CREATE TABLE carries (
+        id          BIGSERIAL PRIMARY KEY,
+        resource    TEXT NOT NULL,
+        plan        TEXT NOT NULL,
+        dimension   TEXT NOT NULL,
+        from_hour   BIGINT NOT NULL,
+        to_hour     BIGINT NOT NULL,
+        quantity    BIGINT NOT NULL,
+        reason      TEXT NOT NULL,
+        outbound_id BIGINT,
+        created_at  BIGINT NOT NULL
+    );
+    CREATE UNIQUE INDEX carries_key ON carries(resource, plan, dimension, from_hour, to_hour, reason)
+        WHERE outbound_id IS NULL;
+
+    -- As in SQLite, plus the per-event lease: `lease_owner` (a replica), `lease_until` (database clock, unix
+    -- seconds) and `fence`, incremented by every claim; a settle must present the fence it claimed with.
+    CREATE TABLE outbound_events (
+        id                BIGSERIAL PRIMARY KEY,
+        resource          TEXT NOT NULL,
+        plan              TEXT NOT NULL,
+        dimension         TEXT NOT NULL,
+        hour              BIGINT NOT NULL,
+        quantity          BIGINT NOT NULL,
+        body              TEXT NOT NULL,
+        state             TEXT NOT NULL,
+        attempts          BIGINT NOT NULL DEFAULT 0,
+        next_attempt_at   BIGINT NOT NULL,
+        deadline          BIGINT NOT NULL,
+        ambiguous         BIGINT NOT NULL DEFAULT 0,
+        held              TEXT,
+        in_flight         BIGINT NOT NULL DEFAULT 0,
+        last_error        TEXT,
+        usage_event_id    TEXT,
+        market_quantity   BIGINT,
+        carried_to        BIGINT,
+        frozen_at         BIGINT NOT NULL,
+        finished_at       BIGINT,
+        prebilled         BIGINT NOT NULL DEFAULT 0,
+        included          BIGINT,
+        billable          BIGINT,
+        send_quantity     BIGINT,
+        term_start        BIGINT,
+        lease_owner       TEXT,
+        lease_until       BIGINT,
+        fence             BIGINT NOT NULL DEFAULT 0,
+        UNIQUE (resource, dimension, hour)
+    );
+    CREATE INDEX outbound_events_state ON outbound_events(state, hour);
+    CREATE INDEX outbound_events_due ON outbound_events(next_attempt_at) WHERE state = 'pending';
+
+    CREATE TABLE resource_spellings (
+        folded   TEXT PRIMARY KEY,
+        spelling TEXT NOT NULL
+    );
+
+    CREATE TABLE subscriptions (
+        id                   TEXT PRIMARY KEY,
+        status               TEXT NOT NULL,
+        plan                 TEXT NOT NULL,
+        offer                TEXT NOT NULL,
+        term_start           BIGINT,
+        term_end             BIGINT,
+        term_unit            TEXT,
+        unsubscribed_seen_at BIGINT,
+        updated_at           BIGINT NOT NULL
+    );
+
+    CREATE TABLE term_usage (
+        resource   TEXT NOT NULL,
+        dimension  TEXT NOT NULL,
+        plan       TEXT NOT NULL,
+        term_start BIGINT NOT NULL,
+        term_end   BIGINT NOT NULL,
+        consumed   BIGINT NOT NULL DEFAULT 0,
+        overage    BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (resource, dimension, plan, term_start)
+    );
+
+    CREATE TABLE remainders (
+        resource  TEXT NOT NULL,
+        dimension TEXT NOT NULL,
+        remainder BIGINT NOT NULL,
+        PRIMARY KEY (resource, dimension)
+    );
+
+    CREATE TABLE thresholds_fired (
+        resource   TEXT NOT NULL,
+        dimension  TEXT NOT NULL,
+        term_start BIGINT NOT NULL,
+        threshold  TEXT NOT NULL,
+        fired_at   BIGINT NOT NULL,
+        PRIMARY KEY (resource, dimension, term_start, threshold)
+    );
+
+    CREATE TABLE alerts (
+        id              BIGSERIAL PRIMARY KEY,
+        kind            TEXT NOT NULL,
+        dedupe          TEXT NOT NULL UNIQUE,
+        body            TEXT NOT NULL,
+        created_at      BIGINT NOT NULL,
+        attempts        BIGINT NOT NULL DEFAULT 0,
+        next_attempt_at BIGINT NOT NULL,
+        delivered_at    BIGINT,
+        last_error      TEXT
+    );
+    CREATE INDEX alerts_undelivered ON alerts(delivered_at, next_attempt_at);
+
+    -- One row per replica: when it last said it is alive (`heartbeat_at`, database clock) and its forward
+    -- watermark (every record it received before `watermark` is in `records`).
+    CREATE TABLE replicas (
+        replica_id   TEXT PRIMARY KEY,
+        started_at   BIGINT NOT NULL,
+        heartbeat_at BIGINT NOT NULL,
+        watermark    BIGINT NOT NULL,
+        unforwarded  BIGINT NOT NULL DEFAULT 0,
+        version      TEXT NOT NULL
+    );
+    "#,
+];
+
+/// The schema version this build writes.
+pub fn current_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Brings the database up to [`current_version`]: one transaction per step under a transaction-scoped advisory
+/// lock, re-reading the version inside it, so replicas starting at once never apply a step twice. A database
+/// newer than this build is refused (an older binary must not write a newer schema).
+pub async fn migrate(client: &mut Client) -> Result<i64, tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS meterd_schema (
+                 one     BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+                 version BIGINT NOT NULL
+             )",
+        )
+        .await
+        .or_else(|e| {
+            // Two replicas creating the table at the same instant: one wins, the other sees a unique violation
+            // on the catalog; the table exists either way.
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+    loop {
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.execute(
+            "INSERT INTO meterd_schema (one, version) VALUES (TRUE, 0) ON CONFLICT DO NOTHING",
+            &[],
+        )
+        .await?;
+        let version: i64 = tx
+            .query_one("SELECT version FROM meterd_schema", &[])
+            .await?
+            .get(0);
+        if version >= current_version() {
+            tx.commit().await?;
+            return Ok(version);
+        }
+        tx.batch_execute(MIGRATIONS[version as usize]).await?;
+        tx.execute("UPDATE meterd_schema SET version = $1", &[&(version + 1)])
+            .await?;
+        tx.commit().await?;
+    }
+}
