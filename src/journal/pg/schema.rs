@@ -186,30 +186,17 @@ pub fn current_version() -> i64 {
 /// lock, re-reading the version inside it, so replicas starting at once never apply a step twice. A database
 /// newer than this build is refused (an older binary must not write a newer schema).
 pub async fn migrate(client: &mut Client) -> Result<i64, tokio_postgres::Error> {
-    client
-        .batch_execute(
+    loop {
+        let tx = client.transaction().await?;
+        // The lock first: even `CREATE TABLE IF NOT EXISTS` races with itself on the catalog.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS meterd_schema (
                  one     BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
                  version BIGINT NOT NULL
-             )",
-        )
-        .await
-        .or_else(|e| {
-            // Two replicas creating the table at the same instant: one wins, the other sees a unique violation
-            // on the catalog; the table exists either way.
-            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
-    loop {
-        let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
-        tx.execute(
-            "INSERT INTO meterd_schema (one, version) VALUES (TRUE, 0) ON CONFLICT DO NOTHING",
-            &[],
+             );
+             INSERT INTO meterd_schema (one, version) VALUES (TRUE, 0) ON CONFLICT DO NOTHING;",
         )
         .await?;
         let version: i64 = tx
