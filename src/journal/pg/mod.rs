@@ -16,10 +16,12 @@
 //!   `fence`; a settle applies only while owner and fence still match (a stale owner's settle changes nothing).
 //!   No session advisory locks anywhere.
 
+pub mod conn;
+pub mod records;
+pub mod replicas;
 pub mod schema;
 
 use crate::secret::Secret;
-use std::str::FromStr;
 
 /// What can go wrong with the fleet journal. Messages never include the URL (it may hold a password).
 #[derive(Debug, thiserror::Error)]
@@ -57,20 +59,27 @@ impl std::fmt::Debug for PgJournal {
 }
 
 impl PgJournal {
-    /// A pool to `url` (at most `max_size` connections). Connects lazily; [`PgJournal::migrate`] is the first
-    /// round trip.
+    /// A pool to `url` (at most `max_size` connections), over TLS as its `sslmode` says (`disable`, `prefer`,
+    /// `require`, `verify-ca`, `verify-full`; rustls with ring, see [`conn`]). Connects lazily;
+    /// [`PgJournal::migrate`] is the first round trip. Waiting for a connection is bounded (15 s), so an
+    /// unreachable server answers with an error instead of hanging the caller.
     pub fn connect(url: &Secret, max_size: usize) -> Result<PgJournal, PgError> {
-        let config = tokio_postgres::Config::from_str(url.expose())
-            .map_err(|e| PgError::BadUrl(e.to_string()))?;
+        let target = conn::parse(url.expose())?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(conn::tls_config(&target)?);
         let manager = deadpool_postgres::Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
+            target.config,
+            tls,
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
         );
+        let bound = Some(std::time::Duration::from_secs(15));
         let pool = deadpool_postgres::Pool::builder(manager)
-            .max_size(max_size)
+            .max_size(max_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(bound)
+            .create_timeout(bound)
+            .recycle_timeout(bound)
             .build()
             .map_err(|e| PgError::Unavailable(e.to_string()))?;
         Ok(PgJournal { pool })
@@ -117,7 +126,7 @@ pub mod testing {
                 "meterd_test_{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..12]
             );
-            tokio_postgres::Config::from_str(&admin_url)
+            <tokio_postgres::Config as std::str::FromStr>::from_str(&admin_url)
                 .unwrap_or_else(|e| panic!("{URL_VAR} is not a valid URL: {e}"));
             run_admin(&admin_url, &format!("CREATE DATABASE {name}"));
             let url = with_dbname(&admin_url, &name);

@@ -1,0 +1,330 @@
+//! The forward path into the shared journal: a batch of one replica's outbox records inserted once each
+//! (fleet invariant F1) and added to `hourly_totals` by the late-usage rule, in one transaction.
+//!
+//! The late rule is the SQLite journal's (`journal/usage.rs`, invariant 5), judged here, at forward time, against
+//! the fleet's state: a record goes into its own hour while its key (resource, dimension, hour) has no outbound
+//! event and the hour is still sendable (`H + 24h - emit.safety_margin - emit.min_send_time` ahead); otherwise it
+//! is carried into the open hour (or `meta.frozen_through` if later) with a `carries` row (reason `late`). The
+//! records were acknowledged already, so `late_usage = "reject"` cannot apply here: a record late at forward
+//! time is always carried.
+//!
+//! Races with a freeze on another replica: the upsert of a total only adds while the total is unfrozen
+//! (`ON CONFLICT ... DO UPDATE ... WHERE outbound_id IS NULL`; under READ COMMITTED it waits for the freeze's row
+//! lock and re-checks); when the freeze won a total, the whole forward rolls back and is retried, and the retry
+//! sees the event and carries. A total of a new plan for a key frozen in
+//! the same instant is a new row the freeze could not see; the freeze treats an unfrozen total of a key that
+//! already has its event as late (see docs/fleet.md, "Emission").
+//!
+//! Lock order: records by key, totals and carries by their key, so two replicas forwarding overlapping batches
+//! cannot deadlock each other; a deadlock with a freeze is an error the forwarder retries (nothing committed).
+
+use super::{PgError, PgJournal};
+use crate::journal::outbox::OutboxRecord;
+use crate::journal::usage::IngestRules;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// What one forwarded batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardSummary {
+    /// Records inserted (new to the fleet).
+    pub inserted: usize,
+    /// Records already in the shared journal (forwarded before, or the same id through another replica).
+    pub duplicates: usize,
+    /// Inserted records carried into a later hour (their key was frozen, or their hour no longer sendable).
+    pub carried: usize,
+}
+
+type TotalKey = (String, String, String, i64);
+
+fn hour_of_secs(t: i64) -> i64 {
+    t.div_euclid(crate::clock::HOUR) * crate::clock::HOUR
+}
+
+#[derive(Default)]
+struct Sum {
+    quantity: i64,
+    records: i64,
+    carried_in: i64,
+}
+
+fn overflow(k: &TotalKey) -> PgError {
+    PgError::Unavailable(format!(
+        "the fleet's hourly total of {}/{} at {} would overflow",
+        k.0,
+        k.2,
+        crate::clock::fmt_time(k.3)
+    ))
+}
+
+impl PgJournal {
+    /// Forwards `batch` (records of `replica`'s outbox) in one transaction; see the module doc. Idempotent: a
+    /// record whose key is already in `records` adds nothing.
+    pub async fn forward(
+        &self,
+        replica: &str,
+        batch: &[OutboxRecord],
+        rules: &IngestRules,
+    ) -> Result<ForwardSummary, PgError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let now = rules.now.timestamp();
+        // Key order (lock order), one row per key.
+        let mut recs: Vec<&OutboxRecord> = batch.iter().collect();
+        recs.sort_by(|a, b| a.idem_key.cmp(&b.idem_key));
+        recs.dedup_by(|a, b| a.idem_key == b.idem_key);
+        let mut summary = ForwardSummary {
+            duplicates: batch.len() - recs.len(),
+            ..Default::default()
+        };
+        if recs.is_empty() {
+            tx.commit().await?;
+            return Ok(summary);
+        }
+
+        // Spellings: the fleet's first spelling of each resource.
+        let mut folded: Vec<String> = Vec::new();
+        let mut given: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        for r in &recs {
+            let f = r.resource.to_ascii_lowercase();
+            if seen.insert(f.clone()) {
+                folded.push(f);
+                given.push(r.resource.clone());
+            }
+        }
+        tx.execute(
+            "INSERT INTO resource_spellings (folded, spelling)
+             SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (folded) DO NOTHING",
+            &[&folded, &given],
+        )
+        .await?;
+        let spelling: HashMap<String, String> = tx
+            .query(
+                "SELECT folded, spelling FROM resource_spellings WHERE folded = ANY($1)",
+                &[&folded],
+            )
+            .await?
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let resource_of = |r: &OutboxRecord| -> String {
+            spelling
+                .get(&r.resource.to_ascii_lowercase())
+                .cloned()
+                .unwrap_or_else(|| r.resource.clone())
+        };
+
+        // Where late usage goes, and which keys already have their event.
+        let frozen_through: i64 = tx
+            .query_opt("SELECT value FROM meta WHERE key = 'frozen_through'", &[])
+            .await?
+            .map(|row| row.get(0))
+            .unwrap_or(i64::MIN);
+        let target = hour_of_secs(now).max(frozen_through);
+        let mut lookup: Vec<(String, String, i64)> = recs
+            .iter()
+            .map(|r| (resource_of(r), r.dimension.clone(), hour_of_secs(r.event_time)))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        lookup.sort();
+        let (lr, ld, lh): (Vec<String>, Vec<String>, Vec<i64>) = lookup.into_iter().fold(
+            (Vec::new(), Vec::new(), Vec::new()),
+            |mut acc, (r, d, h)| {
+                acc.0.push(r);
+                acc.1.push(d);
+                acc.2.push(h);
+                acc
+            },
+        );
+        let frozen: HashSet<(String, String, i64)> = tx
+            .query(
+                "SELECT o.resource, o.dimension, o.hour FROM outbound_events o
+                 JOIN unnest($1::text[], $2::text[], $3::int8[]) AS k(r, d, h)
+                   ON o.resource = k.r AND o.dimension = k.d AND o.hour = k.h",
+                &[&lr, &ld, &lh],
+            )
+            .await?
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect();
+
+        // Each record's hour, then insert; only the inserted ones count.
+        let n = recs.len();
+        let (mut k, mut res, mut plan, mut dim) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut et, mut oh, mut hr, mut q, mut ra) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for r in &recs {
+            let resource = resource_of(r);
+            let origin = hour_of_secs(r.event_time);
+            let late = rules.sendable_until(origin) <= now
+                || frozen.contains(&(resource.clone(), r.dimension.clone(), origin));
+            let hour = if late { target.max(origin) } else { origin };
+            k.push(r.idem_key.clone());
+            res.push(resource);
+            plan.push(r.plan.clone());
+            dim.push(r.dimension.clone());
+            et.push(r.event_time);
+            oh.push(origin);
+            hr.push(hour);
+            q.push(r.quantity);
+            ra.push(r.received_at);
+        }
+        let inserted: HashSet<String> = tx
+            .query(
+                "INSERT INTO records (idem_key, replica, resource, plan, dimension, event_time, origin_hour, hour,
+                                      quantity, received_at, forwarded_at)
+                 SELECT k, $2, r, p, d, e, o, h, q, ra, $11
+                 FROM unnest($1::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[],
+                             $9::int8[], $10::int8[]) AS t(k, r, p, d, e, o, h, q, ra)
+                 ORDER BY k
+                 ON CONFLICT (idem_key) DO NOTHING
+                 RETURNING idem_key",
+                &[&k, &replica, &res, &plan, &dim, &et, &oh, &hr, &q, &ra, &now],
+            )
+            .await?
+            .into_iter()
+            .map(|row| row.get(0))
+            .collect();
+        summary.inserted = inserted.len();
+        summary.duplicates += n - inserted.len();
+
+        // Sums per total (and per carry) of the inserted records.
+        let mut totals: BTreeMap<TotalKey, Sum> = BTreeMap::new();
+        for i in 0..n {
+            if !inserted.contains(&k[i]) {
+                continue;
+            }
+            let key = (res[i].clone(), plan[i].clone(), dim[i].clone(), hr[i]);
+            let s = totals.entry(key.clone()).or_default();
+            s.quantity = s.quantity.checked_add(q[i]).ok_or_else(|| overflow(&key))?;
+            s.records += 1;
+            if hr[i] != oh[i] {
+                s.carried_in += q[i];
+            }
+        }
+        let mut carries: BTreeMap<(String, String, String, i64, i64), i64> = BTreeMap::new();
+        for i in 0..n {
+            if inserted.contains(&k[i]) && hr[i] != oh[i] {
+                summary.carried += 1;
+                *carries
+                    .entry((res[i].clone(), plan[i].clone(), dim[i].clone(), oh[i], hr[i]))
+                    .or_default() += q[i];
+            }
+        }
+        let refused = upsert_totals(&tx, &totals).await?;
+        if !refused.is_empty() {
+            // A freeze on another replica won these totals between the lookup and the upsert. Nothing of this
+            // transaction commits; the retry sees their events and carries the records.
+            return Err(PgError::Unavailable(format!(
+                "{} hourly total(s) were frozen by another replica during this forward; it is retried",
+                refused.len()
+            )));
+        }
+        if !carries.is_empty() {
+            let mut cols: (Vec<String>, Vec<String>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>) =
+                Default::default();
+            for ((r, p, d, from, to), qty) in &carries {
+                cols.0.push(r.clone());
+                cols.1.push(p.clone());
+                cols.2.push(d.clone());
+                cols.3.push(*from);
+                cols.4.push(*to);
+                cols.5.push(*qty);
+            }
+            tx.execute(
+                "INSERT INTO carries (resource, plan, dimension, from_hour, to_hour, quantity, reason, created_at)
+                 SELECT r, p, d, f, t, q, 'late', $7
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
+                      AS c(r, p, d, f, t, q)
+                 ON CONFLICT (resource, plan, dimension, from_hour, to_hour, reason) WHERE outbound_id IS NULL
+                 DO UPDATE SET quantity = carries.quantity + excluded.quantity",
+                &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &now],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(summary)
+    }
+
+    /// The fleet's hourly totals of `resource` (any spelling) as (plan, dimension, hour, quantity, records,
+    /// carried_in), for tests and `meterd forward`'s summary.
+    pub async fn totals_of(
+        &self,
+        resource: &str,
+    ) -> Result<Vec<(String, String, i64, i64, i64, i64)>, PgError> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                "SELECT plan, dimension, hour, quantity, records, carried_in FROM hourly_totals
+                 WHERE lower(resource) = lower($1) ORDER BY hour, dimension, plan",
+                &[&resource],
+            )
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .collect())
+    }
+
+    /// How many records the fleet journal holds.
+    pub async fn record_count(&self) -> Result<i64, PgError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_one("SELECT COUNT(*) FROM records", &[])
+            .await?
+            .get(0))
+    }
+}
+
+/// Adds each sum to its total unless the total is frozen; returns the frozen ones (nothing added to them).
+async fn upsert_totals(
+    tx: &deadpool_postgres::Transaction<'_>,
+    totals: &BTreeMap<TotalKey, Sum>,
+) -> Result<Vec<TotalKey>, PgError> {
+    if totals.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut cols: (Vec<String>, Vec<String>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>) =
+        Default::default();
+    for ((r, p, d, h), s) in totals {
+        cols.0.push(r.clone());
+        cols.1.push(p.clone());
+        cols.2.push(d.clone());
+        cols.3.push(*h);
+        cols.4.push(s.quantity);
+        cols.5.push(s.records);
+        cols.6.push(s.carried_in);
+    }
+    let applied: HashSet<TotalKey> = tx
+        .query(
+            "INSERT INTO hourly_totals AS t (resource, plan, dimension, hour, quantity, records, carried_in)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[],
+                                  $7::int8[])
+             ON CONFLICT (resource, plan, dimension, hour) DO UPDATE SET
+                 quantity = t.quantity + excluded.quantity,
+                 records = t.records + excluded.records,
+                 carried_in = t.carried_in + excluded.carried_in
+             WHERE t.outbound_id IS NULL
+             RETURNING resource, plan, dimension, hour",
+            &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6],
+        )
+        .await?
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
+    Ok(totals
+        .keys()
+        .filter(|k| !applied.contains(*k))
+        .cloned()
+        .collect())
+}
