@@ -1546,4 +1546,96 @@ mod tests {
         assert_eq!(format_duration(Duration::minutes(15)), "15m");
         assert_eq!(format_duration(Duration::days(730)), "730d");
     }
+
+    const EMU: &str = "[marketplace]\nmode = \"emulator\"\n";
+
+    #[test]
+    fn fleet_is_off_without_a_url_and_on_with_one_from_env_file_or_credentials() {
+        let s = load_str(EMU, "f.toml", &env(&[])).unwrap();
+        assert!(s.fleet.is_none());
+        let url = "postgres://meterd:pa55-w0rd@db.internal:5432/meterd?sslmode=verify-full";
+        let s = load_str(
+            EMU,
+            "f.toml",
+            &env(&[("METERD_FLEET__URL", url), ("POD_NAME", "app-2")]),
+        )
+        .unwrap();
+        let f = s.fleet.as_ref().expect("fleet mode");
+        assert_eq!(f.url.expose(), url);
+        assert_eq!(f.replica_id, "app-2");
+        assert_eq!(f.heartbeat, Duration::seconds(10));
+        assert_eq!(f.replica_timeout, Duration::seconds(30));
+        assert_eq!(f.max_wait, Duration::minutes(15));
+        assert_eq!(f.lease, Duration::seconds(60));
+        assert_eq!((f.forward_batch, f.pool_size), (1000, 8));
+        // Never printed: not in Debug of the settings (which logs may show), nor of the fleet part.
+        assert!(!format!("{s:?}").contains("pa55-w0rd"));
+        assert!(!format!("{f:?}").contains("db.internal"));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("postgres-url"), format!("{url}\n")).unwrap();
+        let creds = dir.path().display().to_string();
+        let s = load_str(
+            "[marketplace]\nmode = \"emulator\"\n[fleet]\nreplica_id = \"r1\"\nheartbeat = \"2s\"\n",
+            "f.toml",
+            &env(&[("CREDENTIALS_DIRECTORY", &creds)]),
+        )
+        .unwrap();
+        let f = s.fleet.unwrap();
+        assert_eq!(f.url.expose(), url, "from $CREDENTIALS_DIRECTORY/postgres-url, newline trimmed");
+        assert_eq!(f.replica_timeout, Duration::seconds(6), "3 x heartbeat");
+        let file = dir.path().join("pg.url");
+        std::fs::write(&file, url).unwrap();
+        let s = load_str(
+            &format!("{EMU}[fleet]\nurl_file = \"{}\"\nforward_batch = 50\n", file.display()),
+            "f.toml",
+            &env(&[("METERD_FLEET__REPLICA_ID", "r9")]),
+        )
+        .unwrap();
+        let f = s.fleet.unwrap();
+        assert_eq!((f.replica_id.as_str(), f.forward_batch), ("r9", 50));
+        assert_eq!(f.url_file.as_deref(), Some(file.as_path()));
+    }
+
+    #[test]
+    fn fleet_mistakes_are_explained_without_the_url() {
+        let e = load_str(&format!("{EMU}[fleet]\nreplica_id = \"a\"\n"), "f.toml", &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fleet.url_file") && e.contains("METERD_FLEET__URL"), "{e}");
+        let e = load_str(
+            EMU,
+            "f.toml",
+            &env(&[("METERD_FLEET__URL", "mysql://root:pa55-w0rd@db/x")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("postgres://") && !e.contains("pa55-w0rd"), "{e}");
+        let e = load_str(
+            &format!("{EMU}[fleet]\nurl_file = \"/nonexistent/pg.url\"\n"),
+            "f.toml",
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/pg.url"), "{e}");
+        let url = ("METERD_FLEET__URL", "postgres://u:pa55-w0rd@db/x");
+        for (section, key) in [
+            ("heartbeat = \"10s\"\nreplica_timeout = \"10s\"", "fleet.replica_timeout"),
+            ("heartbeat = \"0s\"", "fleet.heartbeat"),
+            ("max_wait = \"1d\"", "fleet.max_wait"),
+            ("lease = \"1s\"", "fleet.lease"),
+            ("forward_batch = 0", "fleet.forward_batch"),
+            ("pool_size = 100000", "fleet.pool_size"),
+        ] {
+            let e = load_str(&format!("{EMU}[fleet]\n{section}\n"), "f.toml", &env(&[url]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && !e.contains("pa55-w0rd"), "{section}: {e}");
+        }
+        let e = load_str(&format!("{EMU}[fleet]\nurl = \"postgres://x\"\n"), "f.toml", &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("url"), "a URL in the file is refused (unknown key): {e}");
+    }
 }
