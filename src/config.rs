@@ -22,6 +22,9 @@ const SECRET_ENV_VARS: &[&str] = &[
     "METERD_INGEST__TOKEN",
     "METERD_FLEET__URL",
     "METERD_CONFIG",
+    // The fleet tests' PostgreSQL server (`journal::pg::testing`), set by `.ci/run` for the whole test run, so
+    // every `meterd` a test starts inherits it: not a configuration key.
+    "METERD_TEST_POSTGRES_URL",
 ];
 
 /// Default journal location when neither the file nor `$STATE_DIRECTORY` says otherwise.
@@ -1595,6 +1598,22 @@ mod tests {
         let f = s.fleet.unwrap();
         assert_eq!((f.replica_id.as_str(), f.forward_batch), ("r9", 50));
         assert_eq!(f.url_file.as_deref(), Some(file.as_path()));
+    }
+
+    /// `.ci/run` exports `METERD_TEST_POSTGRES_URL` for the whole test run; every daemon a test starts inherits
+    /// it, and it must not be read as a key `test_postgres_url` (which refused every configuration).
+    #[test]
+    fn the_test_postgres_variable_is_not_a_configuration_key() {
+        let s = load_str(
+            EMU,
+            "f.toml",
+            &env(&[(
+                "METERD_TEST_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            )]),
+        )
+        .unwrap();
+        assert!(s.fleet.is_none());
     }
 
     #[test]
