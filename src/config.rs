@@ -1585,12 +1585,19 @@ mod tests {
         )
         .unwrap();
         let f = s.fleet.unwrap();
-        assert_eq!(f.url.expose(), url, "from $CREDENTIALS_DIRECTORY/postgres-url, newline trimmed");
+        assert_eq!(
+            f.url.expose(),
+            url,
+            "from $CREDENTIALS_DIRECTORY/postgres-url, newline trimmed"
+        );
         assert_eq!(f.replica_timeout, Duration::seconds(6), "3 x heartbeat");
         let file = dir.path().join("pg.url");
         std::fs::write(&file, url).unwrap();
         let s = load_str(
-            &format!("{EMU}[fleet]\nurl_file = \"{}\"\nforward_batch = 50\n", file.display()),
+            &format!(
+                "{EMU}[fleet]\nurl_file = \"{}\"\nforward_batch = 50\n",
+                file.display()
+            ),
             "f.toml",
             &env(&[("METERD_FLEET__REPLICA_ID", "r9")]),
         )
@@ -1618,10 +1625,17 @@ mod tests {
 
     #[test]
     fn fleet_mistakes_are_explained_without_the_url() {
-        let e = load_str(&format!("{EMU}[fleet]\nreplica_id = \"a\"\n"), "f.toml", &env(&[]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("fleet.url_file") && e.contains("METERD_FLEET__URL"), "{e}");
+        let e = load_str(
+            &format!("{EMU}[fleet]\nreplica_id = \"a\"\n"),
+            "f.toml",
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("fleet.url_file") && e.contains("METERD_FLEET__URL"),
+            "{e}"
+        );
         let e = load_str(
             EMU,
             "f.toml",
@@ -1640,21 +1654,38 @@ mod tests {
         assert!(e.contains("/nonexistent/pg.url"), "{e}");
         let url = ("METERD_FLEET__URL", "postgres://u:pa55-w0rd@db/x");
         for (section, key) in [
-            ("heartbeat = \"10s\"\nreplica_timeout = \"10s\"", "fleet.replica_timeout"),
+            (
+                "heartbeat = \"10s\"\nreplica_timeout = \"10s\"",
+                "fleet.replica_timeout",
+            ),
             ("heartbeat = \"0s\"", "fleet.heartbeat"),
             ("max_wait = \"1d\"", "fleet.max_wait"),
             ("lease = \"1s\"", "fleet.lease"),
             ("forward_batch = 0", "fleet.forward_batch"),
             ("pool_size = 100000", "fleet.pool_size"),
         ] {
-            let e = load_str(&format!("{EMU}[fleet]\n{section}\n"), "f.toml", &env(&[url]))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(key) && !e.contains("pa55-w0rd"), "{section}: {e}");
-        }
-        let e = load_str(&format!("{EMU}[fleet]\nurl = \"postgres://x\"\n"), "f.toml", &env(&[]))
+            let e = load_str(
+                &format!("{EMU}[fleet]\n{section}\n"),
+                "f.toml",
+                &env(&[url]),
+            )
             .unwrap_err()
             .to_string();
-        assert!(e.contains("url"), "a URL in the file is refused (unknown key): {e}");
+            assert!(
+                e.contains(key) && !e.contains("pa55-w0rd"),
+                "{section}: {e}"
+            );
+        }
+        let e = load_str(
+            &format!("{EMU}[fleet]\nurl = \"postgres://x\"\n"),
+            "f.toml",
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("url"),
+            "a URL in the file is refused (unknown key): {e}"
+        );
     }
 }

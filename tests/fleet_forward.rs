@@ -252,13 +252,19 @@ async fn late_rule_is_applied_at_forward_time() {
         ]
     );
     let hours: Vec<(String, i64, i64)> = c
-        .query("SELECT idem_key, origin_hour, hour FROM records ORDER BY idem_key", &[])
+        .query(
+            "SELECT idem_key, origin_hour, hour FROM records ORDER BY idem_key",
+            &[],
+        )
         .await
         .unwrap()
         .into_iter()
         .map(|row| (row.get(0), row.get(1), row.get(2)))
         .collect();
-    assert!(hours.contains(&("frozen-key".into(), ten, noon)), "{hours:?}");
+    assert!(
+        hours.contains(&("frozen-key".into(), ten, noon)),
+        "{hours:?}"
+    );
 
     // A total frozen in the same instant by another replica (its event not visible to this forward yet).
     let eleven = t("11:00").timestamp();
@@ -278,9 +284,17 @@ async fn late_rule_is_applied_at_forward_time() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("frozen by another replica"), "{e}");
-    assert_eq!(pg.record_count().await.unwrap(), 4, "nothing of the refused batch committed");
+    assert_eq!(
+        pg.record_count().await.unwrap(),
+        4,
+        "nothing of the refused batch committed"
+    );
     let eleven_total = pg.totals_of(R).await.unwrap();
-    assert!(eleven_total.iter().any(|x| x.2 == eleven && x.3 == 1_000_000));
+    assert!(
+        eleven_total
+            .iter()
+            .any(|x| x.2 == eleven && x.3 == 1_000_000)
+    );
 }
 
 /// The heartbeat publishes the `received_at` of the oldest unforwarded record as the watermark (replica clock),
@@ -306,7 +320,11 @@ async fn heartbeat_publishes_the_forward_watermark() {
     let rows = pg.replicas().await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].replica_id, "hb");
-    assert_eq!(rows[0].watermark, now.timestamp(), "oldest unforwarded record");
+    assert_eq!(
+        rows[0].watermark,
+        now.timestamp(),
+        "oldest unforwarded record"
+    );
     assert_eq!(rows[0].heartbeat_at, now.timestamp() + 40);
     assert_eq!(rows[0].unforwarded, 2);
     r.drain(&pg).await;
@@ -324,7 +342,10 @@ async fn heartbeat_publishes_the_forward_watermark() {
         .live_replicas(now.timestamp() + 60 + 31, 30)
         .await
         .unwrap();
-    assert!(live.is_empty(), "a replica silent for longer than the timeout is not live");
+    assert!(
+        live.is_empty(),
+        "a replica silent for longer than the timeout is not live"
+    );
 }
 
 /// Retention (the emitter's, and fleet mode's local one) never deletes a record still waiting in the outbox; once
@@ -341,7 +362,12 @@ async fn retention_keeps_unforwarded_records() {
     journal
         .write(move |c| {
             usage::ingest(c, &[rec(Some("fleet"), "api_calls", t0, "1")], &fleet_rules)?.unwrap();
-            usage::ingest(c, &[rec(Some("single"), "api_calls", t0, "1")], &single_rules)?.unwrap();
+            usage::ingest(
+                c,
+                &[rec(Some("single"), "api_calls", t0, "1")],
+                &single_rules,
+            )?
+            .unwrap();
             Ok(())
         })
         .await
@@ -374,10 +400,7 @@ async fn retention_keeps_unforwarded_records() {
             .unwrap(),
         1
     );
-    assert_eq!(
-        journal.read(usage::record_count).await.unwrap(),
-        0
-    );
+    assert_eq!(journal.read(usage::record_count).await.unwrap(), 0);
 }
 
 /// A TCP proxy to PostgreSQL that can be cut (every connection closed, new ones refused) and restored.
@@ -570,18 +593,25 @@ fn a_replica_keeps_acknowledging_while_postgres_is_down_and_catches_up() {
         ("status", status.as_str()),
         ("metrics", metrics.as_str()),
         ("cli status", &String::from_utf8_lossy(&cli_status.stdout)),
-        ("cli status stderr", &String::from_utf8_lossy(&cli_status.stderr)),
+        (
+            "cli status stderr",
+            &String::from_utf8_lossy(&cli_status.stderr),
+        ),
     ] {
-        assert!(!text.contains("Sup3r-s3cret-pw"), "the password is in the {what}:\n{text}");
+        assert!(
+            !text.contains("Sup3r-s3cret-pw"),
+            "the password is in the {what}:\n{text}"
+        );
     }
     assert!(
         logs.contains("not reachable") || logs.contains("failed; retrying"),
         "the outage is logged:\n{logs}"
     );
-    assert!(
-        !logs.contains("Emission pass"),
-        "the local SQLite emitter does not run in fleet mode"
-    );
+    // The local SQLite emitter does not run in fleet mode (the fleet emitter sends from PostgreSQL).
+    let flush = http().post(format!("{}/v1/flush", d.url)).send().unwrap();
+    assert_eq!(flush.status().as_u16(), 503, "{}", flush.text().unwrap());
+    let local_events = d.status()["pending_events"].as_i64().unwrap_or(0);
+    assert_eq!(local_events, 0, "nothing frozen locally");
 }
 
 /// `meterd forward --journal PATH` on a copy of a dead replica's journal ships its waiting records, prints a
@@ -641,17 +671,26 @@ fn meterd_forward_ships_a_copied_journal_once() {
     assert_eq!(first["inserted"], 25);
     assert_eq!(first["left"], 0);
     let second = run(&copy.path().join("journal.db"));
-    assert_eq!((second["waiting"].as_i64(), second["forwarded"].as_i64()), (Some(0), Some(0)));
+    assert_eq!(
+        (second["waiting"].as_i64(), second["forwarded"].as_i64()),
+        (Some(0), Some(0))
+    );
     let original = run(&dir.path().join("journal.db"));
     assert_eq!(
-        (original["inserted"].as_i64(), original["duplicates"].as_i64()),
+        (
+            original["inserted"].as_i64(),
+            original["duplicates"].as_i64()
+        ),
         (Some(0), Some(25)),
         "a second copy of the same journal counts once"
     );
     let pg = PgJournal::connect(&db.url, 1).unwrap();
     let totals = block_on(pg.totals_of(R)).unwrap();
     assert_eq!(totals.len(), 1);
-    assert_eq!((totals[0].2, totals[0].3, totals[0].4), (hour, 12_500_000, 25));
+    assert_eq!(
+        (totals[0].2, totals[0].3, totals[0].4),
+        (hour, 12_500_000, 25)
+    );
     let c = block_on(pg.client()).unwrap();
     let by: String = block_on(c.query_one("SELECT DISTINCT replica FROM records", &[]))
         .unwrap()

@@ -46,15 +46,8 @@ pub(crate) async fn forward(
     let name = replica
         .map(str::to_string)
         .unwrap_or_else(|| format!("forward@{}", fleet.replica_id));
-    let (done, result) = crate::fleet::drain(
-        &journal,
-        &pg,
-        &name,
-        settings,
-        &clock,
-        fleet.forward_batch,
-    )
-    .await;
+    let (done, result) =
+        crate::fleet::drain(&journal, &pg, &name, settings, &clock, fleet.forward_batch).await;
     let left = journal.outbox_stats().await?.unforwarded;
     journal.checkpoint().await.ok();
     journal.close();
@@ -84,6 +77,7 @@ pub(crate) async fn forward(
             left
         );
     }
-    result.context("forwarding stopped; run meterd forward again (it continues where it stopped)")?;
+    result
+        .context("forwarding stopped; run meterd forward again (it continues where it stopped)")?;
     Ok(())
 }

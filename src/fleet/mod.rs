@@ -349,10 +349,7 @@ async fn heartbeat_loop(
     started_at: i64,
     mut stop: watch::Receiver<bool>,
 ) {
-    let every = fleet
-        .heartbeat
-        .to_std()
-        .unwrap_or(Duration::from_secs(10));
+    let every = fleet.heartbeat.to_std().unwrap_or(Duration::from_secs(10));
     let mut last_compact = i64::MIN;
     loop {
         if let Err(e) = beat(&fleet, &journal, &pg, &clock, started_at).await {
@@ -375,7 +372,9 @@ async fn heartbeat_loop(
                     records = n
                 ),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(message = "Local retention failed; retried in an hour.", error = %e),
+                Err(e) => {
+                    tracing::warn!(message = "Local retention failed; retried in an hour.", error = %e)
+                }
             }
         }
         tokio::select! {

@@ -66,8 +66,9 @@ pub fn batch(conn: &Connection, limit: usize) -> Result<Vec<OutboxRecord>, Journ
 
 /// Clears the outbox mark of `seqs` (after their PostgreSQL commit). Returns how many were marked.
 pub fn mark_forwarded(conn: &Connection, seqs: &[i64]) -> Result<usize, JournalError> {
-    let mut stmt = conn
-        .prepare_cached("UPDATE usage_records SET forward_pending = 0 WHERE seq = ?1 AND forward_pending = 1")?;
+    let mut stmt = conn.prepare_cached(
+        "UPDATE usage_records SET forward_pending = 0 WHERE seq = ?1 AND forward_pending = 1",
+    )?;
     let mut n = 0;
     for s in seqs {
         n += stmt.execute([s])?;

@@ -122,7 +122,8 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'%'
             && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
         {
             out.push(v);
             i += 3;
@@ -172,7 +173,11 @@ fn split_key_values(s: &str) -> Result<Vec<(String, String)>, PgError> {
                     Some('\\') => value.extend(chars.next()),
                     Some('\'') => break,
                     Some(c) => value.push(c),
-                    None => return Err(PgError::BadUrl(format!("the value of `{key}` has no closing quote"))),
+                    None => {
+                        return Err(PgError::BadUrl(format!(
+                            "the value of `{key}` has no closing quote"
+                        )));
+                    }
                 }
             }
         } else {
@@ -317,9 +322,10 @@ pub fn tls_config(target: &Target) -> Result<rustls::ClientConfig, PgError> {
         Verification::None => Arc::new(EncryptOnly(provider)),
         v => {
             let roots = Arc::new(load_roots(&target.roots)?);
-            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
-                .build()
-                .map_err(|e| PgError::Unavailable(format!("TLS setup: {e}")))?;
+            let webpki =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| PgError::Unavailable(format!("TLS setup: {e}")))?;
             if v == Verification::Chain {
                 Arc::new(ChainOnly(webpki))
             } else {
@@ -356,7 +362,12 @@ impl ServerCertVerifier for EncryptOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -365,7 +376,12 @@ impl ServerCertVerifier for EncryptOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -428,19 +444,46 @@ mod tests {
     #[test]
     fn verify_full_and_verify_ca_parse_and_map_onto_require() {
         for (url, mode, pg) in [
-            ("postgres://u:pw@db.example.com/m?sslmode=verify-full", SslMode::VerifyFull, PgMode::Require),
-            ("postgres://u@db/m?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem", SslMode::VerifyCa, PgMode::Require),
-            ("postgres://u@db/m?sslmode=require", SslMode::Require, PgMode::Require),
-            ("postgres://u@db/m?sslmode=disable", SslMode::Disable, PgMode::Disable),
+            (
+                "postgres://u:pw@db.example.com/m?sslmode=verify-full",
+                SslMode::VerifyFull,
+                PgMode::Require,
+            ),
+            (
+                "postgres://u@db/m?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem",
+                SslMode::VerifyCa,
+                PgMode::Require,
+            ),
+            (
+                "postgres://u@db/m?sslmode=require",
+                SslMode::Require,
+                PgMode::Require,
+            ),
+            (
+                "postgres://u@db/m?sslmode=disable",
+                SslMode::Disable,
+                PgMode::Disable,
+            ),
             ("postgres://u@db/m", SslMode::Prefer, PgMode::Prefer),
-            ("host=db user=u password='a b\\'c' sslmode=verify-full", SslMode::VerifyFull, PgMode::Require),
-            ("host=db dbname=m sslmode = prefer", SslMode::Prefer, PgMode::Prefer),
+            (
+                "host=db user=u password='a b\\'c' sslmode=verify-full",
+                SslMode::VerifyFull,
+                PgMode::Require,
+            ),
+            (
+                "host=db dbname=m sslmode = prefer",
+                SslMode::Prefer,
+                PgMode::Prefer,
+            ),
         ] {
             let t = parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
             assert_eq!(t.mode, mode, "{url}");
             assert_eq!(t.config.get_ssl_mode(), pg, "{url}");
         }
-        let t = parse("postgres://u@db/m?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem&application_name=x").unwrap();
+        let t = parse(
+            "postgres://u@db/m?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem&application_name=x",
+        )
+        .unwrap();
         assert_eq!(t.roots, Roots::File("/etc/ca.pem".into()));
         assert_eq!(t.config.get_application_name(), Some("x"));
         let t = parse("host=db user=u password='a b\\'c'").unwrap();
@@ -455,9 +498,16 @@ mod tests {
         assert_eq!(verification(SslMode::Require, false), Verification::None);
         assert_eq!(verification(SslMode::Require, true), Verification::Chain);
         assert_eq!(verification(SslMode::VerifyCa, false), Verification::Chain);
-        assert_eq!(verification(SslMode::VerifyFull, false), Verification::ChainAndHost);
+        assert_eq!(
+            verification(SslMode::VerifyFull, false),
+            Verification::ChainAndHost
+        );
         let t = parse("postgres://u@db/m?sslmode=require&sslrootcert=system").unwrap();
-        assert_eq!(t.verification(), Verification::None, "`system` is not a root file");
+        assert_eq!(
+            t.verification(),
+            Verification::None,
+            "`system` is not a root file"
+        );
         // Every mode builds a configuration (the system store has roots on this machine's image, or the
         // error says what to do).
         for m in ["disable", "prefer", "require", "verify-ca", "verify-full"] {
@@ -483,7 +533,10 @@ mod tests {
                 Ok(()) => panic!("{url} was accepted"),
             };
             assert!(!e.contains("hunter2"), "{e}");
-            assert!(e.contains("fleet") || e.contains("sslmode") || e.contains("ssl"), "{e}");
+            assert!(
+                e.contains("fleet") || e.contains("sslmode") || e.contains("ssl"),
+                "{e}"
+            );
         }
         let t = parse("postgres://u:hunter2@db/m").unwrap();
         assert!(!format!("{t:?}").contains("hunter2"));

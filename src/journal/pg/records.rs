@@ -123,7 +123,13 @@ impl PgJournal {
         let target = hour_of_secs(now).max(frozen_through);
         let mut lookup: Vec<(String, String, i64)> = recs
             .iter()
-            .map(|r| (resource_of(r), r.dimension.clone(), hour_of_secs(r.event_time)))
+            .map(|r| {
+                (
+                    resource_of(r),
+                    r.dimension.clone(),
+                    hour_of_secs(r.event_time),
+                )
+            })
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
@@ -218,7 +224,13 @@ impl PgJournal {
             if inserted.contains(&k[i]) && hr[i] != oh[i] {
                 summary.carried += 1;
                 *carries
-                    .entry((res[i].clone(), plan[i].clone(), dim[i].clone(), oh[i], hr[i]))
+                    .entry((
+                        res[i].clone(),
+                        plan[i].clone(),
+                        dim[i].clone(),
+                        oh[i],
+                        hr[i],
+                    ))
                     .or_default() += q[i];
             }
         }
@@ -232,15 +244,9 @@ impl PgJournal {
             )));
         }
         if !carries.is_empty() {
-            let mut cols: (Vec<String>, Vec<String>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>) =
-                Default::default();
+            let mut cols = Columns::default();
             for ((r, p, d, from, to), qty) in &carries {
-                cols.0.push(r.clone());
-                cols.1.push(p.clone());
-                cols.2.push(d.clone());
-                cols.3.push(*from);
-                cols.4.push(*to);
-                cols.5.push(*qty);
+                cols.push(r, p, d, [*from, *to, *qty, 0]);
             }
             tx.execute(
                 "INSERT INTO carries (resource, plan, dimension, from_hour, to_hour, quantity, reason, created_at)
@@ -249,7 +255,15 @@ impl PgJournal {
                       AS c(r, p, d, f, t, q)
                  ON CONFLICT (resource, plan, dimension, from_hour, to_hour, reason) WHERE outbound_id IS NULL
                  DO UPDATE SET quantity = carries.quantity + excluded.quantity",
-                &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &now],
+                &[
+                    &cols.resource,
+                    &cols.plan,
+                    &cols.dimension,
+                    &cols.ints[0],
+                    &cols.ints[1],
+                    &cols.ints[2],
+                    &now,
+                ],
             )
             .await?;
         }
@@ -286,6 +300,26 @@ impl PgJournal {
     }
 }
 
+/// Column arrays for one `unnest(...)` statement: the key's three text columns and up to four integers.
+#[derive(Default)]
+struct Columns {
+    resource: Vec<String>,
+    plan: Vec<String>,
+    dimension: Vec<String>,
+    ints: [Vec<i64>; 4],
+}
+
+impl Columns {
+    fn push(&mut self, resource: &str, plan: &str, dimension: &str, ints: [i64; 4]) {
+        self.resource.push(resource.to_string());
+        self.plan.push(plan.to_string());
+        self.dimension.push(dimension.to_string());
+        for (col, v) in self.ints.iter_mut().zip(ints) {
+            col.push(v);
+        }
+    }
+}
+
 /// Adds each sum to its total unless the total is frozen; returns the frozen ones (nothing added to them).
 async fn upsert_totals(
     tx: &deadpool_postgres::Transaction<'_>,
@@ -294,16 +328,9 @@ async fn upsert_totals(
     if totals.is_empty() {
         return Ok(Vec::new());
     }
-    let mut cols: (Vec<String>, Vec<String>, Vec<String>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>) =
-        Default::default();
+    let mut cols = Columns::default();
     for ((r, p, d, h), s) in totals {
-        cols.0.push(r.clone());
-        cols.1.push(p.clone());
-        cols.2.push(d.clone());
-        cols.3.push(*h);
-        cols.4.push(s.quantity);
-        cols.5.push(s.records);
-        cols.6.push(s.carried_in);
+        cols.push(r, p, d, [*h, s.quantity, s.records, s.carried_in]);
     }
     let applied: HashSet<TotalKey> = tx
         .query(
@@ -316,7 +343,15 @@ async fn upsert_totals(
                  carried_in = t.carried_in + excluded.carried_in
              WHERE t.outbound_id IS NULL
              RETURNING resource, plan, dimension, hour",
-            &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6],
+            &[
+                &cols.resource,
+                &cols.plan,
+                &cols.dimension,
+                &cols.ints[0],
+                &cols.ints[1],
+                &cols.ints[2],
+                &cols.ints[3],
+            ],
         )
         .await?
         .into_iter()
