@@ -35,13 +35,35 @@ pub enum PgError {
     #[error("the fleet PostgreSQL journal is unavailable: {0}")]
     Unavailable(String),
     /// A statement failed.
-    #[error("the fleet PostgreSQL journal failed: {0}")]
+    #[error("the fleet PostgreSQL journal failed: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
+}
+
+/// A tokio-postgres error with what the server said (its own `Display` says only "db error") and the cause
+/// chain (a TLS or I/O failure). Never the URL: neither the server nor tokio-postgres echoes it.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl From<deadpool_postgres::PoolError> for PgError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        PgError::Unavailable(e.to_string())
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => PgError::Unavailable(describe(&e)),
+            other => PgError::Unavailable(other.to_string()),
+        }
     }
 }
 
