@@ -65,7 +65,28 @@ pub fn batch(conn: &Connection, limit: usize) -> Result<Vec<OutboxRecord>, Journ
 }
 
 /// Clears the outbox mark of `seqs` (after their PostgreSQL commit). Returns how many were marked.
+///
+/// A batch from [`batch`] is the waiting records with the smallest `seq`s, so when `seqs` is such a batch (sorted,
+/// and every waiting record up to its last `seq` is in it) one range update clears exactly it: records ingested
+/// since have larger `seq`s (SQLite gives a new row `max(rowid) + 1`). Otherwise each `seq` is cleared alone.
 pub fn mark_forwarded(conn: &Connection, seqs: &[i64]) -> Result<usize, JournalError> {
+    let Some(&last) = seqs.last() else {
+        return Ok(0);
+    };
+    if seqs.windows(2).all(|w| w[0] < w[1]) {
+        let waiting_up_to_last: i64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM usage_records WHERE forward_pending = 1 AND seq <= ?1",
+            )?
+            .query_row([last], |r| r.get(0))?;
+        if waiting_up_to_last == seqs.len() as i64 {
+            return Ok(conn
+                .prepare_cached(
+                    "UPDATE usage_records SET forward_pending = 0 WHERE forward_pending = 1 AND seq <= ?1",
+                )?
+                .execute([last])?);
+        }
+    }
     let mut stmt = conn.prepare_cached(
         "UPDATE usage_records SET forward_pending = 0 WHERE seq = ?1 AND forward_pending = 1",
     )?;
@@ -137,5 +158,42 @@ impl Journal {
     ) -> Result<usize, JournalError> {
         self.write(move |c| compact_forwarded(c, now, retention, dedupe_window))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal_with(n: i64) -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::journal::migrate(&mut conn).unwrap();
+        for i in 0..n {
+            conn.execute(
+                "INSERT INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour,
+                                            quantity, received_at, forward_pending)
+                 VALUES (?1, 'r', '', 'd', 0, 0, 0, 1, ?2, 1)",
+                params![format!("k{i}"), 100 + i],
+            )
+            .unwrap();
+        }
+        conn
+    }
+
+    /// A whole batch is cleared by one range update; any other set of seqs clears exactly those, never a record
+    /// that was not forwarded.
+    #[test]
+    fn marking_clears_exactly_the_forwarded_records() {
+        let conn = journal_with(10);
+        let first: Vec<i64> = batch(&conn, 4).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(mark_forwarded(&conn, &first).unwrap(), 4);
+        let s = stats(&conn).unwrap();
+        assert_eq!((s.unforwarded, s.oldest_received_at), (6, Some(104)));
+        // Not a prefix of what waits (a hole at the 6th record): only these two.
+        let rest: Vec<i64> = batch(&conn, 6).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(mark_forwarded(&conn, &[rest[0], rest[2]]).unwrap(), 2);
+        let left: Vec<i64> = batch(&conn, 10).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(left, vec![rest[1], rest[3], rest[4], rest[5]]);
+        assert_eq!(mark_forwarded(&conn, &[]).unwrap(), 0);
     }
 }

@@ -92,17 +92,20 @@ impl PgJournal {
                 given.push(r.resource.clone());
             }
         }
-        tx.execute(
-            "INSERT INTO resource_spellings (folded, spelling)
-             SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (folded) DO NOTHING",
-            &[&folded, &given],
-        )
-        .await?;
-        let spelling: HashMap<String, String> = tx
-            .query(
-                "SELECT folded, spelling FROM resource_spellings WHERE folded = ANY($1)",
-                &[&folded],
+        // One round trip: new spellings inserted (RETURNING them), known ones read.
+        let spell = tx
+            .prepare_cached(
+                "WITH new AS (
+                     INSERT INTO resource_spellings (folded, spelling)
+                     SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (folded) DO NOTHING
+                     RETURNING folded, spelling)
+                 SELECT folded, spelling FROM new
+                 UNION ALL
+                 SELECT folded, spelling FROM resource_spellings WHERE folded = ANY($1)",
             )
+            .await?;
+        let spelling: HashMap<String, String> = tx
+            .query(&spell, &[&folded, &given])
             .await?
             .into_iter()
             .map(|row| (row.get(0), row.get(1)))
@@ -114,13 +117,6 @@ impl PgJournal {
                 .unwrap_or_else(|| r.resource.clone())
         };
 
-        // Where late usage goes, and which keys already have their event.
-        let frozen_through: i64 = tx
-            .query_opt("SELECT value FROM meta WHERE key = 'frozen_through'", &[])
-            .await?
-            .map(|row| row.get(0))
-            .unwrap_or(i64::MIN);
-        let target = hour_of_secs(now).max(frozen_through);
         let mut lookup: Vec<(String, String, i64)> = recs
             .iter()
             .map(|r| {
@@ -143,14 +139,20 @@ impl PgJournal {
                 acc
             },
         );
-        let frozen: HashSet<(String, String, i64)> = tx
-            .query(
+        // Where late usage goes, and which keys already have their event: two reads, pipelined.
+        let (meta, events) = tokio::try_join!(
+            tx.prepare_cached("SELECT value FROM meta WHERE key = 'frozen_through'"),
+            tx.prepare_cached(
                 "SELECT o.resource, o.dimension, o.hour FROM outbound_events o
                  JOIN unnest($1::text[], $2::text[], $3::int8[]) AS k(r, d, h)
                    ON o.resource = k.r AND o.dimension = k.d AND o.hour = k.h",
-                &[&lr, &ld, &lh],
-            )
-            .await?
+            ),
+        )?;
+        let keys: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&lr, &ld, &lh];
+        let (meta, events) = tokio::try_join!(tx.query_opt(&meta, &[]), tx.query(&events, &keys))?;
+        let frozen_through: i64 = meta.map(|row| row.get(0)).unwrap_or(i64::MIN);
+        let target = hour_of_secs(now).max(frozen_through);
+        let frozen: HashSet<(String, String, i64)> = events
             .into_iter()
             .map(|row| (row.get(0), row.get(1), row.get(2)))
             .collect();
@@ -186,8 +188,8 @@ impl PgJournal {
             q.push(r.quantity);
             ra.push(r.received_at);
         }
-        let inserted: HashSet<String> = tx
-            .query(
+        let insert = tx
+            .prepare_cached(
                 "INSERT INTO records (idem_key, replica, resource, plan, dimension, event_time, origin_hour, hour,
                                       quantity, received_at, forwarded_at)
                  SELECT k, $2, r, p, d, e, o, h, q, ra, $11
@@ -196,7 +198,14 @@ impl PgJournal {
                  ORDER BY k
                  ON CONFLICT (idem_key) DO NOTHING
                  RETURNING idem_key",
-                &[&k, &replica, &res, &plan, &dim, &et, &oh, &hr, &q, &ra, &now],
+            )
+            .await?;
+        let inserted: HashSet<String> = tx
+            .query(
+                &insert,
+                &[
+                    &k, &replica, &res, &plan, &dim, &et, &oh, &hr, &q, &ra, &now,
+                ],
             )
             .await?
             .into_iter()
@@ -248,13 +257,18 @@ impl PgJournal {
             for ((r, p, d, from, to), qty) in &carries {
                 cols.push(r, p, d, [*from, *to, *qty, 0]);
             }
-            tx.execute(
+            let carry = tx
+                .prepare_cached(
                 "INSERT INTO carries (resource, plan, dimension, from_hour, to_hour, quantity, reason, created_at)
                  SELECT r, p, d, f, t, q, 'late', $7
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
                       AS c(r, p, d, f, t, q)
                  ON CONFLICT (resource, plan, dimension, from_hour, to_hour, reason) WHERE outbound_id IS NULL
                  DO UPDATE SET quantity = carries.quantity + excluded.quantity",
+                )
+                .await?;
+            tx.execute(
+                &carry,
                 &[
                     &cols.resource,
                     &cols.plan,
@@ -332,8 +346,8 @@ async fn upsert_totals(
     for ((r, p, d, h), s) in totals {
         cols.push(r, p, d, [*h, s.quantity, s.records, s.carried_in]);
     }
-    let applied: HashSet<TotalKey> = tx
-        .query(
+    let upsert = tx
+        .prepare_cached(
             "INSERT INTO hourly_totals AS t (resource, plan, dimension, hour, quantity, records, carried_in)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[],
                                   $7::int8[])
@@ -343,6 +357,11 @@ async fn upsert_totals(
                  carried_in = t.carried_in + excluded.carried_in
              WHERE t.outbound_id IS NULL
              RETURNING resource, plan, dimension, hour",
+        )
+        .await?;
+    let applied: HashSet<TotalKey> = tx
+        .query(
+            &upsert,
             &[
                 &cols.resource,
                 &cols.plan,
