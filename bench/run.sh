@@ -338,3 +338,6 @@ row "5. journal bytes per record" "$(jq .bytes_per_record <<<"$GEN")" "" "" "" "
   echo "|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
 } | tee "${BENCH_OUT:-/dev/null}"
+
+# Fleet forward path (bench/fleet-forward.sh): forwarding throughput vs a plain INSERT loop, forward lag.
+bash "$ROOT/bench/fleet-forward.sh" "--$MODE"

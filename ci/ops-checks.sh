@@ -4,6 +4,9 @@
 #   2. systemd-analyze security --offline=true: exposure of meterd.service at most 1.5 (the score is printed)
 #   3. promtool present, `promtool check metrics` on a running daemon's /metrics, and
 #      `promtool check rules` on deploy/prometheus/meterd-alerts.yaml
+#   4. kubernetes-validate --strict of every manifest under deploy/kubernetes/ (the single-instance one and the
+#      fleet variant in deploy/kubernetes/fleet/), each kustomization's resources exist, and the fleet
+#      ConfigMap's meterd.toml passes `meterd check-config`
 #
 # Installs what is missing with apt-get (systemd for systemd-analyze, prometheus for promtool).
 #
@@ -106,4 +109,28 @@ echo "ops-checks: promtool check rules deploy/prometheus/meterd-alerts.yaml pass
 kill -TERM "$pid"
 wait "$pid" || { echo "ops-checks: meterd did not exit 0 on SIGTERM" >&2; cat "$work/meterd.log" >&2; exit 1; }
 pid=
+
+# 4. Kubernetes manifests (kubernetes-validate from PyPI; it ships the schemas, no cluster needed).
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    echo "ops-checks: installing kubernetes-validate (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check "kubernetes-validate>=1.30" >/dev/null
+fi
+command -v kubernetes-validate >/dev/null || { echo "ops-checks: kubernetes-validate is missing" >&2; exit 1; }
+manifests=$(find deploy/kubernetes -name '*.yaml' ! -name kustomization.yaml | sort)
+# shellcheck disable=SC2086
+kubernetes-validate --strict --quiet $manifests
+echo "ops-checks: kubernetes-validate --strict passed ($(echo "$manifests" | wc -l) manifests)"
+for k in $(find deploy/kubernetes -name kustomization.yaml); do
+    dir=$(dirname "$k")
+    for r in $(python3 -c 'import sys, yaml; print("\n".join(yaml.safe_load(open(sys.argv[1]))["resources"]))' "$k"); do
+        [ -f "$dir/$r" ] || { echo "ops-checks: $k lists $r, which does not exist" >&2; exit 1; }
+    done
+done
+grep -q 'replicas: 3' deploy/kubernetes/fleet/statefulset.yaml || { echo "ops-checks: the fleet runs 3 replicas" >&2; exit 1; }
+python3 -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["data"]["meterd.toml"])' \
+    deploy/kubernetes/fleet/configmap.yaml >"$work/fleet.toml"
+mkdir -p "$work/creds" && echo "postgres://meterd@db.invalid/meterd?sslmode=verify-full" >"$work/creds/postgres-url"
+CREDENTIALS_DIRECTORY="$work/creds" POD_NAME=my-saas-0 "$BIN" check-config --config "$work/fleet.toml" >"$work/check.txt" 2>&1 \
+    || { cat "$work/check.txt" >&2; echo "ops-checks: the fleet ConfigMap's meterd.toml does not pass check-config" >&2; exit 1; }
+echo "ops-checks: the fleet manifests (deploy/kubernetes/fleet) are valid"
 echo "ops-checks: OK"

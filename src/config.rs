@@ -20,7 +20,11 @@ const SECRET_ENV_VARS: &[&str] = &[
     "METERD_MARKETPLACE__AUTH__CLIENT_SECRET",
     "METERD_MARKETPLACE__AUTH__STATIC_TOKEN",
     "METERD_INGEST__TOKEN",
+    "METERD_FLEET__URL",
     "METERD_CONFIG",
+    // The fleet tests' PostgreSQL server (`journal::pg::testing`), set by `.ci/run` for the whole test run, so
+    // every `meterd` a test starts inherits it: not a configuration key.
+    "METERD_TEST_POSTGRES_URL",
 ];
 
 /// Default journal location when neither the file nor `$STATE_DIRECTORY` says otherwise.
@@ -322,6 +326,32 @@ pub struct MeterSettings {
     pub plan_path: Option<Vec<String>>,
 }
 
+/// Fleet mode (`[fleet]`, docs/fleet.md): many replicas forwarding into one shared PostgreSQL journal. On when a
+/// PostgreSQL URL is configured (`fleet.url_file`, `$CREDENTIALS_DIRECTORY/postgres-url` or `METERD_FLEET__URL`).
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// The PostgreSQL URL (`postgres://...`, or `key=value` form); it may hold a password, so it never prints.
+    pub url: crate::secret::Secret,
+    /// The file the URL was read from, if it came from one (for messages; the file name is not secret).
+    pub url_file: Option<PathBuf>,
+    /// This replica's name in the fleet (`replicas.replica_id`, `records.replica`): `$POD_NAME`, else the host
+    /// name.
+    pub replica_id: String,
+    /// An hour is frozen at the latest this long after it could have been (even if a live replica has not
+    /// forwarded past it).
+    pub max_wait: Duration,
+    /// How often a replica publishes its heartbeat and forward watermark.
+    pub heartbeat: Duration,
+    /// A replica whose heartbeat is older than this no longer holds back freezing (default 3 x heartbeat).
+    pub replica_timeout: Duration,
+    /// How long a claimed outbound event stays with its sender (database clock).
+    pub lease: Duration,
+    /// Most records forwarded in one PostgreSQL transaction.
+    pub forward_batch: usize,
+    /// Most PostgreSQL connections of one replica.
+    pub pool_size: usize,
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -353,6 +383,8 @@ pub struct Settings {
     pub billing: BillingSettings,
     /// Alerts.
     pub alerts: AlertSettings,
+    /// Fleet mode: `Some` when a PostgreSQL URL is configured.
+    pub fleet: Option<FleetSettings>,
     /// Where the settings came from, for messages.
     pub source: String,
 }
@@ -388,6 +420,20 @@ pub struct RawConfig {
     billing: RawBilling,
     #[serde(default)]
     alerts: RawAlerts,
+    fleet: Option<RawFleet>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    url_file: Option<String>,
+    replica_id: Option<String>,
+    max_wait: Option<String>,
+    heartbeat: Option<String>,
+    replica_timeout: Option<String>,
+    lease: Option<String>,
+    forward_batch: Option<i64>,
+    pool_size: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -755,6 +801,115 @@ fn json_path(v: &str) -> Option<Vec<String>> {
         return None;
     }
     Some(parts)
+}
+
+/// The host name (`/proc/sys/kernel/hostname`, else `$HOSTNAME`), for the default `fleet.replica_id`.
+fn host_name(env: &BTreeMap<String, String>) -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .or_else(|| env.get("HOSTNAME").cloned())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// `[fleet]`: on when a URL is found (`url_file`, `$CREDENTIALS_DIRECTORY/postgres-url`, `METERD_FLEET__URL`). A
+/// `[fleet]` section without any URL is refused (the operator meant fleet mode; running alone would under-bill).
+fn fleet_settings(
+    v: &Validator<'_>,
+    raw: Option<RawFleet>,
+    env: &BTreeMap<String, String>,
+) -> Result<Option<FleetSettings>, ConfigError> {
+    let section = raw.is_some();
+    let raw = raw.unwrap_or_default();
+    let url_file = non_empty(raw.url_file).map(PathBuf::from);
+    let url = crate::secret::load_secret(
+        url_file.as_deref(),
+        "postgres-url",
+        "METERD_FLEET__URL",
+        env,
+    )
+    .map_err(|e| v.err("fleet.url_file", e.to_string()))?;
+    let Some(url) = url else {
+        if section {
+            return Err(v.err(
+                "fleet.url_file",
+                "[fleet] is configured but no PostgreSQL URL was found: set fleet.url_file to a file holding \
+                 postgres://..., pass the credential `postgres-url` ($CREDENTIALS_DIRECTORY), or set \
+                 METERD_FLEET__URL; remove [fleet] to run a single replica",
+            ));
+        }
+        return Ok(None);
+    };
+    let text = url.expose().trim();
+    let looks_like_url = text.starts_with("postgres://") || text.starts_with("postgresql://");
+    let looks_like_kv = !text.contains("://") && text.contains('=');
+    if !(looks_like_url || looks_like_kv) {
+        // Never the value: it may hold a password.
+        return Err(v.err(
+            "fleet.url_file",
+            "the PostgreSQL URL must start with postgres:// or postgresql:// (or be `host=... dbname=...` \
+             key=value pairs)",
+        ));
+    }
+    let replica_id = non_empty(raw.replica_id)
+        .or_else(|| env.get("POD_NAME").cloned().filter(|p| !p.trim().is_empty()))
+        .or_else(|| host_name(env))
+        .ok_or_else(|| {
+            v.err(
+                "fleet.replica_id",
+                "no replica id: set fleet.replica_id (or $POD_NAME); the host name could not be read",
+            )
+        })?;
+    if replica_id.len() > 200 || replica_id.chars().any(|c| c.is_control()) {
+        return Err(v.err(
+            "fleet.replica_id",
+            "must be at most 200 characters without control characters",
+        ));
+    }
+    let heartbeat = v.duration("fleet.heartbeat", raw.heartbeat, "10s")?;
+    if heartbeat < Duration::seconds(1) || heartbeat > Duration::minutes(10) {
+        return Err(v.err("fleet.heartbeat", "must be between 1s and 10m"));
+    }
+    let replica_timeout = match raw.replica_timeout {
+        Some(t) => v.duration("fleet.replica_timeout", Some(t), "30s")?,
+        None => heartbeat * 3,
+    };
+    if replica_timeout <= heartbeat {
+        return Err(v.err(
+            "fleet.replica_timeout",
+            format!(
+                "must be longer than fleet.heartbeat ({}), or every replica looks gone between two heartbeats; \
+                 the default is 3 x fleet.heartbeat",
+                format_duration(heartbeat)
+            ),
+        ));
+    }
+    let max_wait = v.duration("fleet.max_wait", raw.max_wait, "15m")?;
+    if max_wait > Duration::hours(6) {
+        return Err(v.err(
+            "fleet.max_wait",
+            "must be at most 6h (an hour waiting longer for a silent replica risks its 24-hour window)",
+        ));
+    }
+    let lease = v.duration("fleet.lease", raw.lease, "60s")?;
+    if lease < Duration::seconds(5) {
+        return Err(v.err(
+            "fleet.lease",
+            "must be at least 5s (longer than one marketplace call)",
+        ));
+    }
+    Ok(Some(FleetSettings {
+        url,
+        url_file,
+        replica_id,
+        max_wait,
+        heartbeat,
+        replica_timeout,
+        lease,
+        forward_batch: v.positive("fleet.forward_batch", raw.forward_batch, 1000, 50_000)? as usize,
+        pool_size: v.positive("fleet.pool_size", raw.pool_size, 8, 256)? as usize,
+    }))
 }
 
 impl Settings {
@@ -1150,7 +1305,10 @@ impl Settings {
             pending_age: v.duration("alerts.pending_age", raw.alerts.pending_age, "6h")?,
         };
 
+        let fleet = fleet_settings(&v, raw.fleet, env)?;
+
         Ok(Settings {
+            fleet,
             plans,
             billing: BillingSettings {
                 fallback_term_months,
@@ -1390,5 +1548,144 @@ mod tests {
         assert!(parse_duration("5y").is_err());
         assert_eq!(format_duration(Duration::minutes(15)), "15m");
         assert_eq!(format_duration(Duration::days(730)), "730d");
+    }
+
+    const EMU: &str = "[marketplace]\nmode = \"emulator\"\n";
+
+    #[test]
+    fn fleet_is_off_without_a_url_and_on_with_one_from_env_file_or_credentials() {
+        let s = load_str(EMU, "f.toml", &env(&[])).unwrap();
+        assert!(s.fleet.is_none());
+        let url = "postgres://meterd:pa55-w0rd@db.internal:5432/meterd?sslmode=verify-full";
+        let s = load_str(
+            EMU,
+            "f.toml",
+            &env(&[("METERD_FLEET__URL", url), ("POD_NAME", "app-2")]),
+        )
+        .unwrap();
+        let f = s.fleet.as_ref().expect("fleet mode");
+        assert_eq!(f.url.expose(), url);
+        assert_eq!(f.replica_id, "app-2");
+        assert_eq!(f.heartbeat, Duration::seconds(10));
+        assert_eq!(f.replica_timeout, Duration::seconds(30));
+        assert_eq!(f.max_wait, Duration::minutes(15));
+        assert_eq!(f.lease, Duration::seconds(60));
+        assert_eq!((f.forward_batch, f.pool_size), (1000, 8));
+        // Never printed: not in Debug of the settings (which logs may show), nor of the fleet part.
+        assert!(!format!("{s:?}").contains("pa55-w0rd"));
+        assert!(!format!("{f:?}").contains("db.internal"));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("postgres-url"), format!("{url}\n")).unwrap();
+        let creds = dir.path().display().to_string();
+        let s = load_str(
+            "[marketplace]\nmode = \"emulator\"\n[fleet]\nreplica_id = \"r1\"\nheartbeat = \"2s\"\n",
+            "f.toml",
+            &env(&[("CREDENTIALS_DIRECTORY", &creds)]),
+        )
+        .unwrap();
+        let f = s.fleet.unwrap();
+        assert_eq!(
+            f.url.expose(),
+            url,
+            "from $CREDENTIALS_DIRECTORY/postgres-url, newline trimmed"
+        );
+        assert_eq!(f.replica_timeout, Duration::seconds(6), "3 x heartbeat");
+        let file = dir.path().join("pg.url");
+        std::fs::write(&file, url).unwrap();
+        let s = load_str(
+            &format!(
+                "{EMU}[fleet]\nurl_file = \"{}\"\nforward_batch = 50\n",
+                file.display()
+            ),
+            "f.toml",
+            &env(&[("METERD_FLEET__REPLICA_ID", "r9")]),
+        )
+        .unwrap();
+        let f = s.fleet.unwrap();
+        assert_eq!((f.replica_id.as_str(), f.forward_batch), ("r9", 50));
+        assert_eq!(f.url_file.as_deref(), Some(file.as_path()));
+    }
+
+    /// `.ci/run` exports `METERD_TEST_POSTGRES_URL` for the whole test run; every daemon a test starts inherits
+    /// it, and it must not be read as a key `test_postgres_url` (which refused every configuration).
+    #[test]
+    fn the_test_postgres_variable_is_not_a_configuration_key() {
+        let s = load_str(
+            EMU,
+            "f.toml",
+            &env(&[(
+                "METERD_TEST_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            )]),
+        )
+        .unwrap();
+        assert!(s.fleet.is_none());
+    }
+
+    #[test]
+    fn fleet_mistakes_are_explained_without_the_url() {
+        let e = load_str(
+            &format!("{EMU}[fleet]\nreplica_id = \"a\"\n"),
+            "f.toml",
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("fleet.url_file") && e.contains("METERD_FLEET__URL"),
+            "{e}"
+        );
+        let e = load_str(
+            EMU,
+            "f.toml",
+            &env(&[("METERD_FLEET__URL", "mysql://root:pa55-w0rd@db/x")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("postgres://") && !e.contains("pa55-w0rd"), "{e}");
+        let e = load_str(
+            &format!("{EMU}[fleet]\nurl_file = \"/nonexistent/pg.url\"\n"),
+            "f.toml",
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/pg.url"), "{e}");
+        let url = ("METERD_FLEET__URL", "postgres://u:pa55-w0rd@db/x");
+        for (section, key) in [
+            (
+                "heartbeat = \"10s\"\nreplica_timeout = \"10s\"",
+                "fleet.replica_timeout",
+            ),
+            ("heartbeat = \"0s\"", "fleet.heartbeat"),
+            ("max_wait = \"1d\"", "fleet.max_wait"),
+            ("lease = \"1s\"", "fleet.lease"),
+            ("forward_batch = 0", "fleet.forward_batch"),
+            ("pool_size = 100000", "fleet.pool_size"),
+        ] {
+            let e = load_str(
+                &format!("{EMU}[fleet]\n{section}\n"),
+                "f.toml",
+                &env(&[url]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(key) && !e.contains("pa55-w0rd"),
+                "{section}: {e}"
+            );
+        }
+        let e = load_str(
+            &format!("{EMU}[fleet]\nurl = \"postgres://x\"\n"),
+            "f.toml",
+            &env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("url"),
+            "a URL in the file is refused (unknown key): {e}"
+        );
     }
 }

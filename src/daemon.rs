@@ -402,20 +402,30 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         crate::ops::notify_status(&s.status_line());
         pass_gauges.request_refresh();
     });
-    let (handle, mut scheduler, loop_task) = schedule::start(
-        emitter.clone(),
-        &settings.emit.schedule,
-        liveness.clone(),
-        stop_rx.clone(),
-        on_pass,
-    )
-    .await?;
+    // Fleet mode: the local SQLite emitter must not run (each replica's journal holds only its own share of an
+    // hour; the shared PostgreSQL journal is the one that is sent, by the fleet emitter).
+    let local_emission = if settings.fleet.is_none() {
+        let (handle, scheduler, loop_task) = schedule::start(
+            emitter.clone(),
+            &settings.emit.schedule,
+            liveness.clone(),
+            stop_rx.clone(),
+            on_pass,
+        )
+        .await?;
+        Some((Arc::new(handle), scheduler, loop_task))
+    } else {
+        None
+    };
+    let emit_control = local_emission
+        .as_ref()
+        .map(|(h, _, _)| h.clone() as Arc<dyn crate::ingest::EmitControl>);
     let state = AppState {
         settings: settings.clone(),
         journal: journal.clone(),
         clock: ctx.clock.clone(),
         token,
-        emitter: Some(Arc::new(handle)),
+        emitter: emit_control,
         metrics: crate::ops::metrics::renderer(Some((gauges.clone(), ctx.clock.clone()))),
         ready: ready.clone(),
         liveness: liveness.clone(),
@@ -439,6 +449,27 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         stop_rx.clone(),
     );
     let watchdog = crate::ops::spawn_watchdog(journal.clone(), liveness.clone(), &ctx.env);
+    // ---- Fleet mode: the forward path (forwarder + heartbeat; docs/fleet.md) ----
+    let fleet_forward = match &settings.fleet {
+        Some(fleet) => {
+            let pg = crate::fleet::connect(fleet)
+                .context("cannot set up the fleet PostgreSQL journal ([fleet])")?;
+            tracing::info!(
+                message = "Fleet mode: records are acknowledged into the local outbox and forwarded to PostgreSQL.",
+                replica = %fleet.replica_id
+            );
+            Some(crate::fleet::spawn(
+                settings.clone(),
+                fleet.clone(),
+                journal.clone(),
+                pg,
+                ctx.clock.clone(),
+                stop_rx.clone(),
+            ))
+        }
+        None => None,
+    };
+    // ---- end of the fleet forward path ----
     let alerts = crate::alerts::spawn(
         journal.clone(),
         ctx.clock.clone(),
@@ -458,26 +489,36 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     ready.store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = stop_tx.send(true);
     server.await.context("server task")??;
-    let _ = loop_task.await;
-    let _ = scheduler.shutdown().await;
     let bound = settings
         .emit
         .shutdown_timeout
         .to_std()
         .unwrap_or(std::time::Duration::from_secs(20));
-    match tokio::time::timeout(bound, emitter.pass()).await {
-        Ok(Ok(s)) => tracing::info!(
-            message = "Final emission pass done.",
-            frozen = s.frozen,
-            sent = s.sent,
-            pending = s.pending_after
-        ),
-        Ok(Err(e)) => {
-            tracing::warn!(message = "Final emission pass failed; pending events go at the next start.", error = %format!("{e:#}"))
+    if let Some((_, mut scheduler, loop_task)) = local_emission {
+        let _ = loop_task.await;
+        let _ = scheduler.shutdown().await;
+        match tokio::time::timeout(bound, emitter.pass()).await {
+            Ok(Ok(s)) => tracing::info!(
+                message = "Final emission pass done.",
+                frozen = s.frozen,
+                sent = s.sent,
+                pending = s.pending_after
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(message = "Final emission pass failed; pending events go at the next start.", error = %format!("{e:#}"))
+            }
+            Err(_) => tracing::warn!(
+                message = "Final emission pass cut short by emit.shutdown_timeout; pending events go at the next start."
+            ),
         }
-        Err(_) => tracing::warn!(
-            message = "Final emission pass cut short by emit.shutdown_timeout; pending events go at the next start."
-        ),
+    }
+    if let Some(tasks) = fleet_forward {
+        // Each ends by itself within emit.shutdown_timeout (the forwarder's last drain is bounded by it).
+        let _ = tokio::time::timeout(bound + std::time::Duration::from_secs(5), async {
+            let _ = tasks.forwarder.await;
+            let _ = tasks.heartbeat.await;
+        })
+        .await;
     }
     if let Some(w) = watchdog {
         w.abort();

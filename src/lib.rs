@@ -37,6 +37,7 @@
 //! - [`emit`]: the emission pass: freeze, decide, bill, send, settle.
 //! - [`alerts`]: delivery of raised alerts to the webhook.
 //! - [`ops`]: liveness for probes and the watchdog, systemd notify, metrics.
+//! - [`fleet`]: fleet mode's forward path (local outbox to the shared PostgreSQL journal) and heartbeat.
 //!
 //! **Wiring**:
 //! - [`daemon`]: `meterd run`: wires journal, API, emitter, alerts and signals together.
@@ -54,6 +55,7 @@ pub mod config;
 pub mod daemon;
 pub mod emit;
 pub mod emulator;
+pub mod fleet;
 pub mod ingest;
 pub mod journal;
 pub mod marketplace;

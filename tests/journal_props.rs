@@ -19,6 +19,7 @@ fn rules(now: DateTime<Utc>) -> IngestRules {
         late: LateUsage::CarryForward,
         safety_margin: Duration::minutes(15),
         min_send_time: Duration::hours(1),
+        outbox: false,
     }
 }
 
@@ -263,6 +264,7 @@ fn retention_keeps_what_it_must() {
             late: LateUsage::CarryForward,
             safety_margin: Duration::minutes(15),
             min_send_time: Duration::hours(1),
+            outbox: false,
         };
         journal
             .write_blocking(move |c| usage::ingest(c, &rec, &r))

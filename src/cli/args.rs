@@ -150,6 +150,22 @@ pub enum Command {
         #[arg(long)]
         online: bool,
     },
+    /// Fleet mode: ship the records of a journal file that are not yet in the shared PostgreSQL journal (a
+    /// replica that never comes back), then print a summary. Idempotent: records already there count once.
+    Forward {
+        /// The configuration file (for the fleet's PostgreSQL URL and the late-usage rule).
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The journal file to forward from (a copy is fine; no meterd may be running on it).
+        #[arg(long, value_name = "PATH")]
+        journal: PathBuf,
+        /// Name the records are forwarded under (default: forward@<fleet.replica_id>).
+        #[arg(long)]
+        replica: Option<String>,
+        /// Print the summary as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a local Azure Marketplace emulator (token, metering, subscriptions) for development and tests.
     Emulator(crate::emulator::EmulatorArgs),
 }

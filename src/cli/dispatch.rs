@@ -3,7 +3,7 @@
 
 use super::args::{Cli, Command};
 use super::setup::{load_settings, load_settings_without_credentials, warn_missing_credentials};
-use super::{daemon_commands, journal_views, marketplace_commands, setup};
+use super::{daemon_commands, fleet_commands, journal_views, marketplace_commands, setup};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::process_env;
 use std::process::ExitCode;
@@ -131,6 +131,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 marketplace_commands::check_config(&settings, path.as_deref());
             }
             Ok(())
+        }
+        Command::Forward {
+            config,
+            journal,
+            replica,
+            json,
+        } => {
+            let settings = load_settings_without_credentials(&config, &env)?;
+            fleet_commands::forward(&settings, clock, &journal, replica.as_deref(), json).await
         }
         Command::Emulator(args) => crate::emulator::run_cli(args).await,
     }

@@ -36,6 +36,26 @@ pub(crate) fn check_config(settings: &Settings, path: Option<&Path>) {
         config::format_duration(settings.emit.grace)
     );
     println!("  late usage     {:?}", settings.late_usage);
+    match &settings.fleet {
+        // Never the URL (it may hold a password): where it came from and its TLS mode.
+        Some(f) => {
+            let tls = match crate::journal::pg::conn::parse(f.url.expose()) {
+                Ok(t) => format!("sslmode {:?}", t.mode),
+                Err(e) => format!("invalid: {e}"),
+            };
+            let from = match &f.url_file {
+                Some(p) => p.display().to_string(),
+                None => "$CREDENTIALS_DIRECTORY/postgres-url or METERD_FLEET__URL".to_string(),
+            };
+            println!(
+                "  fleet          replica {}, PostgreSQL URL from {from} ({tls}), heartbeat {}, max_wait {}",
+                f.replica_id,
+                config::format_duration(f.heartbeat),
+                config::format_duration(f.max_wait)
+            );
+        }
+        None => println!("  fleet          off (single replica; no [fleet] PostgreSQL URL)"),
+    }
     println!(
         "  dimensions     {}",
         settings

@@ -7,6 +7,7 @@
 //! - `daemon_commands`: `record`, `flush`, `status`.
 //! - `journal_views`: `report`, `balance`.
 //! - `marketplace_commands`: `subscriptions`, `check-config`, `reconcile`.
+//! - `fleet_commands`: `forward` (fleet mode: ship a journal's un-forwarded records).
 //! - `dispatch`: runs one parsed command line (the whole of `main`).
 //!
 //! Public: the clap types, [`main`], and [`reconcile`] (its differences are checked in-process by the tests);
@@ -16,6 +17,7 @@ mod args;
 mod client;
 mod daemon_commands;
 mod dispatch;
+mod fleet_commands;
 mod journal_views;
 mod marketplace_commands;
 mod setup;

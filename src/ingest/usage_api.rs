@@ -181,17 +181,32 @@ fn parse_record(
     }
 }
 
+/// The key given at ingest to a record without `id` in fleet mode: `meterd-gen:` and a random UUID (a client id
+/// has at most 128 characters of its own choosing; the prefix keeps the generated ones apart for readers).
+pub fn generated_key() -> String {
+    format!("meterd-gen:{}", uuid::Uuid::new_v4().simple())
+}
+
 /// Journals validated records and turns the result into the HTTP answer parts.
 pub async fn store(
     state: &AppState,
-    records: Vec<NewRecord>,
+    mut records: Vec<NewRecord>,
     now: DateTime<Utc>,
 ) -> Result<usage::IngestOutcome, Response> {
+    let outbox = state.settings.fleet.is_some();
+    if outbox {
+        // Fleet mode: every record needs a fleet-wide key to be forwarded idempotently; one without an `id`
+        // gets one now, stored with it (a retry of such a request is a new record, as without fleet mode).
+        for r in records.iter_mut().filter(|r| r.key.is_none()) {
+            r.key = Some(generated_key());
+        }
+    }
     let rules = IngestRules {
         now,
         late: state.settings.late_usage,
         safety_margin: state.settings.emit.safety_margin,
         min_send_time: state.settings.emit.min_send_time,
+        outbox,
     };
     let n = records.len();
     let result = state.journal.ingest(records, rules).await;

@@ -63,7 +63,9 @@
 //!
 //! Every table, what it holds and which invariant guards it:
 //!
-//! - `usage_records`: accepted records (idempotency keys, compacted after `ingest.dedupe_window`) — 1, 2.
+//! - `usage_records`: accepted records (idempotency keys, compacted after `ingest.dedupe_window`) — 1, 2. In fleet
+//!   mode `forward_pending = 1` marks a record not yet in the shared PostgreSQL journal (`outbox.rs`); retention
+//!   never compacts one.
 //! - `hourly_totals`: the sum per (resource, plan, dimension, hour); `outbound_id` once frozen — 3, 5, 6.
 //! - `carries`: where a late or expired quantity went (from hour, to hour, why) — 6.
 //! - `outbound_events`: one frozen event per key, its body, state (the [`crate::outcome::Outcome`] strings), retry
@@ -106,6 +108,7 @@ pub mod billing;
 pub mod leases;
 mod ops;
 pub mod outbound;
+pub mod outbox;
 pub mod pg;
 mod schema;
 pub mod status;

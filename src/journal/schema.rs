@@ -187,6 +187,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     INSERT OR IGNORE INTO resource_spellings (folded, spelling)
         SELECT lower(resource), resource FROM hourly_totals ORDER BY hour;
     "#,
+    // 4: the fleet outbox (docs/fleet.md).
+    r#"
+    -- 1 while a record ingested in fleet mode is not yet in the shared PostgreSQL journal (the forwarder clears
+    -- it after the PostgreSQL commit). Retention never compacts a record while it is 1. Records of a journal
+    -- that ran alone are 0: they were reported by this journal's own emitter and must not be forwarded.
+    ALTER TABLE usage_records ADD COLUMN forward_pending INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX usage_records_outbox ON usage_records(seq) WHERE forward_pending = 1;
+    "#,
 ];
 
 /// The schema version this build writes.

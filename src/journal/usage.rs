@@ -42,6 +42,9 @@ pub struct IngestRules {
     /// A closed hour takes late usage only while `H + 24h - safety_margin - min_send_time` is ahead
     /// (`emit.min_send_time`).
     pub min_send_time: Duration,
+    /// Fleet mode: each stored record waits in the local outbox (`forward_pending = 1`) until the forwarder has
+    /// put it into the shared PostgreSQL journal.
+    pub outbox: bool,
 }
 
 impl IngestRules {
@@ -225,9 +228,10 @@ pub fn ingest(
         }
     }
     let mut insert = conn.prepare_cached(
-        "INSERT INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour, quantity, received_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour, quantity, received_at, forward_pending)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
+    let outbox = i64::from(rules.outbox);
     let mut outcome = IngestOutcome::default();
     let now = rules.now.timestamp();
     // Hourly totals touched by this request, in first-seen order: (key, quantity, records, carried_in).
@@ -251,7 +255,8 @@ pub fn ingest(
             origin,
             hour,
             r.quantity.0,
-            now
+            now,
+            outbox
         ])?;
         let carried = if hour != origin { r.quantity.0 } else { 0 };
         // Summed per hourly total and written once per total below (a batch of 1,000 records of one
@@ -524,7 +529,8 @@ pub fn record_count(conn: &Connection) -> Result<i64, JournalError> {
     Ok(conn.query_row("SELECT COUNT(*) FROM usage_records", [], |r| r.get(0))?)
 }
 
-/// Deletes raw records older than the dedupe window (their sums stay in `hourly_totals`). Returns rows deleted.
+/// Deletes raw records older than the dedupe window (their sums stay in `hourly_totals`), never one still waiting
+/// in the fleet outbox (`forward_pending = 1`). Returns rows deleted.
 pub fn compact_records(
     conn: &Connection,
     now: DateTime<Utc>,
@@ -533,7 +539,7 @@ pub fn compact_records(
 ) -> Result<usize, JournalError> {
     let before = (now - dedupe_window).timestamp();
     Ok(conn
-        .prepare_cached("DELETE FROM usage_records WHERE seq IN (SELECT seq FROM usage_records WHERE received_at < ?1 ORDER BY received_at LIMIT ?2)")?
+        .prepare_cached("DELETE FROM usage_records WHERE seq IN (SELECT seq FROM usage_records WHERE received_at < ?1 AND forward_pending = 0 ORDER BY received_at LIMIT ?2)")?
         .execute(params![before, limit])?)
 }
 

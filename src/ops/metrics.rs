@@ -115,6 +115,25 @@ pub fn describe() {
         "meterd_webhook_deliveries_total",
         "Alert webhook delivery attempts by result (delivered, failed; failed ones are retried)."
     );
+    // Fleet (docs/fleet.md).
+    describe_gauge!(
+        "meterd_fleet_unforwarded_records",
+        Unit::Count,
+        "Fleet mode: records acknowledged by this replica and not yet in the shared PostgreSQL journal."
+    );
+    describe_gauge!(
+        "meterd_fleet_forward_lag_seconds",
+        Unit::Seconds,
+        "Fleet mode: age of the oldest record not yet forwarded to PostgreSQL (0 when the outbox is empty)."
+    );
+    describe_counter!(
+        "meterd_fleet_forwarded_records_total",
+        "Fleet mode: records forwarded to PostgreSQL by result (inserted, duplicate, carried)."
+    );
+    describe_counter!(
+        "meterd_fleet_forward_errors_total",
+        "Fleet mode: failed forward or heartbeat attempts (PostgreSQL unreachable or refusing); each is retried."
+    );
     describe_counter!(
         "meterd_token_refreshes_total",
         "Access token fetches from Entra ID / managed identity by result (ok, error); an error while a cached token is still valid keeps serving it."

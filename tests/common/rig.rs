@@ -96,6 +96,7 @@ pub fn ingest_rules(settings: &Settings, now: DateTime<Utc>) -> IngestRules {
         late: settings.late_usage,
         safety_margin: settings.emit.safety_margin,
         min_send_time: settings.emit.min_send_time,
+        outbox: settings.fleet.is_some(),
     }
 }
 

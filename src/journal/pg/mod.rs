@@ -16,10 +16,12 @@
 //!   `fence`; a settle applies only while owner and fence still match (a stale owner's settle changes nothing).
 //!   No session advisory locks anywhere.
 
+pub mod conn;
+pub mod records;
+pub mod replicas;
 pub mod schema;
 
 use crate::secret::Secret;
-use std::str::FromStr;
 
 /// What can go wrong with the fleet journal. Messages never include the URL (it may hold a password).
 #[derive(Debug, thiserror::Error)]
@@ -33,13 +35,35 @@ pub enum PgError {
     #[error("the fleet PostgreSQL journal is unavailable: {0}")]
     Unavailable(String),
     /// A statement failed.
-    #[error("the fleet PostgreSQL journal failed: {0}")]
+    #[error("the fleet PostgreSQL journal failed: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
+}
+
+/// A tokio-postgres error with what the server said (its own `Display` says only "db error") and the cause
+/// chain (a TLS or I/O failure). Never the URL: neither the server nor tokio-postgres echoes it.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl From<deadpool_postgres::PoolError> for PgError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        PgError::Unavailable(e.to_string())
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => PgError::Unavailable(describe(&e)),
+            other => PgError::Unavailable(other.to_string()),
+        }
     }
 }
 
@@ -57,20 +81,27 @@ impl std::fmt::Debug for PgJournal {
 }
 
 impl PgJournal {
-    /// A pool to `url` (at most `max_size` connections). Connects lazily; [`PgJournal::migrate`] is the first
-    /// round trip.
+    /// A pool to `url` (at most `max_size` connections), over TLS as its `sslmode` says (`disable`, `prefer`,
+    /// `require`, `verify-ca`, `verify-full`; rustls with ring, see [`conn`]). Connects lazily;
+    /// [`PgJournal::migrate`] is the first round trip. Waiting for a connection is bounded (15 s), so an
+    /// unreachable server answers with an error instead of hanging the caller.
     pub fn connect(url: &Secret, max_size: usize) -> Result<PgJournal, PgError> {
-        let config = tokio_postgres::Config::from_str(url.expose())
-            .map_err(|e| PgError::BadUrl(e.to_string()))?;
+        let target = conn::parse(url.expose())?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(conn::tls_config(&target)?);
         let manager = deadpool_postgres::Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
+            target.config,
+            tls,
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },
         );
+        let bound = Some(std::time::Duration::from_secs(15));
         let pool = deadpool_postgres::Pool::builder(manager)
-            .max_size(max_size)
+            .max_size(max_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(bound)
+            .create_timeout(bound)
+            .recycle_timeout(bound)
             .build()
             .map_err(|e| PgError::Unavailable(e.to_string()))?;
         Ok(PgJournal { pool })
@@ -117,7 +148,7 @@ pub mod testing {
                 "meterd_test_{}",
                 &uuid::Uuid::new_v4().simple().to_string()[..12]
             );
-            tokio_postgres::Config::from_str(&admin_url)
+            <tokio_postgres::Config as std::str::FromStr>::from_str(&admin_url)
                 .unwrap_or_else(|e| panic!("{URL_VAR} is not a valid URL: {e}"));
             run_admin(&admin_url, &format!("CREATE DATABASE {name}"));
             let url = with_dbname(&admin_url, &name);

@@ -1,0 +1,386 @@
+//! Fleet mode's forward path (docs/fleet.md): the tasks that get this replica's acknowledged records from its
+//! local SQLite outbox into the shared PostgreSQL journal, and publish its heartbeat and forward watermark.
+//!
+//! - The **forwarder** takes up to `fleet.forward_batch` records waiting in the outbox (oldest first), forwards
+//!   them in one PostgreSQL transaction ([`PgJournal::forward`]: inserted once fleet-wide, added to the hourly
+//!   totals by the late-usage rule), then clears their local mark. PostgreSQL unreachable: ingest keeps
+//!   acknowledging (it needs only SQLite), the outbox and `meterd_fleet_forward_lag_seconds` grow, and the
+//!   forwarder retries with exponential backoff (backon) until it gets through, by itself.
+//! - The **heartbeat** upserts this replica's `replicas` row every `fleet.heartbeat`: heartbeat time, watermark
+//!   (the `received_at` of the oldest record still waiting, else now), outbox size, version. A replica whose
+//!   heartbeat is older than `fleet.replica_timeout` no longer holds back freezing. It also applies fleet mode's
+//!   local retention hourly (the local SQLite emitter does not run in fleet mode).
+//!
+//! Times on the replica side (`received_at`, `heartbeat_at`, `watermark`) come from the injected [`Clock`], so
+//! tests drive them with a `ManualClock`.
+//!
+//! [`Clock`]: crate::clock::Clock
+
+use crate::clock::SharedClock;
+use crate::config::{FleetSettings, Settings};
+use crate::journal::Journal;
+use crate::journal::pg::records::ForwardSummary;
+use crate::journal::pg::replicas::ReplicaRow;
+use crate::journal::pg::{PgError, PgJournal};
+use crate::journal::usage::IngestRules;
+use backon::{ExponentialBuilder, Retryable};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long the forwarder waits before looking at an empty outbox again.
+pub const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// Records received this close to the heartbeat may still be on their way into the journal (their `now` was
+/// taken before the commit): the published watermark is at most `now - WATERMARK_SLACK`.
+pub const WATERMARK_SLACK_SECS: i64 = 5;
+
+/// What can go wrong on the forward path.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The shared journal.
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    /// The local journal.
+    #[error("the local journal (outbox) failed: {0}")]
+    Local(#[from] crate::journal::JournalError),
+}
+
+/// Connects to the fleet's PostgreSQL (lazily: nothing is sent yet) with `fleet.pool_size` connections.
+pub fn connect(fleet: &FleetSettings) -> Result<PgJournal, PgError> {
+    PgJournal::connect(&fleet.url, fleet.pool_size)
+}
+
+/// The late-usage rule's parameters at `now` (the same as ingest's).
+pub fn rules(settings: &Settings, now: chrono::DateTime<chrono::Utc>) -> IngestRules {
+    IngestRules {
+        now,
+        late: settings.late_usage,
+        safety_margin: settings.emit.safety_margin,
+        min_send_time: settings.emit.min_send_time,
+        outbox: true,
+    }
+}
+
+/// What forwarding did, added up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Batches committed.
+    pub batches: usize,
+    /// Records new to the fleet.
+    pub inserted: usize,
+    /// Records already there (counted once).
+    pub duplicates: usize,
+    /// Inserted records carried into a later hour.
+    pub carried: usize,
+}
+
+impl Forwarded {
+    fn add(&mut self, s: ForwardSummary) {
+        self.batches += 1;
+        self.inserted += s.inserted;
+        self.duplicates += s.duplicates;
+        self.carried += s.carried;
+    }
+
+    /// Records taken out of the outbox.
+    pub fn records(&self) -> usize {
+        self.inserted + self.duplicates
+    }
+}
+
+/// Forwards one batch (at most `limit` records) and clears their local marks. `None` when the outbox is empty.
+pub async fn forward_batch(
+    journal: &Journal,
+    pg: &PgJournal,
+    replica: &str,
+    settings: &Settings,
+    clock: &SharedClock,
+    limit: usize,
+) -> Result<Option<ForwardSummary>, FleetError> {
+    let batch = journal.outbox_batch(limit).await?;
+    if batch.is_empty() {
+        return Ok(None);
+    }
+    let summary = pg
+        .forward(replica, &batch, &rules(settings, clock.now()))
+        .await?;
+    // PostgreSQL committed: now the local marks. A crash in between forwards these again, which adds nothing.
+    journal
+        .outbox_mark_forwarded(batch.iter().map(|r| r.seq).collect())
+        .await?;
+    metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "inserted")
+        .increment(summary.inserted as u64);
+    metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "duplicate")
+        .increment(summary.duplicates as u64);
+    metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "carried")
+        .increment(summary.carried as u64);
+    Ok(Some(summary))
+}
+
+/// Forwards until the outbox is empty (no retries: the first error is returned with what was done before it).
+pub async fn drain(
+    journal: &Journal,
+    pg: &PgJournal,
+    replica: &str,
+    settings: &Settings,
+    clock: &SharedClock,
+    limit: usize,
+) -> (Forwarded, Result<(), FleetError>) {
+    let mut done = Forwarded::default();
+    loop {
+        match forward_batch(journal, pg, replica, settings, clock, limit).await {
+            Ok(Some(s)) => done.add(s),
+            Ok(None) => return (done, Ok(())),
+            Err(e) => return (done, Err(e)),
+        }
+    }
+}
+
+/// Sets the outbox gauges from the journal; returns the outbox figures.
+pub async fn publish_outbox_gauges(
+    journal: &Journal,
+    clock: &SharedClock,
+) -> Result<crate::journal::outbox::OutboxStats, FleetError> {
+    let stats = journal.outbox_stats().await?;
+    let now = clock.now().timestamp();
+    metrics::gauge!("meterd_fleet_unforwarded_records").set(stats.unforwarded as f64);
+    let lag = stats
+        .oldest_received_at
+        .map(|t| (now - t).max(0))
+        .unwrap_or(0);
+    metrics::gauge!("meterd_fleet_forward_lag_seconds").set(lag as f64);
+    Ok(stats)
+}
+
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Applies the schema migrations, retrying (with backoff) until PostgreSQL answers or `stop` is set. `None` when
+/// stopped first.
+pub async fn migrate_when_reachable(
+    pg: &PgJournal,
+    mut stop: watch::Receiver<bool>,
+) -> Option<i64> {
+    let attempt = || async {
+        let v = pg.migrate().await?;
+        if v > crate::journal::pg::schema::current_version() {
+            return Err(PgError::Unavailable(format!(
+                "the fleet database has schema version {v}, newer than this meterd ({}); upgrade this replica",
+                crate::journal::pg::schema::current_version()
+            )));
+        }
+        Ok::<i64, PgError>(v)
+    };
+    let retried = attempt
+        .retry(backoff())
+        .sleep(tokio::time::sleep)
+        .notify(|e: &PgError, d: Duration| {
+            metrics::counter!("meterd_fleet_forward_errors_total").increment(1);
+            tracing::warn!(
+                message = "The fleet PostgreSQL journal is not reachable yet; ingest keeps acknowledging into the local outbox.",
+                error = %e,
+                retry_in_ms = d.as_millis() as u64
+            );
+        });
+    tokio::select! {
+        v = retried => v.ok(),
+        _ = stop.wait_for(|s| *s) => None,
+    }
+}
+
+/// The fleet's forward-path tasks.
+pub struct FleetTasks {
+    /// Migrations, then the forwarder loop.
+    pub forwarder: tokio::task::JoinHandle<()>,
+    /// The heartbeat loop (and fleet mode's local retention).
+    pub heartbeat: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the forwarder and the heartbeat. Both end when `stop` is set: the forwarder after one last attempt
+/// (bounded by `emit.shutdown_timeout`) to empty the outbox, the heartbeat after one last heartbeat.
+pub fn spawn(
+    settings: Arc<Settings>,
+    fleet: FleetSettings,
+    journal: Journal,
+    pg: PgJournal,
+    clock: SharedClock,
+    stop: watch::Receiver<bool>,
+) -> FleetTasks {
+    let started_at = clock.now().timestamp();
+    let forwarder = tokio::spawn(forward_loop(
+        settings.clone(),
+        fleet.clone(),
+        journal.clone(),
+        pg.clone(),
+        clock.clone(),
+        stop.clone(),
+    ));
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        settings, fleet, journal, pg, clock, started_at, stop,
+    ));
+    FleetTasks {
+        forwarder,
+        heartbeat,
+    }
+}
+
+async fn forward_loop(
+    settings: Arc<Settings>,
+    fleet: FleetSettings,
+    journal: Journal,
+    pg: PgJournal,
+    clock: SharedClock,
+    mut stop: watch::Receiver<bool>,
+) {
+    if migrate_when_reachable(&pg, stop.clone()).await.is_none() {
+        return;
+    }
+    tracing::info!(
+        message = "Forwarding to the fleet PostgreSQL journal.",
+        replica = %fleet.replica_id
+    );
+    let limit = fleet.forward_batch;
+    loop {
+        let _ = publish_outbox_gauges(&journal, &clock).await;
+        let step = || forward_batch(&journal, &pg, &fleet.replica_id, &settings, &clock, limit);
+        let retried = step
+            .retry(backoff())
+            .sleep(tokio::time::sleep)
+            .notify(|e: &FleetError, d: Duration| {
+                metrics::counter!("meterd_fleet_forward_errors_total").increment(1);
+                tracing::warn!(
+                    message = "Forwarding to the fleet PostgreSQL journal failed; retrying. Ingest keeps acknowledging into the local outbox.",
+                    error = %e,
+                    retry_in_ms = d.as_millis() as u64
+                );
+            });
+        let outcome = tokio::select! {
+            r = retried => r,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        match outcome {
+            Ok(Some(s)) if s.inserted + s.duplicates >= limit => continue,
+            Ok(_) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+            Err(_) => {} // without_max_times: not reached
+        }
+    }
+    // Stopping: one bounded attempt to leave nothing behind (what is left goes at the next start, or by
+    // `meterd forward --journal`).
+    let bound = settings
+        .emit
+        .shutdown_timeout
+        .to_std()
+        .unwrap_or(Duration::from_secs(20));
+    match tokio::time::timeout(
+        bound,
+        drain(&journal, &pg, &fleet.replica_id, &settings, &clock, limit),
+    )
+    .await
+    {
+        Ok((done, Ok(()))) => tracing::info!(
+            message = "Outbox forwarded at shutdown.",
+            records = done.records()
+        ),
+        Ok((_, Err(e))) => tracing::warn!(
+            message = "Could not empty the outbox at shutdown; the rest is forwarded at the next start.",
+            error = %e
+        ),
+        Err(_) => tracing::warn!(
+            message = "Emptying the outbox at shutdown was cut short by emit.shutdown_timeout; the rest is forwarded at the next start."
+        ),
+    }
+    let _ = publish_outbox_gauges(&journal, &clock).await;
+}
+
+/// This replica's row at `now` from the outbox figures.
+pub fn replica_row(
+    fleet: &FleetSettings,
+    started_at: i64,
+    now: i64,
+    stats: crate::journal::outbox::OutboxStats,
+) -> ReplicaRow {
+    let watermark = match stats.oldest_received_at {
+        Some(t) => t.min(now - WATERMARK_SLACK_SECS),
+        None => now - WATERMARK_SLACK_SECS,
+    };
+    ReplicaRow {
+        replica_id: fleet.replica_id.clone(),
+        started_at,
+        heartbeat_at: now,
+        watermark,
+        unforwarded: stats.unforwarded,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// Publishes one heartbeat now.
+pub async fn beat(
+    fleet: &FleetSettings,
+    journal: &Journal,
+    pg: &PgJournal,
+    clock: &SharedClock,
+    started_at: i64,
+) -> Result<(), FleetError> {
+    // `now` before the outbox is read: a record committed after the read was received after `now - slack`.
+    let now = clock.now().timestamp();
+    let stats = publish_outbox_gauges(journal, clock).await?;
+    pg.heartbeat(&replica_row(fleet, started_at, now, stats))
+        .await?;
+    Ok(())
+}
+
+async fn heartbeat_loop(
+    settings: Arc<Settings>,
+    fleet: FleetSettings,
+    journal: Journal,
+    pg: PgJournal,
+    clock: SharedClock,
+    started_at: i64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = fleet.heartbeat.to_std().unwrap_or(Duration::from_secs(10));
+    let mut last_compact = i64::MIN;
+    loop {
+        if let Err(e) = beat(&fleet, &journal, &pg, &clock, started_at).await {
+            metrics::counter!("meterd_fleet_forward_errors_total").increment(1);
+            tracing::warn!(message = "Fleet heartbeat failed; retrying at the next one.", error = %e);
+        }
+        let now = clock.now();
+        if now.timestamp() >= last_compact.saturating_add(3600) {
+            last_compact = now.timestamp();
+            match journal
+                .outbox_compact(
+                    now,
+                    settings.journal.retention,
+                    settings.ingest.dedupe_window,
+                )
+                .await
+            {
+                Ok(n) if n > 0 => tracing::info!(
+                    message = "Compacted forwarded records past the dedupe window.",
+                    records = n
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(message = "Local retention failed; retried in an hour.", error = %e)
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    let _ = beat(&fleet, &journal, &pg, &clock, started_at).await;
+}
