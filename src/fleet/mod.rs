@@ -363,11 +363,16 @@ async fn heartbeat_loop(
     mut migrated: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
-    tokio::select! {
-        r = migrated.wait_for(|m| *m) => if r.is_err() { return },
-        _ = stop.wait_for(|s| *s) => return,
-    }
     let every = fleet.heartbeat.to_std().unwrap_or(Duration::from_secs(10));
+    // Until PostgreSQL answers (and the schema is in place) the lag still shows: the outbox gauges.
+    while !*migrated.borrow() {
+        let _ = publish_outbox_gauges(&journal, &clock).await;
+        tokio::select! {
+            r = migrated.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
     let mut last_compact = i64::MIN;
     loop {
         if let Err(e) = beat(&fleet, &journal, &pg, &clock, started_at).await {
