@@ -213,7 +213,10 @@ pub fn spawn(
     stop: watch::Receiver<bool>,
 ) -> FleetTasks {
     let started_at = clock.now().timestamp();
+    // The heartbeat starts once the forwarder has the schema in place (its table may not exist before).
+    let (migrated_tx, migrated_rx) = watch::channel(false);
     let forwarder = tokio::spawn(forward_loop(
+        migrated_tx,
         settings.clone(),
         fleet.clone(),
         journal.clone(),
@@ -222,7 +225,14 @@ pub fn spawn(
         stop.clone(),
     ));
     let heartbeat = tokio::spawn(heartbeat_loop(
-        settings, fleet, journal, pg, clock, started_at, stop,
+        settings,
+        fleet,
+        journal,
+        pg,
+        clock,
+        started_at,
+        migrated_rx,
+        stop,
     ));
     FleetTasks {
         forwarder,
@@ -231,6 +241,7 @@ pub fn spawn(
 }
 
 async fn forward_loop(
+    migrated: watch::Sender<bool>,
     settings: Arc<Settings>,
     fleet: FleetSettings,
     journal: Journal,
@@ -241,6 +252,7 @@ async fn forward_loop(
     if migrate_when_reachable(&pg, stop.clone()).await.is_none() {
         return;
     }
+    let _ = migrated.send(true);
     tracing::info!(
         message = "Forwarding to the fleet PostgreSQL journal.",
         replica = %fleet.replica_id
@@ -340,6 +352,7 @@ pub async fn beat(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn heartbeat_loop(
     settings: Arc<Settings>,
     fleet: FleetSettings,
@@ -347,9 +360,19 @@ async fn heartbeat_loop(
     pg: PgJournal,
     clock: SharedClock,
     started_at: i64,
+    mut migrated: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let every = fleet.heartbeat.to_std().unwrap_or(Duration::from_secs(10));
+    // Until PostgreSQL answers (and the schema is in place) the lag still shows: the outbox gauges.
+    while !*migrated.borrow() {
+        let _ = publish_outbox_gauges(&journal, &clock).await;
+        tokio::select! {
+            r = migrated.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
     let mut last_compact = i64::MIN;
     loop {
         if let Err(e) = beat(&fleet, &journal, &pg, &clock, started_at).await {
