@@ -16,6 +16,8 @@
 //! - [`resource`]: resource identity: SaaS GUID, managed-app URI or `resourceUsageId`.
 //! - [`outcome`]: the one list of event outcomes ([`outcome::Outcome`]), as stored and exported.
 //! - [`bill`]: billing arithmetic (allowance, overage, billing units, remainders, thresholds) into a [`bill::Bill`].
+//! - [`pools`]: credit pools (free tier, prepaid, plan allowance): which apply, the draw order, drawing an
+//!   event's usage across them by record time, refresh and rollover.
 //! - [`retry`]: retry policy (backoff with jitter, `Retry-After`).
 //! - [`alert_kind`]: alert kinds and their dedupe keys.
 //! - [`settle`]: per-event settlements ([`settle::Settle`], [`settle::Settlement`]); the pure mapping of a
@@ -59,6 +61,7 @@ pub mod journal;
 pub mod marketplace;
 pub mod ops;
 pub mod outcome;
+pub mod pools;
 pub mod quantity;
 pub mod resource;
 pub mod retry;
