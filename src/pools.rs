@@ -31,202 +31,16 @@
 
 use crate::bill::{BillInputs, Computed, compute, units};
 use crate::config::Included;
-use chrono::{DateTime, Datelike, TimeZone, Utc};
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
 
-/// The id prefix of the plan allowance pools: `plan:<plan>`.
-pub const PLAN_POOL_PREFIX: &str = "plan:";
+pub use crate::pool_def::{
+    Amount, AmountSpec, Every, PLAN_POOL_PREFIX, PoolDef, PoolSpec, Refresh, RefreshSpec, Scope,
+    ScopeSpec, month_start, next_month_start,
+};
 
 /// The id of the plan pool of `plan`.
 pub fn plan_pool_id(plan: &str) -> String {
     format!("{PLAN_POOL_PREFIX}{plan}")
-}
-
-/// A pool's size per period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Amount {
-    /// This much, micro-units.
-    Quantity(i64),
-    /// Never runs out.
-    Infinite,
-}
-
-impl Amount {
-    /// The decimal string of the API (`"infinite"` when unlimited).
-    pub fn to_decimal_string(self) -> String {
-        match self {
-            Amount::Quantity(q) => crate::quantity::Micros(q).to_decimal_string(),
-            Amount::Infinite => "infinite".into(),
-        }
-    }
-}
-
-impl From<Included> for Amount {
-    fn from(i: Included) -> Self {
-        match i {
-            Included::Quantity(q) => Amount::Quantity(q),
-            Included::Infinite => Amount::Infinite,
-        }
-    }
-}
-
-/// Whose usage a pool covers.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
-    /// One subscription (resource id).
-    Resource(String),
-    /// Every subscription of one customer (the SaaS list's `beneficiary.tenantId`).
-    Customer(String),
-    /// Every subscription of a `[[groups]]` entry.
-    Group(String),
-}
-
-impl Scope {
-    /// `resource`, `customer` or `group`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Scope::Resource(_) => "resource",
-            Scope::Customer(_) => "customer",
-            Scope::Group(_) => "group",
-        }
-    }
-
-    /// The resource id, tenant id or group name.
-    pub fn value(&self) -> &str {
-        match self {
-            Scope::Resource(v) | Scope::Customer(v) | Scope::Group(v) => v,
-        }
-    }
-
-    /// From its kind and value; `None` for an unknown kind.
-    pub fn from_parts(kind: &str, value: &str) -> Option<Scope> {
-        match kind {
-            "resource" => Some(Scope::Resource(value.to_string())),
-            "customer" => Some(Scope::Customer(value.to_string())),
-            "group" => Some(Scope::Group(value.to_string())),
-            _ => None,
-        }
-    }
-}
-
-/// When a pool starts a new period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Every {
-    /// At each term of the subscription (resource scope only).
-    Term,
-    /// On the first of each UTC calendar month.
-    Month,
-}
-
-impl Every {
-    /// `term` or `month`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Every::Term => "term",
-            Every::Month => "month",
-        }
-    }
-}
-
-/// A pool's refresh rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refresh {
-    /// When a period starts.
-    pub every: Every,
-    /// The unused part of a period is added to the next one.
-    pub rollover: bool,
-    /// At most this much rolls over (micro-units); `None`: no cap.
-    pub cap: Option<i64>,
-}
-
-/// A pool as declared (config or API).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolDef {
-    /// Unique id.
-    pub id: String,
-    /// The dimension it covers.
-    pub dimension: String,
-    /// Size per period.
-    pub amount: Amount,
-    /// Draw order: lower first.
-    pub priority: i64,
-    /// Whose usage it covers.
-    pub scope: Scope,
-    /// Covers usage from this time (unix seconds).
-    pub effective_at: i64,
-    /// Covers usage before this time (unix seconds), if set.
-    pub expires_at: Option<i64>,
-    /// Refresh rule, if any.
-    pub refresh: Option<Refresh>,
-}
-
-/// First second of the UTC month holding `at`.
-pub fn month_start(at: i64) -> i64 {
-    let d = DateTime::<Utc>::from_timestamp(at, 0).unwrap_or_default();
-    Utc.with_ymd_and_hms(d.year(), d.month(), 1, 0, 0, 0)
-        .single()
-        .map(|x| x.timestamp())
-        .unwrap_or(at)
-}
-
-/// First second of the UTC month after the one holding `at`.
-pub fn next_month_start(at: i64) -> i64 {
-    let d = DateTime::<Utc>::from_timestamp(month_start(at), 0).unwrap_or_default();
-    d.checked_add_months(chrono::Months::new(1))
-        .map(|x| x.timestamp())
-        .unwrap_or(i64::MAX)
-}
-
-/// Most periods looked back over for a rollover (100 years of months).
-const MAX_PERIODS: usize = 1200;
-
-impl PoolDef {
-    /// Whether the pool covers usage at `at` (its window, not whether anything is left).
-    pub fn covers(&self, at: i64) -> bool {
-        at >= self.effective_at && self.expires_at.is_none_or(|e| at < e)
-    }
-
-    /// The period `[start, end)` holding `at` (`term_of` gives the subscription's term holding a time).
-    pub fn period_at(&self, at: i64, term_of: &dyn Fn(i64) -> (i64, i64)) -> (i64, i64) {
-        let (s, e) = match self.refresh.map(|r| r.every) {
-            None => (self.effective_at, i64::MAX),
-            Some(Every::Month) => (month_start(at), next_month_start(at)),
-            Some(Every::Term) => term_of(at),
-        };
-        (
-            s.max(self.effective_at),
-            self.expires_at.map_or(e, |x| e.min(x)),
-        )
-    }
-
-    /// What the period starting at `period_start` makes available: `amount`, plus with rollover the unused part
-    /// of the periods before it (at most the cap), given the draws per period start in `drawn`.
-    pub fn allotment(
-        &self,
-        period_start: i64,
-        drawn: &BTreeMap<i64, i64>,
-        term_of: &dyn Fn(i64) -> (i64, i64),
-    ) -> Amount {
-        let Amount::Quantity(amount) = self.amount else {
-            return Amount::Infinite;
-        };
-        let Some(refresh) = self.refresh.filter(|r| r.rollover) else {
-            return Amount::Quantity(amount);
-        };
-        let mut carry = 0i64;
-        let (mut start, mut end) = self.period_at(self.effective_at, term_of);
-        for _ in 0..MAX_PERIODS {
-            if start >= period_start || end <= start {
-                break;
-            }
-            let allot = amount.saturating_add(carry);
-            let unused = (allot - drawn.get(&start).copied().unwrap_or(0)).max(0);
-            carry = refresh.cap.map_or(unused, |c| unused.min(c));
-            (start, end) = self.period_at(end, term_of);
-        }
-        Amount::Quantity(amount.saturating_add(carry))
-    }
 }
 
 /// One pool as it stands for one event: its window, what its period makes available and what is left.
@@ -246,6 +60,15 @@ pub struct Available {
     pub total: Amount,
     /// What is left of it.
     pub left: Amount,
+}
+
+impl From<Included> for Amount {
+    fn from(i: Included) -> Self {
+        match i {
+            Included::Quantity(q) => Amount::Quantity(q),
+            Included::Infinite => Amount::Infinite,
+        }
+    }
 }
 
 /// The draw order: priority, then the earliest expiry (none last), then the id.
@@ -460,7 +283,9 @@ pub fn expiry_warning_due(
 mod tests {
     use super::*;
     use crate::quantity::MICROS;
+    use chrono::{TimeZone, Utc};
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     const M: i64 = MICROS;
 
@@ -487,6 +312,34 @@ mod tests {
             term: (0, 1),
             thresholds: &[],
         }
+    }
+
+    #[test]
+    fn specs_validate_with_messages_naming_the_field() {
+        let spec: PoolSpec = serde_json::from_value(serde_json::json!({
+            "id": "prepaid-1", "dimension": "api_calls", "amount": "60000", "priority": 2,
+            "scope": {"customer": "BBBB"}, "effective_at": "2026-03-01T00:00:00Z",
+            "expires_at": "2026-03-31T00:00:00Z", "refresh": {"every": "month", "rollover": true, "cap": 10}
+        }))
+        .unwrap();
+        let def = spec.validate().unwrap();
+        assert_eq!(def.amount, Amount::Quantity(60_000 * M));
+        assert_eq!(def.scope, Scope::Customer("bbbb".into()));
+        assert_eq!(def.refresh.unwrap().cap, Some(10 * M));
+        assert_eq!(def.to_json()["amount"], "60000");
+        let mut bad = spec.clone();
+        bad.id = "plan:gold".into();
+        assert!(bad.validate().unwrap_err().contains("plan allowance"));
+        let mut bad = spec.clone();
+        bad.refresh = Some(RefreshSpec {
+            every: "term".into(),
+            rollover: false,
+            cap: None,
+        });
+        assert!(bad.validate().unwrap_err().contains("resource"));
+        let mut bad = spec;
+        bad.expires_at = Some("yesterday".into());
+        assert!(bad.validate().unwrap_err().contains("expires_at"));
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn bill(
         .optional()?
         .unwrap_or(0);
     let decl = settings.dimension(dimension);
-    let computed = compute(BillInputs {
+    let inputs = BillInputs {
         raw: ev.quantity,
         prebilled: ev.prebilled,
         consumed_before: before,
@@ -75,8 +75,43 @@ pub fn bill(
         unit: decl.and_then(|d| d.unit).unwrap_or(1),
         term: (term_start, term_end),
         thresholds: decl.map(|d| d.thresholds.as_slice()).unwrap_or(&[]),
-    })
-    .ok_or_else(|| JournalError::Invalid("term consumption overflows".into()))?;
+    };
+    let overflow = || JournalError::Invalid("term consumption overflows".into());
+    // Credit pools (`crate::pools`): only when a pool applies does the event go through them; otherwise the
+    // arithmetic (and so the body) is exactly the plan allowance's.
+    let pools = super::pools::event_pools(conn, settings, resource, dimension, hour)?;
+    let plan_pool = crate::pools::plan_pool_id(plan);
+    let computed = if pools.is_empty() {
+        compute(inputs).ok_or_else(overflow)?
+    } else {
+        let usage = super::pools::event_usage(
+            conn,
+            resource,
+            dimension,
+            hour,
+            ev.quantity - ev.prebilled,
+            &pools,
+        )?;
+        let percents: Vec<i64> = inputs
+            .thresholds
+            .iter()
+            .filter_map(|t| match t {
+                crate::config::Threshold::Percent(bp) => Some(*bp),
+                crate::config::Threshold::Absolute(_) => None,
+            })
+            .collect();
+        let pooled = crate::pools::bill_event(
+            inputs,
+            &usage,
+            &pools,
+            (&plan_pool, settings.billing.plan_pool_priority),
+            &percents,
+        )
+        .ok_or_else(overflow)?;
+        super::pools::record_draws(conn, ev.id, &plan_pool, &pooled.draws)?;
+        super::pools::fire_crossings(conn, &pooled.crossings, resource, dimension, hour, now)?;
+        pooled.computed
+    };
     let Computed {
         mut bill,
         fresh,
@@ -160,6 +195,10 @@ pub struct DimensionBalance {
     pub carried_remainder: String,
     /// Usage per billing unit.
     pub unit: i64,
+    /// All usage this term (every pool's and the overage), frozen or not.
+    pub usage: String,
+    /// The pools this dimension draws from, in draw order; the plan allowance is `plan:<plan>`.
+    pub pools: Vec<super::pools::PoolBalance>,
 }
 
 /// The balance of every declared dimension for `resource` at `now`.
@@ -215,6 +254,41 @@ pub fn balance(
             .query_row(params![resource, d.id], |r| r.get(0))
             .optional()?
             .unwrap_or(0);
+        let term_usage: i64 = conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(quantity - prebilled), 0) FROM hourly_totals
+                 WHERE resource = ?1 AND dimension = ?2 AND hour >= ?3 AND hour < ?4",
+            )?
+            .query_row(params![resource, d.id, term_start, term_end], |r| r.get(0))?;
+        let allowance = settings.included(&plan, &d.id);
+        let mut pools = vec![super::pools::PoolBalance {
+            id: crate::pools::plan_pool_id(&plan),
+            priority: settings.billing.plan_pool_priority,
+            scope: serde_json::json!({ "resource": resource }),
+            total: crate::pools::Amount::from(allowance).to_decimal_string(),
+            available: match allowance {
+                Included::Infinite => "infinite".into(),
+                Included::Quantity(q) => Micros((q - consumed).max(0)).to_decimal_string(),
+            },
+            used: match allowance {
+                Included::Infinite => Micros(consumed).to_decimal_string(),
+                Included::Quantity(q) => Micros(consumed.min(q).max(0)).to_decimal_string(),
+            },
+            effective_at: fmt_time(term_start),
+            expires_at: None,
+            refreshes_at: Some(fmt_time(term_end)),
+            voided: false,
+        }];
+        for p in super::pools::for_resource(conn, settings, resource, Some(&d.id))? {
+            pools.push(super::pools::pool_balance(
+                conn,
+                settings,
+                &p,
+                resource,
+                now.timestamp(),
+            )?);
+        }
+        pools.sort_by_key(|p| p.priority);
         let (included, remaining) = match settings.included(&plan, &d.id) {
             Included::Infinite => ("infinite".to_string(), "infinite".to_string()),
             Included::Quantity(q) => (
@@ -234,9 +308,60 @@ pub fn balance(
             overage_accepted: Micros(accepted).to_decimal_string(),
             carried_remainder: Micros(remainder).to_decimal_string(),
             unit: d.unit.unwrap_or(1),
+            usage: Micros(term_usage).to_decimal_string(),
+            pools,
         });
     }
     Ok(out)
+}
+
+/// A customer's (tenant's) pooled view: its subscriptions (as the SaaS list names them), the pools they share
+/// (customer scope, and groups holding any of them) and each subscription's balance.
+pub fn customer_balance(
+    conn: &Connection,
+    settings: &Settings,
+    tenant: &str,
+    now: DateTime<Utc>,
+) -> Result<serde_json::Value, JournalError> {
+    let tenant = tenant.trim().to_ascii_lowercase();
+    let members = super::pools::members_of(conn, &tenant)?;
+    let mut shared = Vec::new();
+    for p in super::pools::all(conn)? {
+        let holds = match &p.def.scope {
+            crate::pools::Scope::Customer(c) => *c == tenant,
+            crate::pools::Scope::Group(g) => members
+                .iter()
+                .any(|m| settings.groups_of(m).contains(&g.as_str())),
+            crate::pools::Scope::Resource(_) => false,
+        };
+        if holds {
+            let mut b = serde_json::to_value(super::pools::pool_balance(
+                conn,
+                settings,
+                &p,
+                "",
+                now.timestamp(),
+            )?)
+            .unwrap_or_default();
+            b["dimension"] = p.def.dimension.clone().into();
+            shared.push(b);
+        }
+    }
+    let mut subscriptions = Vec::new();
+    for m in &members {
+        let journaled = super::usage::known_spelling(conn, m)?;
+        let resource = journaled.as_deref().unwrap_or(m);
+        subscriptions.push(serde_json::json!({
+            "resource": resource,
+            "dimensions": balance(conn, settings, resource, now)?,
+        }));
+    }
+    Ok(serde_json::json!({
+        "tenant": tenant,
+        "at": fmt_time(now.timestamp()),
+        "pools": shared,
+        "subscriptions": subscriptions,
+    }))
 }
 
 /// Raw consumption of `resource` (optionally one dimension) over `[from, to)`, per dimension, micro-units.

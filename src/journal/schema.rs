@@ -187,6 +187,53 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     INSERT OR IGNORE INTO resource_spellings (folded, spelling)
         SELECT lower(resource), resource FROM hourly_totals ORDER BY hour;
     "#,
+    // 4 (pools): credit pools, their audit trail, and what each drew per outbound event.
+    r#"
+    -- The customer of a SaaS subscription (the list's beneficiary.tenantId, lower case), for customer pools.
+    ALTER TABLE subscriptions ADD COLUMN tenant TEXT;
+
+    -- Credit pools from [[pools]] (source 'config') and POST /v1/pools (source 'api'). `spec` is the pool in the
+    -- API's JSON form (what idempotent creation compares); `amount` NULL is infinite; `voided_at`: no further draws.
+    CREATE TABLE pools (
+        id           TEXT PRIMARY KEY,
+        dimension    TEXT NOT NULL,
+        spec         TEXT NOT NULL,
+        source       TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        voided_at    INTEGER
+    ) WITHOUT ROWID;
+
+    -- Every change to a pool: who (`config`, `api`), when, what (created, updated, voided) and the spec after it.
+    CREATE TABLE pool_changes (
+        id       INTEGER PRIMARY KEY,
+        pool_id  TEXT NOT NULL,
+        at       INTEGER NOT NULL,
+        who      TEXT NOT NULL,
+        action   TEXT NOT NULL,
+        spec     TEXT NOT NULL
+    );
+    CREATE INDEX pool_changes_pool ON pool_changes(pool_id, id);
+
+    -- What each pool (other than the plan allowance, which is outbound_events.included minus these) covered of
+    -- each outbound event, in the pool's period starting at `period_start`. Written with the event's body.
+    CREATE TABLE pool_draws (
+        outbound_id  INTEGER NOT NULL,
+        pool_id      TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        quantity     INTEGER NOT NULL,
+        PRIMARY KEY (outbound_id, pool_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX pool_draws_pool ON pool_draws(pool_id, period_start);
+
+    -- Pool thresholds fired ('80%', 'exhausted', 'expiring'): once per pool and period.
+    CREATE TABLE pool_thresholds_fired (
+        pool_id      TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        threshold    TEXT NOT NULL,
+        fired_at     INTEGER NOT NULL,
+        PRIMARY KEY (pool_id, period_start, threshold)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.
