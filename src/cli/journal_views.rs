@@ -37,12 +37,12 @@ pub(crate) fn report(
         Format::Csv => {
             writeln!(
                 out,
-                "hour,resource,plan,dimension,quantity,records,carried_in,included,billed,outcome,usage_event_id,carried_to"
+                "hour,resource,plan,dimension,quantity,records,carried_in,included,billed,outcome,usage_event_id,carried_to,pools"
             )?;
             for h in &hours {
                 writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{}",
                     h.hour,
                     csv(&h.resource),
                     csv(&h.plan),
@@ -54,7 +54,13 @@ pub(crate) fn report(
                     h.billed.as_deref().unwrap_or(""),
                     h.outcome,
                     h.usage_event_id.as_deref().unwrap_or(""),
-                    h.carried_to.as_deref().unwrap_or("")
+                    h.carried_to.as_deref().unwrap_or(""),
+                    csv(&h
+                        .pools
+                        .iter()
+                        .map(|p| format!("{}={}", p.id, p.quantity))
+                        .collect::<Vec<_>>()
+                        .join(" "))
                 )?;
             }
         }

@@ -79,7 +79,9 @@ pub fn bill(
     let overflow = || JournalError::Invalid("term consumption overflows".into());
     // Credit pools (`crate::pools`): only when a pool applies does the event go through them; otherwise the
     // arithmetic (and so the body) is exactly the plan allowance's.
-    let pools = super::pools::event_pools(conn, settings, resource, dimension, hour)?;
+    let term =
+        |r: &str, t: i64| term_for(conn, settings, r, t).unwrap_or((t, t + crate::clock::HOUR));
+    let pools = super::pools::event_pools(conn, settings, &term, resource, dimension, hour)?;
     let plan_pool = crate::pools::plan_pool_id(plan);
     let computed = if pools.is_empty() {
         compute(inputs).ok_or_else(overflow)?
@@ -218,6 +220,8 @@ pub fn balance(
         .query_row([resource.to_ascii_lowercase()], |r| r.get(0))
         .optional()?
         .filter(|p: &String| !p.is_empty());
+    let term =
+        |r: &str, t: i64| term_for(conn, settings, r, t).unwrap_or((t, t + crate::clock::HOUR));
     let mut out = Vec::new();
     for d in &settings.dimensions {
         let last_plan: Option<String> = conn
@@ -282,7 +286,7 @@ pub fn balance(
         for p in super::pools::for_resource(conn, settings, resource, Some(&d.id))? {
             pools.push(super::pools::pool_balance(
                 conn,
-                settings,
+                &term,
                 &p,
                 resource,
                 now.timestamp(),
@@ -325,6 +329,8 @@ pub fn customer_balance(
 ) -> Result<serde_json::Value, JournalError> {
     let tenant = tenant.trim().to_ascii_lowercase();
     let members = super::pools::members_of(conn, &tenant)?;
+    let term =
+        |r: &str, t: i64| term_for(conn, settings, r, t).unwrap_or((t, t + crate::clock::HOUR));
     let mut shared = Vec::new();
     for p in super::pools::all(conn)? {
         let holds = match &p.def.scope {
@@ -337,7 +343,7 @@ pub fn customer_balance(
         if holds {
             let mut b = serde_json::to_value(super::pools::pool_balance(
                 conn,
-                settings,
+                &term,
                 &p,
                 "",
                 now.timestamp(),

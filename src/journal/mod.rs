@@ -107,6 +107,7 @@ pub mod leases;
 mod ops;
 pub mod outbound;
 pub mod pg;
+mod pool_ops;
 pub mod pools;
 mod schema;
 pub mod status;

@@ -18,6 +18,10 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
 
+/// The term `[start, end)` of a resource holding a time (`billing::term_for`, given by the caller so this
+/// module does not depend on billing).
+pub type TermOf<'a> = &'a dyn Fn(&str, i64) -> (i64, i64);
+
 /// A pool as journaled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredPool {
@@ -322,13 +326,12 @@ fn drawn_by_period(conn: &Connection, id: &str) -> Result<BTreeMap<i64, i64>, Jo
 /// period makes available and what is left.
 pub fn available(
     conn: &Connection,
-    settings: &Settings,
+    term: TermOf<'_>,
     def: &PoolDef,
     resource: &str,
     at: i64,
 ) -> Result<Available, JournalError> {
-    let term_of =
-        |t: i64| super::billing::term_for(conn, settings, resource, t).unwrap_or((t, t + HOUR));
+    let term_of = |t: i64| term(resource, t);
     let (start, _) = def.period_at(at, &term_of);
     let drawn = drawn_by_period(conn, &def.id)?;
     let total = def.allotment(start, &drawn, &term_of);
@@ -352,6 +355,7 @@ pub fn available(
 pub fn event_pools(
     conn: &Connection,
     settings: &Settings,
+    term: TermOf<'_>,
     resource: &str,
     dimension: &str,
     hour: i64,
@@ -373,7 +377,7 @@ pub fn event_pools(
         }
         out.push(available(
             conn,
-            settings,
+            term,
             d,
             resource,
             hour.max(d.effective_at),
@@ -489,6 +493,7 @@ pub fn fire_crossings(
 pub fn raise_expiry_alerts(
     conn: &Connection,
     settings: &Settings,
+    term: TermOf<'_>,
     now: DateTime<Utc>,
 ) -> Result<usize, JournalError> {
     let now_s = now.timestamp();
@@ -505,7 +510,7 @@ pub fn raise_expiry_alerts(
             Scope::Resource(r) => r.clone(),
             _ => String::new(),
         };
-        let a = available(conn, settings, &p.def, &resource, now_s)?;
+        let a = available(conn, term, &p.def, &resource, now_s)?;
         let (Amount::Quantity(total), Amount::Quantity(left)) = (a.total, a.left) else {
             continue;
         };
@@ -595,15 +600,14 @@ pub struct PoolBalance {
 /// Pool `p` as a balance entry at `now` for `resource`.
 pub fn pool_balance(
     conn: &Connection,
-    settings: &Settings,
+    term: TermOf<'_>,
     p: &StoredPool,
     resource: &str,
     now: i64,
 ) -> Result<PoolBalance, JournalError> {
     let at = now.max(p.def.effective_at);
-    let a = available(conn, settings, &p.def, resource, at)?;
-    let term_of =
-        |t: i64| super::billing::term_for(conn, settings, resource, t).unwrap_or((t, t + HOUR));
+    let a = available(conn, term, &p.def, resource, at)?;
+    let term_of = |t: i64| term(resource, t);
     let (_, end) = p.def.period_at(at, &term_of);
     let refreshes_at = p
         .def
@@ -646,7 +650,7 @@ pub fn pool_balance(
 /// its balance for `resource` (its own for customer and group scopes) and its audit trail.
 pub fn pool_json(
     conn: &Connection,
-    settings: &Settings,
+    term: TermOf<'_>,
     p: &StoredPool,
     resource: Option<&str>,
     now: i64,
@@ -657,7 +661,7 @@ pub fn pool_json(
         (_, Some(r)) => r.to_string(),
         _ => String::new(),
     };
-    let b = pool_balance(conn, settings, p, &r, now)?;
+    let b = pool_balance(conn, term, p, &r, now)?;
     v["source"] = p.source.clone().into();
     v["created_at"] = fmt_time(p.created_at).into();
     v["voided"] = b.voided.into();
@@ -674,92 +678,16 @@ pub fn pool_json(
 pub fn list(
     conn: &Connection,
     settings: &Settings,
+    term: TermOf<'_>,
     resource: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<Vec<serde_json::Value>, JournalError> {
     let pools = match resource {
-        Some(r) => {
-            let journaled = super::usage::known_spelling(conn, r)?;
-            for_resource(conn, settings, journaled.as_deref().unwrap_or(r), None)?
-        }
+        Some(r) => for_resource(conn, settings, r, None)?,
         None => all(conn)?,
     };
     pools
         .iter()
-        .map(|p| pool_json(conn, settings, p, resource, now.timestamp()))
+        .map(|p| pool_json(conn, term, p, resource, now.timestamp()))
         .collect()
-}
-
-/// The pool face: one job each.
-impl super::Journal {
-    /// One write job: journals the `[[pools]]` of `settings` (who = `config`) and raises the `pool_expiring`
-    /// alerts due at `now`. Run when meterd starts and at every emission pass.
-    pub async fn pools_pass(
-        &self,
-        settings: std::sync::Arc<Settings>,
-        now: DateTime<Utc>,
-    ) -> Result<(), JournalError> {
-        self.write(move |c| {
-            sync_config(c, &settings, now)?;
-            raise_expiry_alerts(c, &settings, now)?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// One write job: creates a pool (idempotent by id), journaling `who`.
-    pub async fn create_pool(
-        &self,
-        def: PoolDef,
-        who: String,
-        now: DateTime<Utc>,
-    ) -> Result<Created, JournalError> {
-        self.write(move |c| create(c, &def, "api", &who, now)).await
-    }
-
-    /// One write job: voids pool `id`, journaling `who`; `None`: no such pool.
-    pub async fn void_pool(
-        &self,
-        id: String,
-        who: String,
-        now: DateTime<Utc>,
-    ) -> Result<Option<StoredPool>, JournalError> {
-        self.write(move |c| void(c, &id, &who, now)).await
-    }
-
-    /// One read: the pools of `GET /v1/pools` (see [`list`]).
-    pub async fn list_pools(
-        &self,
-        settings: std::sync::Arc<Settings>,
-        resource: Option<String>,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<serde_json::Value>, JournalError> {
-        self.read(move |c| list(c, &settings, resource.as_deref(), now))
-            .await
-    }
-
-    /// One read: pool `id` in the form of `GET /v1/pools`.
-    pub async fn pool(
-        &self,
-        settings: std::sync::Arc<Settings>,
-        id: String,
-        now: DateTime<Utc>,
-    ) -> Result<Option<serde_json::Value>, JournalError> {
-        self.read(move |c| match get(c, &id)? {
-            Some(p) => Ok(Some(pool_json(c, &settings, &p, None, now.timestamp())?)),
-            None => Ok(None),
-        })
-        .await
-    }
-
-    /// One read: a customer's (tenant's) pooled balance, see [`super::billing::customer_balance`].
-    pub async fn customer_balance(
-        &self,
-        settings: std::sync::Arc<Settings>,
-        tenant: String,
-        now: DateTime<Utc>,
-    ) -> Result<serde_json::Value, JournalError> {
-        self.read(move |c| super::billing::customer_balance(c, &settings, &tenant, now))
-            .await
-    }
 }
