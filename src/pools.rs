@@ -344,7 +344,7 @@ mod tests {
 
     #[test]
     fn order_is_priority_then_earliest_expiry_then_id() {
-        let mut pools = vec![
+        let mut pools = [
             pool("z", 1, None, Amount::Quantity(M)),
             pool("b", 1, Some(50), Amount::Quantity(M)),
             pool("a", 1, Some(50), Amount::Quantity(M)),

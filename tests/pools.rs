@@ -620,3 +620,271 @@ expires_at = "2026-03-15T00:00:00Z"
     assert_eq!(list[0]["changes"][1]["action"], "voided");
     assert_eq!(list[0]["changes"][1]["who"], "config");
 }
+
+/// The HTTP routes: `POST /v1/pools` is idempotent by id (201, then 200; other content 409 with a message), a
+/// pool with an undeclared dimension is refused with 400, `GET /v1/pools?resource=` lists it, the balance has a
+/// `pools` list in draw order with the plan pool, `GET /v1/usage` and `GET /v1/consumption?group_by=` show
+/// which pools covered how much, `POST /v1/pools/{id}/void` voids (a plan pool or an unknown id is refused), and
+/// `GET /v1/customers/{tenant}/balance` lists the customer's subscriptions. Every route needs the bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_routes_over_http() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    let state = meterd::ingest::AppState {
+        settings: r.settings.clone(),
+        journal: r.journal.clone(),
+        clock: std::sync::Arc::new(r.clock.clone()),
+        token: Some(std::sync::Arc::new(meterd::secret::Secret::new(
+            "sekrit".to_string(),
+        ))),
+        emitter: None,
+        metrics: None,
+        ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        liveness: std::sync::Arc::new(meterd::ops::Liveness::default()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, meterd::ingest::router(state))
+            .await
+            .unwrap();
+    });
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth("sekrit")
+            .json(&body)
+            .send()
+    };
+    let get = |path: &str| {
+        http.get(format!("{base}{path}"))
+            .bearer_auth("sekrit")
+            .send()
+    };
+    let pool = serde_json::json!({
+        "id": "prepaid", "dimension": "api_calls", "amount": 50, "priority": 1,
+        "scope": {"resource": A}, "effective_at": "2026-03-01T00:00:00Z", "expires_at": "2026-04-10T00:00:00Z"
+    });
+    let unauthorized = http
+        .post(format!("{base}/v1/pools"))
+        .json(&pool)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    let created = post("/v1/pools", pool.clone()).await.unwrap();
+    assert_eq!(created.status(), 201);
+    let created: serde_json::Value = created.json().await.unwrap();
+    assert_eq!(
+        (
+            created["id"].as_str(),
+            created["amount"].as_str(),
+            created["source"].as_str()
+        ),
+        (Some("prepaid"), Some("50"), Some("api"))
+    );
+    assert_eq!(
+        post("/v1/pools", pool.clone()).await.unwrap().status(),
+        200,
+        "the same pool again changes nothing"
+    );
+    let mut other = pool.clone();
+    other["amount"] = 60.into();
+    let conflict = post("/v1/pools", other).await.unwrap();
+    assert_eq!(conflict.status(), 409);
+    let msg = conflict.text().await.unwrap();
+    assert!(
+        msg.contains("exists with other content") && msg.contains("void"),
+        "{msg}"
+    );
+    let mut undeclared = pool.clone();
+    undeclared["id"] = "x".into();
+    undeclared["dimension"] = "nope".into();
+    assert_eq!(post("/v1/pools", undeclared).await.unwrap().status(), 400);
+
+    let listed: serde_json::Value = get(&format!("/v1/pools?resource={A}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["pools"].as_array().unwrap().len(), 1);
+    let none: serde_json::Value = get(&format!("/v1/pools?resource={B}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(none["pools"].as_array().unwrap().is_empty());
+
+    r.use_(A, "api_calls", "2026-03-10T09:10:00Z", "20", None)
+        .await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    let balance: serde_json::Value = get(&format!("/v1/subscriptions/{A}/balance"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let api = &balance["dimensions"][0];
+    assert_eq!(api["dimension"], "api_calls");
+    assert_eq!(
+        (
+            api["included"].as_str(),
+            api["consumed"].as_str(),
+            api["remaining"].as_str()
+        ),
+        (Some("100"), Some("0"), Some("100"))
+    );
+    let pools: Vec<(String, String, String)> = api["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap().into(),
+                p["available"].as_str().unwrap().into(),
+                p["total"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pools,
+        [
+            ("prepaid".to_string(), "30".to_string(), "50".to_string()),
+            ("plan:gold".into(), "100".into(), "100".into())
+        ]
+    );
+    assert_eq!(api["pools"][0]["expires_at"], "2026-04-10T00:00:00Z");
+    assert_eq!(api["pools"][0]["scope"]["resource"], A);
+    assert_eq!(api["pools"][1]["refreshes_at"], "2026-04-01T00:00:00Z");
+
+    let usage: serde_json::Value = get(&format!("/v1/usage?resource={A}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let hours = usage["hours"].as_array().unwrap();
+    assert_eq!(hours[0]["pools"][0]["id"], "prepaid");
+    assert_eq!(hours[0]["pools"][0]["quantity"], "20");
+
+    let by_pool: serde_json::Value = get(&format!("/v1/consumption?resource={A}&group_by=pool"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        by_pool["groups"],
+        serde_json::json!([{"dimension": "api_calls", "pool": "prepaid", "quantity": "20"}])
+    );
+    let by_hour: serde_json::Value = get(&format!("/v1/consumption?resource={A}&group_by=hour"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        by_hour["groups"],
+        serde_json::json!([{"dimension": "api_calls", "period": "2026-03-10T09:00:00Z", "quantity": "20"}])
+    );
+    let by_month: serde_json::Value = get(&format!("/v1/consumption?resource={A}&group_by=month"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(by_month["groups"][0]["period"], "2026-03-01T00:00:00Z");
+    assert_eq!(
+        get(&format!("/v1/consumption?resource={A}&group_by=week"))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+
+    assert_eq!(
+        post("/v1/pools/plan:gold/void", serde_json::json!({}))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        post("/v1/pools/nope/void", serde_json::json!({}))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let voided = post("/v1/pools/prepaid/void", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(voided.status(), 200);
+    let voided: serde_json::Value = voided.json().await.unwrap();
+    assert_eq!(
+        (voided["voided"].as_bool(), voided["used"].as_str()),
+        (Some(true), Some("20"))
+    );
+
+    let team: serde_json::Value = get(&format!("/v1/customers/{TENANT}/balance"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let members: Vec<&str> = team["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["resource"].as_str().unwrap())
+        .collect();
+    assert_eq!(members.len(), 2, "{team}");
+    server.abort();
+}
+
+/// Retention deletes settled hourly totals, but their monthly sums stay: `group_by=month` (and `dimension`) still
+/// report usage older than `journal.retention`, while `group_by=hour` covers only what is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumption_by_month_outlives_retention() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    r.use_(A, "api_calls", "2026-03-10T09:10:00Z", "20", None)
+        .await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    r.clock.set(t("2026-03-31T10:10:00Z"));
+    r.use_(A, "api_calls", "2026-03-31T10:10:00Z", "5", None)
+        .await;
+    r.pass_at("2026-03-31T11:05:00Z").await;
+    // Retention of 30 hours at 2026-03-31T12:00: the 10 March hour goes.
+    let (deleted, _) = r
+        .journal
+        .write(|c| {
+            meterd::journal::usage::apply_retention(
+                c,
+                t("2026-03-31T12:00:00Z"),
+                chrono::Duration::hours(30),
+                chrono::Duration::days(7),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let group = |by: meterd::billing::GroupBy| {
+        r.journal
+            .read(move |c| meterd::billing::consumption_grouped(c, A, None, i64::MIN, i64::MAX, by))
+    };
+    let month = group(meterd::billing::GroupBy::Month).await.unwrap();
+    assert_eq!(
+        month,
+        [
+            serde_json::json!({"dimension": "api_calls", "period": "2026-03-01T00:00:00Z", "quantity": "25"})
+        ]
+    );
+    let dim = group(meterd::billing::GroupBy::Dimension).await.unwrap();
+    assert_eq!(
+        dim,
+        [serde_json::json!({"dimension": "api_calls", "quantity": "25"})]
+    );
+    let hour = group(meterd::billing::GroupBy::Hour).await.unwrap();
+    assert_eq!(hour.len(), 1);
+}

@@ -110,7 +110,7 @@ pub fn bill(
             &percents,
         )
         .ok_or_else(overflow)?;
-        super::pools::record_draws(conn, ev.id, &plan_pool, &pooled.draws)?;
+        super::pools::record_draws(conn, ev, &plan_pool, &pooled.draws)?;
         super::pools::fire_crossings(conn, &pooled.crossings, resource, dimension, hour, now)?;
         pooled.computed
     };
@@ -388,4 +388,165 @@ pub fn consumption(
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// How `GET /v1/consumption` groups usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// Per dimension (with the months retention summed into `usage_months`).
+    Dimension,
+    /// Per UTC hour.
+    Hour,
+    /// Per UTC day.
+    Day,
+    /// Per UTC calendar month (with the months retention summed into `usage_months`).
+    Month,
+    /// Per pool that covered it (`plan:<plan>` for the plan allowance), `overage` for what none covered and
+    /// `unbilled` for usage not billed yet (not frozen, or frozen and not yet billed).
+    Pool,
+}
+
+impl GroupBy {
+    /// From the query parameter.
+    pub fn parse(s: &str) -> Option<GroupBy> {
+        match s.trim() {
+            "dimension" => Some(GroupBy::Dimension),
+            "hour" => Some(GroupBy::Hour),
+            "day" => Some(GroupBy::Day),
+            "month" => Some(GroupBy::Month),
+            "pool" => Some(GroupBy::Pool),
+            _ => None,
+        }
+    }
+}
+
+/// Consumption of `resource` (optionally one dimension) over `[from, to)` grouped by `by`: rows of
+/// `{"dimension", ("period" | "pool"), "quantity"}` in dimension, then period or pool order.
+pub fn consumption_grouped(
+    conn: &Connection,
+    resource: &str,
+    dimension: Option<&str>,
+    from: i64,
+    to: i64,
+    by: GroupBy,
+) -> Result<Vec<serde_json::Value>, JournalError> {
+    use std::collections::BTreeMap;
+    let journaled = super::usage::known_spelling(conn, resource)?;
+    let resource = journaled.as_deref().unwrap_or(resource);
+    let mut sums: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut add = |d: String, k: String, q: i64| *sums.entry((d, k)).or_default() += q;
+    let key_of = |hour: i64| -> String {
+        match by {
+            GroupBy::Dimension | GroupBy::Pool => String::new(),
+            GroupBy::Hour => fmt_time(hour),
+            GroupBy::Day => fmt_time(hour - hour.rem_euclid(86_400)),
+            GroupBy::Month => fmt_time(crate::pools::month_start(hour)),
+        }
+    };
+    if by == GroupBy::Pool {
+        let mut stmt = conn.prepare_cached(
+            "SELECT h.dimension, h.quantity - h.prebilled, o.id, o.plan, o.included, o.billable
+             FROM hourly_totals h LEFT JOIN outbound_events o ON o.id = h.outbound_id
+             WHERE h.resource = ?1 AND (?2 IS NULL OR h.dimension = ?2) AND h.hour >= ?3 AND h.hour < ?4",
+        )?;
+        type Row = (
+            String,
+            i64,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let rows: Vec<Row> = stmt
+            .query_map(params![resource, dimension, from, to], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut seen = std::collections::BTreeSet::new();
+        for (dim, fresh, id, plan, included, billable) in rows {
+            match (id, included, billable) {
+                (Some(id), Some(included), Some(_)) => {
+                    // One event may hold several totals (plans): its covers count once.
+                    if !seen.insert(id) {
+                        continue;
+                    }
+                    let (fresh_all, covers): (i64, Vec<(String, i64)>) = {
+                        let fresh_all: i64 = conn
+                            .prepare_cached(
+                                "SELECT quantity - prebilled FROM outbound_events WHERE id = ?1",
+                            )?
+                            .query_row([id], |r| r.get(0))?;
+                        let mut c = Vec::new();
+                        for p in super::usage::pool_covers(
+                            conn,
+                            id,
+                            plan.as_deref().unwrap_or(""),
+                            included,
+                        )? {
+                            let q = crate::quantity::Micros::parse_decimal(&p.quantity)
+                                .map(|m| m.0)
+                                .unwrap_or(0);
+                            c.push((p.id, q));
+                        }
+                        (fresh_all, c)
+                    };
+                    let covered: i64 = covers.iter().map(|c| c.1).sum();
+                    for (p, q) in covers {
+                        add(dim.clone(), p, q);
+                    }
+                    if fresh_all - covered != 0 {
+                        add(dim.clone(), "overage".into(), fresh_all - covered);
+                    }
+                }
+                _ => add(dim, "unbilled".into(), fresh),
+            }
+        }
+    } else {
+        let mut stmt = conn.prepare_cached(
+            "SELECT dimension, hour, quantity FROM hourly_totals
+             WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND hour >= ?3 AND hour < ?4",
+        )?;
+        let rows: Vec<(String, i64, i64)> = stmt
+            .query_map(params![resource, dimension, from, to], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (dim, hour, q) in rows {
+            add(dim, key_of(hour), q);
+        }
+        if matches!(by, GroupBy::Month | GroupBy::Dimension) && super::pools::has_schema(conn)? {
+            let mut stmt = conn.prepare_cached(
+                "SELECT dimension, month, quantity FROM usage_months
+                 WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND month >= ?3 AND month < ?4",
+            )?;
+            let rows: Vec<(String, i64, i64)> = stmt
+                .query_map(params![resource, dimension, from, to], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            for (dim, month, q) in rows {
+                add(dim, key_of(month), q);
+            }
+        }
+    }
+    Ok(sums
+        .into_iter()
+        .map(|((dim, key), q)| {
+            let mut v =
+                serde_json::json!({"dimension": dim, "quantity": Micros(q).to_decimal_string()});
+            match by {
+                GroupBy::Pool => v["pool"] = key.into(),
+                GroupBy::Dimension => {}
+                _ => v["period"] = key.into(),
+            }
+            v
+        })
+        .collect())
 }

@@ -108,3 +108,21 @@ impl Journal {
             .await
     }
 }
+
+impl Journal {
+    /// One read: consumption grouped by dimension, hour, day, month or pool
+    /// ([`billing::consumption_grouped`]).
+    pub async fn consumption_grouped(
+        &self,
+        resource: String,
+        dimension: Option<String>,
+        from: i64,
+        to: i64,
+        by: billing::GroupBy,
+    ) -> Result<Vec<serde_json::Value>, JournalError> {
+        self.read(move |c| {
+            billing::consumption_grouped(c, &resource, dimension.as_deref(), from, to, by)
+        })
+        .await
+    }
+}

@@ -432,16 +432,17 @@ pub fn event_usage(
 /// Records an event's draws (the plan pool's excluded: it is `included` minus these).
 pub fn record_draws(
     conn: &Connection,
-    outbound_id: i64,
+    ev: &super::outbound::PendingEvent,
     plan_pool: &str,
     draws: &[Draw],
 ) -> Result<(), JournalError> {
     for d in draws.iter().filter(|d| d.id != plan_pool) {
         conn.prepare_cached(
-            "INSERT INTO pool_draws (outbound_id, pool_id, period_start, quantity) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO pool_draws (outbound_id, pool_id, period_start, quantity, resource, dimension, hour)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (outbound_id, pool_id) DO UPDATE SET quantity = quantity + excluded.quantity",
         )?
-        .execute(params![outbound_id, d.id, d.period_start, d.quantity])?;
+        .execute(params![ev.id, d.id, d.period_start, d.quantity, ev.resource, ev.dimension, ev.hour])?;
     }
     Ok(())
 }

@@ -216,14 +216,28 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 
     -- What each pool (other than the plan allowance, which is outbound_events.included minus these) covered of
     -- each outbound event, in the pool's period starting at `period_start`. Written with the event's body.
+    -- Kept when retention deletes the event: a pool's balance is its periods' amounts minus these.
     CREATE TABLE pool_draws (
         outbound_id  INTEGER NOT NULL,
         pool_id      TEXT NOT NULL,
         period_start INTEGER NOT NULL,
         quantity     INTEGER NOT NULL,
+        resource     TEXT NOT NULL,
+        dimension    TEXT NOT NULL,
+        hour         INTEGER NOT NULL,
         PRIMARY KEY (outbound_id, pool_id)
     ) WITHOUT ROWID;
     CREATE INDEX pool_draws_pool ON pool_draws(pool_id, period_start);
+
+    -- Monthly sums of the hourly totals retention deleted, so GET /v1/consumption?group_by=month reaches back
+    -- further than journal.retention.
+    CREATE TABLE usage_months (
+        resource  TEXT NOT NULL,
+        dimension TEXT NOT NULL,
+        month     INTEGER NOT NULL,
+        quantity  INTEGER NOT NULL,
+        PRIMARY KEY (resource, dimension, month)
+    ) WITHOUT ROWID;
 
     -- Pool thresholds fired ('80%', 'exhausted', 'expiring'): once per pool and period.
     CREATE TABLE pool_thresholds_fired (

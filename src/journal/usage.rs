@@ -614,7 +614,17 @@ pub fn apply_retention(
 ) -> Result<(usize, usize), JournalError> {
     let cutoff = hour_of(now - retention);
     // Only settled totals go: a total not frozen yet is never deleted (the freeze pass runs first and freezes
-    // every closed one; `journal.retention` is at least 25h + emit.grace).
+    // every closed one; `journal.retention` is at least 25h + emit.grace). Their monthly sums stay
+    // (`usage_months`, for `GET /v1/consumption?group_by=month`).
+    conn.prepare_cached(
+        "INSERT INTO usage_months (resource, dimension, month, quantity)
+         SELECT resource, dimension, CAST(strftime('%s', hour, 'unixepoch', 'start of month') AS INTEGER), SUM(quantity)
+         FROM hourly_totals WHERE hour < ?1
+           AND outbound_id IN (SELECT id FROM outbound_events WHERE state != 'pending')
+         GROUP BY 1, 2, 3
+         ON CONFLICT (resource, dimension, month) DO UPDATE SET quantity = quantity + excluded.quantity",
+    )?
+    .execute([cutoff])?;
     let hours = conn.execute(
         "DELETE FROM hourly_totals WHERE hour < ?1
            AND outbound_id IN (SELECT id FROM outbound_events WHERE state != 'pending')",
