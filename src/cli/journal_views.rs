@@ -91,6 +91,14 @@ pub(crate) fn report(
                             crate::quantity::Micros(h.carried_in_micros)
                         ));
                     }
+                    if !h.pools.is_empty() {
+                        let covered: Vec<String> = h
+                            .pools
+                            .iter()
+                            .map(|p| format!("{} {}", p.id, p.quantity))
+                            .collect();
+                        outcome.push_str(&format!(" [pools: {}]", covered.join(", ")));
+                    }
                     writeln!(
                         out,
                         "{:<20}  {:<36}  {:<10}  {:<14}  {:>14}  {:>7}  {:>12}  {:>10}  {outcome}",
