@@ -292,7 +292,15 @@ pub fn balance(
                 now.timestamp(),
             )?);
         }
-        pools.sort_by_key(|p| p.priority);
+        // Draw order: priority, the earliest expiry (none last; RFC 3339 strings sort by time), then the id.
+        pools.sort_by(|a, b| {
+            (a.priority, a.expires_at.is_none(), &a.expires_at, &a.id).cmp(&(
+                b.priority,
+                b.expires_at.is_none(),
+                &b.expires_at,
+                &b.id,
+            ))
+        });
         let (included, remaining) = match settings.included(&plan, &d.id) {
             Included::Infinite => ("infinite".to_string(), "infinite".to_string()),
             Included::Quantity(q) => (
