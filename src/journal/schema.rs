@@ -344,4 +344,30 @@ mod tests {
             .unwrap();
         assert!(plan.contains("hourly_totals_unfrozen"), "{plan}");
     }
+
+    /// Read-only commands of this build (`meterd balance`, `report`) read a journal of schema 3 (no pool tables)
+    /// that an older daemon still runs: the balance has the plan pool only, and the pool listing is empty.
+    #[test]
+    fn a_journal_without_the_pool_tables_still_answers_balances() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for m in &MIGRATIONS[..3] {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.execute_batch("PRAGMA user_version = 3").unwrap();
+        let settings = crate::config::load_str_for(
+            "[journal]\npath = \"/nonexistent/j.db\"\n[[dimensions]]\nid = \"api_calls\"\n[[plans]]\nid = \"gold\"\nincluded = { api_calls = 5 }\n",
+            "test",
+            &Default::default(),
+            crate::config::Credentials::Optional,
+        )
+        .unwrap();
+        let now = chrono::DateTime::from_timestamp(10 * 3600, 0).unwrap();
+        let b = crate::journal::billing::balance(&conn, &settings, "r", now).unwrap();
+        assert_eq!(b[0].pools.len(), 1);
+        assert!(b[0].pools[0].id.starts_with("plan:"));
+        assert!(crate::journal::pools::all(&conn).unwrap().is_empty());
+        // Migrating adds the tables.
+        migrate(&mut conn).unwrap();
+        assert!(crate::journal::pools::has_schema(&conn).unwrap());
+    }
 }
