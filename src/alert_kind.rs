@@ -23,6 +23,10 @@ pub enum AlertKind {
     ResourceNotAuthorized,
     /// The marketplace refused an event.
     Rejected,
+    /// A credit pool crossed a threshold of its period (`80%`, `exhausted`).
+    PoolThreshold,
+    /// A credit pool expires soon with much of it unused.
+    PoolExpiring,
 }
 
 impl AlertKind {
@@ -36,6 +40,8 @@ impl AlertKind {
             AlertKind::DuplicateMismatch => "duplicate_mismatch",
             AlertKind::ResourceNotAuthorized => "resource_not_authorized",
             AlertKind::Rejected => "rejected",
+            AlertKind::PoolThreshold => "pool_threshold",
+            AlertKind::PoolExpiring => "pool_expiring",
         }
     }
 }
@@ -70,6 +76,14 @@ impl AlertKey {
         AlertKey {
             kind: AlertKind::Threshold,
             dedupe: format!("threshold:{resource}:{dimension}:{term_start}:{threshold}"),
+        }
+    }
+
+    /// A pool threshold (`80%`, `exhausted`, `expiring`): once per pool, period and threshold.
+    pub fn pool(kind: AlertKind, pool: &str, period_start: i64, threshold: &str) -> Self {
+        AlertKey {
+            kind,
+            dedupe: format!("pool:{pool}:{period_start}:{threshold}"),
         }
     }
 

@@ -111,18 +111,7 @@ pub fn compute(i: BillInputs<'_>) -> Option<Computed> {
     };
     let included_part = fresh - overage;
     let billable = overage + i.prebilled + i.carried_in;
-    let unit = i.unit;
-    let (send, remainder) = if billable <= 0 {
-        // A negative remainder: an hour whose units were later given back (it ended not billed) after a later
-        // hour had already sent units built on its leftover. Nothing is sent until usage covers it.
-        (0, billable)
-    } else if unit > 1 {
-        let per_unit = unit * crate::quantity::MICROS;
-        let whole = billable / per_unit;
-        (whole * crate::quantity::MICROS, billable - whole * per_unit)
-    } else {
-        (billable, 0)
-    };
+    let (send, remainder) = units(billable, i.unit);
     let crossings = i
         .thresholds
         .iter()
@@ -147,9 +136,25 @@ pub fn compute(i: BillInputs<'_>) -> Option<Computed> {
         fresh,
         overage,
         consumed_after: after,
-        store_remainder: unit > 1 || i.carried_in != 0 || remainder != 0,
+        store_remainder: i.unit > 1 || i.carried_in != 0 || remainder != 0,
         crossings,
     })
+}
+
+/// Billing units of `billable` raw micro-units with `unit` usage per billed unit: (micro-units of billing units
+/// to send, remainder carried, raw micro-units).
+pub fn units(billable: i64, unit: i64) -> (i64, i64) {
+    if billable <= 0 {
+        // A negative remainder: an hour whose units were later given back (it ended not billed) after a later
+        // hour had already sent units built on its leftover. Nothing is sent until usage covers it.
+        (0, billable)
+    } else if unit > 1 {
+        let per_unit = unit * crate::quantity::MICROS;
+        let whole = billable / per_unit;
+        (whole * crate::quantity::MICROS, billable - whole * per_unit)
+    } else {
+        (billable, 0)
+    }
 }
 
 /// Months in a term unit (`P1M`, `P1Y`, ... `P5Y`).

@@ -302,6 +302,17 @@ pub struct BillingSettings {
     /// Term length in months for resources whose subscription has no term (managed applications): terms start
     /// on the first of a UTC month.
     pub fallback_term_months: u32,
+    /// The draw priority of the plan allowance pools (`plan:<plan>`); pools with a lower priority draw first.
+    pub plan_pool_priority: i64,
+}
+
+/// A `[[groups]]` entry: subscriptions that share `group`-scoped pools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSettings {
+    /// Group name (what `scope = { group = "..." }` names).
+    pub name: String,
+    /// Member resource ids (ASCII lower case).
+    pub resources: Vec<String>,
 }
 
 /// Alert settings.
@@ -311,6 +322,10 @@ pub struct AlertSettings {
     pub webhook_url: Option<String>,
     /// An event pending longer than this (since its hour ended) raises an alert.
     pub pending_age: Duration,
+    /// A pool expiring within this long with at least `pool_expiry_unused` of its period unused raises an alert.
+    pub pool_expiry_warning: Duration,
+    /// Hundredths of a percent of a pool's period total (`40%` is 4000).
+    pub pool_expiry_unused: i64,
 }
 
 /// A CloudEvents meter: maps an event `type` to a dimension and says where the quantity is.
@@ -381,6 +396,10 @@ pub struct Settings {
     pub plans: Vec<PlanSettings>,
     /// Billing policy.
     pub billing: BillingSettings,
+    /// Credit pools declared in `[[pools]]` (journaled with who = `config` when meterd starts).
+    pub pools: Vec<crate::pool_def::PoolDef>,
+    /// Groups of subscriptions for `group`-scoped pools.
+    pub groups: Vec<GroupSettings>,
     /// Alerts.
     pub alerts: AlertSettings,
     /// Fleet mode: `Some` when a PostgreSQL URL is configured.
@@ -421,6 +440,10 @@ pub struct RawConfig {
     #[serde(default)]
     alerts: RawAlerts,
     fleet: Option<RawFleet>,
+    #[serde(default)]
+    pools: Vec<crate::pool_def::PoolSpec>,
+    #[serde(default)]
+    groups: Vec<RawGroup>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -434,6 +457,14 @@ struct RawFleet {
     lease: Option<String>,
     forward_batch: Option<i64>,
     pool_size: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: String,
+    #[serde(default)]
+    resources: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -528,6 +559,7 @@ struct RawPlan {
 #[serde(deny_unknown_fields)]
 struct RawBilling {
     fallback_term: Option<String>,
+    plan_pool_priority: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -535,6 +567,8 @@ struct RawBilling {
 struct RawAlerts {
     webhook_url: Option<String>,
     pending_age: Option<String>,
+    pool_expiry_warning: Option<String>,
+    pool_expiry_unused: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1300,19 +1334,86 @@ impl Settings {
         {
             return Err(v.err("alerts.webhook_url", format!("`{u}` is not an http(s) URL")));
         }
+        let pool_expiry_unused = match &raw.alerts.pool_expiry_unused {
+            None => 4000,
+            Some(t) => match parse_threshold(t) {
+                Ok(Threshold::Percent(bp)) if bp <= 10_000 => bp,
+                _ => {
+                    return Err(v.err(
+                        "alerts.pool_expiry_unused",
+                        "must be a percentage from \"0%\" to \"100%\", like \"40%\"",
+                    ));
+                }
+            },
+        };
         let alerts = AlertSettings {
             webhook_url,
             pending_age: v.duration("alerts.pending_age", raw.alerts.pending_age, "6h")?,
+            pool_expiry_warning: v.duration(
+                "alerts.pool_expiry_warning",
+                raw.alerts.pool_expiry_warning,
+                "7d",
+            )?,
+            pool_expiry_unused,
         };
 
         let fleet = fleet_settings(&v, raw.fleet, env)?;
+        let mut groups: Vec<GroupSettings> = Vec::new();
+        for (i, g) in raw.groups.into_iter().enumerate() {
+            let name = g.name.trim().to_string();
+            if name.is_empty() {
+                return Err(v.err(&format!("groups[{i}].name"), "must be a non-empty name"));
+            }
+            if groups.iter().any(|x| x.name == name) {
+                return Err(v.err(
+                    &format!("groups[{i}].name"),
+                    format!("group `{name}` is declared twice"),
+                ));
+            }
+            groups.push(GroupSettings {
+                name,
+                resources: g
+                    .resources
+                    .iter()
+                    .map(|r| r.trim().to_ascii_lowercase())
+                    .collect(),
+            });
+        }
+        let mut pools: Vec<crate::pool_def::PoolDef> = Vec::new();
+        for (i, p) in raw.pools.iter().enumerate() {
+            let def = p.validate().map_err(|m| v.err(&format!("pools[{i}]"), m))?;
+            if !seen.contains(&def.dimension) {
+                return Err(v.err(
+                    &format!("pools[{i}].dimension"),
+                    format!("`{}` is not a declared dimension", def.dimension),
+                ));
+            }
+            if pools.iter().any(|x| x.id == def.id) {
+                return Err(v.err(
+                    &format!("pools[{i}].id"),
+                    format!("pool `{}` is declared twice", def.id),
+                ));
+            }
+            if let crate::pool_def::Scope::Group(g) = &def.scope
+                && !groups.iter().any(|x| &x.name == g)
+            {
+                return Err(v.err(
+                    &format!("pools[{i}].scope.group"),
+                    format!("`{g}` is not a declared group; add [[groups]] name = \"{g}\""),
+                ));
+            }
+            pools.push(def);
+        }
 
         Ok(Settings {
             fleet,
             plans,
             billing: BillingSettings {
                 fallback_term_months,
+                plan_pool_priority: raw.billing.plan_pool_priority.unwrap_or(100),
             },
+            pools,
+            groups,
             alerts,
             late_usage,
             default_plan: non_empty(raw.default_plan),
@@ -1336,6 +1437,16 @@ impl Settings {
             .find(|p| p.id == plan)
             .and_then(|p| p.included.get(dimension).copied())
             .unwrap_or(Included::Quantity(0))
+    }
+
+    /// The `[[groups]]` that hold `resource` (compared case-insensitively).
+    pub fn groups_of(&self, resource: &str) -> Vec<&str> {
+        let r = resource.to_ascii_lowercase();
+        self.groups
+            .iter()
+            .filter(|g| g.resources.contains(&r))
+            .map(|g| g.name.as_str())
+            .collect()
     }
 
     /// The dimension named `id`, if declared.

@@ -372,6 +372,11 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
             message = "Cleared the emission lease of a process that stopped without releasing it."
         );
     }
+    // The [[pools]] of the configuration, journaled (who = config) before the API answers.
+    journal
+        .pools_pass(settings.clone(), ctx.clock.now())
+        .await
+        .context("cannot journal the configured [[pools]]")?;
     let token = ingest_token(&settings, &ctx.env)?.map(Arc::new);
     if let ListenAddr::Tcp(a) = &settings.ingest.listen
         && token.is_none()

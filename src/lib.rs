@@ -16,6 +16,9 @@
 //! - [`resource`]: resource identity: SaaS GUID, managed-app URI or `resourceUsageId`.
 //! - [`outcome`]: the one list of event outcomes ([`outcome::Outcome`]), as stored and exported.
 //! - [`bill`]: billing arithmetic (allowance, overage, billing units, remainders, thresholds) into a [`bill::Bill`].
+//! - [`pool_def`]: what a pool is and how `[[pools]]` / `POST /v1/pools` write it (below `config`).
+//! - [`pools`]: credit pools (free tier, prepaid, plan allowance): which apply, the draw order, drawing an
+//!   event's usage across them by record time, refresh and rollover.
 //! - [`retry`]: retry policy (backoff with jitter, `Retry-After`).
 //! - [`alert_kind`]: alert kinds and their dedupe keys.
 //! - [`settle`]: per-event settlements ([`settle::Settle`], [`settle::Settlement`]); the pure mapping of a
@@ -61,6 +64,8 @@ pub mod journal;
 pub mod marketplace;
 pub mod ops;
 pub mod outcome;
+pub mod pool_def;
+pub mod pools;
 pub mod quantity;
 pub mod resource;
 pub mod retry;

@@ -37,12 +37,12 @@ pub(crate) fn report(
         Format::Csv => {
             writeln!(
                 out,
-                "hour,resource,plan,dimension,quantity,records,carried_in,included,billed,outcome,usage_event_id,carried_to"
+                "hour,resource,plan,dimension,quantity,records,carried_in,included,billed,outcome,usage_event_id,carried_to,pools"
             )?;
             for h in &hours {
                 writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{}",
                     h.hour,
                     csv(&h.resource),
                     csv(&h.plan),
@@ -54,7 +54,13 @@ pub(crate) fn report(
                     h.billed.as_deref().unwrap_or(""),
                     h.outcome,
                     h.usage_event_id.as_deref().unwrap_or(""),
-                    h.carried_to.as_deref().unwrap_or("")
+                    h.carried_to.as_deref().unwrap_or(""),
+                    csv(&h
+                        .pools
+                        .iter()
+                        .map(|p| format!("{}={}", p.id, p.quantity))
+                        .collect::<Vec<_>>()
+                        .join(" "))
                 )?;
             }
         }
@@ -84,6 +90,14 @@ pub(crate) fn report(
                             " (incl. {} carried in)",
                             crate::quantity::Micros(h.carried_in_micros)
                         ));
+                    }
+                    if !h.pools.is_empty() {
+                        let covered: Vec<String> = h
+                            .pools
+                            .iter()
+                            .map(|p| format!("{} {}", p.id, p.quantity))
+                            .collect();
+                        outcome.push_str(&format!(" [pools: {}]", covered.join(", ")));
                     }
                     writeln!(
                         out,
@@ -167,6 +181,87 @@ pub(crate) fn balance(
             d.term_start,
             d.term_end
         );
+        println!("  usage this term: {}", d.usage);
+        for p in &d.pools {
+            println!("  {}", pool_line(p, now.timestamp()));
+        }
     }
     Ok(())
+}
+
+/// "in 30 days", "in 5 hours", "in 20 minutes" from `now` to `at` (RFC 3339).
+fn until(at: &str, now: i64) -> String {
+    let Ok(t) = chrono::DateTime::parse_from_rfc3339(at) else {
+        return format!("at {at}");
+    };
+    let secs = t.timestamp() - now;
+    let (n, unit) = if secs >= 86_400 {
+        (secs / 86_400, "day")
+    } else if secs >= 3_600 {
+        (secs / 3_600, "hour")
+    } else {
+        ((secs / 60).max(0), "minute")
+    };
+    format!("in {n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+/// One pool of a balance as a customer reads it: `pool prepaid (priority 1): 140 of 150 available, 10 used, ends
+/// in 30 days`.
+fn pool_line(p: &crate::journal::pools::PoolBalance, now: i64) -> String {
+    let mut line = format!(
+        "pool {} (priority {}): {} of {} available, {} used",
+        p.id, p.priority, p.available, p.total, p.used
+    );
+    if p.voided {
+        line.push_str(", voided");
+    } else if let Some(e) = p.expires_at.as_deref() {
+        let ended = chrono::DateTime::parse_from_rfc3339(e).is_ok_and(|t| t.timestamp() <= now);
+        if ended {
+            line.push_str(&format!(", ended {e}"));
+        } else {
+            line.push_str(&format!(", ends {}", until(e, now)));
+        }
+    }
+    if !p.voided
+        && let Some(r) = p.refreshes_at.as_deref()
+    {
+        line.push_str(&format!(", refreshes {}", until(r, now)));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_lines_say_available_of_total_and_when_it_ends_or_refreshes() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-03-10T00:00:00Z")
+            .unwrap()
+            .timestamp();
+        let mut p = crate::journal::pools::PoolBalance {
+            id: "prepaid".into(),
+            priority: 1,
+            scope: serde_json::json!({"resource": "r"}),
+            total: "150".into(),
+            available: "140".into(),
+            used: "10".into(),
+            effective_at: "2026-03-01T00:00:00Z".into(),
+            expires_at: Some("2026-04-09T00:00:00Z".into()),
+            refreshes_at: None,
+            voided: false,
+        };
+        assert_eq!(
+            pool_line(&p, now),
+            "pool prepaid (priority 1): 140 of 150 available, 10 used, ends in 30 days"
+        );
+        p.expires_at = None;
+        p.refreshes_at = Some("2026-03-22T00:00:00Z".into());
+        assert_eq!(
+            pool_line(&p, now),
+            "pool prepaid (priority 1): 140 of 150 available, 10 used, refreshes in 12 days"
+        );
+        p.voided = true;
+        assert!(pool_line(&p, now).ends_with(", voided"));
+    }
 }

@@ -236,6 +236,8 @@ impl Emitter {
         let release_held = self
             .release_held
             .swap(false, std::sync::atomic::Ordering::SeqCst);
+        // Credit pools: the configured ones journaled, expiry warnings raised (journal::pools).
+        self.journal.pools_pass(self.settings.clone(), now).await?;
         let (frozen, expired) = self
             .journal
             .open_pass(

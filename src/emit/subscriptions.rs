@@ -104,6 +104,7 @@ impl SubscriptionView {
                                 .and_then(|t| t.end_date)
                                 .map(|d| d.timestamp()),
                             term_unit: s.term.as_ref().and_then(|t| t.term_unit.clone()),
+                            tenant: s.beneficiary.as_ref().and_then(|b| b.tenant_id.clone()),
                         })
                         .collect();
                     let n = listed.len();

@@ -6,6 +6,7 @@
 
 pub mod cloudevents;
 pub mod ops;
+pub mod pools_api;
 pub mod usage_api;
 pub mod validate;
 
@@ -75,6 +76,16 @@ pub fn router(state: AppState) -> Router {
             axum::routing::get(ops::balance),
         )
         .route("/v1/consumption", axum::routing::get(ops::consumption))
+        .route(
+            "/v1/pools",
+            axum::routing::post(pools_api::create).get(pools_api::list),
+        )
+        .route("/v1/pools/{id}", axum::routing::get(pools_api::get))
+        .route("/v1/pools/{id}/void", axum::routing::post(pools_api::void))
+        .route(
+            "/v1/customers/{tenant}/balance",
+            axum::routing::get(pools_api::customer_balance),
+        )
         .route("/metrics", axum::routing::get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -129,6 +129,7 @@ pub struct ConsumptionQuery {
     dimension: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    group_by: Option<String>,
 }
 
 /// `GET /v1/consumption?resource=&dimension=&from=&to=`: raw consumption over any range.
@@ -164,6 +165,23 @@ pub async fn consumption(
         }
     };
     let (r, d) = (resource.clone(), q.dimension.clone());
+    if let Some(g) = q.group_by.as_deref() {
+        let Some(by) = crate::billing::GroupBy::parse(g) else {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                vec![FieldError::request(format!(
+                    "`group_by`: `{g}` is not one of pool, dimension, hour, day, month"
+                ))],
+            );
+        };
+        return match state.journal.consumption_grouped(r, d, from, to, by).await {
+            Ok(groups) => axum::Json(json!({
+                "resource": resource, "from": q.from, "to": q.to, "group_by": g.trim(), "groups": groups,
+            }))
+            .into_response(),
+            Err(e) => journal_error_response(&e),
+        };
+    }
     match state.journal.consumption(r, d, from, to).await {
         Ok(rows) => {
             let dims: Vec<serde_json::Value> = rows

@@ -66,7 +66,7 @@ pub fn bill(
         .optional()?
         .unwrap_or(0);
     let decl = settings.dimension(dimension);
-    let computed = compute(BillInputs {
+    let inputs = BillInputs {
         raw: ev.quantity,
         prebilled: ev.prebilled,
         consumed_before: before,
@@ -75,8 +75,45 @@ pub fn bill(
         unit: decl.and_then(|d| d.unit).unwrap_or(1),
         term: (term_start, term_end),
         thresholds: decl.map(|d| d.thresholds.as_slice()).unwrap_or(&[]),
-    })
-    .ok_or_else(|| JournalError::Invalid("term consumption overflows".into()))?;
+    };
+    let overflow = || JournalError::Invalid("term consumption overflows".into());
+    // Credit pools (`crate::pools`): only when a pool applies does the event go through them; otherwise the
+    // arithmetic (and so the body) is exactly the plan allowance's.
+    let term =
+        |r: &str, t: i64| term_for(conn, settings, r, t).unwrap_or((t, t + crate::clock::HOUR));
+    let pools = super::pools::event_pools(conn, settings, &term, resource, dimension, hour)?;
+    let plan_pool = crate::pools::plan_pool_id(plan);
+    let computed = if pools.is_empty() {
+        compute(inputs).ok_or_else(overflow)?
+    } else {
+        let usage = super::pools::event_usage(
+            conn,
+            resource,
+            dimension,
+            hour,
+            ev.quantity - ev.prebilled,
+            &pools,
+        )?;
+        let percents: Vec<i64> = inputs
+            .thresholds
+            .iter()
+            .filter_map(|t| match t {
+                crate::config::Threshold::Percent(bp) => Some(*bp),
+                crate::config::Threshold::Absolute(_) => None,
+            })
+            .collect();
+        let pooled = crate::pools::bill_event(
+            inputs,
+            &usage,
+            &pools,
+            (&plan_pool, settings.billing.plan_pool_priority),
+            &percents,
+        )
+        .ok_or_else(overflow)?;
+        super::pools::record_draws(conn, ev, &plan_pool, &pooled.draws)?;
+        super::pools::fire_crossings(conn, &pooled.crossings, resource, dimension, hour, now)?;
+        pooled.computed
+    };
     let Computed {
         mut bill,
         fresh,
@@ -160,6 +197,10 @@ pub struct DimensionBalance {
     pub carried_remainder: String,
     /// Usage per billing unit.
     pub unit: i64,
+    /// All usage this term (every pool's and the overage), frozen or not.
+    pub usage: String,
+    /// The pools this dimension draws from, in draw order; the plan allowance is `plan:<plan>`.
+    pub pools: Vec<super::pools::PoolBalance>,
 }
 
 /// The balance of every declared dimension for `resource` at `now`.
@@ -179,6 +220,8 @@ pub fn balance(
         .query_row([resource.to_ascii_lowercase()], |r| r.get(0))
         .optional()?
         .filter(|p: &String| !p.is_empty());
+    let term =
+        |r: &str, t: i64| term_for(conn, settings, r, t).unwrap_or((t, t + crate::clock::HOUR));
     let mut out = Vec::new();
     for d in &settings.dimensions {
         let last_plan: Option<String> = conn
@@ -215,6 +258,49 @@ pub fn balance(
             .query_row(params![resource, d.id], |r| r.get(0))
             .optional()?
             .unwrap_or(0);
+        let term_usage: i64 = conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(quantity - prebilled), 0) FROM hourly_totals
+                 WHERE resource = ?1 AND dimension = ?2 AND hour >= ?3 AND hour < ?4",
+            )?
+            .query_row(params![resource, d.id, term_start, term_end], |r| r.get(0))?;
+        let allowance = settings.included(&plan, &d.id);
+        let mut pools = vec![super::pools::PoolBalance {
+            id: crate::pools::plan_pool_id(&plan),
+            priority: settings.billing.plan_pool_priority,
+            scope: serde_json::json!({ "resource": resource }),
+            total: crate::pools::Amount::from(allowance).to_decimal_string(),
+            available: match allowance {
+                Included::Infinite => "infinite".into(),
+                Included::Quantity(q) => Micros((q - consumed).max(0)).to_decimal_string(),
+            },
+            used: match allowance {
+                Included::Infinite => Micros(consumed).to_decimal_string(),
+                Included::Quantity(q) => Micros(consumed.min(q).max(0)).to_decimal_string(),
+            },
+            effective_at: fmt_time(term_start),
+            expires_at: None,
+            refreshes_at: Some(fmt_time(term_end)),
+            voided: false,
+        }];
+        for p in super::pools::for_resource(conn, settings, resource, Some(&d.id))? {
+            pools.push(super::pools::pool_balance(
+                conn,
+                &term,
+                &p,
+                resource,
+                now.timestamp(),
+            )?);
+        }
+        // Draw order: priority, the earliest expiry (none last; RFC 3339 strings sort by time), then the id.
+        pools.sort_by(|a, b| {
+            (a.priority, a.expires_at.is_none(), &a.expires_at, &a.id).cmp(&(
+                b.priority,
+                b.expires_at.is_none(),
+                &b.expires_at,
+                &b.id,
+            ))
+        });
         let (included, remaining) = match settings.included(&plan, &d.id) {
             Included::Infinite => ("infinite".to_string(), "infinite".to_string()),
             Included::Quantity(q) => (
@@ -234,9 +320,62 @@ pub fn balance(
             overage_accepted: Micros(accepted).to_decimal_string(),
             carried_remainder: Micros(remainder).to_decimal_string(),
             unit: d.unit.unwrap_or(1),
+            usage: Micros(term_usage).to_decimal_string(),
+            pools,
         });
     }
     Ok(out)
+}
+
+/// A customer's (tenant's) pooled view: its subscriptions (as the SaaS list names them), the pools they share
+/// (customer scope, and groups holding any of them) and each subscription's balance.
+pub fn customer_balance(
+    conn: &Connection,
+    settings: &Settings,
+    tenant: &str,
+    now: DateTime<Utc>,
+) -> Result<serde_json::Value, JournalError> {
+    let tenant = tenant.trim().to_ascii_lowercase();
+    let members = super::pools::members_of(conn, &tenant)?;
+    let term =
+        |r: &str, t: i64| term_for(conn, settings, r, t).unwrap_or((t, t + crate::clock::HOUR));
+    let mut shared = Vec::new();
+    for p in super::pools::all(conn)? {
+        let holds = match &p.def.scope {
+            crate::pools::Scope::Customer(c) => *c == tenant,
+            crate::pools::Scope::Group(g) => members
+                .iter()
+                .any(|m| settings.groups_of(m).contains(&g.as_str())),
+            crate::pools::Scope::Resource(_) => false,
+        };
+        if holds {
+            let mut b = serde_json::to_value(super::pools::pool_balance(
+                conn,
+                &term,
+                &p,
+                "",
+                now.timestamp(),
+            )?)
+            .unwrap_or_default();
+            b["dimension"] = p.def.dimension.clone().into();
+            shared.push(b);
+        }
+    }
+    let mut subscriptions = Vec::new();
+    for m in &members {
+        let journaled = super::usage::known_spelling(conn, m)?;
+        let resource = journaled.as_deref().unwrap_or(m);
+        subscriptions.push(serde_json::json!({
+            "resource": resource,
+            "dimensions": balance(conn, settings, resource, now)?,
+        }));
+    }
+    Ok(serde_json::json!({
+        "tenant": tenant,
+        "at": fmt_time(now.timestamp()),
+        "pools": shared,
+        "subscriptions": subscriptions,
+    }))
 }
 
 /// Raw consumption of `resource` (optionally one dimension) over `[from, to)`, per dimension, micro-units.
@@ -257,4 +396,165 @@ pub fn consumption(
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// How `GET /v1/consumption` groups usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// Per dimension (with the months retention summed into `usage_months`).
+    Dimension,
+    /// Per UTC hour.
+    Hour,
+    /// Per UTC day.
+    Day,
+    /// Per UTC calendar month (with the months retention summed into `usage_months`).
+    Month,
+    /// Per pool that covered it (`plan:<plan>` for the plan allowance), `overage` for what none covered and
+    /// `unbilled` for usage not billed yet (not frozen, or frozen and not yet billed).
+    Pool,
+}
+
+impl GroupBy {
+    /// From the query parameter.
+    pub fn parse(s: &str) -> Option<GroupBy> {
+        match s.trim() {
+            "dimension" => Some(GroupBy::Dimension),
+            "hour" => Some(GroupBy::Hour),
+            "day" => Some(GroupBy::Day),
+            "month" => Some(GroupBy::Month),
+            "pool" => Some(GroupBy::Pool),
+            _ => None,
+        }
+    }
+}
+
+/// Consumption of `resource` (optionally one dimension) over `[from, to)` grouped by `by`: rows of
+/// `{"dimension", ("period" | "pool"), "quantity"}` in dimension, then period or pool order.
+pub fn consumption_grouped(
+    conn: &Connection,
+    resource: &str,
+    dimension: Option<&str>,
+    from: i64,
+    to: i64,
+    by: GroupBy,
+) -> Result<Vec<serde_json::Value>, JournalError> {
+    use std::collections::BTreeMap;
+    let journaled = super::usage::known_spelling(conn, resource)?;
+    let resource = journaled.as_deref().unwrap_or(resource);
+    let mut sums: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut add = |d: String, k: String, q: i64| *sums.entry((d, k)).or_default() += q;
+    let key_of = |hour: i64| -> String {
+        match by {
+            GroupBy::Dimension | GroupBy::Pool => String::new(),
+            GroupBy::Hour => fmt_time(hour),
+            GroupBy::Day => fmt_time(hour - hour.rem_euclid(86_400)),
+            GroupBy::Month => fmt_time(crate::pools::month_start(hour)),
+        }
+    };
+    if by == GroupBy::Pool {
+        let mut stmt = conn.prepare_cached(
+            "SELECT h.dimension, h.quantity - h.prebilled, o.id, o.plan, o.included, o.billable
+             FROM hourly_totals h LEFT JOIN outbound_events o ON o.id = h.outbound_id
+             WHERE h.resource = ?1 AND (?2 IS NULL OR h.dimension = ?2) AND h.hour >= ?3 AND h.hour < ?4",
+        )?;
+        type Row = (
+            String,
+            i64,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+        );
+        let rows: Vec<Row> = stmt
+            .query_map(params![resource, dimension, from, to], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut seen = std::collections::BTreeSet::new();
+        for (dim, fresh, id, plan, included, billable) in rows {
+            match (id, included, billable) {
+                (Some(id), Some(included), Some(_)) => {
+                    // One event may hold several totals (plans): its covers count once.
+                    if !seen.insert(id) {
+                        continue;
+                    }
+                    let (fresh_all, covers): (i64, Vec<(String, i64)>) = {
+                        let fresh_all: i64 = conn
+                            .prepare_cached(
+                                "SELECT quantity - prebilled FROM outbound_events WHERE id = ?1",
+                            )?
+                            .query_row([id], |r| r.get(0))?;
+                        let mut c = Vec::new();
+                        for p in super::usage::pool_covers(
+                            conn,
+                            id,
+                            plan.as_deref().unwrap_or(""),
+                            included,
+                        )? {
+                            let q = crate::quantity::Micros::parse_decimal(&p.quantity)
+                                .map(|m| m.0)
+                                .unwrap_or(0);
+                            c.push((p.id, q));
+                        }
+                        (fresh_all, c)
+                    };
+                    let covered: i64 = covers.iter().map(|c| c.1).sum();
+                    for (p, q) in covers {
+                        add(dim.clone(), p, q);
+                    }
+                    if fresh_all - covered != 0 {
+                        add(dim.clone(), "overage".into(), fresh_all - covered);
+                    }
+                }
+                _ => add(dim, "unbilled".into(), fresh),
+            }
+        }
+    } else {
+        let mut stmt = conn.prepare_cached(
+            "SELECT dimension, hour, quantity FROM hourly_totals
+             WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND hour >= ?3 AND hour < ?4",
+        )?;
+        let rows: Vec<(String, i64, i64)> = stmt
+            .query_map(params![resource, dimension, from, to], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (dim, hour, q) in rows {
+            add(dim, key_of(hour), q);
+        }
+        if matches!(by, GroupBy::Month | GroupBy::Dimension) && super::pools::has_schema(conn)? {
+            let mut stmt = conn.prepare_cached(
+                "SELECT dimension, month, quantity FROM usage_months
+                 WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND month >= ?3 AND month < ?4",
+            )?;
+            let rows: Vec<(String, i64, i64)> = stmt
+                .query_map(params![resource, dimension, from, to], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            for (dim, month, q) in rows {
+                add(dim, key_of(month), q);
+            }
+        }
+    }
+    Ok(sums
+        .into_iter()
+        .map(|((dim, key), q)| {
+            let mut v =
+                serde_json::json!({"dimension": dim, "quantity": Micros(q).to_decimal_string()});
+            match by {
+                GroupBy::Pool => v["pool"] = key.into(),
+                GroupBy::Dimension => {}
+                _ => v["period"] = key.into(),
+            }
+            v
+        })
+        .collect())
 }

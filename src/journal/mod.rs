@@ -75,11 +75,15 @@
 //! - `leases`: the emitter lease (owner, expiry; no fencing counter yet, see design.md 8); cleared by `meterd run`
 //!   at start — 7.
 //! - `subscriptions`: the last subscription list seen (status, plan `''` for none, term, when first seen
-//!   `Unsubscribed`), for holds and terms.
+//!   `Unsubscribed`, the customer's tenant), for holds, terms and customer pools.
 //! - `term_usage`: consumption and overage per (resource, dimension, plan, term), added to once per event when it
 //!   is billed (`billing::bill`) — 3, 9.
 //! - `remainders`: the partial billing unit carried per (resource, dimension); may be negative — 9.
 //! - `thresholds_fired`: one row per (resource, dimension, term, threshold): a threshold fires once per term.
+//! - `pools`, `pool_changes`, `pool_draws`, `pool_thresholds_fired`: credit pools (spec, source, voided), their audit
+//!   trail (who, when, what), what each pool drew per outbound event and period (kept past retention: balances
+//!   are amounts minus draws), and pool thresholds fired once per pool and period (`journal::pools`) — 3, 9.
+//! - `usage_months`: monthly sums of the hourly totals retention deleted (consumption by month).
 //! - `alerts`: raised in the transaction of their cause, once per dedupe key ([`crate::alert_kind::AlertKey`]);
 //!   delivery state (attempts, next attempt, delivered) survives restarts.
 //!
@@ -110,6 +114,8 @@ mod ops;
 pub mod outbound;
 pub mod outbox;
 pub mod pg;
+mod pool_ops;
+pub mod pools;
 mod schema;
 pub mod status;
 pub mod subscriptions;

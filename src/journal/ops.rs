@@ -272,7 +272,20 @@ impl Journal {
         self.write(move |c| {
             let mut sendable = Vec::new();
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-            for (ev, decision) in decided {
+            // Billed oldest hour first, then by resource id: subscriptions sharing a pool draw in a deterministic
+            // order (journal::pools). What is sent keeps the order the pass decided.
+            let mut decided: Vec<(usize, (PendingEvent, Disposition))> =
+                decided.into_iter().enumerate().collect();
+            decided.sort_by(|(i, (a, _)), (j, (b, _))| {
+                (a.hour, a.resource.to_ascii_lowercase(), &a.dimension, i).cmp(&(
+                    b.hour,
+                    b.resource.to_ascii_lowercase(),
+                    &b.dimension,
+                    j,
+                ))
+            });
+            let mut order: Vec<usize> = Vec::new();
+            for (position, (ev, decision)) in decided {
                 let id = ev.id;
                 match decision {
                     Disposition::Settle(s) => {
@@ -286,6 +299,7 @@ impl Journal {
                     }
                     Disposition::Send { plan } => {
                         if !ev.body.is_empty() {
+                            order.push(position);
                             sendable.push(PendingEvent { plan, ..ev });
                             continue;
                         }
@@ -298,6 +312,7 @@ impl Journal {
                         }
                         let json = body(&ev, &plan, bill.send);
                         let body = outbound::set_body(c, id, &plan, &json, &bill)?;
+                        order.push(position);
                         sendable.push(PendingEvent {
                             body,
                             plan,
@@ -307,7 +322,10 @@ impl Journal {
                     }
                 }
             }
-            Ok((sendable, counts))
+            let mut sendable: Vec<(usize, PendingEvent)> =
+                order.into_iter().zip(sendable).collect();
+            sendable.sort_by_key(|(position, _)| *position);
+            Ok((sendable.into_iter().map(|(_, e)| e).collect(), counts))
         })
         .await
     }

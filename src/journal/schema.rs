@@ -195,6 +195,67 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage_records ADD COLUMN forward_pending INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX usage_records_outbox ON usage_records(seq) WHERE forward_pending = 1;
     "#,
+    // 5 (pools): credit pools, their audit trail, and what each drew per outbound event.
+    r#"
+    -- The customer of a SaaS subscription (the list's beneficiary.tenantId, lower case), for customer pools.
+    ALTER TABLE subscriptions ADD COLUMN tenant TEXT;
+
+    -- Credit pools from [[pools]] (source 'config') and POST /v1/pools (source 'api'). `spec` is the pool in the
+    -- API's JSON form (what idempotent creation compares); `amount` NULL is infinite; `voided_at`: no further draws.
+    CREATE TABLE pools (
+        id           TEXT PRIMARY KEY,
+        dimension    TEXT NOT NULL,
+        spec         TEXT NOT NULL,
+        source       TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        voided_at    INTEGER
+    ) WITHOUT ROWID;
+
+    -- Every change to a pool: who (`config`, `api`), when, what (created, updated, voided) and the spec after it.
+    CREATE TABLE pool_changes (
+        id       INTEGER PRIMARY KEY,
+        pool_id  TEXT NOT NULL,
+        at       INTEGER NOT NULL,
+        who      TEXT NOT NULL,
+        action   TEXT NOT NULL,
+        spec     TEXT NOT NULL
+    );
+    CREATE INDEX pool_changes_pool ON pool_changes(pool_id, id);
+
+    -- What each pool (other than the plan allowance, which is outbound_events.included minus these) covered of
+    -- each outbound event, in the pool's period starting at `period_start`. Written with the event's body.
+    -- Kept when retention deletes the event: a pool's balance is its periods' amounts minus these.
+    CREATE TABLE pool_draws (
+        outbound_id  INTEGER NOT NULL,
+        pool_id      TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        quantity     INTEGER NOT NULL,
+        resource     TEXT NOT NULL,
+        dimension    TEXT NOT NULL,
+        hour         INTEGER NOT NULL,
+        PRIMARY KEY (outbound_id, pool_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX pool_draws_pool ON pool_draws(pool_id, period_start);
+
+    -- Monthly sums of the hourly totals retention deleted, so GET /v1/consumption?group_by=month reaches back
+    -- further than journal.retention.
+    CREATE TABLE usage_months (
+        resource  TEXT NOT NULL,
+        dimension TEXT NOT NULL,
+        month     INTEGER NOT NULL,
+        quantity  INTEGER NOT NULL,
+        PRIMARY KEY (resource, dimension, month)
+    ) WITHOUT ROWID;
+
+    -- Pool thresholds fired ('80%', 'exhausted', 'expiring'): once per pool and period.
+    CREATE TABLE pool_thresholds_fired (
+        pool_id      TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        threshold    TEXT NOT NULL,
+        fired_at     INTEGER NOT NULL,
+        PRIMARY KEY (pool_id, period_start, threshold)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -290,5 +351,31 @@ mod tests {
             )
             .unwrap();
         assert!(plan.contains("hourly_totals_unfrozen"), "{plan}");
+    }
+
+    /// Read-only commands of this build (`meterd balance`, `report`) read a journal of schema 3 (no pool tables)
+    /// that an older daemon still runs: the balance has the plan pool only, and the pool listing is empty.
+    #[test]
+    fn a_journal_without_the_pool_tables_still_answers_balances() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for m in &MIGRATIONS[..3] {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.execute_batch("PRAGMA user_version = 3").unwrap();
+        let settings = crate::config::load_str_for(
+            "[journal]\npath = \"/nonexistent/j.db\"\n[[dimensions]]\nid = \"api_calls\"\n[[plans]]\nid = \"gold\"\nincluded = { api_calls = 5 }\n",
+            "test",
+            &Default::default(),
+            crate::config::Credentials::Optional,
+        )
+        .unwrap();
+        let now = chrono::DateTime::from_timestamp(10 * 3600, 0).unwrap();
+        let b = crate::journal::billing::balance(&conn, &settings, "r", now).unwrap();
+        assert_eq!(b[0].pools.len(), 1);
+        assert!(b[0].pools[0].id.starts_with("plan:"));
+        assert!(crate::journal::pools::all(&conn).unwrap().is_empty());
+        // Migrating adds the tables.
+        migrate(&mut conn).unwrap();
+        assert!(crate::journal::pools::has_schema(&conn).unwrap());
     }
 }

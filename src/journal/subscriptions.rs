@@ -41,6 +41,8 @@ pub struct ListedSubscription {
     pub term_end: Option<i64>,
     /// Term unit.
     pub term_unit: Option<String>,
+    /// The customer (`beneficiary.tenantId`), if listed.
+    pub tenant: Option<String>,
 }
 
 /// A subscription's term as stored: start, end (unix seconds) and unit.
@@ -95,10 +97,11 @@ pub fn store_subscriptions(
 ) -> Result<(), JournalError> {
     let now_s = now.timestamp();
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO subscriptions (id, status, plan, offer, term_start, term_end, term_unit, unsubscribed_seen_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?2 = 'Unsubscribed' THEN ?8 END, ?8)
+        "INSERT INTO subscriptions (id, status, plan, offer, term_start, term_end, term_unit, unsubscribed_seen_at, updated_at, tenant)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?2 = 'Unsubscribed' THEN ?8 END, ?8, ?9)
          ON CONFLICT (id) DO UPDATE SET
              status = excluded.status, plan = excluded.plan, offer = excluded.offer,
+             tenant = COALESCE(excluded.tenant, subscriptions.tenant),
              term_start = excluded.term_start, term_end = excluded.term_end, term_unit = excluded.term_unit,
              unsubscribed_seen_at = CASE WHEN excluded.status = 'Unsubscribed'
                                          THEN COALESCE(subscriptions.unsubscribed_seen_at, excluded.updated_at)
@@ -116,7 +119,11 @@ pub fn store_subscriptions(
             term_start,
             term_end,
             term_unit,
-            now_s
+            now_s,
+            s.tenant
+                .as_deref()
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty())
         ])?;
     }
     conn.prepare_cached("UPDATE subscriptions SET status = 'Unknown' WHERE updated_at < ?1 AND status != 'Unsubscribed'")?

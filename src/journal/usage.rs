@@ -404,6 +404,56 @@ pub struct HourlyRow {
     pub included: Option<String>,
     /// Quantity the hour's event billed (sent), in billing units, decimal.
     pub billed: Option<String>,
+    /// Which pools covered how much of the hour's event, in draw order (`plan:<plan>` for the plan allowance).
+    pub pools: Vec<PoolCover>,
+}
+
+/// What one pool covered of an outbound event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolCover {
+    /// Pool id.
+    pub id: String,
+    /// Quantity covered, decimal.
+    pub quantity: String,
+}
+
+/// Which pools covered how much of outbound event `id` (billed under `plan`, `included` covered in all): the
+/// recorded draws, and the plan allowance's part (`included` minus them).
+pub fn pool_covers(
+    conn: &Connection,
+    id: i64,
+    plan: &str,
+    included: i64,
+) -> Result<Vec<PoolCover>, JournalError> {
+    let has_pools: bool = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'pool_draws'",
+        )?
+        .query_row([], |r| r.get::<_, i64>(0))?
+        == 1;
+    let mut draws: Vec<(String, i64)> = Vec::new();
+    if has_pools {
+        let mut stmt = conn.prepare_cached(
+            "SELECT pool_id, quantity FROM pool_draws WHERE outbound_id = ?1 ORDER BY pool_id",
+        )?;
+        let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        draws = rows.collect::<Result<_, _>>()?;
+    }
+    let plan_part = included - draws.iter().map(|d| d.1).sum::<i64>();
+    let mut out: Vec<PoolCover> = draws
+        .into_iter()
+        .map(|(id, q)| PoolCover {
+            id,
+            quantity: Micros(q).to_decimal_string(),
+        })
+        .collect();
+    if plan_part > 0 {
+        out.push(PoolCover {
+            id: crate::pools::plan_pool_id(plan),
+            quantity: Micros(plan_part).to_decimal_string(),
+        });
+    }
+    Ok(out)
 }
 
 /// A quantity moved between hours.
@@ -449,7 +499,7 @@ pub fn hourly_report(
     let closed_before = hour_of(now - Duration::hours(1) - grace) + HOUR;
     let mut stmt = conn.prepare_cached(
         "SELECT h.resource, h.plan, h.dimension, h.hour, h.quantity, h.records, h.carried_in,
-                o.state, o.usage_event_id, o.carried_to, o.last_error, o.plan, o.included, o.send_quantity
+                o.state, o.usage_event_id, o.carried_to, o.last_error, o.plan, o.included, o.send_quantity, o.id
          FROM hourly_totals h LEFT JOIN outbound_events o ON o.id = h.outbound_id
          WHERE (?1 IS NULL OR h.resource = ?1 COLLATE NOCASE)
            AND h.hour >= ?2 AND h.hour < ?3
@@ -462,6 +512,13 @@ pub fn hourly_report(
         let carried_to: Option<i64> = r.get(9)?;
         let plan: String = r.get(1)?;
         let sent_plan: Option<String> = r.get(11)?;
+        let cover: Option<(i64, String, i64)> =
+            match (r.get::<_, Option<i64>>(14)?, r.get::<_, Option<i64>>(12)?) {
+                (Some(id), Some(included)) => {
+                    Some((id, sent_plan.clone().unwrap_or_default(), included))
+                }
+                _ => None,
+            };
         let outcome = match (state, carried_to) {
             (Some(s), Some(_)) if s == Outcome::Expired.as_str() => Outcome::Carried.to_string(),
             (Some(s), _) => s,
@@ -492,9 +549,19 @@ pub fn hourly_report(
             billed: r
                 .get::<_, Option<i64>>(13)?
                 .map(|q| Micros(q).to_decimal_string()),
+            pools: Vec::new(),
         })
+        .map(|row| (row, cover))
     })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut out = Vec::new();
+    for row in rows {
+        let (mut row, cover) = row?;
+        if let Some((id, plan, included)) = cover {
+            row.pools = pool_covers(conn, id, &plan, included)?;
+        }
+        out.push(row);
+    }
+    Ok(out)
 }
 
 /// Quantities moved between hours, oldest first.
@@ -553,7 +620,17 @@ pub fn apply_retention(
 ) -> Result<(usize, usize), JournalError> {
     let cutoff = hour_of(now - retention);
     // Only settled totals go: a total not frozen yet is never deleted (the freeze pass runs first and freezes
-    // every closed one; `journal.retention` is at least 25h + emit.grace).
+    // every closed one; `journal.retention` is at least 25h + emit.grace). Their monthly sums stay
+    // (`usage_months`, for `GET /v1/consumption?group_by=month`).
+    conn.prepare_cached(
+        "INSERT INTO usage_months (resource, dimension, month, quantity)
+         SELECT resource, dimension, CAST(strftime('%s', hour, 'unixepoch', 'start of month') AS INTEGER), SUM(quantity)
+         FROM hourly_totals WHERE hour < ?1
+           AND outbound_id IN (SELECT id FROM outbound_events WHERE state != 'pending')
+         GROUP BY 1, 2, 3
+         ON CONFLICT (resource, dimension, month) DO UPDATE SET quantity = quantity + excluded.quantity",
+    )?
+    .execute([cutoff])?;
     let hours = conn.execute(
         "DELETE FROM hourly_totals WHERE hour < ?1
            AND outbound_id IN (SELECT id FROM outbound_events WHERE state != 'pending')",

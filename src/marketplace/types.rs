@@ -378,6 +378,16 @@ pub struct Subscription {
     pub is_test: bool,
     /// A free trial.
     pub is_free_trial: bool,
+    /// Who uses the subscription (its `tenantId` is the customer of `customer`-scoped pools).
+    pub beneficiary: Option<Beneficiary>,
+}
+
+/// The `beneficiary` of a SaaS subscription (only the field meterd uses).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Beneficiary {
+    /// The customer's Entra tenant.
+    pub tenant_id: Option<String>,
 }
 
 impl Subscription {

@@ -108,6 +108,10 @@ pub fn describe() {
         "Consumption thresholds crossed (each raises a `threshold` alert once per term), by dimension."
     );
     describe_counter!(
+        "meterd_pool_thresholds_crossed_total",
+        "Credit pool thresholds crossed (80% of a period, exhausted; each raises a `pool_threshold` alert once per pool and period), by dimension."
+    );
+    describe_counter!(
         "meterd_alerts_total",
         "Alerts raised (written to the journal for webhook delivery) by kind, e.g. threshold, duplicate_mismatch."
     );
