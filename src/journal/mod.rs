@@ -112,7 +112,7 @@ pub mod status;
 pub mod subscriptions;
 pub mod usage;
 
-pub use ops::{Disposition, PassStart};
+pub use ops::{Answers, Disposition, Opened, PassStart};
 pub use schema::{current_version, migrate};
 
 use rusqlite::{Connection, OpenFlags};
