@@ -658,7 +658,7 @@ fn run_transaction(
 ) {
     let started = Instant::now();
     let mut finishers: Vec<Finisher> = Vec::with_capacity(jobs.len());
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = run_cached(conn, "BEGIN IMMEDIATE") {
         let err = Arc::new(JournalError::classify(e, path));
         tracing::error!(message = "Journal transaction could not start; the batch was not stored.", error = %err, jobs = jobs.len());
         for job in jobs.drain(..) {
@@ -668,7 +668,7 @@ fn run_transaction(
         return;
     }
     while let Some(job) = jobs.pop_front() {
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        if let Err(e) = run_cached(conn, "SAVEPOINT job") {
             let err = Arc::new(JournalError::classify(e, path));
             let (_, finish) = job(None);
             if conn.is_autocommit() {
@@ -699,18 +699,18 @@ fn run_transaction(
         }
         let undo = if failure.is_some() {
             // Undo the failed job's own changes; the others in this transaction stay.
-            conn.execute_batch("ROLLBACK TO job")
+            run_cached(conn, "ROLLBACK TO job")
         } else {
             Ok(())
         };
-        if let Err(e) = undo.and_then(|()| conn.execute_batch("RELEASE job")) {
+        if let Err(e) = undo.and_then(|()| run_cached(conn, "RELEASE job")) {
             // The savepoint cannot be closed: the transaction's state is unknown, so none of it is kept.
             abandon(conn, finishers, JournalError::classify(e, path));
             return;
         }
     }
     let size = finishers.len();
-    let commit = conn.execute_batch("COMMIT");
+    let commit = run_cached(conn, "COMMIT");
     let outcome: Result<(), Arc<JournalError>> = match commit {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -731,6 +731,12 @@ fn run_transaction(
     for f in finishers {
         f(outcome.clone());
     }
+}
+
+/// Runs a statement kept prepared in the connection's cache: the writer's `BEGIN`/`COMMIT` and per-job
+/// `SAVEPOINT`/`RELEASE` are parsed once, not for every transaction and job (issue 15).
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 /// Gives up the current transaction (rolled back if SQLite has not already) and answers every job run in it
