@@ -458,8 +458,9 @@ impl Produced {
     /// Counts, logs and reports what an opening job or freeze chunk froze and expired.
     fn add_opened(&mut self, opened: Opened) {
         self.frozen += opened.frozen.frozen;
-        if opened.frozen.frozen > 0 {
-            tracing::info!(message = "Closed hours frozen.", events = opened.frozen.frozen, through = %fmt_time(opened.frozen.through));
+        // One line per pass, when its last chunk is frozen (not one per chunk).
+        if !opened.more && self.frozen > 0 {
+            tracing::info!(message = "Closed hours frozen.", events = self.frozen, through = %fmt_time(opened.frozen.through));
         }
         for e in &opened.expired {
             match e.state {
