@@ -501,3 +501,50 @@ fn settle_and_mark_settles_the_last_call_and_marks_the_next() {
             .all(|(s, a, f)| s == "accepted" && *a == 1 && *f == 0)
     );
 }
+
+/// A later freeze chunk that freezes keys already past their retry deadline (a daemon down for a day) expires
+/// them in the same job, as one freeze of everything followed by the expiry did; a chunk with none skips the
+/// expiry's read of every pending event.
+#[test]
+fn a_chunk_frozen_past_its_window_expires_in_the_same_job() {
+    let (_d, j) = open();
+    closed_totals(&j, 5);
+    let now = base() + Duration::hours(25);
+    let policy = outbound::SettlePolicy::late(LateUsage::CarryForward);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut frozen, mut expired) = (0, 0);
+    loop {
+        let o = rt
+            .block_on(j.freeze_more(
+                now,
+                Duration::minutes(5),
+                Duration::minutes(15),
+                policy.clone(),
+                2,
+            ))
+            .unwrap();
+        assert_eq!(
+            o.frozen.overdue, o.frozen.frozen,
+            "every key of hour 0 is past its deadline"
+        );
+        frozen += o.frozen.frozen;
+        expired += o.expired.len();
+        if !o.more {
+            break;
+        }
+    }
+    assert_eq!((frozen, expired), (5, 5));
+    let pending: i64 = j
+        .read_blocking(|c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*) FROM outbound_events WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(pending, 0);
+}

@@ -292,7 +292,14 @@ impl Journal {
         limit: usize,
     ) -> Result<Opened, JournalError> {
         self.write(move |c| {
-            let (frozen, more, expired) = freeze_and_expire(c, now, grace, margin, &policy, limit)?;
+            let (frozen, more) = outbound::freeze_some(c, now, grace, margin, limit)?;
+            // The opening job expired every overdue event; a later chunk only those it froze past their
+            // deadline (finding them reads every pending event, which a pass of many chunks would repeat).
+            let expired = if frozen.overdue > 0 {
+                expire_with_alerts(c, now, &policy)?
+            } else {
+                Vec::new()
+            };
             Ok(Opened {
                 frozen,
                 more,
@@ -414,11 +421,20 @@ fn freeze_and_expire(
     limit: usize,
 ) -> Result<(FreezeSummary, bool, Vec<Expired>), JournalError> {
     let (f, more) = outbound::freeze_some(c, now, grace, margin, limit)?;
+    Ok((f, more, expire_with_alerts(c, now, policy)?))
+}
+
+/// Expires every overdue pending event, raising the alert of each that ends `expired_unconfirmed`.
+fn expire_with_alerts(
+    c: &rusqlite::Connection,
+    now: DateTime<Utc>,
+    policy: &SettlePolicy,
+) -> Result<Vec<Expired>, JournalError> {
     let e = outbound::expire_overdue(c, now, policy)?;
     for x in e.iter().filter(|x| x.state == Outcome::ExpiredUnconfirmed) {
         alerts::raise_expired_unconfirmed(c, x.id, now)?;
     }
-    Ok((f, more, e))
+    Ok(e)
 }
 
 fn settle_answers_in(

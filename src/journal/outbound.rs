@@ -28,6 +28,10 @@ pub struct FreezeSummary {
     pub frozen: usize,
     /// New `frozen_through` (first hour still open), unix seconds.
     pub through: i64,
+    /// Events frozen already past their retry deadline (expired by the same job, see
+    /// `Journal::freeze_more`).
+    #[serde(skip)]
+    pub overdue: usize,
 }
 
 /// Freezes every key of every closed hour that has no outbound event yet: one outbound event per
@@ -64,7 +68,11 @@ pub fn freeze_some(
 ) -> Result<(FreezeSummary, bool), JournalError> {
     let old = frozen_through(conn)?;
     let through = first_open_hour(now, grace).max(old);
-    let mut summary = FreezeSummary { frozen: 0, through };
+    let mut summary = FreezeSummary {
+        frozen: 0,
+        through,
+        overdue: 0,
+    };
     type Row = (String, String, String, i64, i64, i64);
     let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
         Ok((
@@ -152,6 +160,9 @@ pub fn freeze_some(
             continue;
         }
         let deadline = hour + 24 * HOUR - safety_margin.num_seconds();
+        if deadline <= now_s {
+            summary.overdue += 1;
+        }
         conn.prepare_cached(
             "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at, deadline, frozen_at, prebilled)
              VALUES (?1, ?2, ?3, ?4, ?5, '', 'pending', ?6, ?7, ?6, ?8)",
