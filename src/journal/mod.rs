@@ -7,8 +7,9 @@
 //!
 //! The layers above call typed methods, not SQL: `journal/ops.rs` holds one method per operation on
 //! [`Journal`] (ingest, report, status, balance, consumption, pending count, alerts due and attempted, leases,
-//! subscriptions, due and next due events, attempts marked, and the emission pass's three jobs
-//! [`Journal::open_pass`], [`Journal::dispose`], [`Journal::settle_answers`]) and on [`ReadOnlyJournal`] (the
+//! subscriptions, due and next due events (and [`Journal::due_page`], the pass's stream of them), attempts marked,
+//! and the emission pass's jobs [`Journal::open_pass`], [`Journal::freeze_more`], [`Journal::dispose`],
+//! [`Journal::settle_answers`], [`Journal::settle_and_mark`]) and on [`ReadOnlyJournal`] (the
 //! read-only commands). Each is one read or one write job, exactly as the closure it replaced, so the
 //! invariants below hold per operation. The `&Connection` functions of `usage`, `outbound`, `billing`, `status`,
 //! `alerts`, `leases` and `subscriptions` are the SQLite side; no module of `src/` outside `journal/` calls them
@@ -43,7 +44,10 @@
 //!    refused). The freeze pass finds unfrozen totals through the partial index `hourly_totals_unfrozen`.
 //!    `meta.frozen_through` is the first hour the last pass left open and never moves backwards (outbound events
 //!    exist only for earlier hours, so ingest looks up a key's event only for them); late usage is
-//!    carried into it or later, so a carry never lands in a frozen key. Every spelling of a resource is journaled
+//!    carried into it or later, so a carry never lands in a frozen key. A pass freezes in chunks
+//!    (`outbound::freeze_some`); `frozen_through` moves with the first chunk, so while the later chunks run, ingest
+//!    looks up the key of every record of an earlier hour: carried if frozen, else added to the total that a later
+//!    chunk freezes. Every spelling of a resource is journaled
 //!    as its first spelling (`resource_spellings`, ASCII case-insensitive), so two casings are one key.
 //! 6. **Nothing vanishes.** Every record's quantity is in exactly one `hourly_totals` row (its own hour, or a
 //!    later one with a `carries` row saying where from). Every frozen row points at one outbound event, whose
