@@ -363,6 +363,11 @@ fn ingest_carrying(
         };
         let hour = if late { target } else { origin };
         let plan_id = r.plan.as_deref().unwrap_or("");
+        if names[name].2 && !names[name].3 {
+            // A resource new to the journal is journaled as the spelling of its first record stored, not of a
+            // duplicate before it (as the two-phase path, which never looks at duplicates' resources).
+            names[name].1 = r.resource.clone();
+        }
         let stored = insert.execute(params![
             r.key,
             names[name].1,
