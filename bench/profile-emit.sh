@@ -7,7 +7,7 @@
 set -euo pipefail
 W=$1; N=${2:-100}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-M=$ROOT/target/release/meterd
+M=${METERD:-$ROOT/target/release/meterd}
 export METERD_MARKETPLACE__AUTH__STATIC_TOKEN=emulator-token
 P=/tmp/prof-emit; rm -rf $P; mkdir -p $P
 EP=$($ROOT/target/bench/release/bench-tool free-port)
@@ -26,6 +26,7 @@ perf record -e cpu-clock -F 999 -p $PID -o $P/emit.perf > /dev/null 2>&1 & PERF=
 until [[ $(curl -fs localhost:$EP/emulator/stats | jq -r .eventsAccepted) -ge $EV ]]; do sleep 0.05; done
 T1=$(date +%s.%N)
 kill -INT $PERF; wait $PERF || true
+curl -fs localhost:$MP/metrics > $P/metrics.txt || true
 echo "wall $(awk -v a=$T0 -v b=$T1 'BEGIN{print b-a}') s for $EV events (bound $(awk -v e=$EV 'BEGIN{print e/25*0.02/4}'))"
 echo "CPU seconds: meterd $(ps -o times= -p $PID), emulator $(ps -o times= -p $EMU)"
 curl -fs localhost:$MP/metrics | grep -E '^meterd_(marketplace_call_seconds|journal_commit_seconds)_(sum|count)' || true

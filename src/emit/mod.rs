@@ -15,8 +15,9 @@ pub use connect::{client, token_provider};
 
 use crate::clock::{SharedClock, fmt_time, to_utc};
 use crate::config::Settings;
+use crate::journal::outbound::KnownSubscription;
 use crate::journal::outbound::{self, PendingEvent};
-use crate::journal::{Disposition, Journal, PassStart};
+use crate::journal::{Disposition, Journal, Opened, PassStart};
 use crate::marketplace::client::MarketplaceClient;
 use crate::marketplace::types::event_json;
 use crate::ops::telemetry::{EventsSettled, InternalEvent};
@@ -25,7 +26,7 @@ use crate::resource::ResourceRef;
 use crate::retry::RetryDelays;
 use anyhow::Context;
 use chrono::{DateTime, Duration, Utc};
-use send::send_splitting;
+use send::sender;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,6 +36,13 @@ use subscriptions::{Decision, SubscriptionView};
 pub const BATCH_SIZE: usize = 25;
 /// Most due events taken into one pass (the rest follow in the next).
 const PASS_LIMIT: i64 = 200_000;
+/// Due events read, decided and billed per page (the pass streams them; memory holds a few pages).
+const PAGE: i64 = 500;
+/// Hourly totals frozen per writer job: the first call waits for one chunk, not for every closed key.
+const FREEZE_CHUNK: usize = 1_000;
+/// Batches of 25 queued for the senders ahead of them (two pages): enough that a sender never waits for the
+/// next page's writer job, bounded so memory does not grow with the number of events.
+const QUEUE_BATCHES: usize = 2 * (PAGE as usize) / BATCH_SIZE;
 /// How long a pass may hold the emitter lease before another process may take it over.
 const LEASE_TTL_SECS: i64 = 600;
 
@@ -238,7 +246,7 @@ impl Emitter {
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         // Credit pools: the configured ones journaled, expiry warnings raised (journal::pools).
         self.journal.pools_pass(self.settings.clone(), now).await?;
-        let (frozen, expired) = self
+        let opened = self
             .journal
             .open_pass(
                 now,
@@ -250,14 +258,213 @@ impl Emitter {
                     pending_age,
                     retention,
                     dedupe_window,
+                    freeze_limit: FREEZE_CHUNK,
                 },
             )
             .await?;
-        summary.frozen = frozen.frozen;
-        if frozen.frozen > 0 {
-            tracing::info!(message = "Closed hours frozen.", events = frozen.frozen, through = %fmt_time(frozen.through));
+        let mut produced = Produced::default();
+        let more = opened.more;
+        produced.add_opened(opened);
+
+        // The senders: `emit.concurrency` call slots taking batches from a bounded queue, which the producer
+        // below fills page by page (freezing the next chunk between pages), so the first call starts after the
+        // first chunk and memory holds a few pages, not every due event (issue 15).
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<PendingEvent>>(QUEUE_BATCHES);
+        let queue: send::Queue = Arc::new(tokio::sync::Mutex::new(rx));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..self.settings.emit.concurrency.max(1) {
+            let (client, journal, clock, queue) = (
+                self.client.clone(),
+                self.journal.clone(),
+                self.clock.clone(),
+                queue.clone(),
+            );
+            let delays = (self.delays(), self.subscriptions.hold_recheck());
+            let policy = policy.clone();
+            tasks.spawn(
+                async move { sender(&client, &journal, &clock, policy, delays, queue).await },
+            );
         }
-        for e in &expired {
+        drop(queue);
+        let mut force_refresh = false;
+        let produced_result = {
+            let producer = self.produce(now, policy, (grace, margin), more, tx, &mut produced);
+            tokio::pin!(producer);
+            let mut produced_result: Option<anyhow::Result<()>> = None;
+            loop {
+                tokio::select! {
+                    r = &mut producer, if produced_result.is_none() => produced_result = Some(r),
+                    joined = tasks.join_next() => {
+                        let Some(joined) = joined else { break };
+                        // A sender that fails ends the pass (the others are stopped when `tasks` is dropped); its
+                        // events left in flight are ambiguous at the next pass.
+                        let result = joined.context("batch task")??;
+                        summary.calls += result.calls;
+                        summary.sent += result.sent;
+                        force_refresh |= result.recheck_subscriptions;
+                        for (k, n) in result.outcomes {
+                            *summary.outcomes.entry(k).or_default() += n;
+                        }
+                    }
+                }
+            }
+            match produced_result {
+                Some(r) => r,
+                None => producer.await,
+            }
+        };
+        summary.frozen += produced.frozen;
+        for (k, n) in std::mem::take(&mut produced.outcomes) {
+            *summary.outcomes.entry(k).or_default() += n;
+        }
+        summary.expired = std::mem::take(&mut produced.expired);
+        if force_refresh {
+            self.subscriptions.force_refresh().await;
+        }
+        produced_result
+    }
+
+    /// Feeds the senders: pages of due events (decided, disposed and cut into batches of 25), and between pages
+    /// the next chunk of freezing while `more` is left. Dropping `tx` at the end tells the senders to finish.
+    async fn produce(
+        &self,
+        now: DateTime<Utc>,
+        policy: outbound::SettlePolicy,
+        (grace, margin): (Duration, Duration),
+        mut more: bool,
+        tx: tokio::sync::mpsc::Sender<Vec<PendingEvent>>,
+        produced: &mut Produced,
+    ) -> anyhow::Result<()> {
+        let mut after = self.journal.first_pending_id().await?;
+        let mut taken: i64 = 0;
+        // The subscription list, looked at once per pass (refreshed when stale): by the first page, or again by
+        // the first page with a SaaS subscription if the earlier pages had none.
+        let mut known: Option<(Option<BTreeMap<String, KnownSubscription>>, bool)> = None;
+        let mut renewed = std::time::Instant::now();
+        loop {
+            let page = if taken < PASS_LIMIT && after != i64::MAX {
+                self.journal
+                    .due_page(now, after, PAGE.min(PASS_LIMIT - taken))
+                    .await?
+            } else {
+                Vec::new()
+            };
+            let got = !page.is_empty();
+            if got {
+                after = page.last().map_or(after, |e| e.id);
+                taken += page.len() as i64;
+                let saas = page
+                    .iter()
+                    .any(|e| ResourceRef::parse(&e.resource).is_saas_subscription());
+                if known
+                    .as_ref()
+                    .is_none_or(|(_, with_saas)| saas && !with_saas)
+                {
+                    let k = self
+                        .subscriptions
+                        .known(&self.client, &self.journal, &page, now)
+                        .await;
+                    known = Some((k, saas));
+                }
+                let k = &known.as_ref().expect("looked at above").0;
+                let to_write: Vec<(PendingEvent, Disposition)> = page
+                    .into_iter()
+                    .map(|e| {
+                        let d = match self.subscriptions.decide(&e, k, now) {
+                            Decision::Send { plan } => Disposition::Send { plan },
+                            Decision::Settle(s) => Disposition::Settle(s),
+                        };
+                        (e, d)
+                    })
+                    .collect();
+                // Write holds/skips, bill and freeze bodies (once) for what will be sent.
+                let (sendable, counts) = self
+                    .journal
+                    .dispose(
+                        to_write,
+                        self.settings.clone(),
+                        now,
+                        policy.clone(),
+                        |ev, plan, send| {
+                            event_json(
+                                &ResourceRef::parse(&ev.resource),
+                                plan,
+                                &ev.dimension,
+                                to_utc(ev.hour),
+                                send,
+                            )
+                        },
+                    )
+                    .await?;
+                for (k, n) in counts {
+                    // Outcomes settled without a call (included, remainder, skipped_unsubscribed, held, ...).
+                    EventsSettled {
+                        outcome: &k,
+                        count: n as u64,
+                    }
+                    .emit();
+                    *produced.outcomes.entry(k).or_default() += n;
+                }
+                // A long pass keeps its lease: renew it well before it could expire.
+                if renewed.elapsed() > std::time::Duration::from_secs(LEASE_TTL_SECS as u64 / 3) {
+                    let (owner, at) = (self.owner.clone(), self.clock.now());
+                    let kept = self
+                        .journal
+                        .acquire_lease("emitter", owner, at, Duration::seconds(LEASE_TTL_SECS))
+                        .await?;
+                    if let Err(holder) = kept {
+                        anyhow::bail!(
+                            "lost the emission lease to {holder} during a pass; stopping this pass"
+                        );
+                    }
+                    renewed = std::time::Instant::now();
+                }
+                // Oldest first (by id: frozen in hour order), 25 per call.
+                let mut sendable = sendable.into_iter().peekable();
+                while sendable.peek().is_some() {
+                    let batch: Vec<PendingEvent> = sendable.by_ref().take(BATCH_SIZE).collect();
+                    if tx.send(batch).await.is_err() {
+                        // Every sender stopped (one failed): the pass ends with its error.
+                        return Ok(());
+                    }
+                }
+            }
+            if more {
+                let opened = self
+                    .journal
+                    .freeze_more(now, grace, margin, policy.clone(), FREEZE_CHUNK)
+                    .await?;
+                more = opened.more;
+                produced.add_opened(opened);
+                if after == i64::MAX {
+                    after = self.journal.first_pending_id().await?;
+                }
+                continue;
+            }
+            if !got {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What the producer of a pass did besides feeding the senders.
+#[derive(Default)]
+struct Produced {
+    frozen: usize,
+    outcomes: BTreeMap<String, usize>,
+    expired: Vec<outbound::Expired>,
+}
+
+impl Produced {
+    /// Counts, logs and reports what an opening job or freeze chunk froze and expired.
+    fn add_opened(&mut self, opened: Opened) {
+        self.frozen += opened.frozen.frozen;
+        // One line per pass, when its last chunk is frozen (not one per chunk).
+        if !opened.more && self.frozen > 0 {
+            tracing::info!(message = "Closed hours frozen.", events = self.frozen, through = %fmt_time(opened.frozen.through));
+        }
+        for e in &opened.expired {
             match e.state {
                 // Logged at error level with its alert, in `raise_expired_unconfirmed`.
                 Outcome::ExpiredUnconfirmed => {}
@@ -265,122 +472,13 @@ impl Emitter {
                     tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = state.as_str())
                 }
             }
-            *summary.outcomes.entry(e.state.to_string()).or_default() += 1;
+            *self.outcomes.entry(e.state.to_string()).or_default() += 1;
             EventsSettled {
                 outcome: e.state.as_str(),
                 count: 1,
             }
             .emit();
         }
-        summary.expired = expired;
-
-        let due = self.journal.due_events(now, PASS_LIMIT).await?;
-        if due.is_empty() {
-            return Ok(());
-        }
-        let known = self
-            .subscriptions
-            .known(&self.client, &self.journal, &due, now)
-            .await;
-        let mut decisions = Vec::with_capacity(due.len());
-        for ev in &due {
-            decisions.push(self.subscriptions.decide(ev, &known, now));
-        }
-        // Write holds/skips, bill and freeze bodies (once) for what will be sent.
-        let settings = self.settings.clone();
-        let to_write: Vec<(PendingEvent, Disposition)> = due
-            .into_iter()
-            .zip(decisions)
-            .map(|(e, d)| {
-                let d = match d {
-                    Decision::Send { plan } => Disposition::Send { plan },
-                    Decision::Settle(s) => Disposition::Settle(s),
-                };
-                (e, d)
-            })
-            .collect();
-        let decide_policy = policy.clone();
-        let (sendable, counts) = self
-            .journal
-            .dispose(to_write, settings, now, decide_policy, |ev, plan, send| {
-                event_json(
-                    &ResourceRef::parse(&ev.resource),
-                    plan,
-                    &ev.dimension,
-                    to_utc(ev.hour),
-                    send,
-                )
-            })
-            .await?;
-        for (k, n) in counts {
-            // Outcomes settled without a call (included, remainder, skipped_unsubscribed, held, ...) count too.
-            EventsSettled {
-                outcome: &k,
-                count: n as u64,
-            }
-            .emit();
-            *summary.outcomes.entry(k).or_default() += n;
-        }
-        if sendable.is_empty() {
-            return Ok(());
-        }
-        // Oldest first, 25 per call, `emit.concurrency` calls in flight.
-        let batches: Vec<Vec<PendingEvent>> =
-            sendable.chunks(BATCH_SIZE).map(|c| c.to_vec()).collect();
-        let semaphore = Arc::new(tokio::sync::Semaphore::new(self.settings.emit.concurrency));
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut renewed = std::time::Instant::now();
-        for batch in batches {
-            let permit = semaphore.clone().acquire_owned().await?;
-            // A long pass keeps its lease: renew it well before it could expire.
-            if renewed.elapsed() > std::time::Duration::from_secs(LEASE_TTL_SECS as u64 / 3) {
-                let (owner, at) = (self.owner.clone(), self.clock.now());
-                let kept = self
-                    .journal
-                    .acquire_lease("emitter", owner, at, Duration::seconds(LEASE_TTL_SECS))
-                    .await?;
-                if let Err(holder) = kept {
-                    anyhow::bail!(
-                        "lost the emission lease to {holder} during a pass; stopping this pass"
-                    );
-                }
-                renewed = std::time::Instant::now();
-            }
-            let (client, journal, clock) = (
-                self.client.clone(),
-                self.journal.clone(),
-                self.clock.clone(),
-            );
-            let delays = self.delays();
-            let policy = policy.clone();
-            let hold_recheck = self.subscriptions.hold_recheck();
-            tasks.spawn(async move {
-                let r = send_splitting(
-                    &client,
-                    &journal,
-                    &clock,
-                    policy,
-                    (delays, hold_recheck),
-                    batch,
-                )
-                .await;
-                drop(permit);
-                r
-            });
-        }
-        let mut force_refresh = false;
-        while let Some(joined) = tasks.join_next().await {
-            let result = joined.context("batch task")??;
-            summary.calls += result.calls;
-            summary.sent += result.sent;
-            force_refresh |= result.recheck_subscriptions;
-            for (k, n) in result.outcomes {
-                *summary.outcomes.entry(k).or_default() += n;
-            }
-        }
-        if force_refresh {
-            self.subscriptions.force_refresh().await;
-        }
-        Ok(())
+        self.expired.extend(opened.expired);
     }
 }

@@ -3,8 +3,8 @@
 use super::RetryDelays;
 use crate::alert_kind::AlertKey;
 use crate::clock::{SharedClock, fmt_time, to_utc};
-use crate::journal::Journal;
 use crate::journal::outbound::{self, PendingEvent, Settle};
+use crate::journal::{Answers, Journal};
 use crate::marketplace::client::{CallError, MarketplaceClient};
 use crate::marketplace::outcome::{
     Classified, SentKey, classify, match_results, settle, unmatched,
@@ -17,58 +17,120 @@ use crate::settle::SettleContext;
 use chrono::Duration;
 use std::collections::BTreeMap;
 
-/// What one batch call did.
+/// What one sender's calls did.
 #[derive(Debug, Default)]
 pub(super) struct BatchResult {
     /// Marketplace calls made.
     pub(super) calls: usize,
     pub(super) sent: usize,
-    /// A whole call refused with 400: the two halves to send instead (one bad event must not block the rest).
-    pub(super) split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
     pub(super) outcomes: BTreeMap<String, usize>,
     pub(super) recheck_subscriptions: bool,
 }
 
-/// Sends `batch`; a whole call refused with HTTP 400 is retried at once in halves, down to single events, so one
-/// malformed event keeps only itself pending (retried and alerted as before) and the good ones go through.
-pub(super) async fn send_splitting(
+/// Batches waiting for a sender: the pass fills it page by page, the `emit.concurrency` senders take from it.
+pub(super) type Queue =
+    std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Vec<PendingEvent>>>>;
+
+/// One call slot: takes batches from `queue` until it is closed and empty, and sends each.
+///
+/// Each batch is marked in flight before its call in the same commit that settles the answers of this sender's
+/// previous call ([`Journal::settle_and_mark`]): one durable commit per call instead of two, and the in-flight
+/// mark still commits before the call starts (a crash during it leaves the attempt ambiguous). When no batch is
+/// waiting, the last answers are settled at once rather than held back. A whole call refused with HTTP 400 is
+/// sent again at once in halves, down to single events, so one malformed event keeps only itself pending
+/// (retried and alerted as before) and the good ones go through.
+pub(super) async fn sender(
     client: &MarketplaceClient,
     journal: &Journal,
     clock: &SharedClock,
     policy: outbound::SettlePolicy,
     delays: (RetryDelays, Duration),
-    batch: Vec<PendingEvent>,
+    queue: Queue,
 ) -> anyhow::Result<BatchResult> {
     let mut total = BatchResult::default();
-    let mut todo = vec![batch];
-    while let Some(batch) = todo.pop() {
-        let mut r = send_batch(client, journal, clock, policy.clone(), delays, batch).await?;
+    // Halves of a batch refused with 400, sent before the next batch from the queue.
+    let mut todo: Vec<Vec<PendingEvent>> = Vec::new();
+    let mut answered: Option<Answers> = None;
+    loop {
+        let batch = match todo.pop() {
+            Some(b) => Some(b),
+            None => {
+                // Another sender waiting on the queue holds its lock: nothing is waiting for this one either.
+                let waiting = match queue.try_lock() {
+                    Ok(mut q) => q.try_recv(),
+                    Err(_) => Err(tokio::sync::mpsc::error::TryRecvError::Empty),
+                };
+                match waiting {
+                    Ok(b) => Some(b),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                        // Nothing to send right now: settle the last answers without waiting for the next batch.
+                        if let Some(a) = answered.take() {
+                            add_settled(
+                                &mut total,
+                                journal
+                                    .settle_and_mark(Some(a), Vec::new(), policy.clone())
+                                    .await?,
+                            );
+                        }
+                        queue.lock().await.recv().await
+                    }
+                }
+            }
+        };
+        let Some(batch) = batch else { break };
+        let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
+        add_settled(
+            &mut total,
+            journal
+                .settle_and_mark(answered.take(), ids, policy.clone())
+                .await?,
+        );
+        let mut r = call(client, clock, delays, batch).await;
         total.calls += 1;
         total.sent += r.sent;
         total.recheck_subscriptions |= r.recheck_subscriptions;
         if let Some((first, second)) = r.split.take() {
             todo.push(second);
             todo.push(first);
-            continue;
         }
-        for (k, n) in r.outcomes {
-            *total.outcomes.entry(k).or_default() += n;
-        }
+        answered = Some(r.answers);
+    }
+    if let Some(a) = answered.take() {
+        add_settled(
+            &mut total,
+            journal.settle_and_mark(Some(a), Vec::new(), policy).await?,
+        );
     }
     Ok(total)
 }
 
-async fn send_batch(
+fn add_settled(total: &mut BatchResult, outcomes: BTreeMap<String, usize>) {
+    for (k, n) in outcomes {
+        EventsSettled {
+            outcome: &k,
+            count: n as u64,
+        }
+        .emit();
+        *total.outcomes.entry(k).or_default() += n;
+    }
+}
+
+/// What one call answered: how each event settles, and the halves to send when the call was refused with 400.
+struct Called {
+    answers: Answers,
+    sent: usize,
+    split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
+    recheck_subscriptions: bool,
+}
+
+/// Sends `batch` (marked in flight already) and classifies the answer; writes nothing.
+async fn call(
     client: &MarketplaceClient,
-    journal: &Journal,
     clock: &SharedClock,
-    policy: outbound::SettlePolicy,
     (delays, hold_recheck): (RetryDelays, Duration),
     batch: Vec<PendingEvent>,
-) -> anyhow::Result<BatchResult> {
-    let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
-    let mark = ids.clone();
-    journal.mark_attempt(mark).await?;
+) -> Called {
     let bodies: Vec<&str> = batch.iter().map(|e| e.body.as_str()).collect();
     let body = batch_body(&bodies);
     let started = std::time::Instant::now();
@@ -76,10 +138,15 @@ async fn send_batch(
     metrics::histogram!("meterd_marketplace_call_seconds", "call" => "batchUsageEvent")
         .record(started.elapsed().as_secs_f64());
     let now = clock.now();
-    let mut result = BatchResult {
+    let mut result = Called {
+        answers: Answers {
+            call_alert: None,
+            settles: Vec::new(),
+            now,
+        },
         sent: batch.len(),
-        calls: 1,
-        ..Default::default()
+        split: None,
+        recheck_subscriptions: false,
     };
     let mut settles: Vec<(i64, Settle)> = Vec::with_capacity(batch.len());
     let mut call_alert: Option<(AlertKey, serde_json::Value)> = None;
@@ -220,17 +287,7 @@ async fn send_batch(
             }
         }
     }
-    let call_alert = call_alert;
-    let outcomes = journal
-        .settle_answers(call_alert, settles, now, policy)
-        .await?;
-    for (k, n) in &outcomes {
-        EventsSettled {
-            outcome: k,
-            count: *n as u64,
-        }
-        .emit();
-    }
-    result.outcomes = outcomes;
-    Ok(result)
+    result.answers.call_alert = call_alert;
+    result.answers.settles = settles;
+    result
 }

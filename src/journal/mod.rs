@@ -7,8 +7,9 @@
 //!
 //! The layers above call typed methods, not SQL: `journal/ops.rs` holds one method per operation on
 //! [`Journal`] (ingest, report, status, balance, consumption, pending count, alerts due and attempted, leases,
-//! subscriptions, due and next due events, attempts marked, and the emission pass's three jobs
-//! [`Journal::open_pass`], [`Journal::dispose`], [`Journal::settle_answers`]) and on [`ReadOnlyJournal`] (the
+//! subscriptions, due and next due events (and [`Journal::due_page`], the pass's stream of them), attempts marked,
+//! and the emission pass's jobs [`Journal::open_pass`], [`Journal::freeze_more`], [`Journal::dispose`],
+//! [`Journal::settle_answers`], [`Journal::settle_and_mark`]) and on [`ReadOnlyJournal`] (the
 //! read-only commands). Each is one read or one write job, exactly as the closure it replaced, so the
 //! invariants below hold per operation. The `&Connection` functions of `usage`, `outbound`, `billing`, `status`,
 //! `alerts`, `leases` and `subscriptions` are the SQLite side; no module of `src/` outside `journal/` calls them
@@ -43,7 +44,10 @@
 //!    refused). The freeze pass finds unfrozen totals through the partial index `hourly_totals_unfrozen`.
 //!    `meta.frozen_through` is the first hour the last pass left open and never moves backwards (outbound events
 //!    exist only for earlier hours, so ingest looks up a key's event only for them); late usage is
-//!    carried into it or later, so a carry never lands in a frozen key. Every spelling of a resource is journaled
+//!    carried into it or later, so a carry never lands in a frozen key. A pass freezes in chunks
+//!    (`outbound::freeze_some`); `frozen_through` moves with the first chunk, so while the later chunks run, ingest
+//!    looks up the key of every record of an earlier hour: carried if frozen, else added to the total that a later
+//!    chunk freezes. Every spelling of a resource is journaled
 //!    as its first spelling (`resource_spellings`, ASCII case-insensitive), so two casings are one key.
 //! 6. **Nothing vanishes.** Every record's quantity is in exactly one `hourly_totals` row (its own hour, or a
 //!    later one with a `carries` row saying where from). Every frozen row points at one outbound event, whose
@@ -121,7 +125,7 @@ pub mod status;
 pub mod subscriptions;
 pub mod usage;
 
-pub use ops::{Disposition, PassStart};
+pub use ops::{Answers, Disposition, Opened, PassStart};
 pub use schema::{current_version, migrate};
 
 use rusqlite::{Connection, OpenFlags};
@@ -667,7 +671,7 @@ fn run_transaction(
 ) {
     let started = Instant::now();
     let mut finishers: Vec<Finisher> = Vec::with_capacity(jobs.len());
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = run_cached(conn, "BEGIN IMMEDIATE") {
         let err = Arc::new(JournalError::classify(e, path));
         tracing::error!(message = "Journal transaction could not start; the batch was not stored.", error = %err, jobs = jobs.len());
         for job in jobs.drain(..) {
@@ -677,7 +681,7 @@ fn run_transaction(
         return;
     }
     while let Some(job) = jobs.pop_front() {
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        if let Err(e) = run_cached(conn, "SAVEPOINT job") {
             let err = Arc::new(JournalError::classify(e, path));
             let (_, finish) = job(None);
             if conn.is_autocommit() {
@@ -708,18 +712,18 @@ fn run_transaction(
         }
         let undo = if failure.is_some() {
             // Undo the failed job's own changes; the others in this transaction stay.
-            conn.execute_batch("ROLLBACK TO job")
+            run_cached(conn, "ROLLBACK TO job")
         } else {
             Ok(())
         };
-        if let Err(e) = undo.and_then(|()| conn.execute_batch("RELEASE job")) {
+        if let Err(e) = undo.and_then(|()| run_cached(conn, "RELEASE job")) {
             // The savepoint cannot be closed: the transaction's state is unknown, so none of it is kept.
             abandon(conn, finishers, JournalError::classify(e, path));
             return;
         }
     }
     let size = finishers.len();
-    let commit = conn.execute_batch("COMMIT");
+    let commit = run_cached(conn, "COMMIT");
     let outcome: Result<(), Arc<JournalError>> = match commit {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -740,6 +744,12 @@ fn run_transaction(
     for f in finishers {
         f(outcome.clone());
     }
+}
+
+/// Runs a statement kept prepared in the connection's cache: the writer's `BEGIN`/`COMMIT` and per-job
+/// `SAVEPOINT`/`RELEASE` are parsed once, not for every transaction and job (issue 15).
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 /// Gives up the current transaction (rolled back if SQLite has not already) and answers every job run in it

@@ -190,6 +190,22 @@ impl Journal {
     pub async fn mark_attempt(&self, ids: Vec<i64>) -> Result<(), JournalError> {
         self.write(move |c| outbound::mark_attempt(c, &ids)).await
     }
+
+    /// One page of due events after id `after` (see [`outbound::due_page`]).
+    pub async fn due_page(
+        &self,
+        now: DateTime<Utc>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<PendingEvent>, JournalError> {
+        self.read(move |c| outbound::due_page(c, now, after, limit))
+            .await
+    }
+
+    /// Where a pass's first [`Journal::due_page`] starts.
+    pub async fn first_pending_id(&self) -> Result<i64, JournalError> {
+        self.read(outbound::first_pending_id).await
+    }
 }
 
 /// What the emitter decided for one due event before the pass bills and sends.
@@ -221,17 +237,31 @@ pub struct PassStart {
     pub retention: Duration,
     /// `ingest.dedupe_window`.
     pub dedupe_window: Duration,
+    /// Most hourly totals the opening job freezes; the rest by [`Journal::freeze_more`] (`usize::MAX`: all).
+    pub freeze_limit: usize,
+}
+
+/// What a pass's opening job (or a later freeze chunk) did.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// What was frozen.
+    pub frozen: FreezeSummary,
+    /// Closed totals are left for [`Journal::freeze_more`].
+    pub more: bool,
+    /// Events ended by their deadline.
+    pub expired: Vec<Expired>,
 }
 
 /// The emission pass: its opening job, its decisions, the settling of answers. Each is one write job.
 impl Journal {
-    /// One job: release holds (if asked), recover events left in flight, freeze due keys, expire overdue events
-    /// (raising their alerts), raise pending-age alerts and apply retention.
+    /// One job: release holds (if asked), recover events left in flight, freeze due keys (at most
+    /// `p.freeze_limit` totals; [`Opened::more`] says whether [`Journal::freeze_more`] has more), expire overdue
+    /// events (raising their alerts), raise pending-age alerts and apply retention.
     pub async fn open_pass(
         &self,
         now: DateTime<Utc>,
         p: PassStart,
-    ) -> Result<(FreezeSummary, Vec<Expired>), JournalError> {
+    ) -> Result<Opened, JournalError> {
         self.write(move |c| {
             if p.release_held {
                 outbound::release_holds(c, now)?;
@@ -240,17 +270,41 @@ impl Journal {
             if recovered > 0 {
                 tracing::warn!(message = "Events were in flight when meterd stopped; they count as possibly recorded.", events = recovered);
             }
-            let f = outbound::freeze(c, now, p.grace, p.margin)?;
-            let e = outbound::expire_overdue(c, now, &p.policy)?;
-            for x in e.iter().filter(|x| x.state == Outcome::ExpiredUnconfirmed) {
-                alerts::raise_expired_unconfirmed(c, x.id, now)?;
-            }
+            let (frozen, more, expired) = freeze_and_expire(c, now, p.grace, p.margin, &p.policy, p.freeze_limit)?;
             alerts::raise_pending_age_alerts(c, now, p.pending_age)?;
             let (hours, records) = usage::apply_retention(c, now, p.retention, p.dedupe_window)?;
             if hours + records > 0 {
                 tracing::info!(message = "Retention applied.", hourly_totals_deleted = hours, raw_records_compacted = records);
             }
-            Ok((f, e))
+            Ok(Opened { frozen, more, expired })
+        })
+        .await
+    }
+
+    /// One job: the next chunk of a pass's freezing (at most `limit` totals), and the expiry of what it froze
+    /// past its window, as the opening job does.
+    pub async fn freeze_more(
+        &self,
+        now: DateTime<Utc>,
+        grace: Duration,
+        margin: Duration,
+        policy: SettlePolicy,
+        limit: usize,
+    ) -> Result<Opened, JournalError> {
+        self.write(move |c| {
+            let (frozen, more) = outbound::freeze_some(c, now, grace, margin, limit)?;
+            // The opening job expired every overdue event; a later chunk only those it froze past their
+            // deadline (finding them reads every pending event, which a pass of many chunks would repeat).
+            let expired = if frozen.overdue > 0 {
+                expire_with_alerts(c, now, &policy)?
+            } else {
+                Vec::new()
+            };
+            Ok(Opened {
+                frozen,
+                more,
+                expired,
+            })
         })
         .await
     }
@@ -339,29 +393,94 @@ impl Journal {
         now: DateTime<Utc>,
         policy: SettlePolicy,
     ) -> Result<BTreeMap<String, usize>, JournalError> {
+        self.write(move |c| settle_answers_in(c, call_alert.as_ref(), &settles, now, &policy))
+            .await
+    }
+
+    /// One job, one commit: settles the answers of a sender's last call (as [`Journal::settle_answers`]), then marks
+    /// the events of its next call in flight (as [`Journal::mark_attempt`]). The call starts only after this
+    /// commit, so a crash during it still finds the events in flight (ambiguous), and the answers of the last
+    /// call cost no commit of their own (issue 15: one durable commit per call slot instead of two).
+    pub async fn settle_and_mark(
+        &self,
+        answered: Option<Answers>,
+        mark: Vec<i64>,
+        policy: SettlePolicy,
+    ) -> Result<BTreeMap<String, usize>, JournalError> {
         self.write(move |c| {
-            if let Some((dedupe, body)) = &call_alert {
-                alerts::raise(c, dedupe, body.clone(), now)?;
-            }
-            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-            for (id, s) in &settles {
-                let state = outbound::settle(c, *id, s, now, &policy)?;
-                alerts::raise_for_settle(c, *id, s, now)?;
-                if state == Outcome::ExpiredUnconfirmed {
-                    // A per-event `Expired` after an earlier ambiguous attempt: the same alert as an expiry.
-                    alerts::raise_expired_unconfirmed(c, *id, now)?;
-                }
-                let name = match (s, state) {
-                    (Settle::Hold { .. }, _) => "held",
-                    (Settle::Retry { .. }, _) => "retry",
-                    (_, st) => st.as_str(),
-                };
-                *counts.entry(name.to_string()).or_default() += 1;
-            }
+            let counts = match &answered {
+                Some(a) => settle_answers_in(c, a.call_alert.as_ref(), &a.settles, a.now, &policy)?,
+                None => BTreeMap::new(),
+            };
+            outbound::mark_attempt(c, &mark)?;
             Ok(counts)
         })
         .await
     }
+}
+
+/// The answers of one marketplace call, to settle (see [`Journal::settle_and_mark`]).
+#[derive(Debug, Clone)]
+pub struct Answers {
+    /// The call's alert, if it raised one.
+    pub call_alert: Option<(AlertKey, serde_json::Value)>,
+    /// How each event of the call settles.
+    pub settles: Vec<(i64, Settle)>,
+    /// When the answer came.
+    pub now: DateTime<Utc>,
+}
+
+fn freeze_and_expire(
+    c: &rusqlite::Connection,
+    now: DateTime<Utc>,
+    grace: Duration,
+    margin: Duration,
+    policy: &SettlePolicy,
+    limit: usize,
+) -> Result<(FreezeSummary, bool, Vec<Expired>), JournalError> {
+    let (f, more) = outbound::freeze_some(c, now, grace, margin, limit)?;
+    Ok((f, more, expire_with_alerts(c, now, policy)?))
+}
+
+/// Expires every overdue pending event, raising the alert of each that ends `expired_unconfirmed`.
+fn expire_with_alerts(
+    c: &rusqlite::Connection,
+    now: DateTime<Utc>,
+    policy: &SettlePolicy,
+) -> Result<Vec<Expired>, JournalError> {
+    let e = outbound::expire_overdue(c, now, policy)?;
+    for x in e.iter().filter(|x| x.state == Outcome::ExpiredUnconfirmed) {
+        alerts::raise_expired_unconfirmed(c, x.id, now)?;
+    }
+    Ok(e)
+}
+
+fn settle_answers_in(
+    c: &rusqlite::Connection,
+    call_alert: Option<&(AlertKey, serde_json::Value)>,
+    settles: &[(i64, Settle)],
+    now: DateTime<Utc>,
+    policy: &SettlePolicy,
+) -> Result<BTreeMap<String, usize>, JournalError> {
+    if let Some((dedupe, body)) = call_alert {
+        alerts::raise(c, dedupe, body.clone(), now)?;
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, s) in settles {
+        let state = outbound::settle(c, *id, s, now, policy)?;
+        alerts::raise_for_settle(c, *id, s, now)?;
+        if state == Outcome::ExpiredUnconfirmed {
+            // A per-event `Expired` after an earlier ambiguous attempt: the same alert as an expiry.
+            alerts::raise_expired_unconfirmed(c, *id, now)?;
+        }
+        let name = match (s, state) {
+            (Settle::Hold { .. }, _) => "held",
+            (Settle::Retry { .. }, _) => "retry",
+            (_, st) => st.as_str(),
+        };
+        *counts.entry(name.to_string()).or_default() += 1;
+    }
+    Ok(counts)
 }
 
 /// The read-only commands' face (`status`, `report`, `balance`, `reconcile`, `flush`): the same reads on the

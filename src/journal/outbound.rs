@@ -28,6 +28,10 @@ pub struct FreezeSummary {
     pub frozen: usize,
     /// New `frozen_through` (first hour still open), unix seconds.
     pub through: i64,
+    /// Events frozen already past their retry deadline (expired by the same job, see
+    /// `Journal::freeze_more`).
+    #[serde(skip)]
+    pub overdue: usize,
 }
 
 /// Freezes every key of every closed hour that has no outbound event yet: one outbound event per
@@ -44,26 +48,73 @@ pub fn freeze(
     grace: Duration,
     safety_margin: Duration,
 ) -> Result<FreezeSummary, JournalError> {
+    Ok(freeze_some(conn, now, grace, safety_margin, usize::MAX)?.0)
+}
+
+/// [`freeze`] for at most about `limit` hourly totals (whole keys: a key's totals of several plans are frozen
+/// together), oldest hour first; the `bool` says whether closed totals are left for another call. The emission
+/// pass freezes in chunks so its first call starts after the first chunk, not after every key of the hour
+/// (issue 15).
+///
+/// `frozen_through` moves forward in the first chunk already: from then on ingest looks up the key of every
+/// record of an hour before it, so a record of a key frozen in an earlier chunk is carried (late), and a record of
+/// a key not frozen yet goes into that key's total, which a later chunk freezes with it (invariants 5 and 6).
+pub fn freeze_some(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    grace: Duration,
+    safety_margin: Duration,
+    limit: usize,
+) -> Result<(FreezeSummary, bool), JournalError> {
     let old = frozen_through(conn)?;
     let through = first_open_hour(now, grace).max(old);
-    let mut summary = FreezeSummary { frozen: 0, through };
-    let rows: Vec<(String, String, String, i64, i64, i64)> = conn
+    let mut summary = FreezeSummary {
+        frozen: 0,
+        through,
+        overdue: 0,
+    };
+    type Row = (String, String, String, i64, i64, i64);
+    let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    };
+    let sql_limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut rows: Vec<Row> = conn
         .prepare_cached(
             "SELECT resource, plan, dimension, hour, quantity, prebilled FROM hourly_totals
              INDEXED BY hourly_totals_unfrozen
-             WHERE outbound_id IS NULL AND hour < ?1 ORDER BY hour, resource, dimension, plan",
+             WHERE outbound_id IS NULL AND hour < ?1 ORDER BY hour, resource, dimension, plan LIMIT ?2",
         )?
-        .query_map([through], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })?
+        .query_map(params![through, sql_limit], read)?
         .collect::<Result<_, _>>()?;
+    let more = rows.len() as i64 >= sql_limit;
+    if more {
+        // The limit may have cut the last key's totals (one per plan): leave that key whole for the next call,
+        // unless it is the only key read, then read all of its totals.
+        let (resource, dimension, hour) = {
+            let last = rows.last().expect("limit >= 1");
+            (last.0.clone(), last.2.clone(), last.3)
+        };
+        let same = |r: &Row| r.0 == resource && r.2 == dimension && r.3 == hour;
+        while rows.last().is_some_and(same) {
+            rows.pop();
+        }
+        if rows.is_empty() {
+            rows = conn
+                .prepare_cached(
+                    "SELECT resource, plan, dimension, hour, quantity, prebilled FROM hourly_totals
+                     WHERE outbound_id IS NULL AND resource = ?1 AND dimension = ?2 AND hour = ?3 ORDER BY plan",
+                )?
+                .query_map(params![resource, dimension, hour], read)?
+                .collect::<Result<_, _>>()?;
+        }
+    }
     // Group by the marketplace's key.
     // (hour, resource, dimension) -> (total, prebilled, quantity per explicitly named plan)
     type Group = (i64, i64, BTreeMap<String, i64>);
@@ -109,6 +160,9 @@ pub fn freeze(
             continue;
         }
         let deadline = hour + 24 * HOUR - safety_margin.num_seconds();
+        if deadline <= now_s {
+            summary.overdue += 1;
+        }
         conn.prepare_cached(
             "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at, deadline, frozen_at, prebilled)
              VALUES (?1, ?2, ?3, ?4, ?5, '', 'pending', ?6, ?7, ?6, ?8)",
@@ -124,7 +178,7 @@ pub fn freeze(
          ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
     )?
     .execute([through])?;
-    Ok(summary)
+    Ok((summary, more))
 }
 
 /// A pending outbound event as the emitter sees it.
@@ -190,6 +244,56 @@ pub fn due_events(
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// One page of the events due at `now`: at most `limit`, by id, after id `after` (the emission pass streams them
+/// page by page so its memory does not grow with the number of events; events frozen by a later chunk of the
+/// same pass have higher ids, so they come in later pages). A range scan of the primary key from `after`
+/// (`NOT INDEXED`: the `state` index would read every pending event for each page); start it at
+/// [`first_pending_id`] so settled events before the oldest pending one are not read.
+pub fn due_page(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<PendingEvent>, JournalError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, resource, plan, dimension, hour, quantity, body, attempts, deadline, ambiguous, held IS NOT NULL,
+                prebilled, send_quantity, COALESCE(substr(held, 1, length(?3)) = ?3, 0) FROM outbound_events NOT INDEXED
+         WHERE id > ?4 AND state = 'pending' AND next_attempt_at <= ?1 AND deadline > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(
+        params![now.timestamp(), limit, REFUSED, after],
+        pending_event,
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The id just before the oldest pending event (where [`due_page`] starts); `i64::MAX` when none is pending.
+pub fn first_pending_id(conn: &Connection) -> Result<i64, JournalError> {
+    let min: Option<i64> = conn
+        .prepare_cached("SELECT MIN(id) FROM outbound_events WHERE state = 'pending'")?
+        .query_row([], |r| r.get(0))?;
+    Ok(min.map_or(i64::MAX, |m| m - 1))
+}
+
+fn pending_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingEvent> {
+    Ok(PendingEvent {
+        id: r.get(0)?,
+        resource: r.get(1)?,
+        plan: r.get(2)?,
+        dimension: r.get(3)?,
+        hour: r.get(4)?,
+        quantity: r.get(5)?,
+        body: r.get(6)?,
+        attempts: r.get(7)?,
+        deadline: r.get(8)?,
+        ambiguous: r.get::<_, i64>(9)? != 0,
+        held: r.get::<_, i64>(10)? != 0,
+        prebilled: r.get(11)?,
+        send_quantity: r.get(12)?,
+        refused: r.get::<_, i64>(13)? != 0,
+    })
 }
 
 /// When the next pending event becomes due (unix seconds), if any.

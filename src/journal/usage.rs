@@ -158,6 +158,9 @@ pub fn ingest(
     rules: &IngestRules,
 ) -> Result<Result<IngestOutcome, Vec<LateRecord>>, JournalError> {
     let watermark = frozen_through(conn)?;
+    if rules.late != LateUsage::Reject {
+        return ingest_carrying(conn, records, rules, watermark).map(Ok);
+    }
     let target = hour_of(rules.now).max(watermark);
     let mut seen: HashSet<&str> = HashSet::new();
     let mut exists = conn.prepare_cached("SELECT 1 FROM usage_records WHERE idem_key = ?1")?;
@@ -301,6 +304,150 @@ pub fn ingest(
         )?;
     }
     Ok(Ok(outcome))
+}
+
+/// [`ingest`] under a policy that refuses nothing (`late_usage = "carry"`): one pass over the records, each an
+/// `INSERT ... ON CONFLICT (idem_key) DO NOTHING` whose change count says whether it was new (issue 15: one
+/// statement per record instead of a lookup and an insert; the `reject` policy keeps its two phases, it must know
+/// every record's fate before it writes any). Same outcome, same rows, same order of writes per total as the
+/// two-phase path: a duplicate adds nothing and is never carried, a resource's first spelling is remembered only
+/// when one of its records is stored, and each hourly total is upserted once per request, after the records.
+fn ingest_carrying(
+    conn: &Connection,
+    records: &[NewRecord],
+    rules: &IngestRules,
+    watermark: i64,
+) -> Result<IngestOutcome, JournalError> {
+    let target = hour_of(rules.now).max(watermark);
+    let now = rules.now.timestamp();
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour, quantity, received_at, forward_pending)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (idem_key) DO NOTHING",
+    )?;
+    // Fleet mode: a stored record waits in the local outbox for the forwarder.
+    let outbox = i64::from(rules.outbox);
+    // Resources of this request: (folded, journaled spelling, new to the journal, a record of it was stored).
+    let mut names: Vec<(String, String, bool, bool)> = Vec::new();
+    let mut by_given: HashMap<&str, usize> = HashMap::new();
+    let mut by_folded: HashMap<String, usize> = HashMap::new();
+    let mut late_keys: HashMap<(usize, &str, i64), bool> = HashMap::new();
+    type TotalKey = (usize, usize, i64);
+    // Hourly totals touched, in first-seen order: ((name, record index for plan and dimension, hour), quantity,
+    // records, carried_in).
+    let mut totals: Vec<(TotalKey, i64, i64, i64)> = Vec::new();
+    let mut totals_index: HashMap<(usize, &str, &str, i64), usize> = HashMap::new();
+    let mut outcome = IngestOutcome::default();
+    for (index, r) in records.iter().enumerate() {
+        let name = match by_given.get(r.resource.as_str()) {
+            Some(&i) => i,
+            None => {
+                let folded = r.resource.to_ascii_lowercase();
+                let i = match by_folded.get(&folded) {
+                    Some(&i) => i,
+                    None => {
+                        let (spelling, new) = match known_spelling(conn, &r.resource)? {
+                            Some(s) => (s, false),
+                            None => (r.resource.clone(), true),
+                        };
+                        names.push((folded.clone(), spelling, new, false));
+                        by_folded.insert(folded, names.len() - 1);
+                        names.len() - 1
+                    }
+                };
+                by_given.insert(r.resource.as_str(), i);
+                i
+            }
+        };
+        let origin = hour_of(r.time);
+        let late = match late_keys.get(&(name, r.dimension.as_str(), origin)) {
+            Some(&l) => l,
+            None => {
+                let l = lateness(conn, &names[name].1, &r.dimension, origin, watermark, rules)?
+                    .is_some();
+                late_keys.insert((name, r.dimension.as_str(), origin), l);
+                l
+            }
+        };
+        let hour = if late { target } else { origin };
+        let plan_id = r.plan.as_deref().unwrap_or("");
+        if names[name].2 && !names[name].3 {
+            // A resource new to the journal is journaled as the spelling of its first record stored, not of a
+            // duplicate before it (as the two-phase path, which never looks at duplicates' resources).
+            names[name].1 = r.resource.clone();
+        }
+        let stored = insert.execute(params![
+            r.key,
+            names[name].1,
+            plan_id,
+            r.dimension,
+            r.time.timestamp(),
+            origin,
+            hour,
+            r.quantity.0,
+            now,
+            outbox
+        ])? == 1;
+        if !stored {
+            outcome.duplicates += 1;
+            continue;
+        }
+        names[name].3 = true;
+        let slot = *totals_index
+            .entry((name, plan_id, r.dimension.as_str(), hour))
+            .or_insert_with(|| {
+                totals.push(((name, index, hour), 0, 0, 0));
+                totals.len() - 1
+            });
+        let t = &mut totals[slot];
+        t.1 = t.1.checked_add(r.quantity.0).ok_or_else(|| {
+            JournalError::Invalid(format!(
+                "the hourly total of {}/{} at {} would overflow",
+                names[name].1,
+                r.dimension,
+                fmt_time(hour)
+            ))
+        })?;
+        t.2 += 1;
+        if late {
+            t.3 += r.quantity.0;
+            record_carry(
+                conn,
+                &names[name].1,
+                plan_id,
+                &r.dimension,
+                origin,
+                hour,
+                r.quantity.0,
+                "late",
+                None,
+                now,
+            )?;
+            outcome.carried += 1;
+        }
+        outcome.accepted += 1;
+    }
+    let mut remember = conn.prepare_cached(
+        "INSERT INTO resource_spellings (folded, spelling) VALUES (?1, ?2) ON CONFLICT (folded) DO NOTHING",
+    )?;
+    for (folded, spelling, new, used) in &names {
+        if *new && *used {
+            remember.execute(params![folded, spelling])?;
+        }
+    }
+    for ((name, index, hour), quantity, count, carried) in totals {
+        let r = &records[index];
+        add_to_hour(
+            conn,
+            &names[name].1,
+            r.plan.as_deref().unwrap_or(""),
+            &r.dimension,
+            hour,
+            quantity,
+            count,
+            carried,
+        )?;
+    }
+    Ok(outcome)
 }
 
 /// Adds `quantity` (and `records`) to an hourly total, refusing an overflow.

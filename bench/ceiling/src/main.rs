@@ -2,6 +2,10 @@
 //!
 //! - `axum --listen ADDR`: the single-record ceiling, a bare axum handler for `POST /v1/usage` that reads the body
 //!   and answers what meterd answers (`202 {"accepted":1,...}`) without touching a journal.
+//! - `durable --listen ADDR --db PATH`: the durable single-record ceiling, the least a durable server must do. An
+//!   axum handler parses the record (serde into a small struct), hands it to one writer thread over a channel; the
+//!   writer commits every record waiting in one transaction (a prepared `INSERT OR IGNORE` on a `UNIQUE` key, WAL,
+//!   `synchronous=FULL`) and only then answers each request (`202`, or `202` with `duplicates: 1`).
 //! - `sqlite --db PATH --rows N --batch B`: the batched-ingest ceiling, the rows meterd stores for a batch request
 //!   inserted by a plain loop into meterd's `usage_records` table (same columns and indexes), `B` rows per
 //!   transaction, WAL, `synchronous=FULL`.
@@ -38,6 +42,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("axum") => axum_ceiling(&need(&args, "--listen")),
+        Some("durable") => durable_ceiling(&need(&args, "--listen"), &need(&args, "--db")),
         Some("sqlite") => sqlite_ceiling(
             &need(&args, "--db"),
             need(&args, "--rows").parse().unwrap(),
@@ -61,7 +66,7 @@ fn main() {
             )
         }
         _ => {
-            eprintln!("usage: bench-tool axum|sqlite|gen-journal|ready-time|free-port ...");
+            eprintln!("usage: bench-tool axum|durable|sqlite|gen-journal|ready-time|free-port ...");
             std::process::exit(2)
         }
     }
@@ -89,6 +94,109 @@ fn axum_ceiling(listen: &str) {
         let app = axum::Router::new().route("/v1/usage", axum::routing::post(bare_usage));
         let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
         eprintln!("bare axum listening on {}", listener.local_addr().unwrap());
+        axum::serve(listener, app).await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 1. Durable ceiling: parse, one writer thread, group commit with synchronous=FULL, answer after the commit.
+
+/// The record as the durable ceiling parses it: the fields meterd's single-record body carries.
+#[derive(serde::Deserialize)]
+struct CeilingRecord {
+    resource: String,
+    dimension: String,
+    quantity: f64,
+    id: String,
+}
+
+/// One record waiting for the writer, with where to send its answer (true: stored; false: a duplicate key).
+type Waiting = (CeilingRecord, tokio::sync::oneshot::Sender<bool>);
+
+async fn durable_usage(
+    axum::extract::State(tx): axum::extract::State<std::sync::mpsc::Sender<Waiting>>,
+    axum::Json(record): axum::Json<CeilingRecord>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if tx.send((record, reply)).is_err() {
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let body = match answer.await {
+        Ok(true) => r#"{"accepted":1,"carried":0,"duplicates":0}"#,
+        Ok(false) => r#"{"accepted":0,"carried":0,"duplicates":1}"#,
+        Err(_) => return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    };
+    (
+        axum::http::StatusCode::ACCEPTED,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+/// The writer: takes every record waiting, inserts them in one transaction, commits (fsync), then answers.
+fn durable_writer(db: &str, rx: std::sync::mpsc::Receiver<Waiting>) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{db}{suffix}"));
+    }
+    let mut conn = rusqlite::Connection::open(db).unwrap();
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+        .unwrap();
+    conn.execute_batch(USAGE_RECORDS).unwrap();
+    let mut group: Vec<Waiting> = Vec::with_capacity(4096);
+    let mut answers: Vec<(tokio::sync::oneshot::Sender<bool>, bool)> = Vec::with_capacity(4096);
+    while let Ok(first) = rx.recv() {
+        group.push(first);
+        while group.len() < 4096 {
+            match rx.try_recv() {
+                Ok(w) => group.push(w),
+                Err(_) => break,
+            }
+        }
+        let now = now_secs();
+        let hour = now / 3600 * 3600;
+        let tx = conn.transaction().unwrap();
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour, quantity, received_at)
+                     VALUES (?1, ?2, '', ?3, ?4, ?5, ?5, ?6, ?4)",
+                )
+                .unwrap();
+            for (r, reply) in group.drain(..) {
+                let micros = (r.quantity * 1e6).round() as i64;
+                let stored = st
+                    .execute(rusqlite::params![r.id, r.resource, r.dimension, now, hour, micros])
+                    .unwrap()
+                    == 1;
+                answers.push((reply, stored));
+            }
+        }
+        tx.commit().unwrap();
+        for (reply, stored) in answers.drain(..) {
+            let _ = reply.send(stored);
+        }
+    }
+}
+
+fn durable_ceiling(listen: &str, db: &str) {
+    let (tx, rx) = std::sync::mpsc::channel::<Waiting>();
+    let db = db.to_string();
+    std::thread::Builder::new()
+        .name("ceiling-writer".into())
+        .spawn(move || durable_writer(&db, rx))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let app = axum::Router::new()
+            .route("/v1/usage", axum::routing::post(durable_usage))
+            .with_state(tx);
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+        eprintln!("durable ceiling listening on {}", listener.local_addr().unwrap());
         axum::serve(listener, app).await.unwrap();
     });
 }
