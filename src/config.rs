@@ -322,6 +322,30 @@ pub struct MeterSettings {
     pub plan_path: Option<Vec<String>>,
 }
 
+/// Fleet mode (`[fleet]`, docs/fleet.md): many replicas, one shared PostgreSQL journal. The same struct as
+/// branch fleet-forward's, which owns its parsing (`url_file`, `METERD_FLEET__URL`, ...); the coordinator keeps one.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// The PostgreSQL URL (never logged; may hold a password).
+    pub url: crate::secret::Secret,
+    /// Where the URL was read from (`[fleet] url_file`), for messages.
+    pub url_file: Option<PathBuf>,
+    /// This replica's name in `replicas` and as lease owner (default `$POD_NAME`, else the host name).
+    pub replica_id: String,
+    /// Longest a closed hour waits for the fleet's watermarks before it is frozen anyway (15m).
+    pub max_wait: Duration,
+    /// How often a replica publishes its heartbeat and watermark (10s).
+    pub heartbeat: Duration,
+    /// A replica whose heartbeat is older than this is gone and stops holding freezes back (3 x heartbeat).
+    pub replica_timeout: Duration,
+    /// How long a claimed event's lease lasts, by the database clock (60s).
+    pub lease: Duration,
+    /// Records per forward batch (1000).
+    pub forward_batch: usize,
+    /// PostgreSQL connections per replica (8).
+    pub pool_size: usize,
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -353,6 +377,8 @@ pub struct Settings {
     pub billing: BillingSettings,
     /// Alerts.
     pub alerts: AlertSettings,
+    /// Fleet mode: on when a PostgreSQL URL is configured (`[fleet]`); `None` is single-replica SQLite mode.
+    pub fleet: Option<FleetSettings>,
     /// Where the settings came from, for messages.
     pub source: String,
 }
@@ -1167,6 +1193,7 @@ impl Settings {
             log_level,
             dimensions,
             meters,
+            fleet: None,
             source: source.to_string(),
         })
     }

@@ -36,6 +36,7 @@
 //! - [`ingest`]: the local HTTP API (usage, CloudEvents, reports, status, probes).
 //! - [`emit`]: the emission pass: freeze, decide, bill, send, settle.
 //! - [`alerts`]: delivery of raised alerts to the webhook.
+//! - [`fleet`]: fleet mode on the shared PostgreSQL journal (the fleet emitter, [`fleet::emit`]).
 //! - [`ops`]: liveness for probes and the watchdog, systemd notify, metrics.
 //!
 //! **Wiring**:
@@ -54,6 +55,7 @@ pub mod config;
 pub mod daemon;
 pub mod emit;
 pub mod emulator;
+pub mod fleet;
 pub mod ingest;
 pub mod journal;
 pub mod marketplace;

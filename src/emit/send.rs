@@ -14,26 +14,64 @@ use crate::ops::telemetry::{EventsSettled, InternalEvent};
 use crate::quantity::Micros;
 use crate::resource::ResourceRef;
 use crate::settle::SettleContext;
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 use std::collections::BTreeMap;
+use std::future::Future;
+
+/// Where a batch's attempt is marked before its call and its answers are settled after it: the SQLite journal
+/// (as always), or the fleet's shared journal, whose implementation fences both by the batch's lease
+/// (`fleet::emit`). Each method is one transaction.
+pub(crate) trait BatchJournal: Sync {
+    /// Marks the batch in flight (committed before the call). An error means the call is not made.
+    fn mark_attempt(
+        &self,
+        batch: &[PendingEvent],
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Raises the call's alert (if any), settles each answered event with its alerts; counts per outcome.
+    fn settle_answers(
+        &self,
+        call_alert: Option<(AlertKey, serde_json::Value)>,
+        settles: Vec<(i64, Settle)>,
+        now: DateTime<Utc>,
+        policy: outbound::SettlePolicy,
+    ) -> impl Future<Output = anyhow::Result<BTreeMap<String, usize>>> + Send;
+}
+
+impl BatchJournal for Journal {
+    async fn mark_attempt(&self, batch: &[PendingEvent]) -> anyhow::Result<()> {
+        let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
+        Ok(Journal::mark_attempt(self, ids).await?)
+    }
+
+    async fn settle_answers(
+        &self,
+        call_alert: Option<(AlertKey, serde_json::Value)>,
+        settles: Vec<(i64, Settle)>,
+        now: DateTime<Utc>,
+        policy: outbound::SettlePolicy,
+    ) -> anyhow::Result<BTreeMap<String, usize>> {
+        Ok(Journal::settle_answers(self, call_alert, settles, now, policy).await?)
+    }
+}
 
 /// What one batch call did.
 #[derive(Debug, Default)]
-pub(super) struct BatchResult {
+pub(crate) struct BatchResult {
     /// Marketplace calls made.
-    pub(super) calls: usize,
-    pub(super) sent: usize,
+    pub(crate) calls: usize,
+    pub(crate) sent: usize,
     /// A whole call refused with 400: the two halves to send instead (one bad event must not block the rest).
-    pub(super) split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
-    pub(super) outcomes: BTreeMap<String, usize>,
-    pub(super) recheck_subscriptions: bool,
+    pub(crate) split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
+    pub(crate) outcomes: BTreeMap<String, usize>,
+    pub(crate) recheck_subscriptions: bool,
 }
 
 /// Sends `batch`; a whole call refused with HTTP 400 is retried at once in halves, down to single events, so one
 /// malformed event keeps only itself pending (retried and alerted as before) and the good ones go through.
-pub(super) async fn send_splitting(
+pub(crate) async fn send_splitting<J: BatchJournal>(
     client: &MarketplaceClient,
-    journal: &Journal,
+    journal: &J,
     clock: &SharedClock,
     policy: outbound::SettlePolicy,
     delays: (RetryDelays, Duration),
@@ -58,17 +96,15 @@ pub(super) async fn send_splitting(
     Ok(total)
 }
 
-async fn send_batch(
+async fn send_batch<J: BatchJournal>(
     client: &MarketplaceClient,
-    journal: &Journal,
+    journal: &J,
     clock: &SharedClock,
     policy: outbound::SettlePolicy,
     (delays, hold_recheck): (RetryDelays, Duration),
     batch: Vec<PendingEvent>,
 ) -> anyhow::Result<BatchResult> {
-    let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
-    let mark = ids.clone();
-    journal.mark_attempt(mark).await?;
+    journal.mark_attempt(&batch).await?;
     let bodies: Vec<&str> = batch.iter().map(|e| e.body.as_str()).collect();
     let body = batch_body(&bodies);
     let started = std::time::Instant::now();

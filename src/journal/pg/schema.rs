@@ -10,6 +10,7 @@
 use tokio_postgres::Client;
 
 /// The advisory lock key taken (per transaction) while migrating: "meterd" in ASCII.
+#[allow(clippy::mistyped_literal_suffixes)] // byte-wise grouping: "m e t e r d", not a suffix
 const MIGRATION_LOCK: i64 = 0x6d_65_74_65_72_64;
 
 /// Each entry moves the schema from version `i` to `i + 1`. Append only; never edit a step once released.

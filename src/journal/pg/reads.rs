@@ -1,0 +1,1 @@
+//! Fleet reads: status, report, balance, usage and consumption from the shared journal.
