@@ -437,3 +437,87 @@ async fn two_replicas_bill_one_allowance_exactly() {
         56 * SECOND
     );
 }
+
+/// In fleet mode the shared reads (status with the replicas, report, balance, consumption) answer from the
+/// shared journal, whichever replica asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_reads_answer_from_the_shared_journal() {
+    use meterd::journal::reads::Reads;
+    use meterd::journal::usage::ReportFilter;
+    let Some(f) = Fleet::start("fleet_reads_answer_from_the_shared_journal").await else {
+        return;
+    };
+    let reads = Reads::Fleet {
+        pg: f.pg.clone(),
+        replica_timeout: Duration::seconds(30),
+    };
+    f.total("api_calls", t("08:00"), 12 * SECOND).await;
+    f.total("api_calls", t("09:00"), 4 * SECOND).await;
+    f.heartbeat("r1", t("10:06"), t("10:06")).await;
+    f.heartbeat("r2", t("10:06"), t("10:06")).await;
+    f.clock().set(t("10:06"));
+    // r1 sends 08:00 and 09:00 ...
+    let pass = f.emitter("r1", Duration::seconds(60)).pass().await.unwrap();
+    assert_eq!(pass.frozen, 2);
+    // ... then r2 claims a later hour and holds its lease.
+    f.total("api_calls", t("10:00"), SECOND).await;
+    f.pg.freeze(t("11:06"), f.rule()).await.unwrap();
+    assert_eq!(
+        f.pg.claim("r2", t("11:06"), 25, Duration::seconds(60))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let (status, replicas) = reads.status(t("10:06:10")).await.unwrap();
+    assert_eq!(status.pending_events, 1);
+    // 08:00 draws the 10 included and bills 2, 09:00 bills its 4.
+    assert_eq!(status.outcomes.get("accepted"), Some(&2));
+    let replicas = replicas.expect("fleet status lists the replicas");
+    assert_eq!(replicas.len(), 2);
+    assert_eq!(
+        (replicas[0].replica_id.as_str(), replicas[0].leases_held),
+        ("r1", 0)
+    );
+    assert_eq!(
+        (replicas[1].replica_id.as_str(), replicas[1].leases_held),
+        ("r2", 1)
+    );
+    assert!(
+        replicas
+            .iter()
+            .all(|r| r.live && r.forward_lag_seconds == 10)
+    );
+    let (hours, carries) = reads
+        .report(ReportFilter::default(), t("11:06"), Duration::minutes(5))
+        .await
+        .unwrap();
+    assert!(carries.is_empty());
+    let outcomes: Vec<(&str, &str)> = hours
+        .iter()
+        .map(|h| (h.quantity.as_str(), h.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("12", "accepted"), ("4", "accepted"), ("1", "pending")]
+    );
+    let balance = reads
+        .balance(f.rig.settings.clone(), A.to_uppercase(), t("11:06"))
+        .await
+        .unwrap();
+    let api = balance.iter().find(|d| d.dimension == "api_calls").unwrap();
+    assert_eq!(
+        (
+            api.plan.as_str(),
+            api.included.as_str(),
+            api.consumed.as_str(),
+            api.overage_frozen.as_str()
+        ),
+        ("gold", "10", "17", "6")
+    );
+    let consumption = reads
+        .consumption(A.to_string(), None, i64::MIN, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(consumption, vec![("api_calls".to_string(), 17 * SECOND, 3)]);
+}

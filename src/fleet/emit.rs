@@ -230,6 +230,30 @@ pub struct FleetEmitter {
     release_held: std::sync::atomic::AtomicBool,
     pass_lock: tokio::sync::Mutex<()>,
     last: std::sync::Mutex<LastPass>,
+    /// The schema is known to be current (migrated by this process, at start or by the first pass that could).
+    migrated: std::sync::atomic::AtomicBool,
+}
+
+impl crate::emit::schedule::Passes for FleetEmitter {
+    async fn pass(&self) -> anyhow::Result<PassSummary> {
+        FleetEmitter::pass(self).await
+    }
+
+    async fn request_subscription_refresh(&self) {
+        FleetEmitter::request_subscription_refresh(self).await
+    }
+
+    async fn next_due(&self) -> anyhow::Result<Option<i64>> {
+        Ok(self.pg.next_due().await?)
+    }
+
+    fn now_secs(&self) -> i64 {
+        self.clock.now().timestamp()
+    }
+
+    fn last(&self) -> LastPass {
+        FleetEmitter::last(self)
+    }
 }
 
 impl FleetEmitter {
@@ -251,6 +275,7 @@ impl FleetEmitter {
             release_held: std::sync::atomic::AtomicBool::new(false),
             pass_lock: tokio::sync::Mutex::new(()),
             last: std::sync::Mutex::new(LastPass::default()),
+            migrated: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -299,6 +324,15 @@ impl FleetEmitter {
     }
 
     async fn pass_inner(&self) -> anyhow::Result<PassSummary> {
+        if !self.migrated.load(std::sync::atomic::Ordering::SeqCst) {
+            // A replica that started while PostgreSQL was down migrates at its first pass that reaches it.
+            self.pg
+                .migrate()
+                .await
+                .context("the fleet PostgreSQL journal could not be migrated")?;
+            self.migrated
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let now = self.clock.now();
         let mut summary = PassSummary {
             started: now.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
