@@ -129,8 +129,8 @@ async fn fleet_emission_benchmark() {
         .get(0);
     assert_eq!(accepted, events, "every event accepted once");
     assert_eq!(rig.emu.accepted_events().len() as i64, events);
-    let bound = events as f64 / 25.0 * (latency_ms as f64 / 1000.0)
-        / (replicas * concurrency) as f64;
+    let bound =
+        events as f64 / 25.0 * (latency_ms as f64 / 1000.0) / (replicas * concurrency) as f64;
     println!(
         "fleet emission: {events} events, {replicas} replicas x concurrency {concurrency}, {latency_ms} ms/call: \
          {elapsed:.2} s ({calls} calls); bound {bound:.2} s; ratio {:.2} (target <= 1.25); freeze beforehand {freeze_secs:.2} s",

@@ -102,6 +102,15 @@ pub fn describe() {
         Unit::Seconds,
         "Duration of a full (all pages) subscription list refresh."
     );
+    // Fleet emission (docs/fleet.md).
+    describe_counter!(
+        "meterd_fleet_stale_settles_total",
+        "Fleet mode: settles refused because this replica's lease on the event had passed to another replica (nothing changed)."
+    );
+    describe_counter!(
+        "meterd_fleet_leases_lost_total",
+        "Fleet mode: calls not made because the lease on one of their events was lost before the call."
+    );
     // Billing policy and alerts.
     describe_counter!(
         "meterd_thresholds_crossed_total",
