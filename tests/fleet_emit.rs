@@ -403,6 +403,17 @@ async fn two_replicas_bill_one_allowance_exactly() {
         f.total("gb_processed", first + Duration::hours(h), SECOND)
             .await;
     }
+    // The billing rows exist already (committed), as after the first hour of a term: only the lock billing takes
+    // on them keeps two replicas from drawing the same allowance.
+    f.pg.client()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO remainders (resource, dimension, remainder) VALUES ($1, 'api_calls', 0), ($1, 'gb_processed', 0)",
+            &[&A],
+        )
+        .await
+        .unwrap();
     f.clock().set(t("09:30"));
     let a = f.emitter("a", Duration::seconds(60));
     let b = f.emitter("b", Duration::seconds(60));
