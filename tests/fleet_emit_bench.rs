@@ -65,9 +65,9 @@ async fn fleet_emission_benchmark() {
         .unwrap()
         .execute(
             "INSERT INTO hourly_totals (resource, plan, dimension, hour, quantity, records)
-             SELECT lpad(to_hex(i / $3), 8, '0') || '-1111-4111-8111-' || lpad(to_hex(i / $3), 12, '0'),
-                    '', 'api_calls', $1 + (i % $3) * 3600, 1000000, 1
-             FROM generate_series(0, $2 - 1) AS i",
+             SELECT lpad(to_hex(i / $3::bigint), 8, '0') || '-1111-4111-8111-' || lpad(to_hex(i / $3::bigint), 12, '0'),
+                    '', 'api_calls', $1::bigint + (i % $3::bigint) * 3600, 1000000, 1
+             FROM generate_series(0::bigint, $2::bigint - 1) AS i",
             &[&first_hour, &events, &hours],
         )
         .await

@@ -103,15 +103,13 @@ pub async fn bill(
     now: DateTime<Utc>,
 ) -> Result<Bill, PgError> {
     let (resource, dimension, hour) = (ev.resource.as_str(), ev.dimension.as_str(), ev.hour);
-    // The per-(resource, dimension) billing lock: a row that exists (0 is "no remainder") and is held to commit.
-    tx.execute(
-        "INSERT INTO remainders (resource, dimension, remainder) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING",
-        &[&resource, &dimension],
-    )
-    .await?;
+    // The per-(resource, dimension) billing lock: the row (0 is "no remainder"), created if missing, locked to
+    // commit by the no-op update, and its value, in one round trip.
     let carried_in: i64 = tx
         .query_one(
-            "SELECT remainder FROM remainders WHERE resource = $1 AND dimension = $2 FOR UPDATE",
+            "INSERT INTO remainders (resource, dimension, remainder) VALUES ($1, $2, 0)
+             ON CONFLICT (resource, dimension) DO UPDATE SET remainder = remainders.remainder
+             RETURNING remainder",
             &[&resource, &dimension],
         )
         .await?

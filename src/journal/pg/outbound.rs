@@ -251,6 +251,38 @@ async fn still_ours(
     Ok(false)
 }
 
+/// Of `fenced` (id, fence), the events `owner` still holds at their fence, locked until the transaction ends (one
+/// round trip for a batch); the others are logged and counted as stale.
+async fn owned(
+    tx: &Transaction<'_>,
+    owner: &str,
+    fenced: &[(i64, i64)],
+) -> Result<std::collections::HashSet<i64>, PgError> {
+    if fenced.is_empty() {
+        return Ok(Default::default());
+    }
+    let (ids, fences): (Vec<i64>, Vec<i64>) = fenced.iter().copied().unzip();
+    let rows = tx
+        .query(
+            "SELECT o.id FROM outbound_events o JOIN unnest($1::bigint[], $2::bigint[]) AS f(id, fence)
+               ON o.id = f.id AND o.fence = f.fence
+             WHERE o.lease_owner = $3 AND o.state = 'pending' ORDER BY o.id FOR UPDATE OF o",
+            &[&ids, &fences, &owner],
+        )
+        .await?;
+    let mine: std::collections::HashSet<i64> = rows.into_iter().map(|r| r.get(0)).collect();
+    for (id, fence) in fenced.iter().filter(|(id, _)| !mine.contains(id)) {
+        tracing::warn!(
+            message = "This replica's lease on a claimed event ended before its body was written; another replica sends it.",
+            id,
+            owner,
+            fence
+        );
+        metrics::counter!("meterd_fleet_stale_settles_total").increment(1);
+    }
+    Ok(mine)
+}
+
 /// Records the outcome of one attempt (or decision) for event `id` under `owner`'s lease at `fence`, and frees
 /// the lease. `None` when the lease is no longer ours (nothing changed).
 #[allow(clippy::too_many_arguments)]
@@ -652,16 +684,20 @@ async fn set_body(
     body: &str,
     bill: &Bill,
 ) -> Result<String, PgError> {
-    tx.execute(
-        "UPDATE outbound_events SET plan = $2, body = $3, included = $4, billable = $5, send_quantity = $6, term_start = $7
-         WHERE id = $1 AND body = ''",
-        &[&id, &plan, &body, &bill.included, &bill.billable, &bill.send, &bill.term_start],
-    )
-    .await?;
-    Ok(tx
-        .query_one("SELECT body FROM outbound_events WHERE id = $1", &[&id])
-        .await?
-        .get(0))
+    let written = tx
+        .query_opt(
+            "UPDATE outbound_events SET plan = $2, body = $3, included = $4, billable = $5, send_quantity = $6, term_start = $7
+             WHERE id = $1 AND body = '' RETURNING body",
+            &[&id, &plan, &body, &bill.included, &bill.billable, &bill.send, &bill.term_start],
+        )
+        .await?;
+    Ok(match written {
+        Some(r) => r.get(0),
+        None => tx
+            .query_one("SELECT body FROM outbound_events WHERE id = $1", &[&id])
+            .await?
+            .get(0),
+    })
 }
 
 /// Settles an event that billing left nothing to send for (`included` or `remainder`), freeing its lease.
@@ -713,6 +749,12 @@ where
     });
     let mut sendable = Vec::new();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let to_send: Vec<(i64, i64)> = decided
+        .iter()
+        .filter(|(_, d)| matches!(d, Disposition::Send { .. }))
+        .map(|(c, _)| (c.event.id, c.fence))
+        .collect();
+    let owned = owned(tx, owner, &to_send).await?;
     for (claimed, decision) in decided {
         let (id, fence) = (claimed.event.id, claimed.fence);
         match decision {
@@ -729,7 +771,7 @@ where
                 *counts.entry(name.to_string()).or_default() += 1;
             }
             Disposition::Send { plan } => {
-                if !still_ours(tx, id, owner, fence).await? {
+                if !owned.contains(&id) {
                     *counts.entry("stale".to_string()).or_default() += 1;
                     continue;
                 }
@@ -779,7 +821,64 @@ pub async fn settle_answers(
         raise_alert(tx, dedupe, body.clone(), now).await?;
     }
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for (id, fence, s) in settles {
+    // The common answers (accepted, duplicate: no alert, no billing change) in one statement for the batch.
+    let (simple, rest): (Vec<_>, Vec<_>) = settles
+        .iter()
+        .partition(|(_, _, s)| matches!(s, Settle::Accepted { .. } | Settle::Duplicate { .. }));
+    if !simple.is_empty() {
+        let mut ids = Vec::new();
+        let mut fences = Vec::new();
+        let mut states = Vec::new();
+        let mut usage_ids: Vec<Option<String>> = Vec::new();
+        let mut markets: Vec<Option<i64>> = Vec::new();
+        for (id, fence, s) in &simple {
+            ids.push(*id);
+            fences.push(*fence);
+            match s {
+                Settle::Accepted { usage_event_id } => {
+                    states.push(Outcome::Accepted.as_str().to_string());
+                    usage_ids.push(usage_event_id.clone());
+                    markets.push(None);
+                }
+                Settle::Duplicate {
+                    market_quantity,
+                    usage_event_id,
+                } => {
+                    states.push(Outcome::Duplicate.as_str().to_string());
+                    usage_ids.push(usage_event_id.clone());
+                    markets.push(*market_quantity);
+                }
+                _ => unreachable!("partitioned above"),
+            }
+        }
+        let rows = tx
+            .query(
+                "UPDATE outbound_events o SET state = f.state, usage_event_id = f.usage_event_id,
+                        market_quantity = f.market_quantity, finished_at = $6, held = NULL, in_flight = 0,
+                        lease_owner = NULL, lease_until = NULL
+                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])
+                      AS f(id, fence, state, usage_event_id, market_quantity)
+                 WHERE o.id = f.id AND o.fence = f.fence AND o.lease_owner = $7 AND o.state = 'pending'
+                 RETURNING o.id, o.state",
+                &[&ids, &fences, &states, &usage_ids, &markets, &now.timestamp(), &owner],
+            )
+            .await?;
+        let done: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+        for r in &rows {
+            *counts.entry(r.get::<_, String>(1)).or_default() += 1;
+        }
+        for (id, fence, _) in simple.iter().filter(|(id, _, _)| !done.contains(id)) {
+            tracing::warn!(
+                message = "Settle refused: this replica's lease on the event ended (another replica claimed it, or it settled); nothing changed.",
+                id,
+                owner,
+                fence
+            );
+            metrics::counter!("meterd_fleet_stale_settles_total").increment(1);
+            *counts.entry("stale".to_string()).or_default() += 1;
+        }
+    }
+    for (id, fence, s) in rest {
         let Some(state) = settle(tx, *id, owner, *fence, s, now, policy).await? else {
             *counts.entry("stale".to_string()).or_default() += 1;
             continue;
