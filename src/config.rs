@@ -661,7 +661,10 @@ fn apply_env(
         let Some(rest) = name.strip_prefix("METERD_") else {
             continue;
         };
-        if SECRET_ENV_VARS.contains(&name.as_str()) || rest.is_empty() {
+        // `METERD_TEST_*` belong to the test harness (`METERD_TEST_POSTGRES_URL`, set by `.ci/run`), not to the
+        // configuration: a daemon started by a test inherits them.
+        if SECRET_ENV_VARS.contains(&name.as_str()) || rest.is_empty() || rest.starts_with("TEST_")
+        {
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -1516,6 +1519,21 @@ mod tests {
         let s = load_str("[marketplace]\nmode = \"emulator\"\n", "t.toml", &env(&[])).unwrap();
         assert_eq!(s.marketplace.auth.kind, AuthKind::StaticToken);
         assert_eq!(s.journal.path, PathBuf::from(DEFAULT_JOURNAL_PATH));
+    }
+
+    /// The test harness's `METERD_TEST_POSTGRES_URL` (set by `.ci/run` for every test, inherited by the daemons
+    /// the black-box tests start) is not a configuration key: it used to fail every daemon with "unknown field".
+    #[test]
+    fn test_harness_variables_are_not_configuration() {
+        let s = load_str(
+            "[marketplace]\nmode = \"emulator\"\n",
+            "t.toml",
+            &env(&[(
+                "METERD_TEST_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            )]),
+        );
+        assert!(s.is_ok(), "{:?}", s.err());
     }
 
     #[test]

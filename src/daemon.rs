@@ -2,7 +2,8 @@
 
 use crate::clock::SharedClock;
 use crate::config::{ListenAddr, LogFormat, MarketplaceMode, Settings};
-use crate::emit::{Emitter, PassSummary, schedule};
+use crate::emit::schedule::Passes as _;
+use crate::emit::{Emitter, LastPass, PassSummary, schedule};
 use crate::ingest::{self, AppState};
 use crate::journal::Journal;
 use crate::secret::load_secret;
@@ -388,12 +389,47 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         );
     }
     let client = crate::emit::client(&settings, &ctx.env, ctx.clock.clone())?;
-    let emitter = Arc::new(Emitter::new(
-        settings.clone(),
-        journal.clone(),
-        ctx.clock.clone(),
-        client,
-    ));
+    // ---- Fleet emission (issue 14 part B, branch fleet-emit) -------------------------------------------------
+    // In fleet mode (`[fleet]` with a URL) this replica emits from the shared PostgreSQL journal: the fleet
+    // emitter replaces the local one in the pass loop (cron, startup catch-up, `POST /v1/flush`, final pass), and
+    // the shared reads (report, status with the replicas, balance, usage, consumption, /metrics gauges) read it.
+    // PostgreSQL down at start does not stop the daemon: ingest keeps acknowledging into the local journal and
+    // each pass fails (logged, retried) until the shared journal answers.
+    let (emitter, reads) = match &settings.fleet {
+        Some(fleet) => {
+            let pg = crate::journal::pg::PgJournal::connect(&fleet.url, fleet.pool_size)?;
+            match pg.migrate().await {
+                Ok(v) => {
+                    tracing::info!(message = "Fleet mode: emitting from the shared PostgreSQL journal.", replica = %fleet.replica_id, schema_version = v)
+                }
+                Err(e) => {
+                    tracing::warn!(message = "Fleet mode: the shared PostgreSQL journal is unavailable; passes retry until it answers.", replica = %fleet.replica_id, error = %e)
+                }
+            }
+            let fleet_emitter = crate::fleet::emit::FleetEmitter::new(
+                settings.clone(),
+                fleet.clone(),
+                pg.clone(),
+                ctx.clock.clone(),
+                client,
+            );
+            let reads = crate::journal::reads::Reads::Fleet {
+                pg,
+                replica_timeout: fleet.replica_timeout,
+            };
+            (Arc::new(AnyEmitter::Fleet(fleet_emitter)), reads)
+        }
+        None => (
+            Arc::new(AnyEmitter::Local(Emitter::new(
+                settings.clone(),
+                journal.clone(),
+                ctx.clock.clone(),
+                client,
+            ))),
+            crate::journal::reads::Reads::Local(journal.clone()),
+        ),
+    };
+    // ---- end of fleet emission -------------------------------------------------------------------------------
     let listener = Listener::bind_env(&settings.ingest.listen, &ctx.env).await?;
     // Journal open (migrations ran in `Journal::open`) and listener bound: ready. Sent before the first pass
     // starts so that systemd sees READY=1 before any STATUS= of a pass.
@@ -428,6 +464,7 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     let state = AppState {
         settings: settings.clone(),
         journal: journal.clone(),
+        reads: reads.clone(),
         clock: ctx.clock.clone(),
         token,
         emitter: emit_control,
@@ -449,7 +486,7 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     let gauge_task = crate::ops::metrics::spawn_journal_gauges(
         gauges,
-        journal.clone(),
+        reads.clone(),
         ctx.clock.clone(),
         stop_rx.clone(),
     );
@@ -537,6 +574,49 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
     journal.close();
     tracing::info!(message = "meterd stopped.");
     Ok(())
+}
+
+/// The emitter the pass loop drives: the local journal's, or in fleet mode the fleet emitter.
+enum AnyEmitter {
+    Local(Emitter),
+    Fleet(crate::fleet::emit::FleetEmitter),
+}
+
+impl schedule::Passes for AnyEmitter {
+    async fn pass(&self) -> anyhow::Result<PassSummary> {
+        match self {
+            AnyEmitter::Local(e) => e.pass().await,
+            AnyEmitter::Fleet(e) => e.pass().await,
+        }
+    }
+
+    async fn request_subscription_refresh(&self) {
+        match self {
+            AnyEmitter::Local(e) => e.request_subscription_refresh().await,
+            AnyEmitter::Fleet(e) => e.request_subscription_refresh().await,
+        }
+    }
+
+    async fn next_due(&self) -> anyhow::Result<Option<i64>> {
+        match self {
+            AnyEmitter::Local(e) => schedule::Passes::next_due(e).await,
+            AnyEmitter::Fleet(e) => schedule::Passes::next_due(e).await,
+        }
+    }
+
+    fn now_secs(&self) -> i64 {
+        match self {
+            AnyEmitter::Local(e) => schedule::Passes::now_secs(e),
+            AnyEmitter::Fleet(e) => schedule::Passes::now_secs(e),
+        }
+    }
+
+    fn last(&self) -> LastPass {
+        match self {
+            AnyEmitter::Local(e) => e.last(),
+            AnyEmitter::Fleet(e) => e.last(),
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

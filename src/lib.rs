@@ -39,6 +39,7 @@
 //! - [`ingest`]: the local HTTP API (usage, CloudEvents, reports, status, probes).
 //! - [`emit`]: the emission pass: freeze, decide, bill, send, settle.
 //! - [`alerts`]: delivery of raised alerts to the webhook.
+//! - [`fleet`]: fleet mode on the shared PostgreSQL journal (the fleet emitter, [`fleet::emit`]).
 //! - [`ops`]: liveness for probes and the watchdog, systemd notify, metrics.
 //! - [`fleet`]: fleet mode's forward path (local outbox to the shared PostgreSQL journal) and heartbeat.
 //!

@@ -578,6 +578,7 @@ value_property = "$.count"
         let now = now();
         let state = AppState {
             settings,
+            reads: meterd::journal::reads::Reads::Local(journal.clone()),
             journal,
             clock: Arc::new(meterd::clock::ManualClock::new(now)),
             token: None,

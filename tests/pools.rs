@@ -632,6 +632,7 @@ async fn pool_routes_over_http() {
     let state = meterd::ingest::AppState {
         settings: r.settings.clone(),
         journal: r.journal.clone(),
+        reads: meterd::journal::reads::Reads::Local(r.journal.clone()),
         clock: std::sync::Arc::new(r.clock.clone()),
         token: Some(std::sync::Arc::new(meterd::secret::Secret::new(
             "sekrit".to_string(),

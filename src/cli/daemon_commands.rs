@@ -75,11 +75,17 @@ pub(crate) fn status(
     now: chrono::DateTime<chrono::Utc>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let journal = open_journal(settings)?;
-    let s = journal.status(now)?;
+    let (s, replicas) =
+        match super::journal_views::fleet_read(settings, async |r| r.status(now).await) {
+            Some(read) => read?,
+            None => (open_journal(settings)?.status(now)?, None),
+        };
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["now"] = now.format("%Y-%m-%dT%H:%M:%SZ").to_string().into();
+        if let Some(replicas) = &replicas {
+            v["fleet"] = serde_json::json!({ "replicas": replicas });
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
@@ -106,6 +112,20 @@ pub(crate) fn status(
     println!("hours not frozen   {}", s.unfrozen_hours);
     if let Some(e) = &s.last_error {
         println!("last error         {e}");
+    }
+    if let Some(replicas) = &replicas {
+        println!("fleet replicas");
+        for r in replicas {
+            println!(
+                "  {:<20} heartbeat {} ({}), forward lag {}, unforwarded {}, leases {}",
+                r.replica_id,
+                r.heartbeat_at,
+                if r.live { "live" } else { "gone" },
+                human_secs(r.forward_lag_seconds),
+                r.unforwarded,
+                r.leases_held
+            );
+        }
     }
     if s.outcomes.is_empty() {
         println!("outcomes           none yet");

@@ -6,6 +6,28 @@ use crate::config::Settings;
 use crate::ingest::usage_api::parse_bound;
 use crate::journal::usage::ReportFilter;
 
+/// In fleet mode (`[fleet]` with a URL), runs `read` against the shared journal, so every replica's command
+/// answers the same; `None` in single-replica mode (the caller reads the local journal file as before). The
+/// commands are synchronous: a small runtime of their own.
+pub(crate) fn fleet_read<T>(
+    settings: &Settings,
+    read: impl AsyncFnOnce(&crate::journal::reads::Reads) -> Result<T, crate::journal::JournalError>,
+) -> Option<anyhow::Result<T>> {
+    let fleet = settings.fleet.as_ref()?;
+    let run = || -> anyhow::Result<T> {
+        let pg = crate::journal::pg::PgJournal::connect(&fleet.url, 1)?;
+        let reads = crate::journal::reads::Reads::Fleet {
+            pg,
+            replica_timeout: fleet.replica_timeout,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(rt.block_on(read(&reads))?)
+    };
+    Some(run())
+}
+
 /// `meterd report`.
 pub(crate) fn report(
     settings: &Settings,
@@ -22,8 +44,13 @@ pub(crate) fn report(
         from: parse_bound("from", from).map_err(anyhow::Error::msg)?,
         to: parse_bound("to", to).map_err(anyhow::Error::msg)?,
     };
-    let journal = open_journal(settings)?;
-    let (hours, carries) = journal.report(&filter, now, settings.emit.grace)?;
+    let grace = settings.emit.grace;
+    let (hours, carries) = match fleet_read(settings, async |r| {
+        r.report(filter.clone(), now, grace).await
+    }) {
+        Some(read) => read?,
+        None => open_journal(settings)?.report(&filter, now, grace)?,
+    };
     match format {
         Format::Json => {
             writeln!(
@@ -144,8 +171,13 @@ pub(crate) fn balance(
     json: bool,
 ) -> anyhow::Result<()> {
     let resource = crate::ingest::validate::resource(resource).map_err(anyhow::Error::msg)?;
-    let journal = open_journal(settings)?;
-    let dims = journal.balance(settings, &resource, now)?;
+    let shared = std::sync::Arc::new(settings.clone());
+    let dims = match fleet_read(settings, async |r| {
+        r.balance(shared.clone(), resource.clone(), now).await
+    }) {
+        Some(read) => read?,
+        None => open_journal(settings)?.balance(settings, &resource, now)?,
+    };
     if json {
         println!(
             "{}",

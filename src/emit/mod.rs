@@ -11,6 +11,10 @@ pub mod schedule;
 mod send;
 mod subscriptions;
 
+// The fleet emitter (`fleet::emit`) shares the sending, the classification and the subscription view.
+pub(crate) use send::{BatchJournal, send_splitting};
+pub(crate) use subscriptions::{Decision, SubscriptionStore, SubscriptionView};
+
 pub use connect::{client, token_provider};
 
 use crate::clock::{SharedClock, fmt_time, to_utc};
@@ -30,7 +34,6 @@ use send::sender;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use subscriptions::{Decision, SubscriptionView};
 
 /// Most events in one marketplace call.
 pub const BATCH_SIZE: usize = 25;
@@ -144,20 +147,7 @@ impl Emitter {
     }
 
     fn delays(&self) -> RetryDelays {
-        RetryDelays {
-            min: self
-                .settings
-                .emit
-                .retry_min
-                .to_std()
-                .unwrap_or(std::time::Duration::from_secs(30)),
-            max: self
-                .settings
-                .emit
-                .retry_max
-                .to_std()
-                .unwrap_or(std::time::Duration::from_secs(1800)),
-        }
+        delays_of(&self.settings)
     }
 
     /// Makes the next pass re-read the subscription list (an operator's flush: a subscription may just have been
@@ -480,5 +470,21 @@ impl Produced {
             .emit();
         }
         self.expired.extend(opened.expired);
+    }
+}
+
+/// The retry delays of `settings` (`emit.retry_min`, `emit.retry_max`); the fleet emitter uses them too.
+pub(crate) fn delays_of(settings: &Settings) -> RetryDelays {
+    RetryDelays {
+        min: settings
+            .emit
+            .retry_min
+            .to_std()
+            .unwrap_or(std::time::Duration::from_secs(30)),
+        max: settings
+            .emit
+            .retry_max
+            .to_std()
+            .unwrap_or(std::time::Duration::from_secs(1800)),
     }
 }

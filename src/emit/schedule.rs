@@ -2,12 +2,49 @@
 //! next retry that is due. tokio-cron-scheduler only wakes the loop: it does not replay missed ticks, and it need
 //! not, because every pass works from the journal. One task runs the passes, so they never overlap.
 
-use super::{Emitter, PassSummary};
+use super::{Emitter, LastPass, PassSummary};
 use crate::ingest::{EmitControl, FlushFuture};
 use crate::ops::Liveness;
+use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_cron_scheduler::{Job, JobScheduler};
+
+/// What the pass loop drives: the emitter of the SQLite journal, or (fleet mode) the fleet emitter.
+pub trait Passes: Send + Sync + 'static {
+    /// Runs one pass.
+    fn pass(&self) -> impl Future<Output = anyhow::Result<PassSummary>> + Send;
+    /// Makes the next pass re-read the subscription list and look at held events (an operator's flush).
+    fn request_subscription_refresh(&self) -> impl Future<Output = ()> + Send;
+    /// When the next retry is due (unix seconds), if any.
+    fn next_due(&self) -> impl Future<Output = anyhow::Result<Option<i64>>> + Send;
+    /// Now, unix seconds, by the emitter's clock.
+    fn now_secs(&self) -> i64;
+    /// The last pass, for status.
+    fn last(&self) -> LastPass;
+}
+
+impl Passes for Emitter {
+    async fn pass(&self) -> anyhow::Result<PassSummary> {
+        Emitter::pass(self).await
+    }
+
+    async fn request_subscription_refresh(&self) {
+        Emitter::request_subscription_refresh(self).await
+    }
+
+    async fn next_due(&self) -> anyhow::Result<Option<i64>> {
+        Ok(self.journal().next_due().await?)
+    }
+
+    fn now_secs(&self) -> i64 {
+        self.clock.now().timestamp()
+    }
+
+    fn last(&self) -> LastPass {
+        Emitter::last(self)
+    }
+}
 
 /// Why the loop woke up.
 pub enum Wake {
@@ -18,13 +55,21 @@ pub enum Wake {
 }
 
 /// Handle used by the HTTP routes and the daemon.
-#[derive(Clone)]
-pub struct EmitterHandle {
+pub struct EmitterHandle<E: Passes = Emitter> {
     tx: mpsc::Sender<Wake>,
-    emitter: Arc<Emitter>,
+    emitter: Arc<E>,
 }
 
-impl EmitterHandle {
+impl<E: Passes> Clone for EmitterHandle<E> {
+    fn clone(&self) -> Self {
+        EmitterHandle {
+            tx: self.tx.clone(),
+            emitter: self.emitter.clone(),
+        }
+    }
+}
+
+impl<E: Passes> EmitterHandle<E> {
     /// Runs a pass now (after any pass under way) and returns its summary.
     pub async fn flush(&self) -> anyhow::Result<PassSummary> {
         let (reply, rx) = oneshot::channel();
@@ -37,12 +82,12 @@ impl EmitterHandle {
     }
 
     /// The emitter.
-    pub fn emitter(&self) -> &Arc<Emitter> {
+    pub fn emitter(&self) -> &Arc<E> {
         &self.emitter
     }
 }
 
-impl EmitControl for EmitterHandle {
+impl<E: Passes> EmitControl for EmitterHandle<E> {
     fn flush(&self) -> FlushFuture {
         let this = self.clone();
         Box::pin(async move { Ok(serde_json::to_value(EmitterHandle::flush(&this).await?)?) })
@@ -54,13 +99,13 @@ impl EmitControl for EmitterHandle {
 }
 
 /// Starts the cron scheduler (UTC) and the pass loop. The loop ends when `shutdown` turns true.
-pub async fn start(
-    emitter: Arc<Emitter>,
+pub async fn start<E: Passes>(
+    emitter: Arc<E>,
     schedule: &str,
     liveness: Arc<Liveness>,
     shutdown: watch::Receiver<bool>,
     on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync>,
-) -> anyhow::Result<(EmitterHandle, JobScheduler, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(EmitterHandle<E>, JobScheduler, tokio::task::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<Wake>(64);
     let scheduler = JobScheduler::new().await?;
     let cron_tx = tx.clone();
@@ -92,8 +137,8 @@ pub async fn start(
     Ok((handle, scheduler, task))
 }
 
-async fn run_loop(
-    emitter: Arc<Emitter>,
+async fn run_loop<E: Passes>(
+    emitter: Arc<E>,
     mut rx: mpsc::Receiver<Wake>,
     mut shutdown: watch::Receiver<bool>,
     on_pass: Arc<dyn Fn(&PassSummary) + Send + Sync>,
@@ -108,7 +153,7 @@ async fn run_loop(
         if let Some(reply) = next_reply.take() {
             let _ = reply.send(result);
         }
-        let wait = next_wait(&emitter).await;
+        let wait = next_wait(&*emitter).await;
         let wake = tokio::select! {
             biased;
             _ = shutdown.wait_for(|v| *v) => break,
@@ -128,9 +173,9 @@ async fn run_loop(
 
 /// How long to sleep until the next retry is due (at most a minute, so clock steps are noticed). With nothing
 /// pending, only the cron or a flush wakes the loop.
-async fn next_wait(emitter: &Emitter) -> std::time::Duration {
-    let now = emitter.clock.now().timestamp();
-    match emitter.journal().next_due().await {
+async fn next_wait<E: Passes>(emitter: &E) -> std::time::Duration {
+    let now = emitter.now_secs();
+    match emitter.next_due().await {
         Ok(Some(due)) if due > now => std::time::Duration::from_secs(((due - now) as u64).min(60)),
         Ok(Some(_)) => std::time::Duration::from_secs(1),
         Ok(None) => std::time::Duration::from_secs(365 * 86_400),

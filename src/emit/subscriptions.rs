@@ -17,21 +17,50 @@ use std::sync::Arc;
 /// With held events waiting, the subscription list is re-read at most this often (passes can be frequent).
 const HELD_REFRESH_SECS: i64 = 60;
 
+/// Where the subscription view is stored: the SQLite journal, or the fleet's shared journal (`fleet::emit`).
+pub(crate) trait SubscriptionStore: Sync {
+    /// The subscriptions as last listed.
+    fn known_subscriptions(
+        &self,
+    ) -> impl std::future::Future<Output = anyhow::Result<BTreeMap<String, KnownSubscription>>> + Send;
+
+    /// Stores a fresh list seen at `now`.
+    fn store_subscriptions(
+        &self,
+        listed: Vec<ListedSubscription>,
+        now: DateTime<Utc>,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+}
+
+impl SubscriptionStore for Journal {
+    async fn known_subscriptions(&self) -> anyhow::Result<BTreeMap<String, KnownSubscription>> {
+        Ok(Journal::known_subscriptions(self).await?)
+    }
+
+    async fn store_subscriptions(
+        &self,
+        listed: Vec<ListedSubscription>,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        Ok(Journal::store_subscriptions(self, listed, now).await?)
+    }
+}
+
 /// What to do with one due event.
-pub(super) enum Decision {
+pub(crate) enum Decision {
     Send { plan: String },
     Settle(Settle),
 }
 
 /// The subscription list as meterd sees it, with its cache.
-pub(super) struct SubscriptionView {
+pub(crate) struct SubscriptionView {
     settings: Arc<Settings>,
     /// When the subscription list was last fetched, and whether a refresh is forced.
     cache: tokio::sync::Mutex<(Option<DateTime<Utc>>, bool)>,
 }
 
 impl SubscriptionView {
-    pub(super) fn new(settings: Arc<Settings>) -> Self {
+    pub(crate) fn new(settings: Arc<Settings>) -> Self {
         SubscriptionView {
             settings,
             cache: tokio::sync::Mutex::new((None, false)),
@@ -39,13 +68,13 @@ impl SubscriptionView {
     }
 
     /// Makes the next look re-read the list.
-    pub(super) async fn force_refresh(&self) {
+    pub(crate) async fn force_refresh(&self) {
         self.cache.lock().await.1 = true;
     }
 
     /// How long a held event waits before it is looked at again: one subscription list refresh, so a refused
     /// hour is neither re-sent nor re-checked more often than the list can change in meterd's view.
-    pub(super) fn hold_recheck(&self) -> Duration {
+    pub(crate) fn hold_recheck(&self) -> Duration {
         self.settings
             .subscriptions
             .refresh
@@ -53,10 +82,10 @@ impl SubscriptionView {
     }
 
     /// The subscriptions as known to the journal, refreshed from the marketplace when stale or when forced.
-    pub(super) async fn known(
+    pub(crate) async fn known(
         &self,
         client: &MarketplaceClient,
-        journal: &Journal,
+        journal: &impl SubscriptionStore,
         due: &[PendingEvent],
         now: DateTime<Utc>,
     ) -> Option<BTreeMap<String, KnownSubscription>> {
@@ -134,7 +163,7 @@ impl SubscriptionView {
         journal.known_subscriptions().await.ok()
     }
 
-    pub(super) fn decide(
+    pub(crate) fn decide(
         &self,
         ev: &PendingEvent,
         known: &Option<BTreeMap<String, KnownSubscription>>,

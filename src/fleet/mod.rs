@@ -14,7 +14,11 @@
 //! Times on the replica side (`received_at`, `heartbeat_at`, `watermark`) come from the injected [`Clock`], so
 //! tests drive them with a `ManualClock`.
 //!
+//! The fleet emitter (any replica freezes, claims, sends and settles) is [`emit`].
+//!
 //! [`Clock`]: crate::clock::Clock
+
+pub mod emit;
 
 use crate::clock::SharedClock;
 use crate::config::{FleetSettings, Settings};

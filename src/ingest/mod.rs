@@ -42,8 +42,11 @@ pub type FlushFuture =
 pub struct AppState {
     /// Validated configuration.
     pub settings: Arc<Settings>,
-    /// The journal.
+    /// The journal (ingest writes here: the local outbox in fleet mode).
     pub journal: Journal,
+    /// Where the shared reads come from (report, status, balance, usage, consumption): this journal, or the
+    /// fleet's shared journal.
+    pub reads: crate::journal::reads::Reads,
     /// Source of "now".
     pub clock: SharedClock,
     /// Bearer token required on every route but the probes.

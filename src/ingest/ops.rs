@@ -13,8 +13,12 @@ pub async fn status_json(
     state: &AppState,
 ) -> Result<serde_json::Value, crate::journal::JournalError> {
     let now = state.clock.now();
-    let js = state.journal.status(now).await?;
+    let (js, replicas) = state.reads.status(now).await?;
     let mut v = serde_json::to_value(js).unwrap_or_default();
+    if let Some(replicas) = replicas {
+        // Fleet mode: the figures are the shared journal's; every replica with its heartbeat, lag and leases.
+        v["fleet"] = json!({ "replicas": replicas });
+    }
     v["now"] = now.format("%Y-%m-%dT%H:%M:%SZ").to_string().into();
     if let Some(e) = &state.emitter {
         v["emitter"] = e.status_extra();
@@ -116,7 +120,7 @@ pub async fn balance(
     let now = state.clock.now();
     let settings = state.settings.clone();
     let r = resource.clone();
-    match state.journal.balance(settings, r, now).await {
+    match state.reads.balance(settings, r, now).await {
         Ok(dims) => axum::Json(json!({"resource": resource, "at": crate::clock::fmt_time(now.timestamp()), "dimensions": dims})).into_response(),
         Err(e) => journal_error_response(&e),
     }
@@ -174,6 +178,15 @@ pub async fn consumption(
                 ))],
             );
         };
+        if matches!(state.reads, crate::journal::reads::Reads::Fleet { .. }) {
+            // Pools and the grouped views are kept by the local SQLite journal only (docs/fleet.md).
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                vec![FieldError::request(
+                    "`group_by` is not available in fleet mode yet; leave it out for the per-dimension totals of the shared journal".to_string(),
+                )],
+            );
+        }
         return match state.journal.consumption_grouped(r, d, from, to, by).await {
             Ok(groups) => axum::Json(json!({
                 "resource": resource, "from": q.from, "to": q.to, "group_by": g.trim(), "groups": groups,
@@ -182,7 +195,7 @@ pub async fn consumption(
             Err(e) => journal_error_response(&e),
         };
     }
-    match state.journal.consumption(r, d, from, to).await {
+    match state.reads.consumption(r, d, from, to).await {
         Ok(rows) => {
             let dims: Vec<serde_json::Value> = rows
                 .into_iter()

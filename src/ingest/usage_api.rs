@@ -393,7 +393,7 @@ pub async fn get_usage(
     };
     let now = state.clock.now();
     let grace = state.settings.emit.grace;
-    let result = state.journal.report(filter, now, grace).await;
+    let result = state.reads.report(filter, now, grace).await;
     match result {
         Ok((hours, carries)) => {
             axum::Json(json!({"hours": hours, "carries": carries})).into_response()

@@ -120,6 +120,7 @@ pub mod outbox;
 pub mod pg;
 mod pool_ops;
 pub mod pools;
+pub mod reads;
 mod schema;
 pub mod status;
 pub mod subscriptions;
@@ -168,6 +169,28 @@ pub enum JournalError {
     /// A rule of the data was broken (an overflow, a missing row).
     #[error("{0}")]
     Invalid(String),
+    /// The fleet's shared PostgreSQL journal failed (fleet mode reads, see [`reads`]).
+    #[error("{message}")]
+    Fleet {
+        /// What failed (never the URL).
+        message: String,
+        /// PostgreSQL could not be reached: retrying later may succeed.
+        unavailable: bool,
+    },
+}
+
+impl From<pg::PgError> for JournalError {
+    fn from(e: pg::PgError) -> Self {
+        let unavailable = match &e {
+            pg::PgError::Unavailable(_) => true,
+            pg::PgError::Db(d) => d.is_closed() || d.code().is_none(),
+            _ => false,
+        };
+        JournalError::Fleet {
+            message: e.to_string(),
+            unavailable,
+        }
+    }
 }
 
 impl JournalError {
@@ -179,6 +202,10 @@ impl JournalError {
                 | JournalError::ReadOnly { .. }
                 | JournalError::Busy
                 | JournalError::Closed
+                | JournalError::Fleet {
+                    unavailable: true,
+                    ..
+                }
         )
     }
 

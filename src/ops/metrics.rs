@@ -7,7 +7,7 @@
 //! between refreshes.
 
 use crate::clock::SharedClock;
-use crate::journal::Journal;
+use crate::journal::reads::Reads;
 use crate::outcome::Outcome;
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use std::collections::BTreeMap;
@@ -101,6 +101,15 @@ pub fn describe() {
         "meterd_subscription_refresh_seconds",
         Unit::Seconds,
         "Duration of a full (all pages) subscription list refresh."
+    );
+    // Fleet emission (docs/fleet.md).
+    describe_counter!(
+        "meterd_fleet_stale_settles_total",
+        "Fleet mode: settles refused because this replica's lease on the event had passed to another replica (nothing changed)."
+    );
+    describe_counter!(
+        "meterd_fleet_leases_lost_total",
+        "Fleet mode: calls not made because the lease on one of their events was lost before the call."
     );
     // Billing policy and alerts.
     describe_counter!(
@@ -262,10 +271,10 @@ impl JournalGauges {
     }
 
     /// Reads the journal once and publishes.
-    pub async fn refresh(&self, journal: &Journal, clock: &SharedClock) {
+    pub async fn refresh(&self, journal: &Reads, clock: &SharedClock) {
         let now = clock.now();
         match journal.status(now).await {
-            Ok(s) => {
+            Ok((s, _)) => {
                 let f = JournalFigures::from_status(&s, now.timestamp());
                 f.publish(clock.now().timestamp());
                 *self.figures.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
@@ -281,7 +290,7 @@ impl JournalGauges {
 /// called (after each pass, on each scrape). Ends when `stop` turns true.
 pub fn spawn_journal_gauges(
     gauges: Arc<JournalGauges>,
-    journal: Journal,
+    journal: Reads,
     clock: SharedClock,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {

@@ -16,10 +16,17 @@
 //!   `fence`; a settle applies only while owner and fence still match (a stale owner's settle changes nothing).
 //!   No session advisory locks anywhere.
 
+pub mod billing;
 pub mod conn;
+pub mod freeze;
+mod ops;
+pub mod outbound;
+pub mod reads;
 pub mod records;
 pub mod replicas;
 pub mod schema;
+
+pub use ops::FleetPassStart;
 
 use crate::secret::Secret;
 
@@ -37,6 +44,23 @@ pub enum PgError {
     /// A statement failed.
     #[error("the fleet PostgreSQL journal failed: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
+    /// A rule of the data was broken (an overflow, a missing row).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl PgError {
+    /// True for a transaction PostgreSQL aborted to resolve a conflict (deadlock, serialization failure): running
+    /// it again is safe (it was rolled back) and usually succeeds.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            PgError::Db(e) => e.code().is_some_and(|c| {
+                *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                    || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+            }),
+            _ => false,
+        }
+    }
 }
 
 /// A tokio-postgres error with what the server said (its own `Display` says only "db error") and the cause

@@ -1,0 +1,420 @@
+//! The fleet emitter: any replica freezes, claims, bills, sends and settles from the shared PostgreSQL journal.
+//!
+//! A pass opens with one transaction ([`PgJournal::open_pass`]: holds released on a flush, the freeze under the
+//! fleet rule, expiry of overdue events, pending-age alerts), then `emit.concurrency` workers each loop: claim up to
+//! 25 due events under a lease (`FOR UPDATE SKIP LOCKED`, `fleet.lease` by the database clock, fence + 1), decide
+//! each with the subscription view (stored in PostgreSQL, refreshed by whichever replica finds it stale), bill and
+//! write bodies in one transaction, send the stored bytes with the marketplace client and the classification of
+//! `emit/send.rs`, and settle while the fence still matches. A worker stops when nothing is left to claim, so
+//! replicas share the due events by claiming them in turn, never by locks held across a call. No session
+//! advisory locks (see docs/fleet.md, "Emission").
+
+use crate::clock::{SharedClock, fmt_time, to_utc};
+use crate::config::{FleetSettings, Settings};
+use crate::emit::{
+    BATCH_SIZE, BatchJournal, Decision, LastPass, PassSummary, SubscriptionStore, SubscriptionView,
+    delays_of, send_splitting,
+};
+use crate::journal::Disposition;
+use crate::journal::outbound::{
+    KnownSubscription, ListedSubscription, PendingEvent, Settle, SettlePolicy,
+};
+use crate::journal::pg::freeze::FreezeRule;
+use crate::journal::pg::outbound::Claimed;
+use crate::journal::pg::{FleetPassStart, PgJournal};
+use crate::marketplace::client::MarketplaceClient;
+use crate::marketplace::types::event_json;
+use crate::ops::telemetry::{EventsSettled, InternalEvent};
+use crate::outcome::Outcome;
+use crate::resource::ResourceRef;
+use anyhow::Context;
+use chrono::{DateTime, Duration, Utc};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// The error a call's mark returns when this replica no longer holds every event of the call (another replica
+/// claimed one after the lease expired): the call is not made, and the worker goes on with its next claim.
+#[derive(Debug, thiserror::Error)]
+#[error("the lease on an event of this call was lost to another replica; the call was not made")]
+pub struct LeaseLost;
+
+/// The shared journal as one claimed batch's sender sees it: marks and settles fenced by the batch's claims.
+struct Fenced {
+    pg: PgJournal,
+    owner: String,
+    lease: Duration,
+    fences: HashMap<i64, i64>,
+}
+
+impl Fenced {
+    fn fence(&self, id: i64) -> i64 {
+        // Every event sent was claimed in this batch; a missing fence (cannot happen) never matches.
+        self.fences.get(&id).copied().unwrap_or(-1)
+    }
+}
+
+impl BatchJournal for Fenced {
+    async fn mark_attempt(&self, batch: &[PendingEvent]) -> anyhow::Result<()> {
+        let fenced: Vec<(i64, i64)> = batch.iter().map(|e| (e.id, self.fence(e.id))).collect();
+        if self
+            .pg
+            .mark_attempt(&self.owner, fenced, self.lease)
+            .await?
+        {
+            Ok(())
+        } else {
+            metrics::counter!("meterd_fleet_leases_lost_total").increment(1);
+            Err(LeaseLost.into())
+        }
+    }
+
+    async fn settle_answers(
+        &self,
+        call_alert: Option<(crate::alert_kind::AlertKey, serde_json::Value)>,
+        settles: Vec<(i64, Settle)>,
+        now: DateTime<Utc>,
+        policy: SettlePolicy,
+    ) -> anyhow::Result<BTreeMap<String, usize>> {
+        let fenced: Vec<(i64, i64, Settle)> = settles
+            .into_iter()
+            .map(|(id, s)| (id, self.fence(id), s))
+            .collect();
+        Ok(self
+            .pg
+            .settle_answers(&self.owner, call_alert, fenced, now, &policy)
+            .await?)
+    }
+}
+
+/// The subscription view stored in the shared journal.
+struct SharedSubscriptions(PgJournal);
+
+impl SubscriptionStore for SharedSubscriptions {
+    async fn known_subscriptions(&self) -> anyhow::Result<BTreeMap<String, KnownSubscription>> {
+        Ok(self.0.known_subscriptions().await?)
+    }
+
+    async fn store_subscriptions(
+        &self,
+        listed: Vec<ListedSubscription>,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        Ok(self.0.store_subscriptions(listed, now).await?)
+    }
+}
+
+/// What one worker of a pass needs (cloned per worker).
+#[derive(Clone)]
+struct Worker {
+    settings: Arc<Settings>,
+    pg: PgJournal,
+    clock: SharedClock,
+    client: Arc<MarketplaceClient>,
+    owner: String,
+    lease: Duration,
+    subscriptions: Arc<SubscriptionView>,
+}
+
+/// What the workers of one pass did.
+#[derive(Debug, Default)]
+struct Worked {
+    calls: usize,
+    sent: usize,
+    outcomes: BTreeMap<String, usize>,
+    recheck_subscriptions: bool,
+}
+
+impl Worker {
+    /// Claims, decides, bills and sends until nothing due at `now` is left to claim.
+    async fn run(self, now: DateTime<Utc>, policy: SettlePolicy) -> anyhow::Result<Worked> {
+        let mut done = Worked::default();
+        let delays = delays_of(&self.settings);
+        let hold_recheck = self.subscriptions.hold_recheck();
+        let store = SharedSubscriptions(self.pg.clone());
+        loop {
+            let claimed = self
+                .pg
+                .claim(&self.owner, now, BATCH_SIZE as i64, self.lease)
+                .await?;
+            if claimed.is_empty() {
+                return Ok(done);
+            }
+            let events: Vec<PendingEvent> = claimed.iter().map(|c| c.event.clone()).collect();
+            let known = self
+                .subscriptions
+                .known(&self.client, &store, &events, now)
+                .await;
+            let decided: Vec<(Claimed, Disposition)> = claimed
+                .into_iter()
+                .map(|c| {
+                    let d = match self.subscriptions.decide(&c.event, &known, now) {
+                        Decision::Send { plan } => Disposition::Send { plan },
+                        Decision::Settle(s) => Disposition::Settle(s),
+                    };
+                    (c, d)
+                })
+                .collect();
+            let (sendable, counts) = self
+                .pg
+                .dispose(
+                    &self.owner,
+                    decided,
+                    &self.settings,
+                    now,
+                    &policy,
+                    |ev: &PendingEvent, plan: &str, send: i64| {
+                        event_json(
+                            &ResourceRef::parse(&ev.resource),
+                            plan,
+                            &ev.dimension,
+                            to_utc(ev.hour),
+                            send,
+                        )
+                    },
+                )
+                .await?;
+            for (k, n) in counts {
+                EventsSettled {
+                    outcome: &k,
+                    count: n as u64,
+                }
+                .emit();
+                *done.outcomes.entry(k).or_default() += n;
+            }
+            if sendable.is_empty() {
+                continue;
+            }
+            let fenced = Fenced {
+                pg: self.pg.clone(),
+                owner: self.owner.clone(),
+                lease: self.lease,
+                fences: sendable.iter().map(|c| (c.event.id, c.fence)).collect(),
+            };
+            let batch: Vec<PendingEvent> = sendable.into_iter().map(|c| c.event).collect();
+            match send_splitting(
+                &self.client,
+                &fenced,
+                &self.clock,
+                policy.clone(),
+                (delays, hold_recheck),
+                batch,
+            )
+            .await
+            {
+                Ok(r) => {
+                    done.calls += r.calls;
+                    done.sent += r.sent;
+                    done.recheck_subscriptions |= r.recheck_subscriptions;
+                    for (k, n) in r.outcomes {
+                        *done.outcomes.entry(k).or_default() += n;
+                    }
+                }
+                Err(e) if e.downcast_ref::<LeaseLost>().is_some() => {
+                    tracing::warn!(message = "Lost the lease on a claimed batch before its call; another replica sends it.", owner = %self.owner);
+                    *done.outcomes.entry("lease_lost".into()).or_default() += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The fleet emitter of one replica.
+pub struct FleetEmitter {
+    settings: Arc<Settings>,
+    fleet: FleetSettings,
+    pg: PgJournal,
+    clock: SharedClock,
+    client: Arc<MarketplaceClient>,
+    subscriptions: Arc<SubscriptionView>,
+    release_held: std::sync::atomic::AtomicBool,
+    pass_lock: tokio::sync::Mutex<()>,
+    last: std::sync::Mutex<LastPass>,
+    /// The schema is known to be current (migrated by this process, at start or by the first pass that could).
+    migrated: std::sync::atomic::AtomicBool,
+}
+
+impl crate::emit::schedule::Passes for FleetEmitter {
+    async fn pass(&self) -> anyhow::Result<PassSummary> {
+        FleetEmitter::pass(self).await
+    }
+
+    async fn request_subscription_refresh(&self) {
+        FleetEmitter::request_subscription_refresh(self).await
+    }
+
+    async fn next_due(&self) -> anyhow::Result<Option<i64>> {
+        Ok(self.pg.next_due().await?)
+    }
+
+    fn now_secs(&self) -> i64 {
+        self.clock.now().timestamp()
+    }
+
+    fn last(&self) -> LastPass {
+        FleetEmitter::last(self)
+    }
+}
+
+impl FleetEmitter {
+    /// A fleet emitter for replica `fleet.replica_id` over the shared journal `pg`, sending through `client`.
+    pub fn new(
+        settings: Arc<Settings>,
+        fleet: FleetSettings,
+        pg: PgJournal,
+        clock: SharedClock,
+        client: MarketplaceClient,
+    ) -> Self {
+        FleetEmitter {
+            subscriptions: Arc::new(SubscriptionView::new(settings.clone())),
+            settings,
+            fleet,
+            pg,
+            clock,
+            client: Arc::new(client),
+            release_held: std::sync::atomic::AtomicBool::new(false),
+            pass_lock: tokio::sync::Mutex::new(()),
+            last: std::sync::Mutex::new(LastPass::default()),
+            migrated: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The shared journal.
+    pub fn journal(&self) -> &PgJournal {
+        &self.pg
+    }
+
+    /// This replica's lease owner name (`fleet.replica_id`).
+    pub fn owner(&self) -> &str {
+        &self.fleet.replica_id
+    }
+
+    /// The last pass, for status.
+    pub fn last(&self) -> LastPass {
+        self.last.lock().expect("last pass lock").clone()
+    }
+
+    /// Makes the next pass re-read the subscription list and look at held events (an operator's flush).
+    pub async fn request_subscription_refresh(&self) {
+        self.subscriptions.force_refresh().await;
+        self.release_held
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Runs one fleet pass and remembers its result.
+    pub async fn pass(&self) -> anyhow::Result<PassSummary> {
+        let _single = self.pass_lock.lock().await;
+        let started = std::time::Instant::now();
+        let result = self.pass_inner().await;
+        metrics::histogram!("meterd_emit_pass_seconds").record(started.elapsed().as_secs_f64());
+        let mut last = self.last.lock().expect("last pass lock");
+        match &result {
+            Ok(s) => {
+                last.last_pass = Some(s.clone());
+                last.last_error = None;
+                last.last_completed =
+                    Some(self.clock.now().format("%Y-%m-%dT%H:%M:%SZ").to_string());
+            }
+            Err(e) => {
+                tracing::error!(message = "Fleet emission pass failed; it will be retried at the next wake-up.", error = %format!("{e:#}"));
+                last.last_error = Some(format!("{e:#}"));
+            }
+        }
+        result
+    }
+
+    async fn pass_inner(&self) -> anyhow::Result<PassSummary> {
+        if !self.migrated.load(std::sync::atomic::Ordering::SeqCst) {
+            // A replica that started while PostgreSQL was down migrates at its first pass that reaches it.
+            self.pg
+                .migrate()
+                .await
+                .context("the fleet PostgreSQL journal could not be migrated")?;
+            self.migrated
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        let now = self.clock.now();
+        let mut summary = PassSummary {
+            started: now.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            ..Default::default()
+        };
+        let policy = SettlePolicy::from_settings(&self.settings);
+        let release_held = self
+            .release_held
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let (frozen, expired) = self
+            .pg
+            .open_pass(
+                now,
+                FleetPassStart {
+                    release_held,
+                    rule: FreezeRule {
+                        grace: self.settings.emit.grace,
+                        safety_margin: self.settings.emit.safety_margin,
+                        max_wait: self.fleet.max_wait,
+                        replica_timeout: self.fleet.replica_timeout,
+                    },
+                    policy: policy.clone(),
+                    pending_age: self.settings.alerts.pending_age,
+                },
+            )
+            .await
+            .context("the fleet pass could not open (freeze and expiry)")?;
+        summary.frozen = frozen.frozen;
+        if frozen.frozen > 0 {
+            tracing::info!(message = "Closed hours frozen (fleet).", events = frozen.frozen, through = %fmt_time(frozen.through));
+        }
+        for e in &expired {
+            if e.state != Outcome::ExpiredUnconfirmed {
+                tracing::warn!(message = "Event ran out of window.", resource = %e.resource, dimension = %e.dimension, hour = %e.hour, outcome = e.state.as_str());
+            }
+            *summary.outcomes.entry(e.state.to_string()).or_default() += 1;
+            EventsSettled {
+                outcome: e.state.as_str(),
+                count: 1,
+            }
+            .emit();
+        }
+        summary.expired = expired;
+
+        let worker = Worker {
+            settings: self.settings.clone(),
+            pg: self.pg.clone(),
+            clock: self.clock.clone(),
+            client: self.client.clone(),
+            owner: self.fleet.replica_id.clone(),
+            lease: self.fleet.lease,
+            subscriptions: self.subscriptions.clone(),
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..self.settings.emit.concurrency.max(1) {
+            tasks.spawn(worker.clone().run(now, policy.clone()));
+        }
+        let mut first_error = None;
+        let mut force_refresh = false;
+        while let Some(joined) = tasks.join_next().await {
+            match joined.context("fleet emission worker")? {
+                Ok(w) => {
+                    summary.calls += w.calls;
+                    summary.sent += w.sent;
+                    force_refresh |= w.recheck_subscriptions;
+                    for (k, n) in w.outcomes {
+                        *summary.outcomes.entry(k).or_default() += n;
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if force_refresh {
+            self.subscriptions.force_refresh().await;
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        summary.pending_after = self.pg.pending_count().await?;
+        metrics::gauge!("meterd_pending_events").set(summary.pending_after as f64);
+        Ok(summary)
+    }
+}

@@ -1,0 +1,206 @@
+//! Freezing closed hours in the shared journal, with the fleet rule (F2, F3 of [`super`]).
+//!
+//! Hour H is closed at `now` when `H + 1h + emit.grace <= now`, as in SQLite mode. In a fleet it is frozen only
+//! when, besides, every live replica (`heartbeat_at >= now - fleet.replica_timeout`) has published a forward
+//! watermark `>= H + 1h` (all its records of H are in PostgreSQL), or when `now >= H + 1h + emit.grace +
+//! fleet.max_wait` (a replica that cannot forward does not hold billing back for ever). A replica whose heartbeat
+//! expired stops counting. Heartbeats and watermarks are unix seconds of the replicas' clocks.
+//!
+//! The freeze takes the unfrozen totals it freezes `FOR UPDATE` and inserts one `outbound_events` row per key
+//! (unique per key, `ON CONFLICT DO NOTHING`), all in one transaction: two replicas freezing at once serialise
+//! on the rows; the second finds them frozen (READ COMMITTED re-checks `outbound_id IS NULL`) and writes no
+//! second event. Bodies are written at the first send, when the plan is known, as in SQLite mode
+//! (`outbound::dispose`, billing in the same transaction).
+
+use super::PgError;
+use crate::clock::{HOUR, fmt_time, hour_of};
+use crate::journal::outbound::{FreezeSummary, first_open_hour};
+use chrono::{DateTime, Duration, Utc};
+use std::collections::BTreeMap;
+use tokio_postgres::{GenericClient, Transaction};
+
+/// The fleet's timing rules for a freeze.
+#[derive(Debug, Clone, Copy)]
+pub struct FreezeRule {
+    /// `emit.grace`.
+    pub grace: Duration,
+    /// `emit.safety_margin` (sets each event's deadline).
+    pub safety_margin: Duration,
+    /// `fleet.max_wait`.
+    pub max_wait: Duration,
+    /// `fleet.replica_timeout`.
+    pub replica_timeout: Duration,
+}
+
+/// The lowest watermark of the live replicas at `now`, or `None` when no replica is live.
+pub async fn live_watermark(
+    c: &(impl GenericClient + Sync),
+    now: DateTime<Utc>,
+    replica_timeout: Duration,
+) -> Result<Option<i64>, PgError> {
+    let since = now.timestamp() - replica_timeout.num_seconds();
+    Ok(c.query_one(
+        "SELECT MIN(watermark) FROM replicas WHERE heartbeat_at >= $1",
+        &[&since],
+    )
+    .await?
+    .get(0))
+}
+
+/// The first hour the fleet rule leaves open at `now` (every earlier hour may be frozen), given the lowest live
+/// watermark (`None`: no live replica, nothing to wait for). Never later than [`first_open_hour`].
+pub fn fleet_open_hour(now: DateTime<Utc>, rule: &FreezeRule, watermark: Option<i64>) -> i64 {
+    let closed = first_open_hour(now, rule.grace);
+    let Some(w) = watermark else {
+        return closed;
+    };
+    // H + 1h <= w  <=>  H < hour_of(w) (hours are aligned); or the wait is over for H.
+    let by_watermark = hour_of(crate::clock::to_utc(w));
+    let waited_out = first_open_hour(now, rule.grace + rule.max_wait);
+    closed.min(by_watermark.max(waited_out))
+}
+
+/// Freezes every unfrozen key of every hour the fleet rule allows (see the module), moves `meta.frozen_through`
+/// (never backwards) and returns what it did. One transaction: the caller commits.
+pub async fn freeze(
+    tx: &Transaction<'_>,
+    now: DateTime<Utc>,
+    rule: &FreezeRule,
+) -> Result<FreezeSummary, PgError> {
+    let old: i64 = tx
+        .query_opt("SELECT value FROM meta WHERE key = 'frozen_through'", &[])
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or(i64::MIN);
+    let watermark = live_watermark(tx, now, rule.replica_timeout).await?;
+    let through = fleet_open_hour(now, rule, watermark).max(old);
+    let mut summary = FreezeSummary {
+        frozen: 0,
+        through,
+        overdue: 0,
+    };
+    let rows = tx
+        .query(
+            "SELECT resource, plan, dimension, hour, quantity, prebilled FROM hourly_totals
+             WHERE outbound_id IS NULL AND hour < $1 ORDER BY hour, resource, dimension, plan FOR UPDATE",
+            &[&through],
+        )
+        .await?;
+    // (hour, resource, dimension) -> (total, prebilled, quantity per explicitly named plan)
+    type Group = (i64, i64, BTreeMap<String, i64>);
+    let mut groups: BTreeMap<(i64, String, String), Group> = BTreeMap::new();
+    for r in rows {
+        let (resource, plan, dimension): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        let (hour, qty, prebilled): (i64, i64, i64) = (r.get(3), r.get(4), r.get(5));
+        let g = groups.entry((hour, resource, dimension)).or_default();
+        g.0 =
+            g.0.checked_add(qty)
+                .ok_or_else(|| PgError::Invalid("hourly total overflows".into()))?;
+        g.1 += prebilled;
+        if !plan.is_empty() {
+            *g.2.entry(plan).or_default() += qty;
+        }
+    }
+    let now_s = now.timestamp();
+    for ((hour, resource, dimension), (qty, prebilled, plans)) in groups {
+        if plans.len() > 1 {
+            tracing::warn!(
+                message = "Records of one hour name different plans; the marketplace takes one event per hour, so the plan with the largest share is used.",
+                %resource, %dimension, hour = %fmt_time(hour), plans = ?plans.keys().collect::<Vec<_>>()
+            );
+        }
+        let plan = plans
+            .iter()
+            .max_by_key(|(_, q)| **q)
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default();
+        let deadline = hour + 24 * HOUR - rule.safety_margin.num_seconds();
+        let inserted = tx
+            .query_opt(
+                "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at,
+                                              deadline, frozen_at, prebilled)
+                 VALUES ($1, $2, $3, $4, $5, '', 'pending', $6, $7, $6, $8)
+                 ON CONFLICT (resource, dimension, hour) DO NOTHING RETURNING id",
+                &[&resource, &plan, &dimension, &hour, &qty, &now_s, &deadline, &prebilled],
+            )
+            .await?;
+        match inserted {
+            Some(row) => {
+                let id: i64 = row.get(0);
+                tx.execute(
+                    "UPDATE hourly_totals SET outbound_id = $1
+                     WHERE resource = $2 AND dimension = $3 AND hour = $4 AND outbound_id IS NULL",
+                    &[&id, &resource, &dimension, &hour],
+                )
+                .await?;
+                summary.frozen += 1;
+            }
+            None => {
+                // The key has its event already (a total forwarded after it was frozen): never lose the units,
+                // carry them into a later, unfrozen hour.
+                let target = hour_of(now).max(through);
+                tracing::error!(message = "Hour already has an outbound event; carrying the new units forward.", %resource, %dimension, hour = %fmt_time(hour));
+                super::outbound::add_to_hour(tx, &resource, &plan, &dimension, target, qty, 0)
+                    .await?;
+                super::outbound::record_carry(
+                    tx, &resource, &plan, &dimension, hour, target, qty, "late", None, now_s,
+                )
+                .await?;
+                tx.execute(
+                    "DELETE FROM hourly_totals WHERE resource = $1 AND dimension = $2 AND hour = $3 AND outbound_id IS NULL",
+                    &[&resource, &dimension, &hour],
+                )
+                .await?;
+            }
+        }
+    }
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('frozen_through', $1)
+         ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value, excluded.value)",
+        &[&through],
+    )
+    .await?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn open_hour_follows_the_slowest_live_watermark_until_max_wait() {
+        let rule = FreezeRule {
+            grace: Duration::minutes(5),
+            safety_margin: Duration::hours(1),
+            max_wait: Duration::minutes(15),
+            replica_timeout: Duration::seconds(30),
+        };
+        let h10 = at("2026-03-10T10:00:00Z").timestamp();
+        let h11 = at("2026-03-10T11:00:00Z").timestamp();
+        // 11:06: hour 10 is closed; without replicas it may be frozen.
+        let now = at("2026-03-10T11:06:00Z");
+        assert_eq!(fleet_open_hour(now, &rule, None), h11);
+        // A live replica still at 10:59:59 holds hour 10 back ...
+        assert_eq!(fleet_open_hour(now, &rule, Some(h11 - 1)), h10);
+        // ... until it reaches 11:00 ...
+        assert_eq!(fleet_open_hour(now, &rule, Some(h11)), h11);
+        // ... or max_wait is over (11:00 + 5m + 15m).
+        assert_eq!(
+            fleet_open_hour(at("2026-03-10T11:20:00Z"), &rule, Some(h11 - 1)),
+            h11
+        );
+        assert_eq!(
+            fleet_open_hour(at("2026-03-10T11:19:59Z"), &rule, Some(h11 - 1)),
+            h10
+        );
+        // A watermark ahead of the clock never opens an hour that is not closed.
+        assert_eq!(
+            fleet_open_hour(at("2026-03-10T11:04:00Z"), &rule, Some(h11 + 3 * HOUR)),
+            h10
+        );
+    }
+}

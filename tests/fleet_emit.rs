@@ -1,0 +1,534 @@
+//! Fleet emission in process, against the real PostgreSQL named by `METERD_TEST_POSTGRES_URL` (each test its own
+//! database, dropped at the end; skipped with a message when the variable is unset) and the in-process emulator on
+//! one `ManualClock`. Totals and replica heartbeats are written straight into PostgreSQL (as the forwarder and the
+//! heartbeat task of part A would), so these tests exercise only the freeze, claim, lease, fence, billing and send.
+
+mod common;
+
+use chrono::{DateTime, Duration, Utc};
+use common::rig::{Rig, env, march_subscription, t};
+use meterd::clock::{ManualClock, SharedClock};
+use meterd::config::FleetSettings;
+use meterd::emit;
+use meterd::emulator::{EmulatorConfig, Phase, Plan, Route};
+use meterd::fleet::emit::FleetEmitter;
+use meterd::journal::outbound::{Settle, SettlePolicy};
+use meterd::journal::pg::PgJournal;
+use meterd::journal::pg::freeze::FreezeRule;
+use meterd::journal::pg::testing::TestDb;
+use meterd::outcome::Outcome;
+use std::sync::Arc;
+
+const A: &str = "11111111-1111-4111-8111-111111111111";
+const SECOND: i64 = 1_000_000;
+
+const BILLING: &str = r#"[[dimensions]]
+id = "api_calls"
+[[dimensions]]
+id = "gb_processed"
+
+[[plans]]
+id = "gold"
+included = { api_calls = 10 }
+"#;
+
+/// The shared journal, the emulator and settings for fleet emitters.
+struct Fleet {
+    rig: Rig,
+    pg: PgJournal,
+    db: TestDb,
+}
+
+impl Fleet {
+    async fn start(name: &str) -> Option<Fleet> {
+        Fleet::start_with(name, "").await
+    }
+
+    /// With lines added to `[emit]`.
+    async fn start_with(name: &str, emit: &str) -> Option<Fleet> {
+        let db = TestDb::create(name)?;
+        let pg = PgJournal::connect(&db.url, 16).unwrap();
+        pg.migrate().await.unwrap();
+        let emu_config = EmulatorConfig {
+            subscriptions: vec![march_subscription(A, "gold")],
+            plans: vec![Plan {
+                id: "gold".into(),
+                dimensions: None,
+            }],
+            ..Default::default()
+        };
+        let rig = Rig::at(t("09:00"))
+            .emit(emit)
+            .dimensions(BILLING)
+            .emulator(emu_config)
+            .start()
+            .await;
+        Some(Fleet { rig, pg, db })
+    }
+
+    fn clock(&self) -> &ManualClock {
+        &self.rig.clock
+    }
+
+    /// A replica's fleet emitter, with `lease` (by the database clock).
+    fn emitter(&self, replica: &str, lease: Duration) -> FleetEmitter {
+        let shared: SharedClock = Arc::new(self.rig.clock.clone());
+        let client = emit::client(&self.rig.settings, &env(), shared.clone()).unwrap();
+        FleetEmitter::new(
+            self.rig.settings.clone(),
+            FleetSettings {
+                url: self.db.url.clone(),
+                url_file: None,
+                replica_id: replica.to_string(),
+                max_wait: Duration::minutes(15),
+                heartbeat: Duration::seconds(10),
+                replica_timeout: Duration::seconds(30),
+                lease,
+                forward_batch: 1000,
+                pool_size: 8,
+            },
+            PgJournal::connect(&self.db.url, 8).unwrap(),
+            shared,
+            client,
+        )
+    }
+
+    /// Adds `micros` to the total of (A, plan '', dimension, hour), as a forward would.
+    async fn total(&self, dimension: &str, hour: DateTime<Utc>, micros: i64) {
+        let c = self.pg.client().await.unwrap();
+        c.execute(
+            "INSERT INTO hourly_totals (resource, plan, dimension, hour, quantity, records) VALUES ($1, '', $2, $3, $4, 1)
+             ON CONFLICT (resource, plan, dimension, hour) DO UPDATE SET quantity = hourly_totals.quantity + excluded.quantity",
+            &[&A, &dimension, &hour.timestamp(), &micros],
+        )
+        .await
+        .unwrap();
+    }
+
+    /// A replica's heartbeat at `at` with forward watermark `watermark` (replica clock, unix seconds).
+    async fn heartbeat(&self, replica: &str, at: DateTime<Utc>, watermark: DateTime<Utc>) {
+        let c = self.pg.client().await.unwrap();
+        c.execute(
+            "INSERT INTO replicas (replica_id, started_at, heartbeat_at, watermark, version) VALUES ($1, $2, $2, $3, 'test')
+             ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, watermark = excluded.watermark",
+            &[&replica, &at.timestamp(), &watermark.timestamp()],
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Every outbound event: (hour, dimension, state, quantity, send_quantity, ambiguous).
+    async fn events(&self) -> Vec<(i64, String, String, i64, Option<i64>, bool)> {
+        let c = self.pg.client().await.unwrap();
+        c.query(
+            "SELECT hour, dimension, state, quantity, send_quantity, ambiguous FROM outbound_events ORDER BY hour, dimension",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get::<_, i64>(5) != 0))
+        .collect()
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        let c = self.pg.client().await.unwrap();
+        c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    fn rule(&self) -> FreezeRule {
+        FreezeRule {
+            grace: self.rig.settings.emit.grace,
+            safety_margin: self.rig.settings.emit.safety_margin,
+            max_wait: Duration::minutes(15),
+            replica_timeout: Duration::seconds(30),
+        }
+    }
+}
+
+/// A live replica that has not forwarded past the hour holds its freeze back; its watermark reaching `H + 1h`
+/// releases it, and the hour is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_waits_for_a_live_replicas_watermark() {
+    let Some(f) = Fleet::start("freeze_waits_for_a_live_replicas_watermark").await else {
+        return;
+    };
+    let e = f.emitter("r1", Duration::seconds(60));
+    f.total("api_calls", t("09:00"), 12 * SECOND).await;
+    // 10:06: the hour is closed (grace 5m), but replica r2 has forwarded only up to 09:59:59.
+    f.heartbeat("r2", t("10:06"), t("09:59:59")).await;
+    f.clock().set(t("10:06"));
+    let pass = e.pass().await.unwrap();
+    assert_eq!(pass.frozen, 0, "{pass:?}");
+    assert!(f.events().await.is_empty());
+    assert!(f.rig.emu.received_events().is_empty(), "no open-hour send");
+    // r2 forwards past 10:00: the next pass freezes and sends the hour.
+    f.heartbeat("r2", t("10:07"), t("10:00")).await;
+    f.clock().set(t("10:07"));
+    let pass = e.pass().await.unwrap();
+    assert_eq!(pass.frozen, 1, "{pass:?}");
+    let events = f.events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].2, "accepted", "{events:?}");
+    // 12 used, 10 included: 2 billed.
+    assert_eq!(events[0].4, Some(2 * SECOND));
+    let accepted = f.rig.emu.accepted_events();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0].quantity, 2.0);
+}
+
+/// A live replica that never catches up holds the hour back only until `H + 1h + grace + max_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_stops_waiting_after_max_wait() {
+    let Some(f) = Fleet::start("freeze_stops_waiting_after_max_wait").await else {
+        return;
+    };
+    let e = f.emitter("r1", Duration::seconds(60));
+    f.total("api_calls", t("09:00"), 3 * SECOND).await;
+    for (now, frozen) in [("10:19:59", 0), ("10:20:00", 1)] {
+        // r2 stays alive (fresh heartbeat) and stuck at 09:30.
+        f.heartbeat("r2", t(now), t("09:30")).await;
+        f.clock().set(t(now));
+        let pass = e.pass().await.unwrap();
+        assert_eq!(pass.frozen, frozen, "at {now}: {pass:?}");
+    }
+    assert_eq!(f.events().await.len(), 1);
+}
+
+/// A replica whose heartbeat expired (older than `fleet.replica_timeout`) stops holding the hour back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_stops_waiting_for_a_replica_whose_heartbeat_expired() {
+    let Some(f) = Fleet::start("freeze_stops_waiting_for_a_replica_whose_heartbeat_expired").await
+    else {
+        return;
+    };
+    let e = f.emitter("r1", Duration::seconds(60));
+    f.total("api_calls", t("09:00"), 3 * SECOND).await;
+    f.heartbeat("gone", t("10:06"), t("09:30")).await;
+    // Timeout 30 s: live at 10:06:30, gone at 10:06:31.
+    f.clock().set(t("10:06:30"));
+    assert_eq!(e.pass().await.unwrap().frozen, 0);
+    f.clock().set(t("10:06:31"));
+    assert_eq!(e.pass().await.unwrap().frozen, 1);
+    // 3 used of 10 included: nothing to send.
+    assert_eq!(f.events().await[0].2, "included");
+}
+
+/// Replicas freezing the same hours at the same moment write one event per key between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_freezing_the_same_keys_at_once_write_one_event_each() {
+    let Some(f) = Fleet::start("two_replicas_freezing_the_same_keys_at_once").await else {
+        return;
+    };
+    for round in 0..5i64 {
+        let hour = t("03:00") + Duration::hours(round);
+        for d in ["api_calls", "gb_processed"] {
+            f.total(d, hour, SECOND).await;
+        }
+        let now = hour + Duration::minutes(66);
+        let barrier = Arc::new(tokio::sync::Barrier::new(4));
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (pg, rule, barrier) = (
+                PgJournal::connect(&f.db.url, 2).unwrap(),
+                f.rule(),
+                barrier.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                pg.freeze(now, rule).await.unwrap().frozen
+            }));
+        }
+        let mut frozen = 0;
+        for task in tasks {
+            frozen += task.await.unwrap();
+        }
+        assert_eq!(
+            frozen, 2,
+            "round {round}: two keys frozen once between the replicas"
+        );
+    }
+    assert_eq!(f.scalar("SELECT COUNT(*) FROM outbound_events").await, 10);
+    assert_eq!(
+        f.scalar("SELECT COUNT(*) FROM hourly_totals WHERE outbound_id IS NULL")
+            .await,
+        0
+    );
+}
+
+/// A stale owner (its lease expired and another replica claimed the event) cannot settle it; the new owner can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owners_settle_is_refused() {
+    let Some(f) = Fleet::start("a_stale_owners_settle_is_refused").await else {
+        return;
+    };
+    f.total("api_calls", t("09:00"), 20 * SECOND).await;
+    let now = t("10:06");
+    f.pg.freeze(now, f.rule()).await.unwrap();
+    let policy = SettlePolicy::from_settings(&f.rig.settings);
+    // Lease 0 s: expired as soon as it is taken.
+    let a = f.pg.claim("a", now, 25, Duration::zero()).await.unwrap();
+    assert_eq!(a.len(), 1);
+    let b =
+        f.pg.claim("b", now, 25, Duration::seconds(60))
+            .await
+            .unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].fence, a[0].fence + 1);
+    // While b holds it, nobody else claims it.
+    assert!(
+        f.pg.claim("c", now, 25, Duration::seconds(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let id = a[0].event.id;
+    let accepted = Settle::Accepted {
+        usage_event_id: Some("stale".into()),
+    };
+    let stale =
+        f.pg.settle(id, "a", a[0].fence, accepted.clone(), now, &policy)
+            .await
+            .unwrap();
+    assert_eq!(stale, None, "a's settle is refused");
+    assert_eq!(f.events().await[0].2, "pending", "and changed nothing");
+    // b's marks and settles go through.
+    assert!(
+        f.pg.mark_attempt("b", vec![(id, b[0].fence)], Duration::seconds(60))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !f.pg
+            .mark_attempt("a", vec![(id, a[0].fence)], Duration::seconds(60))
+            .await
+            .unwrap()
+    );
+    let ok =
+        f.pg.settle(id, "b", b[0].fence, accepted, now, &policy)
+            .await
+            .unwrap();
+    assert_eq!(ok, Some(Outcome::Accepted));
+    // Settled once: a second settle, even by b at its fence, changes nothing.
+    let again =
+        f.pg.settle(
+            id,
+            "b",
+            b[0].fence,
+            Settle::Rejected { reason: "x".into() },
+            now,
+            &policy,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, None);
+    assert_eq!(f.events().await[0].2, "accepted");
+}
+
+/// A lease that expires while its call is in flight: the next owner's claim marks the event ambiguous, it sends
+/// the same bytes, the marketplace answers `Duplicate` with the same quantity (billed once), and the first
+/// owner's late answer is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_expiry_mid_call_is_ambiguous_and_the_resend_counts_once() {
+    // One worker per replica: with a 0 s lease, a's own workers would take the event from each other.
+    let Some(f) = Fleet::start_with("lease_expiry_mid_call_is_ambiguous", "concurrency = 1").await
+    else {
+        return;
+    };
+    f.total("api_calls", t("09:00"), 15 * SECOND).await;
+    f.clock().set(t("10:06"));
+    // a's call is recorded by the marketplace, then its answer is held back for 3 s.
+    f.rig.emu.delay_next(
+        Route::BatchUsageEvent,
+        1,
+        std::time::Duration::from_secs(3),
+        Phase::After,
+    );
+    let a = Arc::new(f.emitter("a", Duration::zero()));
+    let b = f.emitter("b", Duration::seconds(60));
+    let a_pass = tokio::spawn({
+        let a = a.clone();
+        async move { a.pass().await.unwrap() }
+    });
+    // Wait until a's call has reached the marketplace (recorded, answer delayed).
+    for _ in 0..200 {
+        if !f.rig.emu.accepted_events().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        f.rig.emu.accepted_events().len(),
+        1,
+        "a's call was recorded"
+    );
+    let b_pass = b.pass().await.unwrap();
+    assert_eq!(b_pass.outcomes.get("duplicate"), Some(&1), "{b_pass:?}");
+    let a_pass = a_pass.await.unwrap();
+    assert_eq!(a_pass.outcomes.get("stale"), Some(&1), "{a_pass:?}");
+    let events = f.events().await;
+    assert_eq!(events.len(), 1);
+    let (_, _, state, _, send, ambiguous) = &events[0];
+    assert_eq!(state, "duplicate");
+    assert!(
+        ambiguous,
+        "the claim after the expired lease marked it ambiguous"
+    );
+    assert_eq!(*send, Some(5 * SECOND));
+    // The marketplace holds it once, with the exact quantity.
+    let accepted = f.rig.emu.accepted_events();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0].quantity, 5.0);
+    // And the billing state counts it once.
+    assert_eq!(
+        f.scalar("SELECT consumed FROM term_usage").await,
+        15 * SECOND
+    );
+}
+
+/// Two replicas emitting at once (four workers each, claims of 25) draw one subscription's allowance exactly:
+/// 22 hours of 3 `api_calls` against 10 included bill exactly 56, and 22 of 1 `gb_processed` (none included)
+/// bill 22, whichever replica bills which hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_bill_one_allowance_exactly() {
+    let Some(f) =
+        Fleet::start_with("two_replicas_bill_one_allowance_exactly", "concurrency = 4").await
+    else {
+        return;
+    };
+    let first = t("2026-03-09T11:00:00Z");
+    for h in 0..22 {
+        f.total("api_calls", first + Duration::hours(h), 3 * SECOND)
+            .await;
+        f.total("gb_processed", first + Duration::hours(h), SECOND)
+            .await;
+    }
+    // The billing rows exist already (committed), as after the first hour of a term: only the lock billing takes
+    // on them keeps two replicas from drawing the same allowance.
+    f.pg.client()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO remainders (resource, dimension, remainder) VALUES ($1, 'api_calls', 0), ($1, 'gb_processed', 0)",
+            &[&A],
+        )
+        .await
+        .unwrap();
+    f.clock().set(t("09:30"));
+    let a = f.emitter("a", Duration::seconds(60));
+    let b = f.emitter("b", Duration::seconds(60));
+    let (ra, rb) = tokio::join!(a.pass(), b.pass());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.frozen + rb.frozen, 44, "{ra:?} {rb:?}");
+    let events = f.events().await;
+    assert_eq!(events.len(), 44);
+    let sent = |d: &str| -> i64 { events.iter().filter(|e| e.1 == d).filter_map(|e| e.4).sum() };
+    assert_eq!(sent("api_calls"), 56 * SECOND, "{events:?}");
+    assert_eq!(sent("gb_processed"), 22 * SECOND, "{events:?}");
+    for e in &events {
+        assert!(
+            e.2 == "accepted" || e.2 == "included",
+            "every hour ends accepted or included: {events:?}"
+        );
+    }
+    let market: f64 = f.rig.emu.accepted_events().iter().map(|e| e.quantity).sum();
+    assert_eq!(market, 78.0);
+    assert_eq!(
+        f.rig.emu.accepted_events().len(),
+        44 - events.iter().filter(|e| e.2 == "included").count()
+    );
+    assert_eq!(
+        f.scalar("SELECT consumed FROM term_usage WHERE dimension = 'api_calls'")
+            .await,
+        66 * SECOND
+    );
+    assert_eq!(
+        f.scalar("SELECT overage FROM term_usage WHERE dimension = 'api_calls'")
+            .await,
+        56 * SECOND
+    );
+}
+
+/// In fleet mode the shared reads (status with the replicas, report, balance, consumption) answer from the
+/// shared journal, whichever replica asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_reads_answer_from_the_shared_journal() {
+    use meterd::journal::reads::Reads;
+    use meterd::journal::usage::ReportFilter;
+    let Some(f) = Fleet::start("fleet_reads_answer_from_the_shared_journal").await else {
+        return;
+    };
+    let reads = Reads::Fleet {
+        pg: f.pg.clone(),
+        replica_timeout: Duration::seconds(30),
+    };
+    f.total("api_calls", t("08:00"), 12 * SECOND).await;
+    f.total("api_calls", t("09:00"), 4 * SECOND).await;
+    f.heartbeat("r1", t("10:06"), t("10:06")).await;
+    f.heartbeat("r2", t("10:06"), t("10:06")).await;
+    f.clock().set(t("10:06"));
+    // r1 sends 08:00 and 09:00 ...
+    let pass = f.emitter("r1", Duration::seconds(60)).pass().await.unwrap();
+    assert_eq!(pass.frozen, 2);
+    // ... then r2 claims a later hour and holds its lease.
+    f.total("api_calls", t("10:00"), SECOND).await;
+    f.pg.freeze(t("11:06"), f.rule()).await.unwrap();
+    assert_eq!(
+        f.pg.claim("r2", t("11:06"), 25, Duration::seconds(60))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let (status, replicas) = reads.status(t("10:06:10")).await.unwrap();
+    assert_eq!(status.pending_events, 1);
+    // 08:00 draws the 10 included and bills 2, 09:00 bills its 4.
+    assert_eq!(status.outcomes.get("accepted"), Some(&2));
+    let replicas = replicas.expect("fleet status lists the replicas");
+    assert_eq!(replicas.len(), 2);
+    assert_eq!(
+        (replicas[0].replica_id.as_str(), replicas[0].leases_held),
+        ("r1", 0)
+    );
+    assert_eq!(
+        (replicas[1].replica_id.as_str(), replicas[1].leases_held),
+        ("r2", 1)
+    );
+    assert!(
+        replicas
+            .iter()
+            .all(|r| r.live && r.forward_lag_seconds == 10)
+    );
+    let (hours, carries) = reads
+        .report(ReportFilter::default(), t("11:06"), Duration::minutes(5))
+        .await
+        .unwrap();
+    assert!(carries.is_empty());
+    let outcomes: Vec<(&str, &str)> = hours
+        .iter()
+        .map(|h| (h.quantity.as_str(), h.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("12", "accepted"), ("4", "accepted"), ("1", "pending")]
+    );
+    let balance = reads
+        .balance(f.rig.settings.clone(), A.to_uppercase(), t("11:06"))
+        .await
+        .unwrap();
+    let api = balance.iter().find(|d| d.dimension == "api_calls").unwrap();
+    assert_eq!(
+        (
+            api.plan.as_str(),
+            api.included.as_str(),
+            api.consumed.as_str(),
+            api.overage_frozen.as_str()
+        ),
+        ("gold", "10", "17", "6")
+    );
+    let consumption = reads
+        .consumption(A.to_string(), None, i64::MIN, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(consumption, vec![("api_calls".to_string(), 17 * SECOND, 3)]);
+}
