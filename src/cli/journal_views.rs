@@ -8,13 +8,15 @@ use crate::journal::usage::ReportFilter;
 
 /// In fleet mode (`[fleet]` with a URL), runs `read` against the shared journal, so every replica's command
 /// answers the same; `None` in single-replica mode (the caller reads the local journal file as before). The
-/// commands are synchronous: a small runtime of their own.
-pub(crate) fn fleet_read<T>(
+/// commands are synchronous and may be called from inside the CLI's runtime: the read runs on a thread of its
+/// own with a small runtime of its own (a runtime cannot be started from within another).
+pub(crate) fn fleet_read<T: Send>(
     settings: &Settings,
-    read: impl AsyncFnOnce(&crate::journal::reads::Reads) -> Result<T, crate::journal::JournalError>,
+    read: impl AsyncFnOnce(&crate::journal::reads::Reads) -> Result<T, crate::journal::JournalError>
+    + Send,
 ) -> Option<anyhow::Result<T>> {
     let fleet = settings.fleet.as_ref()?;
-    let run = || -> anyhow::Result<T> {
+    let run = move || -> anyhow::Result<T> {
         let pg = crate::journal::pg::PgJournal::connect(&fleet.url, 1)?;
         let reads = crate::journal::reads::Reads::Fleet {
             pg,
@@ -25,7 +27,11 @@ pub(crate) fn fleet_read<T>(
             .build()?;
         Ok(rt.block_on(read(&reads))?)
     };
-    Some(run())
+    Some(std::thread::scope(|s| {
+        s.spawn(run)
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the fleet read panicked")))
+    }))
 }
 
 /// `meterd report`.
