@@ -369,11 +369,19 @@
       class: 'chart', 'data-dimension': s.dimension, 'data-buckets': b.length, 'data-bars': bars, 'data-bucket': q.bucket,
     }, el('figcaption', { text: title }), el('p', { class: 'hint', text: desc }), legend, plot,
     el('details', {}, el('summary', { text: 'Table of this chart' }), el('div', { class: 'table-wrap' }, table)));
-    requestAnimationFrame(() => draw(plot, b, fig));
+    requestAnimationFrame(() => draw(plot, b, fig, q.bucket));
     return fig;
   }
 
-  function draw(plot, b, fig) {
+  // Axis labels in UTC, 24-hour clock: hours as HH:00 (the date at midnight), days as MM-DD, months as YYYY-MM.
+  function tick(ts, bucket) {
+    const iso = new Date(ts * 1000).toISOString();
+    if (bucket === 'month') return iso.slice(0, 7);
+    if (bucket === 'day') return iso.slice(5, 10);
+    return iso.slice(11, 13) === '00' ? iso.slice(5, 10) : iso.slice(11, 16);
+  }
+
+  function draw(plot, b, fig, bucket) {
     if (typeof uPlot === 'undefined') return;
     const xs = b.map((x) => Date.parse(x.start) / 1000);
     // Stacked bars: drawn top group first at the full height, each later series covering the part below it.
@@ -397,7 +405,8 @@
       width, height: 220, legend: { show: false },
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), 'Etc/UTC'),
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.08 : 1] } },
-      axes: [{ stroke: '#57606a' }, { stroke: '#57606a', size: 56 }],
+      axes: [{ stroke: '#57606a', values: (u, splits) => splits.map((t) => tick(t, bucket)) },
+        { stroke: '#57606a', size: 56 }],
       cursor: { points: { show: false } },
       series,
     };
