@@ -683,3 +683,84 @@ mod tests {
         assert_eq!(group_of("expired_unconfirmed"), "not_billed");
     }
 }
+
+#[cfg(test)]
+mod journal_tests {
+    use super::*;
+
+    fn journal() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::journal::migrate(&mut c).unwrap();
+        c
+    }
+
+    fn event(c: &Connection, resource: &str, hour: i64, state: &str, held: Option<&str>) -> i64 {
+        c.execute(
+            "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at,
+                 deadline, frozen_at, held) VALUES (?1, '', 'd', ?2, 2000000, '', ?3, 0, ?2 + 86100, 0, ?4)",
+            params![resource, hour, state, held],
+        )
+        .unwrap();
+        let id = c.last_insert_rowid();
+        c.execute(
+            "INSERT INTO hourly_totals (resource, plan, dimension, hour, quantity, records, outbound_id)
+                 VALUES (?1, '', 'd', ?2, 2000000, 1, ?3)",
+            params![resource, hour, id],
+        )
+        .unwrap();
+        id
+    }
+
+    #[test]
+    fn at_risk_lists_pending_by_deadline_and_holds_and_reconciles() {
+        let c = journal();
+        let h = 100 * HOUR;
+        event(&c, "r1", h + 5 * HOUR, "pending", None);
+        event(&c, "r2", h + 2 * HOUR, "pending", Some("subscription is Suspended"));
+        event(&c, "r1", h + 3 * HOUR, "pending", None);
+        event(&c, "r3", h, "expired_unconfirmed", None);
+        event(&c, "r3", h + HOUR, "accepted", None);
+        let now = crate::clock::to_utc(h + 10 * HOUR);
+        let r = at_risk(&c, now, 50).unwrap();
+        let hours: Vec<&str> = r.pending.iter().map(|p| p.hour.as_str()).collect();
+        assert_eq!(
+            hours,
+            [fmt_time(h + 2 * HOUR), fmt_time(h + 3 * HOUR), fmt_time(h + 5 * HOUR)],
+            "nearest deadline first"
+        );
+        assert_eq!(r.pending[0].seconds_left, 2 * HOUR + 86_100 - 10 * HOUR);
+        assert_eq!(r.pending_total, 3);
+        assert_eq!(r.held_subscriptions.len(), 1);
+        assert_eq!(r.held_subscriptions[0].resource, "r2");
+        assert_eq!(r.reconcile.len(), 1);
+        assert!(r.reconcile[0].hint.contains("meterd reconcile --date 1970-01-05"), "{:?}", r.reconcile);
+        let r = at_risk(&c, now, 1).unwrap();
+        assert_eq!((r.pending.len(), r.pending_total), (1, 3), "limited, counted");
+    }
+
+    #[test]
+    fn usage_groups_outcomes_like_the_report() {
+        let c = journal();
+        let h = 1000 * HOUR;
+        event(&c, "r", h, "accepted", None);
+        event(&c, "r", h + HOUR, "included", None);
+        event(&c, "r", h + 2 * HOUR, "rejected", None);
+        c.execute(
+            "INSERT INTO hourly_totals (resource, plan, dimension, hour, quantity, records) VALUES ('r', '', 'd', ?1, 500000, 1)",
+            [h + 3 * HOUR],
+        )
+        .unwrap();
+        let s = usage(&c, "r", None, Bucket::Hour, h, h + 5 * HOUR).unwrap();
+        assert_eq!(s.len(), 1);
+        let g = |i: usize, k: &str| s[0].buckets[i].groups[k].clone();
+        assert_eq!(g(0, "accepted"), "2");
+        assert_eq!(g(1, "included"), "2");
+        assert_eq!(g(2, "not_billed"), "2");
+        assert_eq!(g(3, "pending"), "0.5", "not frozen yet: pending");
+        assert_eq!(s[0].buckets[4].total, "0");
+        let d = usage(&c, "r", Some("d"), Bucket::Day, h - 86_400, h + 86_400).unwrap();
+        let total: Vec<&str> = d[0].buckets.iter().map(|b| b.total.as_str()).collect();
+        assert_eq!(total.iter().filter(|t| **t != "0").count(), 1, "{total:?}");
+        assert!(total.contains(&"6.5"), "{total:?}");
+    }
+}
