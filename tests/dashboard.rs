@@ -40,7 +40,10 @@ fn ui_assets_are_public_typed_and_locked_down_by_csp() {
         ("/ui/", "text/html; charset=utf-8"),
         ("/ui/app.js", "text/javascript; charset=utf-8"),
         ("/ui/app.css", "text/css; charset=utf-8"),
-        ("/ui/vendor/uPlot.iife.min.js", "text/javascript; charset=utf-8"),
+        (
+            "/ui/vendor/uPlot.iife.min.js",
+            "text/javascript; charset=utf-8",
+        ),
         ("/ui/vendor/uPlot.min.css", "text/css; charset=utf-8"),
         ("/ui/vendor/uPlot.LICENSE", "text/plain; charset=utf-8"),
     ];
@@ -53,7 +56,12 @@ fn ui_assets_are_public_typed_and_locked_down_by_csp() {
         let r = c.get(format!("{}{path}", d.url)).send().unwrap();
         assert_eq!(r.status().as_u16(), 200, "{path} without a token");
         let h = r.headers().clone();
-        let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let get = |k: &str| {
+            h.get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
         assert_eq!(get("content-type"), ctype, "{path}");
         assert_eq!(get("content-security-policy"), meterd::ui::CSP, "{path}");
         assert!(get("content-security-policy").contains("script-src 'self';"));
@@ -122,7 +130,10 @@ fn dashboard_data_routes_need_the_token() {
         assert_eq!(wrong.status().as_u16(), 401, "{path} with a wrong token");
         let right = c.get(&url).bearer_auth(TOKEN).send().unwrap();
         assert_eq!(right.status().as_u16(), 200, "{path} with the token");
-        assert!(!right.text().unwrap().contains(TOKEN), "{path} shows no secret");
+        assert!(
+            !right.text().unwrap().contains(TOKEN),
+            "{path} shows no secret"
+        );
     }
 }
 
@@ -195,7 +206,10 @@ fn dashboard_routes_page_aggregate_and_order() {
         .filter(|q| *q != "0")
         .collect();
     let sum: f64 = accepted.iter().map(|q| q.parse::<f64>().unwrap()).sum();
-    assert_eq!(sum, 5.0, "the day buckets hold the 5 accepted api_calls: {u}");
+    assert_eq!(
+        sum, 5.0,
+        "the day buckets hold the 5 accepted api_calls: {u}"
+    );
 
     // Cards: paged by resource; page one of size 1 names the next.
     let p1 = get(&c, format!("{}/v1/dashboard/subscriptions?limit=1", d.url));
@@ -221,7 +235,10 @@ fn dashboard_routes_page_aggregate_and_order() {
         }
         assert!(card["threshold"]["text"].as_str().unwrap().ends_with('.'));
     }
-    let all = get(&c, format!("{}/v1/dashboard/subscriptions?limit=200", d.url));
+    let all = get(
+        &c,
+        format!("{}/v1/dashboard/subscriptions?limit=200", d.url),
+    );
     assert_eq!(
         all["subscriptions"].as_array().unwrap().len() as i64,
         all["total"].as_i64().unwrap()

@@ -1588,7 +1588,11 @@ fn emulator_command_logs_its_address() {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if let Some(at) = line.find("emulator listening on http://") {
-                let _ = tx.send(line[at + "emulator listening on ".len()..].trim().to_string());
+                let _ = tx.send(
+                    line[at + "emulator listening on ".len()..]
+                        .trim()
+                        .to_string(),
+                );
             }
         }
     });
@@ -1597,10 +1601,16 @@ fn emulator_command_logs_its_address() {
     let answer = url.clone().map(|u| -> std::io::Result<String> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(u.trim_start_matches("http://"))?;
-        s.write_all(b"GET /emulator/clock HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        s.write_all(
+            b"GET /emulator/clock HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )?;
         let mut text = Vec::new();
         s.read_to_end(&mut text)?;
-        Ok(String::from_utf8_lossy(&text).lines().next().unwrap_or("").to_string())
+        Ok(String::from_utf8_lossy(&text)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string())
     });
     let _ = child.kill();
     let _ = child.wait();

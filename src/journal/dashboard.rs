@@ -716,7 +716,13 @@ mod journal_tests {
         let c = journal();
         let h = 100 * HOUR;
         event(&c, "r1", h + 5 * HOUR, "pending", None);
-        event(&c, "r2", h + 2 * HOUR, "pending", Some("subscription is Suspended"));
+        event(
+            &c,
+            "r2",
+            h + 2 * HOUR,
+            "pending",
+            Some("subscription is Suspended"),
+        );
         event(&c, "r1", h + 3 * HOUR, "pending", None);
         event(&c, "r3", h, "expired_unconfirmed", None);
         event(&c, "r3", h + HOUR, "accepted", None);
@@ -725,7 +731,11 @@ mod journal_tests {
         let hours: Vec<&str> = r.pending.iter().map(|p| p.hour.as_str()).collect();
         assert_eq!(
             hours,
-            [fmt_time(h + 2 * HOUR), fmt_time(h + 3 * HOUR), fmt_time(h + 5 * HOUR)],
+            [
+                fmt_time(h + 2 * HOUR),
+                fmt_time(h + 3 * HOUR),
+                fmt_time(h + 5 * HOUR)
+            ],
             "nearest deadline first"
         );
         assert_eq!(r.pending[0].seconds_left, 2 * HOUR + 86_100 - 10 * HOUR);
@@ -733,9 +743,19 @@ mod journal_tests {
         assert_eq!(r.held_subscriptions.len(), 1);
         assert_eq!(r.held_subscriptions[0].resource, "r2");
         assert_eq!(r.reconcile.len(), 1);
-        assert!(r.reconcile[0].hint.contains("meterd reconcile --date 1970-01-05"), "{:?}", r.reconcile);
+        assert!(
+            r.reconcile[0]
+                .hint
+                .contains("meterd reconcile --date 1970-01-05"),
+            "{:?}",
+            r.reconcile
+        );
         let r = at_risk(&c, now, 1).unwrap();
-        assert_eq!((r.pending.len(), r.pending_total), (1, 3), "limited, counted");
+        assert_eq!(
+            (r.pending.len(), r.pending_total),
+            (1, 3),
+            "limited, counted"
+        );
     }
 
     #[test]
@@ -762,5 +782,33 @@ mod journal_tests {
         let total: Vec<&str> = d[0].buckets.iter().map(|b| b.total.as_str()).collect();
         assert_eq!(total.iter().filter(|t| **t != "0").count(), 1, "{total:?}");
         assert!(total.contains(&"6.5"), "{total:?}");
+    }
+
+    /// Migration 4: the balance's unbilled usage and the chart read one resource's dimension over an hour range
+    /// through `hourly_totals_resource_dimension_hour`, not by scanning every hour the resource has.
+    #[test]
+    fn per_resource_reads_use_the_dimension_hour_index() {
+        let c = journal();
+        for sql in [
+            "EXPLAIN QUERY PLAN SELECT COALESCE(SUM(h.quantity - h.prebilled), 0) FROM hourly_totals h
+               LEFT JOIN outbound_events o ON o.id = h.outbound_id
+             WHERE h.resource = 'r' AND h.dimension = 'd' AND h.hour >= 0 AND h.hour < 7200
+               AND (o.id IS NULL OR (o.state = 'pending' AND o.billable IS NULL))",
+            "EXPLAIN QUERY PLAN SELECT h.dimension, h.hour, SUM(h.quantity) FROM hourly_totals h
+             WHERE h.resource = 'r' AND ('d' IS NULL OR h.dimension = 'd') AND h.hour >= 0 AND h.hour < 7200
+             GROUP BY h.dimension, h.hour",
+        ] {
+            let plan: Vec<String> = c
+                .prepare(sql)
+                .unwrap()
+                .query_map([], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().any(|p| p.contains("hourly_totals_resource_dimension_hour")),
+                "{plan:?}"
+            );
+        }
     }
 }
