@@ -251,6 +251,8 @@ fn dashboard_routes_page_aggregate_and_order() {
         "/v1/dashboard/usage".to_string(),
         format!("/v1/dashboard/usage?resource={A}&bucket=week"),
         format!("/v1/dashboard/usage?resource={A}&bucket=hour&from=2020-01-01&to=2026-01-01"),
+        format!("/v1/dashboard/usage?resource={A}&bucket=month&from=0001-01-01&to=9999-01-01"),
+        format!("/v1/dashboard/usage?resource={A}&bucket=day&from=2026-01-02&to=2026-01-01"),
     ] {
         let r = c
             .get(format!("{}{bad}", d.url))

@@ -116,7 +116,19 @@ pub async fn usage(
     if from >= to {
         return bad("`from` must be before `to`");
     }
-    let buckets = bucket.starts(from, to).len();
+    // A bound on the bucket count from the length alone first (a month is at least 28 days), so a range of
+    // centuries is refused before any bucket is built.
+    let shortest = match bucket {
+        Bucket::Hour => 3600,
+        Bucket::Day => 86_400,
+        Bucket::Month => 28 * 86_400,
+    };
+    let rough = (to - from) / shortest;
+    let buckets = if rough > max_buckets(bucket) as i64 + 2 {
+        rough as usize
+    } else {
+        bucket.starts(from, to).len()
+    };
     if buckets > max_buckets(bucket) {
         return bad(format!(
             "{buckets} buckets is too many for bucket={}: at most {}; choose a shorter range or a larger bucket (hour, day, month)",
