@@ -91,11 +91,9 @@ pub async fn usage(
         return bad("`resource` is required (a subscription id or a managed application URI)");
     };
     let resource = super::validate::resource(resource).unwrap_or_else(|_| resource.to_string());
-    let bucket = match q.bucket.as_deref().unwrap_or("hour") {
-        b => match Bucket::parse(b) {
-            Some(b) => b,
-            None => return bad(format!("`bucket` must be hour, day or month; got `{b}`")),
-        },
+    let b = q.bucket.as_deref().unwrap_or("hour");
+    let Some(bucket) = Bucket::parse(b) else {
+        return bad(format!("`bucket` must be hour, day or month; got `{b}`"));
     };
     let now = state.clock.now();
     let (from, to) = match (

@@ -10,7 +10,7 @@
 use tokio_postgres::Client;
 
 /// The advisory lock key taken (per transaction) while migrating: "meterd" in ASCII.
-const MIGRATION_LOCK: i64 = 0x6d_65_74_65_72_64;
+const MIGRATION_LOCK: i64 = 0x6d65_7465_7264;
 
 /// Each entry moves the schema from version `i` to `i + 1`. Append only; never edit a step once released.
 const MIGRATIONS: &[&str] = &[
