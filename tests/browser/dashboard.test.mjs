@@ -162,7 +162,9 @@ included = { api_calls = 100, gb_processed = 25 }
     await page.fill('#token-input', TOKEN);
     await page.click('#token-form button[type=submit]');
     await page.waitForSelector('body[data-loaded=true]');
+    await page.waitForSelector('body[data-status-loaded=true]');
     assert.equal(await page.locator('#token-panel').isVisible(), false);
+    assert.match(await page.locator('#summary').innerText(), /3 pending/);
     console.log('ok - token prompt, wrong token refused, right token accepted');
 
     // Cards: exactly what the balance route returns.
@@ -246,6 +248,7 @@ included = { api_calls = 100, gb_processed = 25 }
     await page.screenshot({ path: join(SHOTS, 'dashboard-desktop.png'), fullPage: true });
     await page.setViewportSize({ width: 360, height: 800 });
     await page.click('#refresh');
+    await page.waitForSelector('body[data-loaded=true]');
     await page.waitForTimeout(300); // let the charts re-render at the new width (a picture, not an assertion)
     await page.screenshot({ path: join(SHOTS, 'dashboard-360.png'), fullPage: true });
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);

@@ -434,18 +434,25 @@
     renderCards(page);
   }
 
+  // The cards, the at-risk lists and the chart do not wait for /v1/status (its outcome counts read every event
+  // the journal keeps); the summary fills in when it arrives. `data-loaded` marks the cards, at-risk and chart.
   async function load() {
     $('error').hidden = true;
+    document.body.removeAttribute('data-loaded');
+    const status = api('v1/status').then((st) => {
+      state.now = Date.parse(st.now) || Date.now();
+      renderSummary(st);
+      document.body.setAttribute('data-status-loaded', 'true');
+    }).catch((e) => { if (!(e instanceof AuthError)) failed(e); });
     try {
-      const status = await api('v1/status');
+      const [risk] = await Promise.all([api('v1/dashboard/at-risk?limit=50'), loadCards()]);
       $('token-panel').hidden = true;
       $('forget').hidden = sessionStorage.getItem(TOKEN_KEY) === null;
-      state.now = Date.parse(status.now) || Date.now();
-      renderSummary(status);
-      const [risk] = await Promise.all([api('v1/dashboard/at-risk?limit=50'), loadCards()]);
+      state.now = Date.parse(risk.at) || Date.now();
       renderAtRisk(risk);
       await showUsage();
       document.body.setAttribute('data-loaded', 'true');
+      await status;
     } catch (e) { failed(e); }
   }
 
