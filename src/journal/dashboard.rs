@@ -306,15 +306,32 @@ pub fn cards(
         })?
         .collect::<Result<_, _>>()?;
     let more = rows.len() as i64 > limit;
+    let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
+    // Pending and held counts of the whole page in one pass over the pending events (the state index), not one
+    // query per card: a per-resource count through that index reads every pending event each time.
+    let mut counts: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    if !rows.is_empty() {
+        let mut stmt = conn.prepare_cached(
+            "SELECT lower(resource), COUNT(*), COALESCE(SUM(held IS NOT NULL), 0) FROM outbound_events
+             WHERE state = 'pending' AND lower(resource) >= ?1 AND lower(resource) <= ?2 GROUP BY lower(resource)",
+        )?;
+        let first = rows.first().map(|r| r.0.clone()).unwrap_or_default();
+        let last = rows.last().map(|r| r.0.clone()).unwrap_or_default();
+        for row in stmt.query_map(params![first, last], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })? {
+            let (k, n, h) = row?;
+            counts.insert(k, (n, h));
+        }
+    }
     let mut out = Vec::new();
-    for (folded, spelling, status) in rows.into_iter().take(limit as usize) {
+    for (folded, spelling, status) in rows {
         let resource = spelling.unwrap_or_else(|| folded.clone());
-        let (pending, held): (i64, i64) = conn
-            .prepare_cached(
-                "SELECT COUNT(*), COALESCE(SUM(held IS NOT NULL), 0) FROM outbound_events
-                 WHERE resource = ?1 AND state = 'pending'",
-            )?
-            .query_row([&resource], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (pending, held) = counts.get(&folded).copied().unwrap_or((0, 0));
         let mut dims = Vec::new();
         for b in balance(conn, settings, &resource, now)? {
             let threshold = threshold_state(conn, settings, &resource, &b)?;
