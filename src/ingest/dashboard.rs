@@ -172,7 +172,7 @@ fn without_urls(s: &str) -> String {
 }
 
 /// `GET /v1/dashboard/at-risk?limit=`: pending events by expiry, held subscriptions, events to reconcile,
-/// undelivered alerts, last success.
+/// undelivered alerts.
 pub async fn at_risk(
     State(state): State<AppState>,
     q: Result<Query<AtRiskQuery>, QueryRejection>,

@@ -10,7 +10,7 @@ use crate::clock::{HOUR, fmt_time, hour_of};
 use crate::config::{Included, Settings, Threshold};
 use crate::quantity::Micros;
 use chrono::{DateTime, Datelike, TimeZone, Utc};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -267,8 +267,6 @@ pub struct AtRisk {
     pub undelivered_alerts: Vec<UndeliveredAlert>,
     /// Every undelivered alert.
     pub undelivered_total: i64,
-    /// When the marketplace last accepted an event (RFC 3339).
-    pub last_success: Option<String>,
 }
 
 /// Most cards on one page.
@@ -509,7 +507,7 @@ pub fn usage(
 }
 
 /// What is at risk at `now`: pending events by deadline, held subscriptions, events to reconcile, undelivered
-/// alerts; at most `limit` of each list.
+/// alerts; at most `limit` of each list. (The last success is on `GET /v1/status`: it reads every accepted event.)
 pub fn at_risk(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<AtRisk, JournalError> {
     let now_s = now.timestamp();
     let limit = limit.clamp(1, MAX_PAGE);
@@ -610,14 +608,6 @@ pub fn at_risk(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<AtRi
         [],
         |r| r.get(0),
     )?;
-    let last_success: Option<i64> = conn
-        .query_row(
-            "SELECT MAX(finished_at) FROM outbound_events WHERE state IN ('accepted', 'duplicate')",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?
-        .flatten();
     Ok(AtRisk {
         pending,
         pending_total,
@@ -625,7 +615,6 @@ pub fn at_risk(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<AtRi
         reconcile,
         undelivered_alerts,
         undelivered_total,
-        last_success: last_success.map(fmt_time),
     })
 }
 
