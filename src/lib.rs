@@ -36,7 +36,8 @@
 //! - [`tls`]: the one TLS crypto provider (ring) of every HTTPS client.
 //!
 //! **Effects**:
-//! - [`ingest`]: the local HTTP API (usage, CloudEvents, reports, status, probes).
+//! - [`ingest`]: the local HTTP API (usage, CloudEvents, reports, status, probes, the dashboard's reads).
+//! - [`ui`]: the usage dashboard in the browser (`/ui/`): static assets embedded in the binary.
 //! - [`emit`]: the emission pass: freeze, decide, bill, send, settle.
 //! - [`alerts`]: delivery of raised alerts to the webhook.
 //! - [`fleet`]: fleet mode on the shared PostgreSQL journal (the fleet emitter, [`fleet::emit`]).
@@ -73,6 +74,7 @@ pub mod retry;
 pub mod secret;
 pub mod settle;
 pub mod tls;
+pub mod ui;
 
 /// Balances and consumption (the journal's billing face, [`journal::billing`]), at the path callers know.
 pub use journal::billing;

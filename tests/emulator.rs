@@ -1568,3 +1568,58 @@ async fn scripted_cancellation_and_poisoned_dimension() {
         "nothing of a refused batch is recorded"
     );
 }
+
+/// `meterd emulator --listen 127.0.0.1:0` says where it listens: its log (stderr) names the address, so scripts
+/// (the browser test, `ci/browser.sh`) can start it on a free port. Before, the command set up no logging at all.
+#[test]
+fn emulator_command_logs_its_address() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .args(["emulator", "--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn meterd emulator");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(at) = line.find("emulator listening on http://") {
+                let _ = tx.send(
+                    line[at + "emulator listening on ".len()..]
+                        .trim()
+                        .to_string(),
+                );
+            }
+        }
+    });
+    let url = rx.recv_timeout(std::time::Duration::from_secs(30));
+    // A plain HTTP/1.1 GET of the admin clock at that address.
+    let answer = url.clone().map(|u| -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(u.trim_start_matches("http://"))?;
+        s.write_all(
+            b"GET /emulator/clock HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )?;
+        let mut text = Vec::new();
+        s.read_to_end(&mut text)?;
+        Ok(String::from_utf8_lossy(&text)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let url = url.expect("the emulator logged no `emulator listening on http://...` line");
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let status = match answer {
+        Ok(Ok(line)) => line,
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => String::new(),
+    };
+    assert!(status.contains(" 200 "), "{url}/emulator/clock: {status}");
+}

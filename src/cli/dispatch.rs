@@ -141,6 +141,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let settings = load_settings_without_credentials(&config, &env)?;
             fleet_commands::forward(&settings, clock, &journal, replica.as_deref(), json).await
         }
-        Command::Emulator(args) => crate::emulator::run_cli(args).await,
+        Command::Emulator(args) => {
+            // Its log says where it listens (`--listen 127.0.0.1:0` picks a free port).
+            crate::daemon::init_logging(crate::config::LogFormat::Text, "info");
+            crate::emulator::run_cli(args).await
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! The local HTTP API: ingest (`POST /v1/usage`, `POST /api/v1/events`), reports (`GET /v1/usage`), and the
-//! operator routes (`/v1/status`, `/v1/flush`, `/metrics`, `/healthz`, `/readyz`).
+//! operator routes (`/v1/status`, `/v1/flush`, `/metrics`, `/healthz`, `/readyz`), the dashboard's reads
+//! (`/v1/dashboard/...`) and the dashboard page itself ([`crate::ui`], `/ui/`).
 //!
 //! Ingest answers only after the durable commit (journal invariant 1). A request with any invalid record is
 //! rejected whole, so the application never has to work out which half of a batch landed.
 
 pub mod cloudevents;
+pub mod dashboard;
 pub mod ops;
 pub mod pools_api;
 pub mod usage_api;
@@ -89,12 +91,23 @@ pub fn router(state: AppState) -> Router {
             "/v1/customers/{tenant}/balance",
             axum::routing::get(pools_api::customer_balance),
         )
+        .route(
+            "/v1/dashboard/subscriptions",
+            axum::routing::get(dashboard::subscriptions),
+        )
+        .route("/v1/dashboard/usage", axum::routing::get(dashboard::usage))
+        .route(
+            "/v1/dashboard/at-risk",
+            axum::routing::get(dashboard::at_risk),
+        )
         .route("/metrics", axum::routing::get(ops::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", axum::routing::get(ops::healthz))
         .route("/readyz", axum::routing::get(ops::readyz))
         .merge(guarded)
+        // The dashboard's static page and assets: public (no data in them); its data comes from the guarded routes.
+        .merge(crate::ui::router())
         .fallback(not_found)
         .with_state(state)
 }

@@ -113,6 +113,7 @@
 
 pub mod alerts;
 pub mod billing;
+pub mod dashboard;
 pub mod leases;
 mod ops;
 pub mod outbound;

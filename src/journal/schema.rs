@@ -256,6 +256,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (pool_id, period_start, threshold)
     ) WITHOUT ROWID;
     "#,
+    // 6: the dashboard's and the balances' reads per subscription and dimension over a time range.
+    r#"
+    -- Balances (`billing::balance`: the term's usage not billed yet) and the dashboard's usage chart read one
+    -- resource's totals per dimension and hour range; the primary key leads with the plan after the resource, so
+    -- without this index they scan every hour the resource has (years of them).
+    CREATE INDEX hourly_totals_resource_dimension_hour ON hourly_totals(resource, dimension, hour);
+    "#,
 ];
 
 /// The schema version this build writes.
