@@ -396,6 +396,20 @@ fn three_replicas_with_kills_and_a_postgres_cut_send_each_hour_once_with_the_exa
         || all_logs(&replicas),
         || !r.emu.received_events().is_empty(),
     );
+    // The closed hours are frozen now (one freeze takes every closed key): more usage for them (ids `late-N`)
+    // is carried into the open hour at forward time.
+    let late: Vec<Vec<Rec>> = batches(&mut next_id, 15, &past, &mut rng)
+        .into_iter()
+        .map(|b| {
+            b.into_iter()
+                .map(|mut r| {
+                    r.id = r.id.map(|id| id.replace("fleet-", "late-"));
+                    r
+                })
+                .collect()
+        })
+        .collect();
+    clients.lock().unwrap().queue.extend(late);
     for _ in 0..2 {
         let i = rng.random_range(0..3);
         replicas[i].kill9();
@@ -420,14 +434,16 @@ fn three_replicas_with_kills_and_a_postgres_cut_send_each_hour_once_with_the_exa
     // The ledger: per (resource, dimension) and per closed (resource, dimension, hour).
     let mut ledger: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut per_hour: BTreeMap<(String, String, String), i64> = BTreeMap::new();
+    let mut late: BTreeMap<(String, String, String), i64> = BTreeMap::new();
     for rec in &c.acked {
         *ledger
             .entry((rec.resource.into(), rec.dimension.into()))
             .or_default() += rec.micros;
-        if rec.time < hour_start(1) {
-            *per_hour
-                .entry((rec.resource.into(), rec.dimension.into(), hour_of(rec.time)))
-                .or_default() += rec.micros;
+        let key = (rec.resource.into(), rec.dimension.into(), hour_of(rec.time));
+        if rec.id.as_deref().is_some_and(|id| id.starts_with("late-")) {
+            *late.entry(key).or_default() += rec.micros;
+        } else if rec.time < hour_start(1) {
+            *per_hour.entry(key).or_default() += rec.micros;
         }
     }
     // Any replica's report reads the shared journal: wait until every closed key has settled.
@@ -487,6 +503,24 @@ fn three_replicas_with_kills_and_a_postgres_cut_send_each_hour_once_with_the_exa
             "{what} vs the clients' acknowledged ledger:\n{view}"
         );
     }
+    // The late usage is named where it went: carried (reason `late`) from its own hour into the open hour.
+    let mut carried: BTreeMap<(String, String, String), i64> = BTreeMap::new();
+    for cr in report["carries"].as_array().unwrap() {
+        assert_eq!(cr["reason"], "late", "{cr}");
+        assert!(
+            cr["to_hour"].as_str().unwrap() >= ts(hour_start(0)).as_str(),
+            "{cr}"
+        );
+        let q = Micros::parse_decimal(cr["quantity"].as_str().unwrap()).unwrap();
+        *carried
+            .entry((
+                cr["resource"].as_str().unwrap().into(),
+                cr["dimension"].as_str().unwrap().into(),
+                cr["from_hour"].as_str().unwrap().into(),
+            ))
+            .or_default() += q.0;
+    }
+    assert_eq!(carried, late, "carries vs the late usage acknowledged");
     // 2: the marketplace accepted each closed key exactly once, with the exact sum over all replicas.
     let mut emu: BTreeMap<(String, String, String), (usize, i64)> = BTreeMap::new();
     for e in r.emu.accepted_events() {
@@ -542,9 +576,10 @@ fn three_replicas_with_kills_and_a_postgres_cut_send_each_hour_once_with_the_exa
         .unwrap_or_else(|| panic!("{status}"));
     assert!(fleet.len() >= 3, "{status}");
     println!(
-        "FLEET: kills={kills} acked-records={} retried-requests={} sent-twice={} closed-keys={} events-received={} \
+        "FLEET: kills={kills} acked-records={} late-keys={} retried-requests={} sent-twice={} closed-keys={} events-received={} \
          outcomes-settled={} in {:.1}s",
         c.acked.len(),
+        late.len(),
         c.retried,
         c.twice,
         per_hour.len(),
