@@ -266,6 +266,17 @@ fn three_replicas_with_kills_and_a_postgres_cut_send_each_hour_once_with_the_exa
     let Some(db) = TestDb::create("fleet_blackbox") else {
         return;
     };
+    // The run takes about 20 s; one that crossed a UTC hour boundary would close the "open" hour midway (and a
+    // pass may or may not send it). Near the end of an hour, start in the next one instead (waits at most 90 s).
+    let to_next_hour = hour_start(0) + Duration::hours(1) - Utc::now();
+    if to_next_hour < Duration::seconds(90) {
+        println!("the hour ends in {to_next_hour}; starting in the next one");
+        std::thread::sleep(
+            (to_next_hour + Duration::seconds(1))
+                .to_std()
+                .unwrap_or_default(),
+        );
+    }
     let started = Instant::now();
     let r = emu_rig(EmulatorConfig::default());
     r.emu.set_latency(StdDuration::from_millis(50));
