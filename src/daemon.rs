@@ -443,24 +443,18 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         crate::ops::notify_status(&s.status_line());
         pass_gauges.request_refresh();
     });
-    // Fleet mode: the local SQLite emitter must not run (each replica's journal holds only its own share of an
-    // hour; the shared PostgreSQL journal is the one that is sent, by the fleet emitter).
-    let local_emission = if settings.fleet.is_none() {
-        let (handle, scheduler, loop_task) = schedule::start(
-            emitter.clone(),
-            &settings.emit.schedule,
-            liveness.clone(),
-            stop_rx.clone(),
-            on_pass,
-        )
-        .await?;
-        Some((Arc::new(handle), scheduler, loop_task))
-    } else {
-        None
-    };
-    let emit_control = local_emission
-        .as_ref()
-        .map(|(h, _, _)| h.clone() as Arc<dyn crate::ingest::EmitControl>);
+    // The pass loop drives `emitter`: the local SQLite emitter, or in fleet mode the fleet emitter (the local
+    // SQLite emitter never runs in fleet mode: each replica's journal holds only its own share of an hour; the
+    // shared PostgreSQL journal is the one that is sent). Fleet mode needs this loop too (tests/fleet.rs).
+    let (handle, mut scheduler, loop_task) = schedule::start(
+        emitter.clone(),
+        &settings.emit.schedule,
+        liveness.clone(),
+        stop_rx.clone(),
+        on_pass,
+    )
+    .await?;
+    let emit_control = Some(Arc::new(handle) as Arc<dyn crate::ingest::EmitControl>);
     let state = AppState {
         settings: settings.clone(),
         journal: journal.clone(),
@@ -536,23 +530,21 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         .shutdown_timeout
         .to_std()
         .unwrap_or(std::time::Duration::from_secs(20));
-    if let Some((_, mut scheduler, loop_task)) = local_emission {
-        let _ = loop_task.await;
-        let _ = scheduler.shutdown().await;
-        match tokio::time::timeout(bound, emitter.pass()).await {
-            Ok(Ok(s)) => tracing::info!(
-                message = "Final emission pass done.",
-                frozen = s.frozen,
-                sent = s.sent,
-                pending = s.pending_after
-            ),
-            Ok(Err(e)) => {
-                tracing::warn!(message = "Final emission pass failed; pending events go at the next start.", error = %format!("{e:#}"))
-            }
-            Err(_) => tracing::warn!(
-                message = "Final emission pass cut short by emit.shutdown_timeout; pending events go at the next start."
-            ),
+    let _ = loop_task.await;
+    let _ = scheduler.shutdown().await;
+    match tokio::time::timeout(bound, emitter.pass()).await {
+        Ok(Ok(s)) => tracing::info!(
+            message = "Final emission pass done.",
+            frozen = s.frozen,
+            sent = s.sent,
+            pending = s.pending_after
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(message = "Final emission pass failed; pending events go at the next start.", error = %format!("{e:#}"))
         }
+        Err(_) => tracing::warn!(
+            message = "Final emission pass cut short by emit.shutdown_timeout; pending events go at the next start."
+        ),
     }
     if let Some(tasks) = fleet_forward {
         // Each ends by itself within emit.shutdown_timeout (the forwarder's last drain is bounded by it).

@@ -607,11 +607,12 @@ fn a_replica_keeps_acknowledging_while_postgres_is_down_and_catches_up() {
         logs.contains("not reachable") || logs.contains("failed; retrying"),
         "the outage is logged:\n{logs}"
     );
-    // The local SQLite emitter does not run in fleet mode (the fleet emitter sends from PostgreSQL).
+    // `POST /v1/flush` runs a pass of the fleet emitter (the local SQLite emitter does not run in fleet mode);
+    // the hour is open: nothing is frozen.
     let flush = http().post(format!("{}/v1/flush", d.url)).send().unwrap();
-    assert_eq!(flush.status().as_u16(), 503, "{}", flush.text().unwrap());
+    assert_eq!(flush.status().as_u16(), 200, "{}", flush.text().unwrap());
     let local_events = d.status()["pending_events"].as_i64().unwrap_or(0);
-    assert_eq!(local_events, 0, "nothing frozen locally");
+    assert_eq!(local_events, 0, "nothing frozen");
 }
 
 /// `meterd forward --journal PATH` on a copy of a dead replica's journal ships its waiting records, prints a
