@@ -4,15 +4,52 @@
 //! crossed, a `duplicate_mismatch`, ...), with a dedupe key so it fires once. A delivery task POSTs undelivered
 //! alerts as JSON, retrying with exponential backoff (the attempt count and next attempt live in the journal, so
 //! a restart loses nothing). Every alert is also a log event and a metric when it is raised.
+//!
+//! In fleet mode the alerts live in the shared PostgreSQL journal (they are raised in the transactions of their
+//! causes there), and every replica's delivery task claims due ones from it ([`AlertStore::Fleet`]), one replica
+//! per alert at a time.
 
+use crate::journal::alerts::PendingAlert;
+use crate::journal::pg::PgJournal;
 use crate::journal::{Journal, JournalError};
+use chrono::{DateTime, Utc};
+
+/// Where the delivery task finds its alerts.
+#[derive(Clone)]
+pub enum AlertStore {
+    /// This replica's SQLite journal (single-replica mode).
+    Local(Journal),
+    /// The fleet's shared journal.
+    Fleet(PgJournal),
+}
+
+impl AlertStore {
+    async fn due(&self, now: DateTime<Utc>) -> Result<Vec<PendingAlert>, JournalError> {
+        match self {
+            AlertStore::Local(j) => j.alerts_due(now).await,
+            AlertStore::Fleet(pg) => Ok(pg.claim_alerts(now).await?),
+        }
+    }
+
+    async fn attempted(
+        &self,
+        id: i64,
+        attempts: i64,
+        result: Result<DateTime<Utc>, (Option<String>, DateTime<Utc>)>,
+    ) -> Result<(), JournalError> {
+        match self {
+            AlertStore::Local(j) => j.alert_attempted(id, attempts, result).await,
+            AlertStore::Fleet(pg) => Ok(pg.alert_attempted(id, attempts, result).await?),
+        }
+    }
+}
 
 /// Every alert (newest first), for status and tests: [`crate::journal::alerts::list`].
 pub use crate::journal::alerts::list;
 
 /// Delivers due alerts to `url` until `stop` turns true; checks every `every`.
 pub async fn deliver_loop(
-    journal: Journal,
+    journal: AlertStore,
     clock: crate::clock::SharedClock,
     url: Option<String>,
     every: std::time::Duration,
@@ -24,7 +61,7 @@ pub async fn deliver_loop(
         .build()
         .ok();
     loop {
-        if let Err(e) = deliver_once(&journal, &clock, url.as_deref(), http.as_ref()).await {
+        if let Err(e) = deliver_from(&journal, &clock, url.as_deref(), http.as_ref()).await {
             tracing::warn!(message = "Alert delivery pass failed.", error = %e);
         }
         tokio::select! {
@@ -34,15 +71,26 @@ pub async fn deliver_loop(
     }
 }
 
-/// One delivery pass. Without a webhook, alerts count as delivered once logged.
+/// One delivery pass over the local journal. Without a webhook, alerts count as delivered once logged.
 pub async fn deliver_once(
     journal: &Journal,
     clock: &crate::clock::SharedClock,
     url: Option<&str>,
     http: Option<&reqwest::Client>,
 ) -> Result<usize, JournalError> {
+    deliver_from(&AlertStore::Local(journal.clone()), clock, url, http).await
+}
+
+/// One delivery pass over `journal` (local or the fleet's). Without a webhook, alerts count as delivered once
+/// logged.
+pub async fn deliver_from(
+    journal: &AlertStore,
+    clock: &crate::clock::SharedClock,
+    url: Option<&str>,
+    http: Option<&reqwest::Client>,
+) -> Result<usize, JournalError> {
     let now = clock.now();
-    let due = journal.alerts_due(now).await?;
+    let due = journal.due(now).await?;
     let mut delivered = 0;
     for alert in due {
         let result: Result<(), String> = match (url, http) {
@@ -83,7 +131,7 @@ pub async fn deliver_once(
             tracing::warn!(message = "Alert webhook delivery failed; retrying later.", error = %e, attempts);
         }
         journal
-            .alert_attempted(
+            .attempted(
                 id,
                 attempts,
                 if ok {
@@ -102,7 +150,7 @@ pub async fn deliver_once(
 
 /// Starts the delivery task.
 pub fn spawn(
-    journal: Journal,
+    journal: AlertStore,
     clock: crate::clock::SharedClock,
     url: Option<String>,
     stop: tokio::sync::watch::Receiver<bool>,

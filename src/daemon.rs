@@ -506,8 +506,16 @@ pub async fn run(mut settings: Settings, ctx: RunContext) -> anyhow::Result<()> 
         None => None,
     };
     // ---- end of the fleet forward path ----
+    // Alerts: in fleet mode they are raised in the shared journal, and every replica delivers from it.
+    let alert_store = match &settings.fleet {
+        Some(fleet) => crate::alerts::AlertStore::Fleet(
+            crate::fleet::connect(fleet)
+                .context("cannot set up the fleet PostgreSQL journal ([fleet])")?,
+        ),
+        None => crate::alerts::AlertStore::Local(journal.clone()),
+    };
     let alerts = crate::alerts::spawn(
-        journal.clone(),
+        alert_store,
         ctx.clock.clone(),
         settings.alerts.webhook_url.clone(),
         stop_rx.clone(),

@@ -532,3 +532,110 @@ async fn fleet_reads_answer_from_the_shared_journal() {
         .unwrap();
     assert_eq!(consumption, vec![("api_calls".to_string(), 17 * SECOND, 3)]);
 }
+
+/// Fleet alerts are raised in the shared journal; every replica's delivery task claims due ones from it. Two
+/// replicas delivering at once hand each alert to the webhook exactly once, and a webhook failure keeps the alert
+/// for a later attempt (attempts and error recorded). Before this, the delivery task read only the local journal:
+/// alerts raised in fleet mode were never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fleet_alerts_are_delivered_once_by_any_replica() {
+    let Some(db) = TestDb::create("fleet_alerts_are_delivered_once_by_any_replica") else {
+        return;
+    };
+    let pg = PgJournal::connect(&db.url, 4).unwrap();
+    pg.migrate().await.unwrap();
+    let now = t("2026-03-10T10:00:00Z");
+    {
+        let c = pg.client().await.unwrap();
+        for i in 0..40i64 {
+            c.execute(
+                "INSERT INTO alerts (kind, dedupe, body, created_at, next_attempt_at) VALUES ('threshold', $1, $2, $3, $3)",
+                &[&format!("k{i}"), &format!("{{\"n\":{i}}}"), &now.timestamp()],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    // A webhook that counts what it receives; it fails while `failing` is set.
+    let received = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let app = {
+        let (received, failing) = (received.clone(), failing.clone());
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: String| {
+                let (received, failing) = (received.clone(), failing.clone());
+                async move {
+                    if failing.load(std::sync::atomic::Ordering::SeqCst) {
+                        return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    received.lock().unwrap().push(body);
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let clock: SharedClock = Arc::new(ManualClock::new(now));
+    let http = meterd::tls::client();
+    let replicas: Vec<meterd::alerts::AlertStore> = (0..2)
+        .map(|_| meterd::alerts::AlertStore::Fleet(PgJournal::connect(&db.url, 2).unwrap()))
+        .collect();
+    let (a, b) = tokio::join!(
+        meterd::alerts::deliver_from(&replicas[0], &clock, Some(&url), Some(&http)),
+        meterd::alerts::deliver_from(&replicas[1], &clock, Some(&url), Some(&http)),
+    );
+    assert_eq!(
+        a.unwrap() + b.unwrap(),
+        40,
+        "every due alert delivered by one replica or the other"
+    );
+    let mut bodies = received.lock().unwrap().clone();
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), 40, "each alert exactly once");
+    assert_eq!(
+        received.lock().unwrap().len(),
+        40,
+        "no alert delivered twice"
+    );
+    // Nothing left: a second round delivers nothing.
+    assert_eq!(
+        meterd::alerts::deliver_from(&replicas[1], &clock, Some(&url), Some(&http))
+            .await
+            .unwrap(),
+        0
+    );
+    // A failing webhook: the alert stays undelivered with its attempt and error, due again later.
+    {
+        let c = pg.client().await.unwrap();
+        c.execute(
+            "INSERT INTO alerts (kind, dedupe, body, created_at, next_attempt_at) VALUES ('threshold', 'late', '{}', $1, $1)",
+            &[&now.timestamp()],
+        )
+        .await
+        .unwrap();
+    }
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        meterd::alerts::deliver_from(&replicas[0], &clock, Some(&url), Some(&http))
+            .await
+            .unwrap(),
+        0
+    );
+    let c = pg.client().await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT attempts, last_error, delivered_at, next_attempt_at FROM alerts WHERE dedupe = 'late'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+    assert!(row.get::<_, Option<String>>(1).unwrap().contains("500"));
+    assert_eq!(row.get::<_, Option<i64>>(2), None);
+    assert!(row.get::<_, i64>(3) > now.timestamp());
+    server.abort();
+}

@@ -16,6 +16,7 @@
 //!   `fence`; a settle applies only while owner and fence still match (a stale owner's settle changes nothing).
 //!   No session advisory locks anywhere.
 
+pub mod alerts;
 pub mod billing;
 pub mod conn;
 pub mod freeze;
