@@ -264,25 +264,14 @@ pub fn balance(
                  WHERE resource = ?1 AND dimension = ?2 AND hour >= ?3 AND hour < ?4",
             )?
             .query_row(params![resource, d.id, term_start, term_end], |r| r.get(0))?;
-        let allowance = settings.included(&plan, &d.id);
-        let mut pools = vec![super::pools::PoolBalance {
-            id: crate::pools::plan_pool_id(&plan),
-            priority: settings.billing.plan_pool_priority,
-            scope: serde_json::json!({ "resource": resource }),
-            total: crate::pools::Amount::from(allowance).to_decimal_string(),
-            available: match allowance {
-                Included::Infinite => "infinite".into(),
-                Included::Quantity(q) => Micros((q - consumed).max(0)).to_decimal_string(),
-            },
-            used: match allowance {
-                Included::Infinite => Micros(consumed).to_decimal_string(),
-                Included::Quantity(q) => Micros(consumed.min(q).max(0)).to_decimal_string(),
-            },
-            effective_at: fmt_time(term_start),
-            expires_at: None,
-            refreshes_at: Some(fmt_time(term_end)),
-            voided: false,
-        }];
+        let mut pools = vec![super::pools::plan_pool_balance(
+            settings,
+            &plan,
+            &d.id,
+            resource,
+            consumed,
+            (term_start, term_end),
+        )];
         for p in super::pools::for_resource(conn, settings, resource, Some(&d.id))? {
             pools.push(super::pools::pool_balance(
                 conn,

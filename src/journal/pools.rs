@@ -598,6 +598,39 @@ pub struct PoolBalance {
     pub voided: bool,
 }
 
+/// The plan allowance of `plan` for dimension `dimension` as a balance entry (`plan:<plan>`): `consumed` of it
+/// used this term `[term_start, term_end)`. The same entry in both journals (SQLite and the fleet's).
+pub fn plan_pool_balance(
+    settings: &crate::config::Settings,
+    plan: &str,
+    dimension: &str,
+    resource: &str,
+    consumed: i64,
+    (term_start, term_end): (i64, i64),
+) -> PoolBalance {
+    use crate::config::Included;
+    use crate::quantity::Micros;
+    let allowance = settings.included(plan, dimension);
+    PoolBalance {
+        id: crate::pools::plan_pool_id(plan),
+        priority: settings.billing.plan_pool_priority,
+        scope: serde_json::json!({ "resource": resource }),
+        total: crate::pools::Amount::from(allowance).to_decimal_string(),
+        available: match allowance {
+            Included::Infinite => "infinite".into(),
+            Included::Quantity(q) => Micros((q - consumed).max(0)).to_decimal_string(),
+        },
+        used: match allowance {
+            Included::Infinite => Micros(consumed).to_decimal_string(),
+            Included::Quantity(q) => Micros(consumed.min(q).max(0)).to_decimal_string(),
+        },
+        effective_at: crate::clock::fmt_time(term_start),
+        expires_at: None,
+        refreshes_at: Some(crate::clock::fmt_time(term_end)),
+        voided: false,
+    }
+}
+
 /// Pool `p` as a balance entry at `now` for `resource`.
 pub fn pool_balance(
     conn: &Connection,

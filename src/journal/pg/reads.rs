@@ -349,22 +349,14 @@ pub async fn balance(
             ),
         };
         // Fleet mode has the plan allowance as its only pool (credit pools are kept by SQLite mode only).
-        let allowance = settings.included(&plan, &d.id);
-        let plan_pool = crate::journal::pools::PoolBalance {
-            id: crate::pools::plan_pool_id(&plan),
-            priority: settings.billing.plan_pool_priority,
-            scope: serde_json::json!({ "resource": resource }),
-            total: crate::pools::Amount::from(allowance).to_decimal_string(),
-            available: remaining.clone(),
-            used: match allowance {
-                Included::Infinite => Micros(consumed).to_decimal_string(),
-                Included::Quantity(q) => Micros(consumed.min(q).max(0)).to_decimal_string(),
-            },
-            effective_at: fmt_time(term_start),
-            expires_at: None,
-            refreshes_at: Some(fmt_time(term_end)),
-            voided: false,
-        };
+        let plan_pool = crate::journal::pools::plan_pool_balance(
+            settings,
+            &plan,
+            &d.id,
+            resource,
+            consumed,
+            (term_start, term_end),
+        );
         out.push(DimensionBalance {
             usage: Micros(consumed).to_decimal_string(),
             pools: vec![plan_pool],
