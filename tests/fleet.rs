@@ -10,6 +10,7 @@
 mod common;
 
 use chrono::{DateTime, Duration, Timelike, Utc};
+use common::proxy::Proxy;
 use common::{Daemon, TOKEN_ENV, emu_rig, hour_start, http, ts};
 use meterd::emulator::{EmulatorConfig, Phase, Route};
 use meterd::journal::pg::PgJournal;
@@ -18,8 +19,6 @@ use meterd::quantity::Micros;
 use rand::RngExt;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,62 +28,6 @@ const A: &str = "11111111-1111-4111-8111-111111111111";
 const B: &str = "22222222-2222-4222-8222-222222222222";
 const DIMS: [&str; 2] = ["api_calls", "gb_processed"];
 const TIMEOUT: StdDuration = StdDuration::from_secs(90);
-
-/// A TCP proxy to PostgreSQL that can be cut (every connection closed, new ones refused) and restored (from
-/// `tests/fleet_forward.rs`).
-struct Proxy {
-    port: u16,
-    open: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(upstream: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let open = Arc::new(AtomicBool::new(true));
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (o, cs, up) = (open.clone(), conns.clone(), upstream.to_string());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if !o.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let Ok(server) = TcpStream::connect(&up) else {
-                    continue;
-                };
-                cs.lock().unwrap().push(client.try_clone().unwrap());
-                cs.lock().unwrap().push(server.try_clone().unwrap());
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16384];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy { port, open, conns }
-    }
-
-    fn set_open(&self, open: bool) {
-        self.open.store(open, Ordering::SeqCst);
-        if !open {
-            for c in self.conns.lock().unwrap().drain(..) {
-                let _ = c.shutdown(std::net::Shutdown::Both);
-            }
-        }
-    }
-}
 
 /// One record as the client keeps it.
 #[derive(Clone, Debug)]

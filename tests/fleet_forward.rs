@@ -7,6 +7,7 @@
 mod common;
 
 use chrono::{DateTime, Duration, Utc};
+use common::proxy::Proxy;
 use common::rig::{micros, t};
 use common::{Daemon, http};
 use meterd::clock::{ManualClock, SharedClock};
@@ -17,11 +18,8 @@ use meterd::journal::pg::testing::TestDb;
 use meterd::journal::usage::{self, HOUR, NewRecord};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 const R: &str = "11111111-1111-4111-8111-111111111111";
@@ -401,61 +399,6 @@ async fn retention_keeps_unforwarded_records() {
         1
     );
     assert_eq!(journal.read(usage::record_count).await.unwrap(), 0);
-}
-
-/// A TCP proxy to PostgreSQL that can be cut (every connection closed, new ones refused) and restored.
-struct Proxy {
-    port: u16,
-    open: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(upstream: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let open = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (o, cs, up) = (open.clone(), conns.clone(), upstream.to_string());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                if !o.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let Ok(server) = TcpStream::connect(&up) else {
-                    continue;
-                };
-                cs.lock().unwrap().push(client.try_clone().unwrap());
-                cs.lock().unwrap().push(server.try_clone().unwrap());
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16384];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy { port, open, conns }
-    }
-
-    fn set_open(&self, open: bool) {
-        self.open.store(open, Ordering::SeqCst);
-        if !open {
-            for c in self.conns.lock().unwrap().drain(..) {
-                let _ = c.shutdown(std::net::Shutdown::Both);
-            }
-        }
-    }
 }
 
 fn metric(d: &Daemon, name: &str) -> Option<f64> {

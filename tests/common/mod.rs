@@ -2,6 +2,7 @@
 //! rig (journal, emitter and emulator on one `ManualClock`).
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod rig;
 
 use std::io::{BufRead, BufReader};
