@@ -15,11 +15,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts forwarding 127.0.0.1:`port` to `upstream` (host:port).
-    pub fn start(upstream: &str) -> Proxy {
+    /// Starts forwarding 127.0.0.1:`port` to `upstream` (host:port), open or (`open = false`) cut from the start.
+    pub fn start(upstream: &str, open: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let open = Arc::new(AtomicBool::new(true));
+        let open = Arc::new(AtomicBool::new(open));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let (o, cs, up) = (open.clone(), conns.clone(), upstream.to_string());
         std::thread::spawn(move || {
