@@ -27,6 +27,16 @@ pub fn term_for(
             Ok((r.get(0)?, r.get(1)?))
         })
         .optional()?;
+    Ok(term_from(settings, sub, at))
+}
+
+/// The term around `at` of a subscription row `(term_start, term_unit)` (either journal's), or of the
+/// `billing.fallback_term_months` calendar terms when the row is missing or has no usable term.
+pub(crate) fn term_from(
+    settings: &Settings,
+    sub: Option<(Option<i64>, Option<String>)>,
+    at: DateTime<Utc>,
+) -> (i64, i64) {
     let (anchor, months) = match sub {
         Some((Some(start), Some(unit))) if months_of(&unit).is_some() => {
             (crate::clock::to_utc(start), months_of(&unit).unwrap_or(1))
@@ -39,7 +49,7 @@ pub fn term_for(
         ),
     };
     let (s, e) = term_around(anchor, months, at);
-    Ok((s.timestamp(), e.timestamp()))
+    (s.timestamp(), e.timestamp())
 }
 
 /// Bills an event (allowance, units and thresholds: [`crate::bill::compute`]) and stores what that changes:

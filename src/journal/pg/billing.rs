@@ -9,13 +9,13 @@
 
 use super::PgError;
 use crate::alert_kind::AlertKey;
-use crate::bill::{Bill, BillInputs, Computed, Crossing, compute, months_of, term_around};
+use crate::bill::{Bill, BillInputs, Computed, Crossing, compute, months_of};
 use crate::clock::fmt_time;
 use crate::config::{Included, Settings};
 use crate::journal::outbound::PendingEvent;
 use crate::journal::subscriptions::{KnownSubscription, ListedSubscription};
 use crate::quantity::Micros;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use tokio_postgres::{GenericClient, Transaction};
 
@@ -78,19 +78,7 @@ pub async fn term_for(
         )
         .await?
         .map(|r| (r.get::<_, Option<i64>>(0), r.get::<_, Option<String>>(1)));
-    let (anchor, months) = match sub {
-        Some((Some(start), Some(unit))) if months_of(&unit).is_some() => {
-            (crate::clock::to_utc(start), months_of(&unit).unwrap_or(1))
-        }
-        _ => (
-            Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0)
-                .single()
-                .unwrap_or_default(),
-            settings.billing.fallback_term_months,
-        ),
-    };
-    let (s, e) = term_around(anchor, months, at);
-    Ok((s.timestamp(), e.timestamp()))
+    Ok(crate::journal::billing::term_from(settings, sub, at))
 }
 
 /// Bills an event (once, in the transaction that writes its body): like `journal::billing::bill`, with the
