@@ -1569,11 +1569,8 @@ async fn scripted_cancellation_and_poisoned_dimension() {
     );
 }
 
-/// `meterd emulator --listen 127.0.0.1:0` says where it listens: its log (stderr) names the address, so scripts
-/// (the browser test, `ci/browser.sh`) can start it on a free port. Before, the command set up no logging at all.
-#[test]
-fn emulator_command_logs_its_address() {
-    use std::io::{BufRead, BufReader};
+/// `meterd emulator --listen 127.0.0.1:0` with its stderr piped (no RUST_LOG): the child and its stderr.
+fn spawn_emulator_command() -> (std::process::Child, std::process::ChildStderr) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meterd"))
         .args(["emulator", "--listen", "127.0.0.1:0"])
         .env_remove("RUST_LOG")
@@ -1583,6 +1580,15 @@ fn emulator_command_logs_its_address() {
         .spawn()
         .expect("spawn meterd emulator");
     let stderr = child.stderr.take().expect("stderr");
+    (child, stderr)
+}
+
+/// `meterd emulator --listen 127.0.0.1:0` says where it listens: its log (stderr) names the address, so scripts
+/// (the browser test, `ci/browser.sh`) can start it on a free port. Before, the command set up no logging at all.
+#[test]
+fn emulator_command_logs_its_address() {
+    use std::io::{BufRead, BufReader};
+    let (mut child, stderr) = spawn_emulator_command();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
@@ -1630,15 +1636,8 @@ fn emulator_command_logs_its_address() {
 #[test]
 fn emulator_keeps_answering_when_its_log_pipe_closes() {
     use std::io::{BufRead, BufReader, Read, Write};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meterd"))
-        .args(["emulator", "--listen", "127.0.0.1:0"])
-        .env_remove("RUST_LOG")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn meterd emulator");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let (mut child, stderr) = spawn_emulator_command();
+    let mut lines = BufReader::new(stderr).lines();
     let addr = loop {
         let Some(Ok(line)) = lines.next() else {
             let _ = child.kill();
