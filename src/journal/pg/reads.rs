@@ -400,3 +400,24 @@ pub async fn consumption(
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())
 }
+
+/// What the fleet sent and the marketplace accepted per (resource folded, dimension), hours in `[from, to)`
+/// (as `journal::status::accepted_totals`), for `meterd reconcile`.
+pub async fn accepted_totals(
+    c: &(impl GenericClient + Sync),
+    from: i64,
+    to: i64,
+) -> Result<BTreeMap<(String, String), i64>, PgError> {
+    let rows = c
+        .query(
+            "SELECT lower(resource), dimension, SUM(COALESCE(send_quantity, quantity))::bigint FROM outbound_events
+             WHERE hour >= $1 AND hour < $2 AND state IN ('accepted', 'duplicate')
+             GROUP BY lower(resource), dimension",
+            &[&from, &to],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
