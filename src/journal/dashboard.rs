@@ -507,7 +507,7 @@ pub fn usage(
 }
 
 /// What is at risk at `now`: pending events by deadline, held subscriptions, events to reconcile, undelivered
-/// alerts; at most `limit` of each list. (The last success is on `GET /v1/status`: it reads every accepted event.)
+/// alerts; at most `limit` of each list. (The last success and the outcome counts are on `GET /v1/status`.)
 pub fn at_risk(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<AtRisk, JournalError> {
     let now_s = now.timestamp();
     let limit = limit.clamp(1, MAX_PAGE);
@@ -788,6 +788,51 @@ mod journal_tests {
         let total: Vec<&str> = d[0].buckets.iter().map(|b| b.total.as_str()).collect();
         assert_eq!(total.iter().filter(|t| **t != "0").count(), 1, "{total:?}");
         assert!(total.contains(&"6.5"), "{total:?}");
+    }
+
+    /// A card's overage this term reads the term's events of the key (unique index on resource, dimension,
+    /// hour, from the term's start), not every hour the key has; and it still counts exactly the term's events.
+    #[test]
+    fn the_term_overage_reads_the_term_only() {
+        let c = journal();
+        let plan: Vec<String> = c
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN {}",
+                crate::journal::billing::TERM_OVERAGE
+            ))
+            .unwrap()
+            .query_map(params!["r", "d", 0], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("sqlite_autoindex_outbound_events_1")
+                    && p.contains("resource=? AND dimension=? AND hour>?")),
+            "{plan:?}"
+        );
+        let term = 10 * 86_400;
+        for (hour, state, term_start) in [
+            (term - HOUR, "accepted", 0),
+            (term, "accepted", term),
+            (term + HOUR, "rejected", term),
+            (term + 2 * HOUR, "pending", term),
+        ] {
+            let id = event(&c, "r", hour, state, None);
+            c.execute(
+                "UPDATE outbound_events SET term_start = ?2, send_quantity = 3 WHERE id = ?1",
+                params![id, term_start],
+            )
+            .unwrap();
+        }
+        let (frozen, accepted): (i64, i64) = c
+            .query_row(
+                crate::journal::billing::TERM_OVERAGE,
+                params!["r", "d", term],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((frozen, accepted), (9, 3));
     }
 
     /// Migration 4: the balance's unbilled usage and the chart read one resource's dimension over an hour range
