@@ -263,7 +263,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- without this index they scan every hour the resource has (years of them).
     CREATE INDEX hourly_totals_resource_dimension_hour ON hourly_totals(resource, dimension, hour);
     "#,
-    // 7: outcome counts for `GET /v1/status` and `meterd status`, kept by triggers.
+    // 7: outcome counts for `GET /v1/status` and `meterd status`, kept by triggers; the pending events by deadline.
     r#"
     -- Per outcome (`state`, with `expired` events carried elsewhere as 'carried'): how many outbound events the
     -- journal holds, their quantity, and the latest `finished_at` ever seen in it. Status read these by scanning
@@ -302,6 +302,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
                 last_finished = MAX(COALESCE(last_finished, excluded.last_finished),
                                     COALESCE(excluded.last_finished, last_finished));
     END;
+    -- The pending events in deadline order with what status, the dashboard's at-risk list and its cards read of
+    -- them (hour, key, hold): those reads (`INDEXED BY` this index) touch the pending events only, and the at-risk
+    -- list its first rows only, instead of every pending row of the table through the state index.
+    CREATE INDEX outbound_events_pending ON outbound_events(deadline, hour, resource, dimension, held)
+        WHERE state = 'pending';
     CREATE TRIGGER outcome_totals_delete AFTER DELETE ON outbound_events BEGIN
         UPDATE outcome_totals SET events = events - 1, quantity = quantity - OLD.quantity
             WHERE outcome = CASE WHEN OLD.state = 'expired' AND OLD.carried_to IS NOT NULL THEN 'carried'

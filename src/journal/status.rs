@@ -38,7 +38,8 @@ pub struct JournalStatus {
     pub last_error: Option<String>,
 }
 
-/// The schema version from which `outcome_totals` holds the per-outcome figures (migration 7).
+/// The schema version from which `outcome_totals` holds the per-outcome figures and `outbound_events_pending`
+/// indexes the pending events (migration 7).
 const COUNTED_SINCE: i64 = 7;
 
 /// Per-outcome counts and quantities from the totals the triggers of migration 7 keep (a few rows).
@@ -54,11 +55,19 @@ const LAST_SUCCESS_COUNTED: &str =
 /// The same from every accepted event (journals older than schema 7).
 const LAST_SUCCESS_SCANNED: &str =
     "SELECT MAX(finished_at) FROM outbound_events WHERE state IN ('accepted', 'duplicate')";
-/// Pending events: read through `outbound_events_state` (state, hour), so as many rows as are pending.
-const PENDING: &str =
+/// Pending events: the partial index of pending events (schema 7) holds every column read, so this reads
+/// as many index entries as events are pending and no table row.
+const PENDING_INDEXED: &str = "SELECT COUNT(*), MIN(hour), MIN(deadline) FROM outbound_events
+     INDEXED BY outbound_events_pending WHERE state = 'pending'";
+/// The same through the state index and the table (journals older than schema 7).
+const PENDING_SCANNED: &str =
     "SELECT COUNT(*), MIN(hour), MIN(deadline) FROM outbound_events WHERE state = 'pending'";
-const NEAREST_HOUR: &str =
+const NEAREST_HOUR_INDEXED: &str =
+    "SELECT hour FROM outbound_events INDEXED BY outbound_events_pending
+     WHERE state = 'pending' AND deadline = ?1 LIMIT 1";
+const NEAREST_HOUR_SCANNED: &str =
     "SELECT hour FROM outbound_events WHERE state = 'pending' AND deadline = ?1 LIMIT 1";
+/// Pending events in hour order (state index) until one has an error: at most the pending events.
 const LAST_ERROR: &str =
     "SELECT last_error FROM outbound_events WHERE state = 'pending' AND last_error IS NOT NULL
      ORDER BY hour LIMIT 1";
@@ -93,10 +102,27 @@ pub fn status(conn: &Connection, now: DateTime<Utc>) -> Result<JournalStatus, Jo
         outcomes.insert(s.clone(), n);
         quantities.insert(s, crate::quantity::Micros(q).to_decimal_string());
     }
-    let (pending, oldest, nearest): (i64, Option<i64>, Option<i64>) =
-        conn.query_row(PENDING, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let (pending, oldest, nearest): (i64, Option<i64>, Option<i64>) = conn.query_row(
+        if counted {
+            PENDING_INDEXED
+        } else {
+            PENDING_SCANNED
+        },
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
     let nearest_hour: Option<i64> = match nearest {
-        Some(d) => conn.query_row(NEAREST_HOUR, [d], |r| r.get(0)).optional()?,
+        Some(d) => conn
+            .query_row(
+                if counted {
+                    NEAREST_HOUR_INDEXED
+                } else {
+                    NEAREST_HOUR_SCANNED
+                },
+                [d],
+                |r| r.get(0),
+            )
+            .optional()?,
         None => None,
     };
     let last_success: Option<i64> = conn.query_row(
@@ -267,15 +293,17 @@ mod tests {
         for sql in [
             OUTCOMES_COUNTED,
             LAST_SUCCESS_COUNTED,
-            PENDING,
-            NEAREST_HOUR,
+            PENDING_INDEXED,
+            NEAREST_HOUR_INDEXED,
             LAST_ERROR,
             UNFROZEN,
         ] {
             let p = plan(&c, sql);
             for line in &p {
                 assert!(
-                    !line.contains("outbound_events") || line.starts_with("SEARCH"),
+                    !line.contains("outbound_events")
+                        || line.starts_with("SEARCH")
+                        || line.contains("COVERING INDEX outbound_events_pending"),
                     "{sql}: {p:?}"
                 );
                 assert!(
@@ -291,11 +319,17 @@ mod tests {
                 "{sql}: {p:?}"
             );
         }
-        for sql in [PENDING, LAST_ERROR] {
+        let p = plan(&c, LAST_ERROR);
+        assert!(
+            p.iter()
+                .any(|l| l.contains("outbound_events_state (state=?)")),
+            "{p:?}"
+        );
+        for sql in [PENDING_INDEXED, NEAREST_HOUR_INDEXED] {
             let p = plan(&c, sql);
             assert!(
                 p.iter()
-                    .any(|l| l.contains("outbound_events_state (state=?)")),
+                    .all(|l| l.contains("COVERING INDEX outbound_events_pending")),
                 "{sql}: {p:?}"
             );
         }
