@@ -36,7 +36,8 @@ const routes = [
     new Date(Date.now() - 730 * 86400e3).toISOString().slice(0, 7) + '-01',
   '/v1/status',
 ];
-console.log(`subscriptions: ${page1.total}; dimensions per card: ${page1.subscriptions[0].dimensions.length}`);
+console.log(`subscriptions: ${page1.total}; dimensions per card: ${page1.subscriptions[0].dimensions.length}; ` +
+  `the page charts ${first}`);
 for (const path of routes) {
   const ms = [];
   let bytes = 0;
