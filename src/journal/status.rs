@@ -380,7 +380,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let state = states[(x % states.len() as u64) as usize];
-            let carried = (state == "expired" && x % 2 == 0).then_some(99 * HOUR);
+            let carried = (state == "expired" && x.is_multiple_of(2)).then_some(99 * HOUR);
             c.execute(
                 "UPDATE outbound_events SET state = ?2, carried_to = ?3, finished_at = ?4 WHERE id = ?1",
                 params![id, state, carried, 1000 + n as i64],
