@@ -213,6 +213,15 @@ pub struct DimensionBalance {
     pub pools: Vec<super::pools::PoolBalance>,
 }
 
+/// The overage frozen and accepted in the term starting at `?3` of one resource (`?1`) and dimension (`?2`).
+///
+/// An event's `term_start` is the start of the term holding its hour (`bill::term_around`), so its hour is at
+/// least that: `hour >= ?3` bounds the read to the term's events through the unique index (resource, dimension,
+/// hour) instead of every hour the key ever had (a balance read each of them: 730 rows for two years of days).
+pub(crate) const TERM_OVERAGE: &str = "SELECT COALESCE(SUM(send_quantity), 0),
+        COALESCE(SUM(CASE WHEN state IN ('accepted', 'duplicate') THEN send_quantity ELSE 0 END), 0)
+     FROM outbound_events WHERE resource = ?1 AND dimension = ?2 AND hour >= ?3 AND term_start = ?3";
+
 /// The balance of every declared dimension for `resource` at `now`.
 pub fn balance(
     conn: &Connection,
@@ -260,12 +269,10 @@ pub fn balance(
             .query_row(params![resource, d.id, term_start, term_end], |r| r.get(0))?;
         let consumed = billed + unbilled;
         let (frozen, accepted): (i64, i64) = conn
-            .prepare_cached(
-                "SELECT COALESCE(SUM(send_quantity), 0),
-                        COALESCE(SUM(CASE WHEN state IN ('accepted', 'duplicate') THEN send_quantity ELSE 0 END), 0)
-                 FROM outbound_events WHERE resource = ?1 AND dimension = ?2 AND term_start = ?3",
-            )?
-            .query_row(params![resource, d.id, term_start], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            .prepare_cached(TERM_OVERAGE)?
+            .query_row(params![resource, d.id, term_start], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
         let remainder: i64 = conn
             .prepare_cached(
                 "SELECT remainder FROM remainders WHERE resource = ?1 AND dimension = ?2",

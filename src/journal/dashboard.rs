@@ -269,6 +269,22 @@ pub struct AtRisk {
     pub undelivered_total: i64,
 }
 
+/// The pending and held counts of a page of cards (`?1`..`?2`, lower case): from the index of pending events alone
+/// (it holds resource and hold), not from their table rows.
+const CARD_PENDING: &str = "SELECT lower(resource), COUNT(*), COALESCE(SUM(held IS NOT NULL), 0)
+     FROM outbound_events INDEXED BY outbound_events_pending
+     WHERE state = 'pending' AND lower(resource) >= ?1 AND lower(resource) <= ?2 GROUP BY lower(resource)";
+/// The first `?1` pending events by deadline: the index of pending events is in that order, so this reads `?1`
+/// entries and their rows.
+const AT_RISK_PENDING: &str =
+    "SELECT resource, dimension, hour, COALESCE(send_quantity, quantity), deadline, attempts, held, last_error
+     FROM outbound_events INDEXED BY outbound_events_pending
+     WHERE state = 'pending' ORDER BY deadline, hour, resource, dimension LIMIT ?1";
+/// Subscriptions with held events: from the index of pending events alone.
+const AT_RISK_HELD: &str = "SELECT resource, COUNT(*), MIN(held), MIN(deadline) AS d
+     FROM outbound_events INDEXED BY outbound_events_pending
+     WHERE state = 'pending' AND held IS NOT NULL GROUP BY resource ORDER BY d, resource LIMIT ?1";
+
 /// Most cards on one page.
 pub const MAX_PAGE: i64 = 200;
 
@@ -309,10 +325,7 @@ pub fn cards(
     // query per card: a per-resource count through that index reads every pending event each time.
     let mut counts: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     if !rows.is_empty() {
-        let mut stmt = conn.prepare_cached(
-            "SELECT lower(resource), COUNT(*), COALESCE(SUM(held IS NOT NULL), 0) FROM outbound_events
-             WHERE state = 'pending' AND lower(resource) >= ?1 AND lower(resource) <= ?2 GROUP BY lower(resource)",
-        )?;
+        let mut stmt = conn.prepare_cached(CARD_PENDING)?;
         let first = rows.first().map(|r| r.0.clone()).unwrap_or_default();
         let last = rows.last().map(|r| r.0.clone()).unwrap_or_default();
         for row in stmt.query_map(params![first, last], |r| {
@@ -535,14 +548,11 @@ pub(crate) fn series_from(
 }
 
 /// What is at risk at `now`: pending events by deadline, held subscriptions, events to reconcile, undelivered
-/// alerts; at most `limit` of each list. (The last success is on `GET /v1/status`: it reads every accepted event.)
+/// alerts; at most `limit` of each list. (The last success and the outcome counts are on `GET /v1/status`.)
 pub fn at_risk(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<AtRisk, JournalError> {
     let now_s = now.timestamp();
     let limit = limit.clamp(1, MAX_PAGE);
-    let mut stmt = conn.prepare_cached(
-        "SELECT resource, dimension, hour, COALESCE(send_quantity, quantity), deadline, attempts, held, last_error
-         FROM outbound_events WHERE state = 'pending' ORDER BY deadline, hour, resource, dimension LIMIT ?1",
-    )?;
+    let mut stmt = conn.prepare_cached(AT_RISK_PENDING)?;
     let pending: Vec<AtRiskEvent> = stmt
         .query_map([limit], |r| {
             let deadline: i64 = r.get(4)?;
@@ -564,10 +574,7 @@ pub fn at_risk(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<AtRi
         [],
         |r| r.get(0),
     )?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT resource, COUNT(*), MIN(held), MIN(deadline) AS d FROM outbound_events
-         WHERE state = 'pending' AND held IS NOT NULL GROUP BY resource ORDER BY d, resource LIMIT ?1",
-    )?;
+    let mut stmt = conn.prepare_cached(AT_RISK_HELD)?;
     let held_subscriptions = stmt
         .query_map([limit], |r| {
             Ok(HeldSubscription {
@@ -825,6 +832,82 @@ mod journal_tests {
         let total: Vec<&str> = d[0].buckets.iter().map(|b| b.total.as_str()).collect();
         assert_eq!(total.iter().filter(|t| **t != "0").count(), 1, "{total:?}");
         assert!(total.contains(&"6.5"), "{total:?}");
+    }
+
+    /// The at-risk list and the cards' pending counts read the index of pending events (schema 7): the list its
+    /// first entries in deadline order (no sort of every pending event), the counts no table row.
+    #[test]
+    fn pending_reads_use_the_index_of_pending_events() {
+        let c = journal();
+        for (sql, args) in [(AT_RISK_PENDING, 1), (AT_RISK_HELD, 1), (CARD_PENDING, 2)] {
+            let plan: Vec<String> = c
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(rusqlite::params_from_iter(vec!["a"; args]), |r| {
+                    r.get::<_, String>(3)
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter()
+                    .any(|p| p.contains("INDEX outbound_events_pending")),
+                "{sql}: {plan:?}"
+            );
+            assert!(
+                sql == AT_RISK_PENDING || plan.iter().any(|p| p.contains("COVERING INDEX")),
+                "{sql}: {plan:?}"
+            );
+            assert!(
+                sql != AT_RISK_PENDING || !plan.iter().any(|p| p.contains("TEMP B-TREE")),
+                "{sql}: {plan:?}"
+            );
+        }
+    }
+
+    /// A card's overage this term reads the term's events of the key (unique index on resource, dimension,
+    /// hour, from the term's start), not every hour the key has; and it still counts exactly the term's events.
+    #[test]
+    fn the_term_overage_reads_the_term_only() {
+        let c = journal();
+        let plan: Vec<String> = c
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN {}",
+                crate::journal::billing::TERM_OVERAGE
+            ))
+            .unwrap()
+            .query_map(params!["r", "d", 0], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("sqlite_autoindex_outbound_events_1")
+                    && p.contains("resource=? AND dimension=? AND hour>?")),
+            "{plan:?}"
+        );
+        let term = 10 * 86_400;
+        for (hour, state, term_start) in [
+            (term - HOUR, "accepted", 0),
+            (term, "accepted", term),
+            (term + HOUR, "rejected", term),
+            (term + 2 * HOUR, "pending", term),
+        ] {
+            let id = event(&c, "r", hour, state, None);
+            c.execute(
+                "UPDATE outbound_events SET term_start = ?2, send_quantity = 3 WHERE id = ?1",
+                params![id, term_start],
+            )
+            .unwrap();
+        }
+        let (frozen, accepted): (i64, i64) = c
+            .query_row(
+                crate::journal::billing::TERM_OVERAGE,
+                params!["r", "d", term],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((frozen, accepted), (9, 3));
     }
 
     /// Migration 4: the balance's unbilled usage and the chart read one resource's dimension over an hour range

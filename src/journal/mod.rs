@@ -74,6 +74,8 @@
 //! - `carries`: where a late or expired quantity went (from hour, to hour, why) — 6.
 //! - `outbound_events`: one frozen event per key, its body, state (the [`crate::outcome::Outcome`] strings), retry
 //!   state, billing figures — 4, 6, 9.
+//! - `outcome_totals`: events, quantity and latest `finished_at` per outcome, kept by triggers on `outbound_events`
+//!   (schema 7) for `status`: always the `GROUP BY` of the events, without reading them.
 //! - `resource_spellings`: the first spelling of each resource (ASCII case-folded) — 5.
 //! - `meta`: `frozen_through` (never moves backwards) — 5. The schema version is `PRAGMA user_version`.
 //! - `leases`: the emitter lease (owner, expiry; no fencing counter yet, see design.md 8); cleared by `meterd run`

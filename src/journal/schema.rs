@@ -263,6 +263,56 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     -- without this index they scan every hour the resource has (years of them).
     CREATE INDEX hourly_totals_resource_dimension_hour ON hourly_totals(resource, dimension, hour);
     "#,
+    // 7: outcome counts for `GET /v1/status` and `meterd status`, kept by triggers; the pending events by deadline.
+    r#"
+    -- Per outcome (`state`, with `expired` events carried elsewhere as 'carried'): how many outbound events the
+    -- journal holds, their quantity, and the latest `finished_at` ever seen in it. Status read these by scanning
+    -- every event (minutes on years of events); the triggers below keep them in the same statement as every
+    -- insert, settle and delete of an event, so they always equal
+    --   SELECT <outcome>, COUNT(*), SUM(quantity) FROM outbound_events GROUP BY <outcome>
+    -- (rows of zero events stay, with events = 0). `last_finished` only grows: retention deleting old events
+    -- does not forget when the marketplace last accepted one.
+    CREATE TABLE outcome_totals (
+        outcome       TEXT PRIMARY KEY,
+        events        INTEGER NOT NULL,
+        quantity      INTEGER NOT NULL,
+        last_finished INTEGER
+    ) WITHOUT ROWID;
+    INSERT INTO outcome_totals (outcome, events, quantity, last_finished)
+        SELECT CASE WHEN state = 'expired' AND carried_to IS NOT NULL THEN 'carried' ELSE state END AS s,
+               COUNT(*), SUM(quantity), MAX(finished_at)
+        FROM outbound_events GROUP BY s;
+    CREATE TRIGGER outcome_totals_insert AFTER INSERT ON outbound_events BEGIN
+        INSERT INTO outcome_totals (outcome, events, quantity, last_finished)
+            VALUES (CASE WHEN NEW.state = 'expired' AND NEW.carried_to IS NOT NULL THEN 'carried' ELSE NEW.state END,
+                    1, NEW.quantity, NEW.finished_at)
+            ON CONFLICT (outcome) DO UPDATE SET events = events + 1, quantity = quantity + excluded.quantity,
+                last_finished = MAX(COALESCE(last_finished, excluded.last_finished),
+                                    COALESCE(excluded.last_finished, last_finished));
+    END;
+    CREATE TRIGGER outcome_totals_update AFTER UPDATE OF state, carried_to, quantity, finished_at ON outbound_events
+    BEGIN
+        UPDATE outcome_totals SET events = events - 1, quantity = quantity - OLD.quantity
+            WHERE outcome = CASE WHEN OLD.state = 'expired' AND OLD.carried_to IS NOT NULL THEN 'carried'
+                                 ELSE OLD.state END;
+        INSERT INTO outcome_totals (outcome, events, quantity, last_finished)
+            VALUES (CASE WHEN NEW.state = 'expired' AND NEW.carried_to IS NOT NULL THEN 'carried' ELSE NEW.state END,
+                    1, NEW.quantity, NEW.finished_at)
+            ON CONFLICT (outcome) DO UPDATE SET events = events + 1, quantity = quantity + excluded.quantity,
+                last_finished = MAX(COALESCE(last_finished, excluded.last_finished),
+                                    COALESCE(excluded.last_finished, last_finished));
+    END;
+    -- The pending events in deadline order with what status, the dashboard's at-risk list and its cards read of
+    -- them (hour, key, hold): those reads (`INDEXED BY` this index) touch the pending events only, and the at-risk
+    -- list its first rows only, instead of every pending row of the table through the state index.
+    CREATE INDEX outbound_events_pending ON outbound_events(deadline, hour, resource, dimension, held)
+        WHERE state = 'pending';
+    CREATE TRIGGER outcome_totals_delete AFTER DELETE ON outbound_events BEGIN
+        UPDATE outcome_totals SET events = events - 1, quantity = quantity - OLD.quantity
+            WHERE outcome = CASE WHEN OLD.state = 'expired' AND OLD.carried_to IS NOT NULL THEN 'carried'
+                                 ELSE OLD.state END;
+    END;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -434,8 +434,8 @@
     renderCards(page);
   }
 
-  // The cards, the at-risk lists and the chart do not wait for /v1/status (its outcome counts read every event
-  // the journal keeps); the summary fills in when it arrives. `data-loaded` marks the cards, at-risk and chart.
+  // The cards, the at-risk lists and the chart do not wait for /v1/status (asked at the same time); the summary
+  // fills in when it arrives. `data-loaded` marks the cards, at-risk and chart; `data-status-loaded` the summary.
   async function load() {
     $('error').hidden = true;
     document.body.removeAttribute('data-loaded');
