@@ -60,16 +60,18 @@ trap cleanup EXIT
 # BENCH_PROFILE=debug (what CI's smoke run uses) reuses the binaries `cargo test` built: figures from debug
 # builds mean nothing, the point there is only that the suite still runs end to end.
 PROFILE=${BENCH_PROFILE:-release}
+# bench-tool builds under the same target directory as meterd (`$CARGO_TARGET_DIR` if set, else `target/`).
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 if [[ $PROFILE == release ]]; then
   log "building release binaries (meterd, bench-tool)"
   METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd --release) || die "cargo build meterd"
-  (cd "$ROOT/bench/ceiling" && cargo build --release --quiet --target-dir "$ROOT/target/bench") || die "cargo build bench-tool"
-  TOOL=$ROOT/target/bench/release/bench-tool
+  (cd "$ROOT/bench/ceiling" && cargo build --release --quiet --target-dir "$TARGET/bench") || die "cargo build bench-tool"
+  TOOL=$TARGET/bench/release/bench-tool
 else
   log "building debug binaries (meterd, bench-tool): smoke only, figures are not meaningful"
   METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd) || die "cargo build meterd"
-  (cd "$ROOT/bench/ceiling" && cargo build --quiet --target-dir "$ROOT/target") || die "cargo build bench-tool"
-  TOOL=$ROOT/target/debug/bench-tool
+  (cd "$ROOT/bench/ceiling" && cargo build --quiet --target-dir "$TARGET") || die "cargo build bench-tool"
+  TOOL=$TARGET/debug/bench-tool
 fi
 export METERD_MARKETPLACE__AUTH__STATIC_TOKEN=emulator-token
 unset RUST_LOG
