@@ -8,7 +8,8 @@
 # BENCH_CONNS_HIGH (the second single-record run, 256),
 # BENCH_BATCH_CONNS (batched connections, 4), BENCH_SQLITE_ROWS (rows for the rusqlite ceiling),
 # BENCH_EMIT_RESOURCES (x 25 dimensions = events), BENCH_EMIT_LATENCY_MS (20), BENCH_EMIT_CONCURRENCY (4),
-# BENCH_RECOVERY_RECORDS (10000000), BENCH_KEEP=1 (keep the work directory), BENCH_OUT (also write the table here).
+# BENCH_RECOVERY_RECORDS (10000000), BENCH_KEEP=1 (keep the work directory), BENCH_OUT (also write the table here),
+# BENCH_METERD (a release meterd binary to measure instead of building one), BENCH_FLEET=0 (skip the fleet part).
 #
 # Needs: cargo, wrk, curl, jq. Exits non-zero only when something breaks (a process fails, a request errors),
 # never because a target was missed: the table says which targets were met.
@@ -64,7 +65,11 @@ PROFILE=${BENCH_PROFILE:-release}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 if [[ $PROFILE == release ]]; then
   log "building release binaries (meterd, bench-tool)"
-  METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd --release) || die "cargo build meterd"
+  if [[ -n ${BENCH_METERD:-} ]]; then
+    METERD=$BENCH_METERD   # a meterd binary built beforehand (an A/B of two builds; see bench/ab-single.sh)
+  else
+    METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd --release) || die "cargo build meterd"
+  fi
   (cd "$ROOT/bench/ceiling" && cargo build --release --quiet --target-dir "$TARGET/bench") || die "cargo build bench-tool"
   TOOL=$TARGET/bench/release/bench-tool
 else
@@ -416,4 +421,7 @@ part_recovery
 print_table
 
 # Fleet forward path (bench/fleet-forward.sh): forwarding throughput vs a plain INSERT loop, forward lag.
-bash "$ROOT/bench/fleet-forward.sh" "--$MODE"
+# BENCH_FLEET=0 skips it (it builds the fleet_bench example and needs PostgreSQL).
+if [[ ${BENCH_FLEET:-1} != 0 ]]; then
+  bash "$ROOT/bench/fleet-forward.sh" "--$MODE"
+fi
