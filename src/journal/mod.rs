@@ -288,8 +288,7 @@ where
 /// A job that runs without a savepoint, with the transaction's shared [`usage::IngestGroup`] (issue 15: the
 /// hourly totals of a transaction's ingest jobs are written once per key, and a job that cannot fail once it
 /// wrote needs no savepoint). Given `None` (the transaction could not start) it does not run.
-type GroupJob =
-    Box<dyn FnOnce(Option<&Connection>, &mut usage::IngestGroup) -> Grouped + Send>;
+type GroupJob = Box<dyn FnOnce(Option<&Connection>, &mut usage::IngestGroup) -> Grouped + Send>;
 
 /// What a [`GroupJob`] did.
 enum Grouped {
@@ -311,41 +310,43 @@ where
     R: FnOnce(Result<T, JournalError>) + Send + 'static,
     W: FnOnce() -> bool + Send + 'static,
 {
-    Box::new(move |conn: Option<&Connection>, group: &mut usage::IngestGroup| {
-        let result = match conn.filter(|_| waiting()) {
-            None => None,
-            Some(c) => match f(c, Some(group)) {
-                Ok(None) => {
-                    return Grouped::Savepoint(make_job(
-                        move |c| {
-                            f(c, None)?.ok_or_else(|| {
-                                JournalError::Invalid(
-                                    "a job run in a savepoint asked for a savepoint".into(),
-                                )
-                            })
-                        },
-                        reply,
-                    ));
-                }
-                Ok(Some(v)) => Some(Ok(v)),
-                Err(e) => Some(Err(e)),
-            },
-        };
-        let failure = match &result {
-            Some(Err(e)) => Some(e.duplicate()),
-            _ => None,
-        };
-        let finisher: Finisher = Box::new(move |commit: Result<(), Arc<JournalError>>| {
-            let answer = match (commit, result) {
-                (_, Some(Err(e))) => Err(e),
-                (Err(e), _) => Err(e.duplicate()),
-                (Ok(()), Some(Ok(v))) => Ok(v),
-                (Ok(()), None) => Err(JournalError::Closed),
+    Box::new(
+        move |conn: Option<&Connection>, group: &mut usage::IngestGroup| {
+            let result = match conn.filter(|_| waiting()) {
+                None => None,
+                Some(c) => match f(c, Some(group)) {
+                    Ok(None) => {
+                        return Grouped::Savepoint(make_job(
+                            move |c| {
+                                f(c, None)?.ok_or_else(|| {
+                                    JournalError::Invalid(
+                                        "a job run in a savepoint asked for a savepoint".into(),
+                                    )
+                                })
+                            },
+                            reply,
+                        ));
+                    }
+                    Ok(Some(v)) => Some(Ok(v)),
+                    Err(e) => Some(Err(e)),
+                },
             };
-            reply(answer);
-        });
-        Grouped::Ran(failure, finisher)
-    })
+            let failure = match &result {
+                Some(Err(e)) => Some(e.duplicate()),
+                _ => None,
+            };
+            let finisher: Finisher = Box::new(move |commit: Result<(), Arc<JournalError>>| {
+                let answer = match (commit, result) {
+                    (_, Some(Err(e))) => Err(e),
+                    (Err(e), _) => Err(e.duplicate()),
+                    (Ok(()), Some(Ok(v))) => Ok(v),
+                    (Ok(()), None) => Err(JournalError::Closed),
+                };
+                reply(answer);
+            });
+            Grouped::Ran(failure, finisher)
+        },
+    )
 }
 
 /// A job as the writer queues it.
@@ -809,7 +810,12 @@ fn writer_loop(
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
 }
 
-fn run_batch(conn: &mut Connection, batch: &mut Vec<Work>, stats: &Mutex<WriterStats>, path: &Path) {
+fn run_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Work>,
+    stats: &Mutex<WriterStats>,
+    path: &Path,
+) {
     let mut jobs: std::collections::VecDeque<Work> = batch.drain(..).collect();
     // A transaction SQLite rolled back as a whole takes only the jobs run in it; the rest start over in the next.
     while !jobs.is_empty() {
@@ -914,7 +920,8 @@ fn run_transaction(
 /// The error of a transaction SQLite ended by itself.
 fn lost_transaction() -> JournalError {
     JournalError::Invalid(
-        "the journal transaction was rolled back; nothing of this request was stored, retry it".into(),
+        "the journal transaction was rolled back; nothing of this request was stored, retry it"
+            .into(),
     )
 }
 
@@ -958,7 +965,11 @@ fn run_in_savepoint(
     };
     if let Err(e) = undo.and_then(|()| run_cached(conn, "RELEASE job")) {
         // The savepoint cannot be closed: the transaction's state is unknown, so none of it is kept.
-        abandon(conn, std::mem::take(finishers), JournalError::classify(e, path));
+        abandon(
+            conn,
+            std::mem::take(finishers),
+            JournalError::classify(e, path),
+        );
         return false;
     }
     true
@@ -1158,7 +1169,12 @@ mod tests {
 
     /// Holds the writer in a job of its own until the returned sender is used, so that the jobs queued meanwhile
     /// run in one transaction.
-    fn hold(journal: &Journal) -> (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<Result<(), JournalError>>) {
+    fn hold(
+        journal: &Journal,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        std::sync::mpsc::Receiver<Result<(), JournalError>>,
+    ) {
         let (release, gate) = std::sync::mpsc::channel::<()>();
         let (started_tx, started) = std::sync::mpsc::channel::<()>();
         let blocker = queue(journal, move |_| {
@@ -1193,7 +1209,10 @@ mod tests {
 
     fn ingest_job(
         records: Vec<usage::NewRecord>,
-    ) -> impl Fn(&Connection, Option<&mut usage::IngestGroup>) -> Result<Option<usage::IngestOutcome>, JournalError>
+    ) -> impl Fn(
+        &Connection,
+        Option<&mut usage::IngestGroup>,
+    ) -> Result<Option<usage::IngestOutcome>, JournalError>
     + Send
     + 'static {
         move |c, g| match g {
@@ -1235,9 +1254,11 @@ mod tests {
         let a = queue_grouped(&journal, ingest_job(one_record("a", 1_000_000)));
         let b = queue_grouped(&journal, ingest_job(one_record("b", 2_000_000)));
         let seen = queue(&journal, |c| {
-            Ok(c.query_row("SELECT quantity, records FROM hourly_totals", [], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-            })?)
+            Ok(
+                c.query_row("SELECT quantity, records FROM hourly_totals", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })?,
+            )
         });
         let c3 = queue_grouped(&journal, ingest_job(one_record("c", 4_000_000)));
         let clean = queue_grouped::<()>(&journal, |_, _| {

@@ -159,9 +159,12 @@ pub fn ingest(
 ) -> Result<Result<IngestOutcome, Vec<LateRecord>>, JournalError> {
     if rules.late != LateUsage::Reject {
         let mut group = IngestGroup::default();
-        let outcome = ingest_carrying(conn, records, rules, &mut group, false)?.ok_or_else(|| {
-            JournalError::Invalid("the carrying path without its precheck did not answer".into())
-        })?;
+        let outcome =
+            ingest_carrying(conn, records, rules, &mut group, false)?.ok_or_else(|| {
+                JournalError::Invalid(
+                    "the carrying path without its precheck did not answer".into(),
+                )
+            })?;
         group.flush(conn)?;
         return Ok(Ok(outcome));
     }
@@ -363,7 +366,11 @@ impl IngestGroup {
         Ok(w)
     }
 
-    fn spelling(&mut self, conn: &Connection, folded: &str) -> Result<Option<String>, JournalError> {
+    fn spelling(
+        &mut self,
+        conn: &Connection,
+        folded: &str,
+    ) -> Result<Option<String>, JournalError> {
         if let Some(s) = self.spellings.get(folded) {
             return Ok(s.clone());
         }
@@ -629,7 +636,12 @@ fn fits(
     let mut sums: Vec<(Key, (i64, i64))> = Vec::new();
     let mut index: HashMap<Key, usize> = HashMap::new();
     for (r, &(name, hour, _)) in records.iter().zip(decided) {
-        let key = (name, r.plan.as_deref().unwrap_or(""), r.dimension.as_str(), hour);
+        let key = (
+            name,
+            r.plan.as_deref().unwrap_or(""),
+            r.dimension.as_str(),
+            hour,
+        );
         let i = *index.entry(key).or_insert_with(|| {
             sums.push((key, (0, 0)));
             sums.len() - 1
