@@ -41,7 +41,7 @@ up() {
 run() {
   local name=$1 url=$2 c=$3
   wrk -t2 -c"$c" -d1s -s "$ROOT/bench/single.lua" "$url" -- "warm-$name-$c-$RANDOM" >/dev/null 2>&1
-  wrk -t2 -c"$c" -d"${DURATION}s" --latency -s "$ROOT/bench/single.lua" "$url" -- "$name-$c-$RANDOM" 2>&1 | grep '^{' | tail -n1
+  wrk --timeout "${BENCH_WRK_TIMEOUT:-2s}" -t2 -c"$c" -d"${DURATION}s" --latency -s "$ROOT/bench/single.lua" "$url" -- "$name-$c-$RANDOM" 2>&1 | grep '^{' | tail -n1
 }
 
 stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }

@@ -9,7 +9,8 @@
 # BENCH_BATCH_CONNS (batched connections, 4), BENCH_SQLITE_ROWS (rows for the rusqlite ceiling),
 # BENCH_EMIT_RESOURCES (x 25 dimensions = events), BENCH_EMIT_LATENCY_MS (20), BENCH_EMIT_CONCURRENCY (4),
 # BENCH_RECOVERY_RECORDS (10000000), BENCH_KEEP=1 (keep the work directory), BENCH_OUT (also write the table here),
-# BENCH_METERD (a release meterd binary to measure instead of building one), BENCH_FLEET=0 (skip the fleet part).
+# BENCH_METERD (a release meterd binary to measure instead of building one), BENCH_FLEET=0 (skip the fleet part),
+# BENCH_WRK_TIMEOUT (wrk's per-request timeout, 2s: a disk that stalls longer makes a request count as an error).
 #
 # Needs: cargo, wrk, curl, jq. Exits non-zero only when something breaks (a process fails, a request errors),
 # never because a target was missed: the table says which targets were met.
@@ -153,7 +154,7 @@ start_meterd() {
 
 # wrk_json ARGS...: runs wrk, prints the JSON line its script's done() wrote; dies on request errors.
 wrk_json() {
-  local out; out=$(wrk "$@" 2>&1) || die "wrk failed: $out"
+  local out; out=$(wrk --timeout "${BENCH_WRK_TIMEOUT:-2s}" "$@" 2>&1) || die "wrk failed: $out"
   local j; j=$(grep '^{' <<<"$out" | tail -n1)
   [[ -n $j ]] || die "wrk printed no summary: $out"
   local errors; errors=$(jq -r .errors <<<"$j")
