@@ -7,12 +7,13 @@
 set -euo pipefail
 W=$1; N=${2:-100}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-M=${METERD:-$ROOT/target/release/meterd}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+M=${METERD:-$TARGET/release/meterd}
 export METERD_MARKETPLACE__AUTH__STATIC_TOKEN=emulator-token
 P=/tmp/prof-emit; rm -rf $P; mkdir -p $P
-EP=$($ROOT/target/bench/release/bench-tool free-port)
+EP=$($TARGET/bench/release/bench-tool free-port)
 $M emulator --listen 127.0.0.1:$EP --seed $W/seed.toml --latency 20ms > $P/emu.log 2>&1 & EMU=$!
-MP=$($ROOT/target/bench/release/bench-tool free-port)
+MP=$($TARGET/bench/release/bench-tool free-port)
 sed -e "s#$W/emit/journal.db#$P/journal.db#" -e "s#^listen = .*#listen = \"127.0.0.1:$MP\"#" -e "s#^base_url = .*#base_url = \"http://127.0.0.1:$EP/api\"#" $W/emit/meterd.toml > $P/meterd.toml
 sleep 1
 METERD_EMIT__GRACE=2h $M run --config $P/meterd.toml > $P/m1.log 2>&1 & PID=$!

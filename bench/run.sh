@@ -8,7 +8,9 @@
 # BENCH_CONNS_HIGH (the second single-record run, 256),
 # BENCH_BATCH_CONNS (batched connections, 4), BENCH_SQLITE_ROWS (rows for the rusqlite ceiling),
 # BENCH_EMIT_RESOURCES (x 25 dimensions = events), BENCH_EMIT_LATENCY_MS (20), BENCH_EMIT_CONCURRENCY (4),
-# BENCH_RECOVERY_RECORDS (10000000), BENCH_KEEP=1 (keep the work directory), BENCH_OUT (also write the table here).
+# BENCH_RECOVERY_RECORDS (10000000), BENCH_KEEP=1 (keep the work directory), BENCH_OUT (also write the table here),
+# BENCH_METERD (a release meterd binary to measure instead of building one), BENCH_FLEET=0 (skip the fleet part),
+# BENCH_WRK_TIMEOUT (wrk's per-request timeout, 2s: a disk that stalls longer makes a request count as an error).
 #
 # Needs: cargo, wrk, curl, jq. Exits non-zero only when something breaks (a process fails, a request errors),
 # never because a target was missed: the table says which targets were met.
@@ -60,16 +62,22 @@ trap cleanup EXIT
 # BENCH_PROFILE=debug (what CI's smoke run uses) reuses the binaries `cargo test` built: figures from debug
 # builds mean nothing, the point there is only that the suite still runs end to end.
 PROFILE=${BENCH_PROFILE:-release}
+# bench-tool builds under the same target directory as meterd (`$CARGO_TARGET_DIR` if set, else `target/`).
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 if [[ $PROFILE == release ]]; then
   log "building release binaries (meterd, bench-tool)"
-  METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd --release) || die "cargo build meterd"
-  (cd "$ROOT/bench/ceiling" && cargo build --release --quiet --target-dir "$ROOT/target/bench") || die "cargo build bench-tool"
-  TOOL=$ROOT/target/bench/release/bench-tool
+  if [[ -n ${BENCH_METERD:-} ]]; then
+    METERD=$BENCH_METERD   # a meterd binary built beforehand (an A/B of two builds; see bench/ab-single.sh)
+  else
+    METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd --release) || die "cargo build meterd"
+  fi
+  (cd "$ROOT/bench/ceiling" && cargo build --release --quiet --target-dir "$TARGET/bench") || die "cargo build bench-tool"
+  TOOL=$TARGET/bench/release/bench-tool
 else
   log "building debug binaries (meterd, bench-tool): smoke only, figures are not meaningful"
   METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd) || die "cargo build meterd"
-  (cd "$ROOT/bench/ceiling" && cargo build --quiet --target-dir "$ROOT/target") || die "cargo build bench-tool"
-  TOOL=$ROOT/target/debug/bench-tool
+  (cd "$ROOT/bench/ceiling" && cargo build --quiet --target-dir "$TARGET") || die "cargo build bench-tool"
+  TOOL=$TARGET/debug/bench-tool
 fi
 export METERD_MARKETPLACE__AUTH__STATIC_TOKEN=emulator-token
 unset RUST_LOG
@@ -146,7 +154,7 @@ start_meterd() {
 
 # wrk_json ARGS...: runs wrk, prints the JSON line its script's done() wrote; dies on request errors.
 wrk_json() {
-  local out; out=$(wrk "$@" 2>&1) || die "wrk failed: $out"
+  local out; out=$(wrk --timeout "${BENCH_WRK_TIMEOUT:-2s}" "$@" 2>&1) || die "wrk failed: $out"
   local j; j=$(grep '^{' <<<"$out" | tail -n1)
   [[ -n $j ]] || die "wrk printed no summary: $out"
   local errors; errors=$(jq -r .errors <<<"$j")
@@ -414,4 +422,7 @@ part_recovery
 print_table
 
 # Fleet forward path (bench/fleet-forward.sh): forwarding throughput vs a plain INSERT loop, forward lag.
-bash "$ROOT/bench/fleet-forward.sh" "--$MODE"
+# BENCH_FLEET=0 skips it (it builds the fleet_bench example and needs PostgreSQL).
+if [[ ${BENCH_FLEET:-1} != 0 ]]; then
+  bash "$ROOT/bench/fleet-forward.sh" "--$MODE"
+fi

@@ -549,3 +549,122 @@ fn a_chunk_frozen_past_its_window_expires_in_the_same_job() {
         .unwrap();
     assert_eq!(pending, 0);
 }
+
+/// One step of a mixed transaction: an ingest request, or a freeze chunk (an ordinary job between ingest jobs).
+#[derive(Debug, Clone)]
+enum Step {
+    Ingest(Vec<NewRecord>),
+    Freeze(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    // Quantities mostly small, sometimes a third of the i64 range, so that totals overflow now and then.
+    let quantity = prop_oneof![9 => 1i64..=9_000_000, 1 => Just(i64::MAX / 3)];
+    let record = (
+        0usize..3,
+        0usize..2,
+        0usize..3,
+        0i64..(6 * 60),
+        quantity,
+        proptest::option::of(0u8..30),
+    )
+        .prop_map(|(r, d, p, m, q, k)| record(r, d, p, m, q, k));
+    prop_oneof![
+        6 => proptest::collection::vec(record, 1..4).prop_map(Step::Ingest),
+        1 => (1usize..4).prop_map(Step::Freeze),
+    ]
+}
+
+/// Polls `f` once (so that a journal job is queued in this order), keeping it for later.
+async fn queued<F: std::future::Future + Unpin>(mut f: F) -> F {
+    std::future::poll_fn(|cx| {
+        let _ = std::pin::Pin::new(&mut f).poll(cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
+    f
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Issue 15, hourly totals once per key per transaction: ingest requests queued into one writer transaction
+    /// (grouped jobs, no savepoint, their totals summed per key and written once) with freeze chunks between them
+    /// answer and store exactly what the same steps store one job per transaction, in turn, on the savepoint
+    /// path: a freeze chunk sees the totals of every request before it (invariants 5, 6), a record after it is
+    /// carried or frozen with its key, a request whose total could overflow fails alone, duplicates add nothing.
+    #[test]
+    fn grouped_ingest_in_one_transaction_stores_what_one_job_per_request_stores(
+        steps in proptest::collection::vec(step(), 1..30),
+    ) {
+        let now = base() + Duration::hours(6);
+        let (grace, margin) = (Duration::minutes(5), Duration::minutes(15));
+        let policy = outbound::SettlePolicy::late(LateUsage::CarryForward);
+        let carry = rules(now, LateUsage::CarryForward);
+        // The reference: each step its own job and transaction, ingest in a savepoint.
+        let (_d1, one_by_one) = open();
+        let mut expected: Vec<Result<String, String>> = Vec::new();
+        for s in steps.clone() {
+            expected.push(match s {
+                Step::Ingest(records) => one_by_one
+                    .write_blocking(move |c| usage::ingest(c, &records, &carry))
+                    .map(|o| format!("{:?}", o.unwrap()))
+                    .map_err(|e| e.to_string()),
+                Step::Freeze(limit) => one_by_one
+                    .write_blocking(move |c| outbound::freeze_some(c, now, grace, margin, limit))
+                    .map(|(f, more)| format!("{} {more}", f.frozen))
+                    .map_err(|e| e.to_string()),
+            });
+        }
+        // Grouped: every step queued while the writer is held, so that they run in one transaction.
+        let (_d2, grouped) = open();
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let j = grouped.clone();
+            std::thread::spawn(move || {
+                j.write_blocking(move |_| {
+                    started_tx.send(()).unwrap();
+                    gate.recv().unwrap();
+                    Ok(())
+                })
+            })
+        };
+        started.recv().unwrap();
+        let (commits_before, _) = grouped.writer_stats();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let answers: Vec<Result<String, String>> = rt.block_on(async {
+            type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>>>>;
+            let mut pending: Vec<Answer> = Vec::new();
+            for s in steps.clone() {
+                let (j, policy) = (grouped.clone(), policy.clone());
+                let f: Answer = match s {
+                    Step::Ingest(records) => Box::pin(async move {
+                        j.ingest(records, carry).await.map(|o| format!("{:?}", o.unwrap())).map_err(|e| e.to_string())
+                    }),
+                    Step::Freeze(limit) => Box::pin(async move {
+                        j.freeze_more(now, grace, margin, policy, limit)
+                            .await
+                            .map(|o| format!("{} {}", o.frozen.frozen, o.more))
+                            .map_err(|e| e.to_string())
+                    }),
+                };
+                pending.push(queued(f).await);
+            }
+            release.send(()).unwrap();
+            let mut out = Vec::new();
+            for f in pending {
+                out.push(f.await);
+            }
+            out
+        });
+        holder.join().unwrap().unwrap();
+        let (commits_after, _) = grouped.writer_stats();
+        // The holder's transaction and the steps' one (a lost transaction would add more and fail the answers).
+        prop_assert!(commits_after - commits_before <= 2, "{} commits", commits_after - commits_before);
+        prop_assert_eq!(answers, expected);
+        let a = grouped.read_blocking(|c| Ok((tables(c), events(c)))).unwrap();
+        let b = one_by_one.read_blocking(|c| Ok((tables(c), events(c)))).unwrap();
+        prop_assert_eq!(a, b);
+    }
+}

@@ -97,7 +97,13 @@
 //!
 //! One writer thread owns the only read-write connection. Jobs reach it over a channel; it runs each in a
 //! savepoint inside one `BEGIN IMMEDIATE` transaction, commits once, and only then answers every job. A job that
-//! fails is rolled back alone; a commit that fails answers every job of the batch with the error. SQLite may
+//! fails is rolled back alone; a commit that fails answers every job of the batch with the error.
+//! Ingest requests are *grouped* jobs ([`Journal::write_grouped`], issue 15): they run without a savepoint and
+//! share the transaction's [`usage::IngestGroup`], which sums their hourly totals per key and writes them once per
+//! key before the next ordinary job (a freeze sees every total of the requests before it) and before the commit.
+//! Such a job checks everything that could refuse it before its first write (or asks for a savepoint, having
+//! written nothing); if it still fails after a write (only SQLite can make it), the whole transaction is given up
+//! as below. SQLite may
 //! roll back the whole transaction when a job fails (disk full, I/O error, out of memory): the writer checks
 //! `is_autocommit()` after every job, answers every job run in the lost transaction with the error, and runs the
 //! jobs not yet run in a new transaction. So a job is answered OK only if its changes committed, and with an error
@@ -281,8 +287,95 @@ where
     })
 }
 
+/// A job that runs without a savepoint, with the transaction's shared [`usage::IngestGroup`] (issue 15: the
+/// hourly totals of a transaction's ingest jobs are written once per key, and a job that cannot fail once it
+/// wrote needs no savepoint). Given `None` (the transaction could not start) it does not run.
+type GroupJob = Box<dyn FnOnce(Option<&Connection>, &mut usage::IngestGroup) -> Grouped + Send>;
+
+/// What a [`GroupJob`] did.
+enum Grouped {
+    /// It ran (or did not run at all): its error if it failed, and what to do once the commit is known. A job
+    /// that failed after it wrote costs the whole transaction (it has no savepoint to roll back to).
+    Ran(Option<JournalError>, Finisher),
+    /// It wrote nothing and asks to run as an ordinary job, in a savepoint.
+    Savepoint(Job),
+}
+
+/// [`make_abandonable_job`] for a grouped job: `f` is called with the group first; `Ok(None)` from it (nothing
+/// written) makes it an ordinary job in a savepoint, where `f` is called again without a group.
+fn make_grouped_job<T, F, R, W>(f: F, reply: R, waiting: W) -> GroupJob
+where
+    T: Send + 'static,
+    F: Fn(&Connection, Option<&mut usage::IngestGroup>) -> Result<Option<T>, JournalError>
+        + Send
+        + 'static,
+    R: FnOnce(Result<T, JournalError>) + Send + 'static,
+    W: FnOnce() -> bool + Send + 'static,
+{
+    Box::new(
+        move |conn: Option<&Connection>, group: &mut usage::IngestGroup| {
+            let result = match conn.filter(|_| waiting()) {
+                None => None,
+                Some(c) => match f(c, Some(group)) {
+                    Ok(None) => {
+                        return Grouped::Savepoint(make_job(
+                            move |c| {
+                                f(c, None)?.ok_or_else(|| {
+                                    JournalError::Invalid(
+                                        "a job run in a savepoint asked for a savepoint".into(),
+                                    )
+                                })
+                            },
+                            reply,
+                        ));
+                    }
+                    Ok(Some(v)) => Some(Ok(v)),
+                    Err(e) => Some(Err(e)),
+                },
+            };
+            let failure = match &result {
+                Some(Err(e)) => Some(e.duplicate()),
+                _ => None,
+            };
+            let finisher: Finisher = Box::new(move |commit: Result<(), Arc<JournalError>>| {
+                let answer = match (commit, result) {
+                    (_, Some(Err(e))) => Err(e),
+                    (Err(e), _) => Err(e.duplicate()),
+                    (Ok(()), Some(Ok(v))) => Ok(v),
+                    (Ok(()), None) => Err(JournalError::Closed),
+                };
+                reply(answer);
+            });
+            Grouped::Ran(failure, finisher)
+        },
+    )
+}
+
+/// A job as the writer queues it.
+enum Work {
+    /// An ordinary job: in a savepoint of its own.
+    Savepoint(Job),
+    /// A grouped job (see [`GroupJob`]).
+    Grouped(GroupJob),
+}
+
+impl Work {
+    /// Answers the job without running it (the transaction could not start).
+    fn refuse(self, err: Arc<JournalError>) {
+        let finish = match self {
+            Work::Savepoint(job) => job(None).1,
+            Work::Grouped(job) => match job(None, &mut usage::IngestGroup::default()) {
+                Grouped::Ran(_, finish) => finish,
+                Grouped::Savepoint(job) => job(None).1,
+            },
+        };
+        finish(Err(err));
+    }
+}
+
 enum Command {
     Job(Job),
+    Grouped(GroupJob),
     Checkpoint(tokio::sync::oneshot::Sender<Result<(), JournalError>>),
 }
 
@@ -424,6 +517,41 @@ impl Journal {
                 .unwrap_or(false)
         };
         self.send(Command::Job(make_abandonable_job(
+            f,
+            move |r| {
+                if let Some(reply) = reply.lock().ok().and_then(|mut g| g.take()) {
+                    let _ = reply.send(r);
+                }
+            },
+            waiting,
+        )))?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Like [`Journal::write`] for a job that may run without a savepoint of its own, sharing the transaction's
+    /// [`usage::IngestGroup`] with the other grouped jobs (the ingest requests, [`Journal::ingest`]).
+    ///
+    /// `f` is called with the group; it must then read everything that could make it fail before its first
+    /// write (a grouped job failing after it wrote loses the whole transaction: every job run in it is answered
+    /// with the error, none is stored), and may answer `Ok(None)`, having written nothing, to run as an ordinary
+    /// job in a savepoint instead, where it is called again without a group and must answer `Some`.
+    pub(crate) async fn write_grouped<T, F>(&self, f: F) -> Result<T, JournalError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection, Option<&mut usage::IngestGroup>) -> Result<Option<T>, JournalError>
+            + Send
+            + 'static,
+    {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let reply = Arc::new(Mutex::new(Some(reply)));
+        let probe = reply.clone();
+        let waiting = move || {
+            probe
+                .lock()
+                .map(|r| r.as_ref().is_some_and(|s| !s.is_closed()))
+                .unwrap_or(false)
+        };
+        self.send(Command::Grouped(make_grouped_job(
             f,
             move |r| {
                 if let Some(reply) = reply.lock().ok().and_then(|mut g| g.take()) {
@@ -654,12 +782,13 @@ fn writer_loop(
     stats: Arc<Mutex<WriterStats>>,
     path: PathBuf,
 ) {
-    let mut batch: Vec<Job> = Vec::new();
+    let mut batch: Vec<Work> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut pending = Some(first);
         loop {
             match pending.take() {
-                Some(Command::Job(job)) => batch.push(job),
+                Some(Command::Job(job)) => batch.push(Work::Savepoint(job)),
+                Some(Command::Grouped(job)) => batch.push(Work::Grouped(job)),
                 Some(Command::Checkpoint(reply)) => {
                     // Run the jobs gathered so far first so the checkpoint covers them.
                     run_batch(&mut conn, &mut batch, &stats, &path);
@@ -683,8 +812,13 @@ fn writer_loop(
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
 }
 
-fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, stats: &Mutex<WriterStats>, path: &Path) {
-    let mut jobs: std::collections::VecDeque<Job> = batch.drain(..).collect();
+fn run_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Work>,
+    stats: &Mutex<WriterStats>,
+    path: &Path,
+) {
+    let mut jobs: std::collections::VecDeque<Work> = batch.drain(..).collect();
     // A transaction SQLite rolled back as a whole takes only the jobs run in it; the rest start over in the next.
     while !jobs.is_empty() {
         run_transaction(conn, &mut jobs, stats, path);
@@ -693,9 +827,17 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>, stats: &Mutex<WriterSt
 
 /// Runs jobs from the front of `jobs` in one transaction and answers them once its fate is known. Returns after
 /// the commit, or early, with the remaining jobs left in `jobs`, when the transaction was lost mid-way.
+///
+/// Ordinary jobs run in a savepoint each. Grouped jobs (the ingest requests) run without one and share the
+/// transaction's [`usage::IngestGroup`]: their hourly totals are written by its flush, once per key, before the
+/// next ordinary job (which may freeze or read them: invariants 5 and 6) and before the commit. A grouped job that
+/// fails having written nothing is answered with its error alone; one that fails after a write (only SQLite
+/// itself can make it: it checks its own rules before its first write) loses the whole transaction, as a
+/// transaction SQLite rolled back does, so a job is still answered OK only if all of it committed and with an
+/// error only if none of it did.
 fn run_transaction(
     conn: &mut Connection,
-    jobs: &mut std::collections::VecDeque<Job>,
+    jobs: &mut std::collections::VecDeque<Work>,
     stats: &Mutex<WriterStats>,
     path: &Path,
 ) {
@@ -704,53 +846,54 @@ fn run_transaction(
     if let Err(e) = run_cached(conn, "BEGIN IMMEDIATE") {
         let err = Arc::new(JournalError::classify(e, path));
         tracing::error!(message = "Journal transaction could not start; the batch was not stored.", error = %err, jobs = jobs.len());
-        for job in jobs.drain(..) {
-            let (_, finish) = job(None);
-            finish(Err(err.clone()));
+        for work in jobs.drain(..) {
+            work.refuse(err.clone());
         }
         return;
     }
-    while let Some(job) = jobs.pop_front() {
-        if let Err(e) = run_cached(conn, "SAVEPOINT job") {
-            let err = Arc::new(JournalError::classify(e, path));
-            let (_, finish) = job(None);
-            if conn.is_autocommit() {
-                // Not even the savepoint could be taken inside the transaction: treat it as lost.
-                finishers.push(Box::new(move |_| finish(Err(err.clone()))));
-                abandon(conn, finishers, JournalError::Invalid(
-                    "the journal transaction ended unexpectedly; nothing of this request was stored, retry it".into(),
-                ));
-                return;
+    let mut group = usage::IngestGroup::default();
+    while let Some(work) = jobs.pop_front() {
+        let job = match work {
+            Work::Savepoint(job) => job,
+            Work::Grouped(job) => {
+                let before = conn.total_changes();
+                match job(Some(conn), &mut group) {
+                    Grouped::Savepoint(job) => job,
+                    Grouped::Ran(failure, finisher) => {
+                        finishers.push(finisher);
+                        let wrote = conn.total_changes() != before;
+                        if conn.is_autocommit() || (failure.is_some() && wrote) {
+                            // SQLite rolled the transaction back, or the job failed after a write it has no
+                            // savepoint to undo: nothing of this transaction is kept.
+                            let err = failure.unwrap_or_else(lost_transaction);
+                            abandon(conn, finishers, err);
+                            return;
+                        }
+                        continue;
+                    }
+                }
             }
-            finishers.push(Box::new(move |_| finish(Err(err))));
-            continue;
-        }
-        let (failure, finisher) = job(Some(conn));
-        finishers.push(finisher);
-        if conn.is_autocommit() {
-            // SQLite rolled back the whole transaction (SQLITE_FULL, IOERR, NOMEM may): every job run in it so
-            // far is gone, not only this one. A savepoint taken now would open a new transaction that its RELEASE
-            // commits, behind the final COMMIT's back.
-            let err = failure.unwrap_or_else(|| {
-                JournalError::Invalid(
-                    "the journal transaction was rolled back; nothing of this request was stored, retry it"
-                        .into(),
-                )
-            });
-            abandon(conn, finishers, err);
-            return;
-        }
-        let undo = if failure.is_some() {
-            // Undo the failed job's own changes; the others in this transaction stay.
-            run_cached(conn, "ROLLBACK TO job")
-        } else {
-            Ok(())
         };
-        if let Err(e) = undo.and_then(|()| run_cached(conn, "RELEASE job")) {
-            // The savepoint cannot be closed: the transaction's state is unknown, so none of it is kept.
-            abandon(conn, finishers, JournalError::classify(e, path));
+        // The job may read or change hourly totals: write the group's first, and forget the group's reads after.
+        if let Err(e) = group.flush(conn) {
+            jobs.push_front(Work::Savepoint(job));
+            abandon(conn, finishers, e);
             return;
         }
+        if conn.is_autocommit() {
+            jobs.push_front(Work::Savepoint(job));
+            abandon(conn, finishers, lost_transaction());
+            return;
+        }
+        let ran = run_in_savepoint(conn, job, &mut finishers, path);
+        group.forget();
+        if !ran {
+            return;
+        }
+    }
+    if let Err(e) = group.flush(conn) {
+        abandon(conn, finishers, e);
+        return;
     }
     let size = finishers.len();
     let commit = run_cached(conn, "COMMIT");
@@ -774,6 +917,64 @@ fn run_transaction(
     for f in finishers {
         f(outcome.clone());
     }
+}
+
+/// The error of a transaction SQLite ended by itself.
+fn lost_transaction() -> JournalError {
+    JournalError::Invalid(
+        "the journal transaction was rolled back; nothing of this request was stored, retry it"
+            .into(),
+    )
+}
+
+/// Runs an ordinary job in a savepoint of the current transaction: a job that fails is rolled back alone. Returns
+/// false when the transaction was lost (its jobs are answered with the error, see [`abandon`]).
+fn run_in_savepoint(
+    conn: &Connection,
+    job: Job,
+    finishers: &mut Vec<Finisher>,
+    path: &Path,
+) -> bool {
+    if let Err(e) = run_cached(conn, "SAVEPOINT job") {
+        let err = Arc::new(JournalError::classify(e, path));
+        let (_, finish) = job(None);
+        if conn.is_autocommit() {
+            // Not even the savepoint could be taken inside the transaction: treat it as lost.
+            finishers.push(Box::new(move |_| finish(Err(err.clone()))));
+            abandon(conn, std::mem::take(finishers), JournalError::Invalid(
+                "the journal transaction ended unexpectedly; nothing of this request was stored, retry it".into(),
+            ));
+            return false;
+        }
+        finishers.push(Box::new(move |_| finish(Err(err))));
+        return true;
+    }
+    let (failure, finisher) = job(Some(conn));
+    finishers.push(finisher);
+    if conn.is_autocommit() {
+        // SQLite rolled back the whole transaction (SQLITE_FULL, IOERR, NOMEM may): every job run in it so
+        // far is gone, not only this one. A savepoint taken now would open a new transaction that its RELEASE
+        // commits, behind the final COMMIT's back.
+        let err = failure.unwrap_or_else(lost_transaction);
+        abandon(conn, std::mem::take(finishers), err);
+        return false;
+    }
+    let undo = if failure.is_some() {
+        // Undo the failed job's own changes; the others in this transaction stay.
+        run_cached(conn, "ROLLBACK TO job")
+    } else {
+        Ok(())
+    };
+    if let Err(e) = undo.and_then(|()| run_cached(conn, "RELEASE job")) {
+        // The savepoint cannot be closed: the transaction's state is unknown, so none of it is kept.
+        abandon(
+            conn,
+            std::mem::take(finishers),
+            JournalError::classify(e, path),
+        );
+        return false;
+    }
+    true
 }
 
 /// Runs a statement kept prepared in the connection's cache: the writer's `BEGIN`/`COMMIT` and per-job
@@ -945,6 +1146,184 @@ mod tests {
             })
             .unwrap();
         assert_eq!(stored, vec![2], "the abandoned write was stored");
+        journal.close();
+    }
+
+    /// Queues a grouped job (as [`Journal::write_grouped`] does) without waiting.
+    fn queue_grouped<T: Send + 'static>(
+        journal: &Journal,
+        f: impl Fn(&Connection, Option<&mut usage::IngestGroup>) -> Result<Option<T>, JournalError>
+        + Send
+        + 'static,
+    ) -> std::sync::mpsc::Receiver<Result<T, JournalError>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        journal
+            .send(Command::Grouped(make_grouped_job(
+                f,
+                move |r| {
+                    let _ = tx.send(r);
+                },
+                || true,
+            )))
+            .unwrap();
+        rx
+    }
+
+    /// Holds the writer in a job of its own until the returned sender is used, so that the jobs queued meanwhile
+    /// run in one transaction.
+    fn hold(
+        journal: &Journal,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        std::sync::mpsc::Receiver<Result<(), JournalError>>,
+    ) {
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let blocker = queue(journal, move |_| {
+            started_tx.send(()).unwrap();
+            gate.recv().unwrap();
+            Ok(())
+        });
+        started.recv().unwrap();
+        (release, blocker)
+    }
+
+    fn one_record(key: &str, quantity: i64) -> Vec<usage::NewRecord> {
+        vec![usage::NewRecord {
+            resource: "11111111-1111-4111-8111-111111111111".into(),
+            plan: None,
+            dimension: "api_calls".into(),
+            time: chrono::DateTime::from_timestamp(1_773_100_800, 0).unwrap(),
+            quantity: crate::quantity::Micros(quantity),
+            key: Some(key.into()),
+        }]
+    }
+
+    fn carry_rules() -> usage::IngestRules {
+        usage::IngestRules {
+            now: chrono::DateTime::from_timestamp(1_773_100_800 + 600, 0).unwrap(),
+            late: crate::config::LateUsage::CarryForward,
+            safety_margin: chrono::Duration::minutes(15),
+            min_send_time: chrono::Duration::hours(1),
+            outbox: false,
+        }
+    }
+
+    fn ingest_job(
+        records: Vec<usage::NewRecord>,
+    ) -> impl Fn(
+        &Connection,
+        Option<&mut usage::IngestGroup>,
+    ) -> Result<Option<usage::IngestOutcome>, JournalError>
+    + Send
+    + 'static {
+        move |c, g| match g {
+            Some(g) => usage::ingest_grouped(c, &records, &carry_rules(), g),
+            None => Ok(Some(usage::ingest(c, &records, &carry_rules())?.unwrap())),
+        }
+    }
+
+    fn total(journal: &Journal) -> (i64, i64, i64) {
+        journal
+            .read_blocking(|c| {
+                Ok(c.query_row(
+                    "SELECT COALESCE(SUM(quantity), 0), COALESCE(SUM(records), 0), (SELECT COUNT(*) FROM usage_records) FROM hourly_totals",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?)
+            })
+            .unwrap()
+    }
+
+    /// Issue 15, the hazard of a job without a savepoint: grouped ingest jobs share one hourly-total upsert per key,
+    /// an ordinary job between them sees their totals (the group is written before it), a grouped job that fails
+    /// before it wrote is answered alone, and one that fails after a write takes its whole transaction with it: no
+    /// job answered OK is missing, no job answered with an error is stored (not even its part of a shared total),
+    /// and the jobs after it run in the next transaction.
+    #[test]
+    fn a_grouped_job_failing_after_a_write_takes_its_transaction_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("journal.db")).unwrap();
+        journal
+            .write_blocking(|c| {
+                c.execute_batch("CREATE TABLE scratch(x INTEGER NOT NULL)")?;
+                Ok(())
+            })
+            .unwrap();
+        // One transaction: two grouped ingests, an ordinary job reading the total, a third ingest, a grouped job
+        // failing before any write.
+        let (release, blocker) = hold(&journal);
+        let a = queue_grouped(&journal, ingest_job(one_record("a", 1_000_000)));
+        let b = queue_grouped(&journal, ingest_job(one_record("b", 2_000_000)));
+        let seen = queue(&journal, |c| {
+            Ok(
+                c.query_row("SELECT quantity, records FROM hourly_totals", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })?,
+            )
+        });
+        let c3 = queue_grouped(&journal, ingest_job(one_record("c", 4_000_000)));
+        let clean = queue_grouped::<()>(&journal, |_, _| {
+            Err(JournalError::Invalid("refused before any write".into()))
+        });
+        release.send(()).unwrap();
+        blocker.recv().unwrap().unwrap();
+        assert_eq!(seen.recv().unwrap().unwrap(), (3_000_000, 2));
+        for r in [a, b, c3] {
+            assert_eq!(r.recv().unwrap().unwrap().accepted, 1);
+        }
+        assert!(clean.recv().unwrap().is_err());
+        assert_eq!(total(&journal), (7_000_000, 3, 3));
+        let (commits_before, _) = journal.writer_stats();
+
+        // The next transaction: an ingest, a grouped job that writes and then fails, another ingest queued after it.
+        let (release, blocker) = hold(&journal);
+        let before = queue_grouped(&journal, ingest_job(one_record("d", 8_000_000)));
+        let dirty = queue_grouped::<()>(&journal, |c, _| {
+            c.execute("INSERT INTO scratch(x) VALUES (1)", [])?;
+            Err(JournalError::Invalid("failed after a write".into()))
+        });
+        let after = queue_grouped(&journal, ingest_job(one_record("e", 16_000_000)));
+        release.send(()).unwrap();
+        blocker.recv().unwrap().unwrap();
+        assert!(before.recv().unwrap().is_err(), "its transaction was lost");
+        assert!(dirty.recv().unwrap().is_err());
+        assert_eq!(after.recv().unwrap().unwrap().accepted, 1);
+        let scratch: i64 = journal
+            .read_blocking(|c| Ok(c.query_row("SELECT COUNT(*) FROM scratch", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(scratch, 0, "the failed job's write was kept");
+        // "d" is not stored (nor in the total); "e" is.
+        assert_eq!(total(&journal), (23_000_000, 4, 4));
+        let (commits_after, _) = journal.writer_stats();
+        assert!(commits_after > commits_before);
+        // "d" may be sent again: it was not stored.
+        let again = queue_grouped(&journal, ingest_job(one_record("d", 8_000_000)));
+        assert_eq!(again.recv().unwrap().unwrap().accepted, 1);
+        assert_eq!(total(&journal), (31_000_000, 5, 5));
+        journal.close();
+    }
+
+    /// A grouped ingest whose total could overflow runs as an ordinary job in a savepoint (the exact rule: only
+    /// stored records count): refused alone with the overflow, the other jobs of its transaction stored.
+    #[test]
+    fn a_grouped_ingest_that_could_overflow_runs_in_a_savepoint_and_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("journal.db")).unwrap();
+        let (release, blocker) = hold(&journal);
+        let big = queue_grouped(&journal, ingest_job(one_record("big", i64::MAX - 10)));
+        let small = queue_grouped(&journal, ingest_job(one_record("small", 5)));
+        let over = queue_grouped(&journal, ingest_job(one_record("over", 6)));
+        // A duplicate of a stored key adds nothing: under the exact rule it is no overflow.
+        let dup = queue_grouped(&journal, ingest_job(one_record("big", i64::MAX - 10)));
+        release.send(()).unwrap();
+        blocker.recv().unwrap().unwrap();
+        assert_eq!(big.recv().unwrap().unwrap().accepted, 1);
+        assert_eq!(small.recv().unwrap().unwrap().accepted, 1);
+        let err = over.recv().unwrap().unwrap_err().to_string();
+        assert!(err.contains("would overflow"), "{err}");
+        assert_eq!(dup.recv().unwrap().unwrap().duplicates, 1);
+        assert_eq!(total(&journal), (i64::MAX - 5, 2, 2));
         journal.close();
     }
 

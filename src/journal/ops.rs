@@ -31,13 +31,21 @@ use std::sync::Arc;
 /// Ingest: one write job per request (group commit shares the transaction).
 impl Journal {
     /// Journals one request's records (invariants 1, 2, 5): all accepted, or the late ones refused.
+    ///
+    /// A grouped job ([`Journal::write_grouped`]): under `late_usage = "carry_forward"` the request runs without a
+    /// savepoint and its hourly totals are summed with the other requests of the transaction and written once per
+    /// key ([`usage::ingest_grouped`]); under `reject`, or when a total could overflow, it runs as before, in a
+    /// savepoint ([`usage::ingest`]). Same rows and answers either way.
     pub async fn ingest(
         &self,
         records: Vec<NewRecord>,
         rules: IngestRules,
     ) -> Result<Result<IngestOutcome, Vec<LateRecord>>, JournalError> {
-        self.write(move |c| usage::ingest(c, &records, &rules))
-            .await
+        self.write_grouped(move |c, group| match group {
+            Some(g) => Ok(usage::ingest_grouped(c, &records, &rules, g)?.map(Ok)),
+            None => usage::ingest(c, &records, &rules).map(Some),
+        })
+        .await
     }
 
     /// The hourly report and the carries for `filter`, read on one connection.

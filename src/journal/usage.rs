@@ -157,10 +157,18 @@ pub fn ingest(
     records: &[NewRecord],
     rules: &IngestRules,
 ) -> Result<Result<IngestOutcome, Vec<LateRecord>>, JournalError> {
-    let watermark = frozen_through(conn)?;
     if rules.late != LateUsage::Reject {
-        return ingest_carrying(conn, records, rules, watermark).map(Ok);
+        let mut group = IngestGroup::default();
+        let outcome =
+            ingest_carrying(conn, records, rules, &mut group, false)?.ok_or_else(|| {
+                JournalError::Invalid(
+                    "the carrying path without its precheck did not answer".into(),
+                )
+            })?;
+        group.flush(conn)?;
+        return Ok(Ok(outcome));
     }
+    let watermark = frozen_through(conn)?;
     let target = hour_of(rules.now).max(watermark);
     let mut seen: HashSet<&str> = HashSet::new();
     let mut exists = conn.prepare_cached("SELECT 1 FROM usage_records WHERE idem_key = ?1")?;
@@ -306,24 +314,206 @@ pub fn ingest(
     Ok(Ok(outcome))
 }
 
+/// What the ingest jobs of one writer transaction share (issue 15): the watermark and the resources' spellings
+/// they read, and the hourly totals they add to, summed per key and written once per key, by [`IngestGroup::flush`],
+/// before the transaction commits and before any other job runs in it (so a freeze job in the same transaction
+/// sees every total first, invariants 5 and 6). Only the writer's grouped jobs ([`ingest_grouped`]) keep one
+/// across jobs; [`ingest`] uses one of its own and flushes it before it returns.
+///
+/// What it holds is what the transaction holds: the writer drops it with the transaction, flushes it before any
+/// job that may read or change hourly totals, `meta` or `outbound_events`, and forgets its reads after such a job
+/// ([`IngestGroup::forget`]). A grouped job adds to it only what it wrote (a job that fails after a write loses
+/// the whole transaction, see `journal::run_transaction`).
+#[derive(Debug, Default)]
+pub struct IngestGroup {
+    /// `meta.frozen_through`, once read.
+    watermark: Option<i64>,
+    /// Folded resource -> its journaled spelling (`None`: not journaled), once read or written.
+    spellings: HashMap<String, Option<String>>,
+    /// Hourly totals touched, in first-seen order (the order the per-job upserts had).
+    totals: Vec<PendingTotal>,
+    index: HashMap<(String, String, String, i64), usize>,
+}
+
+/// An hourly total as the transaction sees it: `base` as read from the table, plus what the group added.
+#[derive(Debug)]
+struct PendingTotal {
+    resource: String,
+    plan: String,
+    dimension: String,
+    hour: i64,
+    /// The row's quantity when first touched (0 if none).
+    base: i64,
+    quantity: i64,
+    records: i64,
+    carried_in: i64,
+}
+
+impl PendingTotal {
+    fn current(&self) -> i64 {
+        // Never overflows: every addition was checked against it.
+        self.base + self.quantity
+    }
+}
+
+impl IngestGroup {
+    fn watermark(&mut self, conn: &Connection) -> Result<i64, JournalError> {
+        if let Some(w) = self.watermark {
+            return Ok(w);
+        }
+        let w = frozen_through(conn)?;
+        self.watermark = Some(w);
+        Ok(w)
+    }
+
+    fn spelling(
+        &mut self,
+        conn: &Connection,
+        folded: &str,
+    ) -> Result<Option<String>, JournalError> {
+        if let Some(s) = self.spellings.get(folded) {
+            return Ok(s.clone());
+        }
+        let s = known_spelling(conn, folded)?;
+        self.spellings.insert(folded.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// The slot of a total, its current quantity read from the table the first time.
+    fn slot(
+        &mut self,
+        conn: &Connection,
+        resource: &str,
+        plan: &str,
+        dimension: &str,
+        hour: i64,
+    ) -> Result<usize, JournalError> {
+        let key = (
+            resource.to_string(),
+            plan.to_string(),
+            dimension.to_string(),
+            hour,
+        );
+        if let Some(&i) = self.index.get(&key) {
+            return Ok(i);
+        }
+        let base: i64 = conn
+            .prepare_cached(
+                "SELECT quantity FROM hourly_totals WHERE resource = ?1 AND plan = ?2 AND dimension = ?3 AND hour = ?4",
+            )?
+            .query_row(params![resource, plan, dimension, hour], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        self.totals.push(PendingTotal {
+            resource: key.0.clone(),
+            plan: key.1.clone(),
+            dimension: key.2.clone(),
+            hour,
+            base,
+            quantity: 0,
+            records: 0,
+            carried_in: 0,
+        });
+        self.index.insert(key, self.totals.len() - 1);
+        Ok(self.totals.len() - 1)
+    }
+
+    /// Adds one stored record to its total, refusing an overflow (as `add_to_hour` does).
+    fn add(&mut self, slot: usize, quantity: i64, carried: bool) -> Result<(), JournalError> {
+        let t = &mut self.totals[slot];
+        if t.current().checked_add(quantity).is_none() {
+            return Err(JournalError::Invalid(format!(
+                "the hourly total of {}/{} at {} would overflow",
+                t.resource,
+                t.dimension,
+                fmt_time(t.hour)
+            )));
+        }
+        t.quantity += quantity;
+        t.records += 1;
+        if carried {
+            t.carried_in += quantity;
+        }
+        Ok(())
+    }
+
+    /// Writes every total added to (one upsert per key, in first-seen order) and keeps the reads: after it, the
+    /// table holds what the group held.
+    pub fn flush(&mut self, conn: &Connection) -> Result<(), JournalError> {
+        if self.totals.iter().any(|t| t.records > 0) {
+            let mut upsert = conn.prepare_cached(
+                "INSERT INTO hourly_totals (resource, plan, dimension, hour, quantity, records, carried_in)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (resource, plan, dimension, hour) DO UPDATE SET
+                     quantity = quantity + excluded.quantity,
+                     records = records + excluded.records,
+                     carried_in = carried_in + excluded.carried_in",
+            )?;
+            for t in self.totals.iter().filter(|t| t.records > 0) {
+                upsert.execute(params![
+                    t.resource,
+                    t.plan,
+                    t.dimension,
+                    t.hour,
+                    t.quantity,
+                    t.records,
+                    t.carried_in
+                ])?;
+            }
+        }
+        for t in &mut self.totals {
+            t.base += t.quantity;
+            t.quantity = 0;
+            t.records = 0;
+            t.carried_in = 0;
+        }
+        Ok(())
+    }
+
+    /// Forgets every read (after a job that may have changed what was read). Call only after [`Self::flush`].
+    pub fn forget(&mut self) {
+        debug_assert!(self.totals.iter().all(|t| t.records == 0));
+        *self = IngestGroup::default();
+    }
+}
+
+/// [`ingest`] for the writer's grouped jobs: the records are journaled with the transaction's shared
+/// [`IngestGroup`] (the hourly totals are written by its flush, once per key per transaction) and without a
+/// savepoint of their own. So that such a job cannot fail once it wrote, everything that could refuse it is
+/// checked before its first write: `Ok(None)` (nothing written) asks the writer to run the request as an ordinary
+/// job in a savepoint instead: under `late_usage = "reject"` (it must know every record's fate first), and when a
+/// total could overflow (the exact check, on what is stored, is [`ingest`]'s).
+pub fn ingest_grouped(
+    conn: &Connection,
+    records: &[NewRecord],
+    rules: &IngestRules,
+    group: &mut IngestGroup,
+) -> Result<Option<IngestOutcome>, JournalError> {
+    if rules.late == LateUsage::Reject {
+        return Ok(None);
+    }
+    ingest_carrying(conn, records, rules, group, true)
+}
+
 /// [`ingest`] under a policy that refuses nothing (`late_usage = "carry"`): one pass over the records, each an
 /// `INSERT ... ON CONFLICT (idem_key) DO NOTHING` whose change count says whether it was new (issue 15: one
 /// statement per record instead of a lookup and an insert; the `reject` policy keeps its two phases, it must know
 /// every record's fate before it writes any). Same outcome, same rows, same order of writes per total as the
 /// two-phase path: a duplicate adds nothing and is never carried, a resource's first spelling is remembered only
-/// when one of its records is stored, and each hourly total is upserted once per request, after the records.
+/// when one of its records is stored, and each hourly total is added to `group` (written by its flush).
+///
+/// With `precheck` every read comes before the first write, and `Ok(None)` (nothing written) is returned when a
+/// total could overflow, counting every record of the request as stored (a bound: duplicates add nothing).
 fn ingest_carrying(
     conn: &Connection,
     records: &[NewRecord],
     rules: &IngestRules,
-    watermark: i64,
-) -> Result<IngestOutcome, JournalError> {
+    group: &mut IngestGroup,
+    precheck: bool,
+) -> Result<Option<IngestOutcome>, JournalError> {
+    let watermark = group.watermark(conn)?;
     let target = hour_of(rules.now).max(watermark);
     let now = rules.now.timestamp();
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour, quantity, received_at, forward_pending)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (idem_key) DO NOTHING",
-    )?;
     // Fleet mode: a stored record waits in the local outbox for the forwarder.
     let outbox = i64::from(rules.outbox);
     // Resources of this request: (folded, journaled spelling, new to the journal, a record of it was stored).
@@ -331,13 +521,9 @@ fn ingest_carrying(
     let mut by_given: HashMap<&str, usize> = HashMap::new();
     let mut by_folded: HashMap<String, usize> = HashMap::new();
     let mut late_keys: HashMap<(usize, &str, i64), bool> = HashMap::new();
-    type TotalKey = (usize, usize, i64);
-    // Hourly totals touched, in first-seen order: ((name, record index for plan and dimension, hour), quantity,
-    // records, carried_in).
-    let mut totals: Vec<(TotalKey, i64, i64, i64)> = Vec::new();
-    let mut totals_index: HashMap<(usize, &str, &str, i64), usize> = HashMap::new();
-    let mut outcome = IngestOutcome::default();
-    for (index, r) in records.iter().enumerate() {
+    // Reads first: each record's resource, hour and lateness.
+    let mut decided: Vec<(usize, i64, bool)> = Vec::with_capacity(records.len());
+    for r in records {
         let name = match by_given.get(r.resource.as_str()) {
             Some(&i) => i,
             None => {
@@ -345,7 +531,7 @@ fn ingest_carrying(
                 let i = match by_folded.get(&folded) {
                     Some(&i) => i,
                     None => {
-                        let (spelling, new) = match known_spelling(conn, &r.resource)? {
+                        let (spelling, new) = match group.spelling(conn, &folded)? {
                             Some(s) => (s, false),
                             None => (r.resource.clone(), true),
                         };
@@ -368,7 +554,18 @@ fn ingest_carrying(
                 l
             }
         };
-        let hour = if late { target } else { origin };
+        decided.push((name, if late { target } else { origin }, late));
+    }
+    if precheck && !fits(conn, records, &decided, &names, group)? {
+        return Ok(None);
+    }
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO usage_records (idem_key, resource, plan, dimension, event_time, origin_hour, hour, quantity, received_at, forward_pending)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (idem_key) DO NOTHING",
+    )?;
+    let mut outcome = IngestOutcome::default();
+    for (r, &(name, hour, late)) in records.iter().zip(&decided) {
+        let origin = hour_of(r.time);
         let plan_id = r.plan.as_deref().unwrap_or("");
         if names[name].2 && !names[name].3 {
             // A resource new to the journal is journaled as the spelling of its first record stored, not of a
@@ -392,24 +589,9 @@ fn ingest_carrying(
             continue;
         }
         names[name].3 = true;
-        let slot = *totals_index
-            .entry((name, plan_id, r.dimension.as_str(), hour))
-            .or_insert_with(|| {
-                totals.push(((name, index, hour), 0, 0, 0));
-                totals.len() - 1
-            });
-        let t = &mut totals[slot];
-        t.1 = t.1.checked_add(r.quantity.0).ok_or_else(|| {
-            JournalError::Invalid(format!(
-                "the hourly total of {}/{} at {} would overflow",
-                names[name].1,
-                r.dimension,
-                fmt_time(hour)
-            ))
-        })?;
-        t.2 += 1;
+        let slot = group.slot(conn, &names[name].1, plan_id, &r.dimension, hour)?;
+        group.add(slot, r.quantity.0, late)?;
         if late {
-            t.3 += r.quantity.0;
             record_carry(
                 conn,
                 &names[name].1,
@@ -432,22 +614,60 @@ fn ingest_carrying(
     for (folded, spelling, new, used) in &names {
         if *new && *used {
             remember.execute(params![folded, spelling])?;
+            group
+                .spellings
+                .insert(folded.clone(), Some(spelling.clone()));
         }
     }
-    for ((name, index, hour), quantity, count, carried) in totals {
-        let r = &records[index];
-        add_to_hour(
-            conn,
-            &names[name].1,
+    Ok(Some(outcome))
+}
+
+/// Whether every total the request touches stays in range whichever of its records are stored (all of them
+/// counted, positive and negative quantities apart), on top of what the table and the group hold.
+fn fits(
+    conn: &Connection,
+    records: &[NewRecord],
+    decided: &[(usize, i64, bool)],
+    names: &[(String, String, bool, bool)],
+    group: &mut IngestGroup,
+) -> Result<bool, JournalError> {
+    // (name, plan, dimension, hour) -> (sum of the positive quantities, sum of the negative ones), first seen first.
+    type Key<'a> = (usize, &'a str, &'a str, i64);
+    let mut sums: Vec<(Key, (i64, i64))> = Vec::new();
+    let mut index: HashMap<Key, usize> = HashMap::new();
+    for (r, &(name, hour, _)) in records.iter().zip(decided) {
+        let key = (
+            name,
             r.plan.as_deref().unwrap_or(""),
-            &r.dimension,
+            r.dimension.as_str(),
             hour,
-            quantity,
-            count,
-            carried,
-        )?;
+        );
+        let i = *index.entry(key).or_insert_with(|| {
+            sums.push((key, (0, 0)));
+            sums.len() - 1
+        });
+        let s = &mut sums[i].1;
+        let q = r.quantity.0;
+        let part = if q >= 0 { &mut s.0 } else { &mut s.1 };
+        match part.checked_add(q) {
+            Some(v) => *part = v,
+            None => return Ok(false),
+        }
     }
-    Ok(outcome)
+    for ((name, plan, dimension, hour), (up, down)) in sums {
+        let (_, spelling, new, _) = &names[name];
+        // A resource new to the journal has no total yet (the group journals a spelling with its first total).
+        let current = if *new {
+            0
+        } else {
+            let slot = group.slot(conn, spelling, plan, dimension, hour)?;
+            group.totals[slot].current()
+        };
+        if current.checked_add(up).is_none() || current.checked_add(down).is_none() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Adds `quantity` (and `records`) to an hourly total, refusing an overflow.
