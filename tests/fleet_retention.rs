@@ -196,8 +196,12 @@ async fn settled_hours_past_retention_go_and_their_months_stay() {
     let pass = f.pass_at(feb10("11:06")).await;
     assert_eq!(pass.frozen, 3, "{pass:?}");
     // 11 Feb 09:00 is frozen but not sent (pending); 11 Feb 12:00 is never frozen.
-    f.forward("r1", feb11("09:10"), &[("k5", "api_calls", feb11("09:05"), 2)])
-        .await;
+    f.forward(
+        "r1",
+        feb11("09:10"),
+        &[("k5", "api_calls", feb11("09:05"), 2)],
+    )
+    .await;
     f.pg.freeze(
         feb11("10:06"),
         meterd::journal::pg::freeze::FreezeRule {
@@ -309,7 +313,11 @@ async fn a_duplicate_inside_the_window_is_still_deduplicated_after_compaction() 
     f.forward("a", old_at, &[("old", "api_calls", old_at, 1)])
         .await;
     let first = f
-        .forward("a", t0, &[("dup", "api_calls", t0 - Duration::minutes(1), 3)])
+        .forward(
+            "a",
+            t0,
+            &[("dup", "api_calls", t0 - Duration::minutes(1), 3)],
+        )
         .await;
     assert_eq!(first.inserted, 1);
 
@@ -625,4 +633,49 @@ async fn group_by_in_fleet_mode_answers_as_single_mode() {
     assert_eq!(status, 400);
     s1.abort();
     s2.abort();
+}
+
+/// The hourly task every replica runs (`meterd::fleet::retention_loop`, started by the heartbeat task) applies
+/// `journal.retention` and `ingest.dedupe_window` from the settings by the injected clock, and ends when stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replicas_retention_task_applies_the_settings() {
+    let start = t("2026-03-10T09:00:00Z");
+    let Some(f) = Fleet::start("the_replicas_retention_task_applies_the_settings", start).await
+    else {
+        return;
+    };
+    f.forward(
+        "r1",
+        t("2026-03-10T09:30:00Z"),
+        &[("k", "api_calls", start, 12)],
+    )
+    .await;
+    f.pass_at(t("2026-03-10T10:06:00Z")).await;
+    assert_eq!(f.scalar("SELECT COUNT(*) FROM outbound_events").await, 1);
+    // `journal.retention` is 730 days by default: a day past it, the hour goes.
+    f.rig.clock.set(start + Duration::days(731));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(meterd::fleet::retention_loop(
+        f.rig.settings.clone(),
+        f.pg.clone(),
+        Arc::new(f.rig.clock.clone()),
+        std::time::Duration::from_millis(20),
+        stop,
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while f.scalar("SELECT COUNT(*) FROM outbound_events").await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task never applied retention"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(f.scalar("SELECT COUNT(*) FROM records").await, 0);
+    assert_eq!(
+        f.scalar("SELECT SUM(quantity)::bigint FROM usage_months")
+            .await,
+        12 * SECOND
+    );
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
 }

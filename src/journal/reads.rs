@@ -113,13 +113,21 @@ impl Reads {
         by: super::billing::GroupBy,
     ) -> Result<Vec<serde_json::Value>, JournalError> {
         match self {
-            Reads::Local(j) => j.consumption_grouped(resource, dimension, from, to, by).await,
+            Reads::Local(j) => {
+                j.consumption_grouped(resource, dimension, from, to, by)
+                    .await
+            }
             Reads::Fleet { pg, .. } => {
                 let c = pg.client().await?;
-                Ok(
-                    pg_reads::consumption_grouped(&**c, &resource, dimension.as_deref(), from, to, by)
-                        .await?,
+                Ok(pg_reads::consumption_grouped(
+                    &**c,
+                    &resource,
+                    dimension.as_deref(),
+                    from,
+                    to,
+                    by,
                 )
+                .await?)
             }
         }
     }

@@ -272,9 +272,7 @@ impl PgJournal {
             if let Some(term_start) = e.get::<_, Option<i64>>(3) {
                 let sent: i64 = e.get(4);
                 let accepted: bool = e.get(5);
-                let v = overage
-                    .entry((e.get(1), e.get(2), term_start))
-                    .or_default();
+                let v = overage.entry((e.get(1), e.get(2), term_start)).or_default();
                 add(&mut v[0], sent)?;
                 add(&mut v[1], if accepted { sent } else { 0 })?;
                 add(&mut v[2], 1)?;
