@@ -1407,6 +1407,16 @@ impl Settings {
             }
             pools.push(def);
         }
+        if fleet.is_some() && !pools.is_empty() {
+            // The fleet's billing on the shared journal does not draw from pools: what a pool covers would be
+            // billed as overage. Refused rather than billed wrongly.
+            return Err(v.err(
+                "pools",
+                "credit pools ([[pools]]) are not available in fleet mode yet: the shared journal's billing does not \
+                 draw from them, so the usage they cover would be billed as overage; remove [[pools]], or [fleet] to \
+                 run a single replica (docs/fleet.md)",
+            ));
+        }
 
         Ok(Settings {
             fleet,
@@ -1680,6 +1690,27 @@ mod tests {
     }
 
     const EMU: &str = "[marketplace]\nmode = \"emulator\"\n";
+
+    #[test]
+    fn credit_pools_are_refused_in_fleet_mode() {
+        let pools = "[[dimensions]]\nid = \"api_calls\"\n[[pools]]\nid = \"free\"\ndimension = \"api_calls\"\namount = 10\npriority = 0\nscope = { resource = \"r1\" }\n";
+        let text = format!("{EMU}{pools}");
+        assert!(
+            load_str(&text, "f.toml", &env(&[])).is_ok(),
+            "single mode takes pools"
+        );
+        let e = load_str(
+            &text,
+            "f.toml",
+            &env(&[("METERD_FLEET__URL", "postgres://h/db"), ("POD_NAME", "a")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("pools") && e.contains("fleet mode") && e.contains("overage"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn fleet_is_off_without_a_url_and_on_with_one_from_env_file_or_credentials() {

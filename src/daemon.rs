@@ -23,7 +23,11 @@ pub fn init_logging(format: LogFormat, level: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr's reader gone: a closed pipe) is dropped. With the default,
+        // tracing-subscriber reports it with `eprintln!`, which panics on that same closed stderr: every task
+        // that logged (a request handler, the emitter) panicked and requests got empty replies.
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

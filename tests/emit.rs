@@ -660,3 +660,69 @@ fn balance_and_consumption_routes_and_command() {
         (Some("10"), Some("3"))
     );
 }
+
+/// `meterd run` with its log pipe closed (its stderr's reader gone) still acknowledges and sends. Before, every
+/// log line it could not write made tracing-subscriber `eprintln!` the failure, which panicked on that same closed
+/// stderr: the request handler or the emitter task that logged died mid-way.
+#[test]
+fn the_daemon_keeps_ingesting_and_sending_when_its_log_pipe_closes() {
+    use std::io::{BufRead, BufReader};
+    let r = rig(EmulatorConfig::default());
+    let config_path = r.dir.path().join("meterd.toml");
+    std::fs::write(&config_path, r.config("")).unwrap();
+    let mut child = std::process::Command::new(common::bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .env(TOKEN_ENV.0, TOKEN_ENV.1)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn meterd");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!("meterd exited before listening");
+        };
+        if line.contains("meterd listening.")
+            && let Some(addr) = common::json_field(&line, "addr")
+        {
+            break addr;
+        }
+    };
+    drop(lines); // its stderr has no reader from here on
+    let h = hour_start(2);
+    let mut statuses = Vec::new();
+    for (i, q) in [(0, 2), (1, 3)] {
+        let resp = http()
+            .post(format!("{url}/v1/usage"))
+            .json(&json!([{"resource": A, "dimension": "api_calls", "quantity": q, "time": ts(h), "id": format!("r{i}")}]))
+            .send();
+        statuses.push(resp.map(|r| r.status().as_u16()).unwrap_or(0));
+    }
+    // A pass logs as it goes (freeze, send, outcome).
+    // (The startup pass may have sent it already; then this pass finds nothing left.)
+    let flush = http()
+        .post(format!("{url}/v1/flush"))
+        .send()
+        .and_then(|r| r.json::<Value>());
+    let status = http()
+        .get(format!("{url}/v1/status"))
+        .send()
+        .and_then(|r| r.json::<Value>());
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(alive, "meterd exited");
+    assert_eq!(statuses, [202, 202]);
+    let flush = flush.expect("an answer to /v1/flush");
+    assert_eq!(flush["pending_after"], 0, "{flush}");
+    let status = status.expect("an answer to /v1/status");
+    assert_eq!(status["outcomes"]["accepted"], 1, "{status}");
+    let accepted = r.emu.accepted_events();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!((accepted[0].quantity * 1e6).round() as i64, 5_000_000);
+}

@@ -1569,11 +1569,8 @@ async fn scripted_cancellation_and_poisoned_dimension() {
     );
 }
 
-/// `meterd emulator --listen 127.0.0.1:0` says where it listens: its log (stderr) names the address, so scripts
-/// (the browser test, `ci/browser.sh`) can start it on a free port. Before, the command set up no logging at all.
-#[test]
-fn emulator_command_logs_its_address() {
-    use std::io::{BufRead, BufReader};
+/// `meterd emulator --listen 127.0.0.1:0` with its stderr piped (no RUST_LOG): the child and its stderr.
+fn spawn_emulator_command() -> (std::process::Child, std::process::ChildStderr) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meterd"))
         .args(["emulator", "--listen", "127.0.0.1:0"])
         .env_remove("RUST_LOG")
@@ -1583,6 +1580,15 @@ fn emulator_command_logs_its_address() {
         .spawn()
         .expect("spawn meterd emulator");
     let stderr = child.stderr.take().expect("stderr");
+    (child, stderr)
+}
+
+/// `meterd emulator --listen 127.0.0.1:0` says where it listens: its log (stderr) names the address, so scripts
+/// (the browser test, `ci/browser.sh`) can start it on a free port. Before, the command set up no logging at all.
+#[test]
+fn emulator_command_logs_its_address() {
+    use std::io::{BufRead, BufReader};
+    let (mut child, stderr) = spawn_emulator_command();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
@@ -1622,4 +1628,57 @@ fn emulator_command_logs_its_address() {
         Err(_) => String::new(),
     };
     assert!(status.contains(" 200 "), "{url}/emulator/clock: {status}");
+}
+
+/// With its log pipe closed (the reader of its stderr gone, as when a supervisor's log collector dies), the
+/// emulator keeps answering. Before, tracing-subscriber reported each unwritable log line with `eprintln!`, which
+/// panicked on the same closed stderr, so every request that logged got an empty reply.
+#[test]
+fn emulator_keeps_answering_when_its_log_pipe_closes() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let (mut child, stderr) = spawn_emulator_command();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!("the emulator exited before saying where it listens");
+        };
+        if let Some(at) = line.find("emulator listening on http://") {
+            break line[at + "emulator listening on http://".len()..]
+                .trim()
+                .to_string();
+        }
+    };
+    drop(lines); // the read end of its stderr is closed now
+    let request = |req: &str| -> String {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut text = Vec::new();
+        let _ = s.read_to_end(&mut text);
+        String::from_utf8_lossy(&text)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    // Each of these logs a line (reset and the clock change at info), twice so the first failed write is behind us.
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        answers.push(request(
+            "POST /emulator/reset HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ));
+        answers.push(request(
+            "GET /emulator/clock HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        ));
+    }
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(alive, "the emulator exited");
+    for a in &answers {
+        assert!(
+            a.starts_with("HTTP/1.1 2"),
+            "an answer after the log pipe closed: {answers:?}"
+        );
+    }
 }

@@ -223,9 +223,10 @@ fn three_replicas_with_kills_and_a_postgres_cut_send_each_hour_once_with_the_exa
     let started = Instant::now();
     let r = emu_rig(EmulatorConfig::default());
     r.emu.set_latency(StdDuration::from_millis(50));
-    let proxy = Proxy::start("127.0.0.1:5432", true);
+    let (server, user) = db.server();
+    let proxy = Proxy::start(&server, true);
     let url = format!(
-        "postgres://postgres@127.0.0.1:{}/{}?sslmode=disable",
+        "postgres://{user}@127.0.0.1:{}/{}?sslmode=disable",
         proxy.port,
         db.name()
     );

@@ -639,3 +639,145 @@ async fn fleet_alerts_are_delivered_once_by_any_replica() {
     assert!(row.get::<_, i64>(3) > now.timestamp());
     server.abort();
 }
+
+/// The dashboard's routes in fleet mode read the shared journal (a replica's local journal holds only its own
+/// share and is never sent, so before this its dashboard showed every fleet hour as missing or pending): the cards
+/// carry the fleet's balances and threshold state, the chart the fleet's outcomes, the at-risk list the fleet's
+/// pending events. The credit pool routes answer 400 with the reason (pools are single-replica only for now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_dashboard_routes_read_the_shared_journal() {
+    use meterd::journal::reads::Reads;
+    let Some(f) = Fleet::start("fleet_dashboard_routes_read_the_shared_journal").await else {
+        return;
+    };
+    f.total("api_calls", t("08:00"), 12 * SECOND).await;
+    f.total("api_calls", t("09:00"), 4 * SECOND).await;
+    f.heartbeat("r1", t("10:06"), t("10:06")).await;
+    f.clock().set(t("10:06"));
+    let pass = f.emitter("r1", Duration::seconds(60)).pass().await.unwrap();
+    assert_eq!(pass.frozen, 2);
+    f.total("api_calls", t("10:00"), SECOND).await;
+    f.pg.freeze(t("11:06"), f.rule()).await.unwrap();
+    f.clock().set(t("11:06"));
+
+    let mut settings = (*f.rig.settings).clone();
+    settings.fleet = Some(FleetSettings {
+        url: f.db.url.clone(),
+        url_file: None,
+        replica_id: "r1".into(),
+        max_wait: Duration::minutes(15),
+        heartbeat: Duration::seconds(10),
+        replica_timeout: Duration::seconds(30),
+        lease: Duration::seconds(60),
+        forward_batch: 1000,
+        pool_size: 8,
+    });
+    let reads = Reads::Fleet {
+        pg: f.pg.clone(),
+        replica_timeout: Duration::seconds(30),
+    };
+    let state = meterd::ingest::AppState {
+        settings: Arc::new(settings),
+        journal: f.rig.journal.clone(),
+        reads: reads.clone(),
+        clock: Arc::new(f.rig.clock.clone()),
+        token: None,
+        emitter: None,
+        metrics: None,
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        liveness: Arc::new(meterd::ops::Liveness::default()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, meterd::ingest::router(state))
+            .await
+            .unwrap();
+    });
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(path).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+
+    let cards = get(format!("{base}/v1/dashboard/subscriptions?limit=20")).await;
+    assert_eq!(cards["total"], 1, "{cards}");
+    let card = &cards["subscriptions"][0];
+    assert_eq!(card["resource"], A);
+    assert_eq!(card["pending_events"], 1, "10:00 frozen, not sent yet");
+    let api = card["dimensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["dimension"] == "api_calls")
+        .unwrap();
+    let balance = reads
+        .balance(f.rig.settings.clone(), A.to_string(), t("11:06"))
+        .await
+        .unwrap();
+    let want = balance.iter().find(|d| d.dimension == "api_calls").unwrap();
+    let mut shown = api.clone();
+    shown.as_object_mut().unwrap().remove("threshold");
+    assert_eq!(
+        shown,
+        serde_json::to_value(want).unwrap(),
+        "the card is the balance route's answer"
+    );
+    assert_eq!(
+        (api["consumed"].as_str(), api["overage_frozen"].as_str()),
+        (Some("17"), Some("6"))
+    );
+    assert_eq!(api["threshold"]["state"], "exhausted", "{api}");
+
+    let usage = get(format!(
+        "{base}/v1/dashboard/usage?resource={A}&dimension=api_calls&bucket=hour&from=2026-03-10T08:00:00Z&to=2026-03-10T11:00:00Z"
+    ))
+    .await;
+    let buckets = usage["series"][0]["buckets"].as_array().unwrap();
+    let groups: Vec<(&str, &str, &str)> = buckets
+        .iter()
+        .map(|b| {
+            (
+                b["start"].as_str().unwrap(),
+                b["groups"]["accepted"].as_str().unwrap(),
+                b["groups"]["pending"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            ("2026-03-10T08:00:00Z", "12", "0"),
+            ("2026-03-10T09:00:00Z", "4", "0"),
+            ("2026-03-10T10:00:00Z", "0", "1")
+        ]
+    );
+    let months = get(format!(
+        "{base}/v1/dashboard/usage?resource={A}&dimension=api_calls&bucket=month&from=2026-02-01T00:00:00Z&to=2026-04-01T00:00:00Z"
+    ))
+    .await;
+    let m = months["series"][0]["buckets"].as_array().unwrap();
+    assert_eq!(
+        (
+            m.len(),
+            m[0]["total"].as_str(),
+            m[1]["start"].as_str(),
+            m[1]["total"].as_str()
+        ),
+        (2, Some("0"), Some("2026-03-01T00:00:00Z"), Some("17"))
+    );
+
+    let risk = get(format!("{base}/v1/dashboard/at-risk")).await;
+    assert_eq!(risk["pending_total"], 1);
+    assert_eq!(risk["pending"][0]["hour"], "2026-03-10T10:00:00Z");
+
+    let pools = http.get(format!("{base}/v1/pools")).send().await.unwrap();
+    assert_eq!(pools.status(), 400);
+    let msg = pools.text().await.unwrap();
+    assert!(msg.contains("not available in fleet mode"), "{msg}");
+    server.abort();
+}

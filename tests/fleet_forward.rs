@@ -446,9 +446,10 @@ fn a_replica_keeps_acknowledging_while_postgres_is_down_and_catches_up() {
     let Some(db) = TestDb::create("a_replica_keeps_acknowledging_while_postgres_is_down") else {
         return;
     };
-    let proxy = Proxy::start("127.0.0.1:5432", false);
+    let (server, user) = db.server();
+    let proxy = Proxy::start(&server, false);
     let url = format!(
-        "postgres://postgres:Sup3r-s3cret-pw@127.0.0.1:{}/{}?sslmode=prefer",
+        "postgres://{user}:Sup3r-s3cret-pw@127.0.0.1:{}/{}?sslmode=prefer",
         proxy.port,
         db.name()
     );

@@ -40,7 +40,7 @@ pub async fn subscriptions(
     let now = state.clock.now();
     let after = q.after.filter(|a| !a.is_empty());
     match state
-        .journal
+        .reads
         .dashboard_cards(state.settings.clone(), after, limit, now)
         .await
     {
@@ -139,7 +139,7 @@ pub async fn usage(
     }
     let dimension = q.dimension.filter(|d| !d.is_empty());
     match state
-        .journal
+        .reads
         .dashboard_usage(resource.clone(), dimension, bucket, from, to)
         .await
     {
@@ -188,7 +188,7 @@ pub async fn at_risk(
         ));
     }
     let now = state.clock.now();
-    match state.journal.dashboard_at_risk(now, limit).await {
+    match state.reads.dashboard_at_risk(now, limit).await {
         Ok(mut r) => {
             for a in &mut r.undelivered_alerts {
                 a.last_error = a.last_error.as_deref().map(without_urls);

@@ -81,16 +81,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::get(ops::balance),
         )
         .route("/v1/consumption", axum::routing::get(ops::consumption))
-        .route(
-            "/v1/pools",
-            axum::routing::post(pools_api::create).get(pools_api::list),
-        )
-        .route("/v1/pools/{id}", axum::routing::get(pools_api::get))
-        .route("/v1/pools/{id}/void", axum::routing::post(pools_api::void))
-        .route(
-            "/v1/customers/{tenant}/balance",
-            axum::routing::get(pools_api::customer_balance),
-        )
+        .merge(pool_routes(state.settings.fleet.is_some()))
         .route(
             "/v1/dashboard/subscriptions",
             axum::routing::get(dashboard::subscriptions),
@@ -110,6 +101,28 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ui::router())
         .fallback(not_found)
         .with_state(state)
+}
+
+/// The credit pool routes; in fleet mode every one answers 400 (pools are refused with `[fleet]`, and these
+/// would read and write this replica's local journal, not the fleet's).
+fn pool_routes(fleet: bool) -> Router<AppState> {
+    use axum::routing::{get, post};
+    if fleet {
+        let no = || pools_api::fleet_mode;
+        return Router::new()
+            .route("/v1/pools", post(no()).get(no()))
+            .route("/v1/pools/{id}", get(no()))
+            .route("/v1/pools/{id}/void", post(no()))
+            .route("/v1/customers/{tenant}/balance", get(no()));
+    }
+    Router::new()
+        .route("/v1/pools", post(pools_api::create).get(pools_api::list))
+        .route("/v1/pools/{id}", get(pools_api::get))
+        .route("/v1/pools/{id}/void", post(pools_api::void))
+        .route(
+            "/v1/customers/{tenant}/balance",
+            get(pools_api::customer_balance),
+        )
 }
 
 async fn not_found() -> Response {

@@ -22,6 +22,14 @@ fn bad(message: impl Into<String>) -> Response {
     error_response(StatusCode::BAD_REQUEST, vec![FieldError::request(message)])
 }
 
+/// Every pool route in fleet mode: credit pools are a single-replica feature for now (docs/fleet.md).
+pub async fn fleet_mode() -> Response {
+    bad(
+        "credit pools are not available in fleet mode yet: the shared journal's billing does not draw from pools; \
+         run a single replica to use them (docs/fleet.md)",
+    )
+}
+
 /// `POST /v1/pools`: creates a pool. 201 when created, 200 when the same id with the same content exists,
 /// 409 when the id exists with other content.
 pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {

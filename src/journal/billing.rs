@@ -234,10 +234,15 @@ pub fn balance(
         |r: &str, t: i64| term_for(conn, settings, r, t).unwrap_or((t, t + crate::clock::HOUR));
     let mut out = Vec::new();
     for d in &settings.dimensions {
+        // Not listed (or listed without a plan): the plan of this term's latest frozen hour (its event's plan is
+        // what term_usage was billed under).
         let last_plan: Option<String> = conn
-            .prepare_cached("SELECT plan FROM term_usage WHERE resource = ?1 AND dimension = ?2 AND term_start = ?3 ORDER BY rowid DESC LIMIT 1")
-            .and_then(|mut s| s.query_row(params![resource, d.id, term_start], |r| r.get(0)).optional())
-            .unwrap_or(None);
+            .prepare_cached(
+                "SELECT plan FROM outbound_events WHERE resource = ?1 AND dimension = ?2 AND term_start = ?3
+                   AND plan <> '' ORDER BY hour DESC LIMIT 1",
+            )?
+            .query_row(params![resource, d.id, term_start], |r| r.get(0))
+            .optional()?;
         let plan = sub_plan
             .clone()
             .or(last_plan)
@@ -582,4 +587,65 @@ fn render_groups(
             v
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const POLICY: &str = r#"
+[marketplace]
+mode = "emulator"
+[[dimensions]]
+id = "api_calls"
+[[plans]]
+id = "gold"
+included = { api_calls = 100 }
+[[plans]]
+id = "silver"
+included = { api_calls = 10 }
+"#;
+
+    /// A subscription the list does not (or no longer) show keeps the plan its term was billed under; the lookup
+    /// used to read `rowid` of a WITHOUT ROWID table, failed, and the error was swallowed (plan "").
+    #[test]
+    fn an_unlisted_subscription_is_balanced_under_the_plan_it_was_billed_under() {
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::journal::migrate(&mut c).unwrap();
+        let settings = crate::config::load_str_for(
+            POLICY,
+            "test",
+            &BTreeMap::new(),
+            crate::config::Credentials::Optional,
+        )
+        .unwrap();
+        let now = Utc.with_ymd_and_hms(2026, 3, 10, 12, 0, 0).unwrap();
+        let (start, end) = term_for(&c, &settings, "r1", crate::clock::hour_of(now)).unwrap();
+        for (hour, plan, consumed) in [
+            (start + 3600, "silver", 4_000_000),
+            (start + 7200, "gold", 30_000_000),
+        ] {
+            c.execute(
+                "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at,
+                     deadline, frozen_at, term_start, send_quantity) VALUES ('r1', ?1, 'api_calls', ?2, ?3, '', 'accepted', 0, ?2 + 86100, 0, ?4, 0)",
+                params![plan, hour, consumed, start],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO term_usage (resource, dimension, plan, term_start, term_end, consumed, overage)
+                     VALUES ('r1', 'api_calls', ?1, ?2, ?3, ?4, 0)",
+                params![plan, start, end, consumed],
+            )
+            .unwrap();
+        }
+        let b = balance(&c, &settings, "r1", now).unwrap();
+        let api = b.iter().find(|d| d.dimension == "api_calls").unwrap();
+        assert_eq!(
+            api.plan, "gold",
+            "the plan of the term's latest frozen hour"
+        );
+        assert_eq!(api.consumed, "30");
+        assert_eq!(api.remaining, "70");
+    }
 }

@@ -365,20 +365,36 @@ fn threshold_state(
     resource: &str,
     b: &DimensionBalance,
 ) -> Result<ThresholdState, JournalError> {
-    let declared: Vec<String> = settings
-        .dimension(&b.dimension)
-        .map(|d| d.thresholds.iter().map(Threshold::to_string).collect())
-        .unwrap_or_default();
-    let term_start = DateTime::parse_from_rfc3339(&b.term_start)
-        .map(|t| t.timestamp())
-        .unwrap_or(0);
     let mut stmt = conn.prepare_cached(
         "SELECT threshold FROM thresholds_fired WHERE resource = ?1 AND dimension = ?2 AND term_start = ?3
          ORDER BY fired_at, threshold",
     )?;
     let crossed: Vec<String> = stmt
-        .query_map(params![resource, b.dimension, term_start], |r| r.get(0))?
+        .query_map(params![resource, b.dimension, term_start_of(b)], |r| {
+            r.get(0)
+        })?
         .collect::<Result<_, _>>()?;
+    Ok(threshold_from(settings, b, crossed))
+}
+
+/// The term start of a balance entry (unix seconds).
+pub(crate) fn term_start_of(b: &DimensionBalance) -> i64 {
+    DateTime::parse_from_rfc3339(&b.term_start)
+        .map(|t| t.timestamp())
+        .unwrap_or(0)
+}
+
+/// The threshold state of one balance entry, given the thresholds fired this term (in firing order); the same
+/// rule for both journals.
+pub(crate) fn threshold_from(
+    settings: &Settings,
+    b: &DimensionBalance,
+    crossed: Vec<String>,
+) -> ThresholdState {
+    let declared: Vec<String> = settings
+        .dimension(&b.dimension)
+        .map(|d| d.thresholds.iter().map(Threshold::to_string).collect())
+        .unwrap_or_default();
     let consumed = Micros::parse_decimal(&b.consumed).map(|m| m.0).unwrap_or(0);
     let included = match settings.included(&b.plan, &b.dimension) {
         Included::Infinite => None,
@@ -417,13 +433,13 @@ fn threshold_state(
             format!("Within allowance ({}% used).", used_percent.unwrap_or(0)),
         ),
     };
-    Ok(ThresholdState {
+    ThresholdState {
         state,
         used_percent,
         declared,
         crossed,
         text,
-    })
+    }
 }
 
 /// Usage of `resource` (one dimension, or each it has) over `[from, to)`, per bucket and outcome group.
@@ -465,9 +481,21 @@ pub fn usage(
             r.get::<_, i64>(3)?,
         ))
     })?;
+    let rows: Vec<(String, i64, String, i64)> = rows.collect::<Result<_, _>>()?;
+    series_from(rows, dimension, bucket, from, to)
+}
+
+/// The chart's series from `(dimension, bucket start, report state, quantity)` rows (either journal's): each
+/// state summed into its group, every bucket of `[from, to)` present (zero when empty).
+pub(crate) fn series_from(
+    rows: Vec<(String, i64, String, i64)>,
+    dimension: Option<&str>,
+    bucket: Bucket,
+    from: i64,
+    to: i64,
+) -> Result<Vec<Series>, JournalError> {
     let mut sums: BTreeMap<String, BTreeMap<(i64, &'static str), i64>> = BTreeMap::new();
-    for row in rows {
-        let (dim, b, state, q) = row?;
+    for (dim, b, state, q) in rows {
         let e = sums
             .entry(dim)
             .or_default()
@@ -558,17 +586,8 @@ pub fn at_risk(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<AtRi
     let reconcile = stmt
         .query_map([limit], |r| {
             let hour: i64 = r.get(2)?;
-            let day = fmt_time(hour)[..10].to_string();
             let state: String = r.get(3)?;
-            let hint = if state == "duplicate_mismatch" {
-                format!(
-                    "the marketplace holds another quantity for this hour; run `meterd reconcile --date {day}` and correct it in Partner Center"
-                )
-            } else {
-                format!(
-                    "an attempt may have been recorded unseen; run `meterd reconcile --date {day}` to see whether the marketplace has it"
-                )
-            };
+            let hint = reconcile_hint(&state, hour);
             Ok(ReconcileItem {
                 resource: r.get(0)?,
                 dimension: r.get(1)?,
@@ -589,13 +608,10 @@ pub fn at_risk(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<AtRi
     let undelivered_alerts = stmt
         .query_map([limit], |r| {
             let body: String = r.get(2)?;
-            let resource = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("resource").and_then(|s| s.as_str()).map(String::from));
             Ok(UndeliveredAlert {
                 id: r.get(0)?,
                 kind: r.get(1)?,
-                resource,
+                resource: alert_resource(&body),
                 raised_at: fmt_time(r.get(3)?),
                 attempts: r.get(4)?,
                 next_attempt_at: fmt_time(r.get(5)?),
@@ -616,6 +632,27 @@ pub fn at_risk(conn: &Connection, now: DateTime<Utc>, limit: i64) -> Result<AtRi
         undelivered_alerts,
         undelivered_total,
     })
+}
+
+/// What to do about an event to reconcile (`duplicate_mismatch` or `expired_unconfirmed`) of `hour`.
+pub(crate) fn reconcile_hint(state: &str, hour: i64) -> String {
+    let day = &fmt_time(hour)[..10];
+    if state == "duplicate_mismatch" {
+        format!(
+            "the marketplace holds another quantity for this hour; run `meterd reconcile --date {day}` and correct it in Partner Center"
+        )
+    } else {
+        format!(
+            "an attempt may have been recorded unseen; run `meterd reconcile --date {day}` to see whether the marketplace has it"
+        )
+    }
+}
+
+/// The subscription an alert's body names, if any.
+pub(crate) fn alert_resource(body: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("resource").and_then(|s| s.as_str()).map(String::from))
 }
 
 /// The dashboard's reads on the journal's face (one read job each).

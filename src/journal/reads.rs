@@ -6,7 +6,9 @@
 //! every replica answers the same, and `status` also lists the replicas.
 
 use super::billing::DimensionBalance;
+use super::dashboard::{AtRisk, Bucket, CardPage, Series};
 use super::pg::PgJournal;
+use super::pg::dashboard as pg_dashboard;
 use super::pg::reads::{self as pg_reads, ReplicaLine};
 use super::status::JournalStatus;
 use super::usage::{CarryRow, HourlyRow, ReportFilter};
@@ -128,6 +130,62 @@ impl Reads {
                     by,
                 )
                 .await?)
+            }
+        }
+    }
+
+    /// One page of the dashboard's subscription cards.
+    pub async fn dashboard_cards(
+        &self,
+        settings: Arc<Settings>,
+        after: Option<String>,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<CardPage, JournalError> {
+        match self {
+            Reads::Local(j) => j.dashboard_cards(settings, after, limit, now).await,
+            Reads::Fleet { pg, .. } => {
+                let c = pg.client().await?;
+                Ok(pg_dashboard::cards(&**c, &settings, after.as_deref(), limit, now).await?)
+            }
+        }
+    }
+
+    /// The dashboard's usage series per bucket and outcome group.
+    pub async fn dashboard_usage(
+        &self,
+        resource: String,
+        dimension: Option<String>,
+        bucket: Bucket,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Series>, JournalError> {
+        match self {
+            Reads::Local(j) => {
+                j.dashboard_usage(resource, dimension, bucket, from, to)
+                    .await
+            }
+            Reads::Fleet { pg, .. } => {
+                let c = pg.client().await?;
+                Ok(
+                    pg_dashboard::usage(&**c, &resource, dimension.as_deref(), bucket, from, to)
+                        .await?,
+                )
+            }
+        }
+    }
+
+    /// What is at risk (fleet-wide in fleet mode).
+    pub async fn dashboard_at_risk(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<AtRisk, JournalError> {
+        match self {
+            Reads::Local(j) => j.dashboard_at_risk(now, limit).await,
+            Reads::Fleet { pg, .. } => {
+                let c = pg.client().await?;
+                Ok(pg_dashboard::at_risk(&**c, now, limit).await?)
             }
         }
     }

@@ -22,6 +22,7 @@
 pub mod alerts;
 pub mod billing;
 pub mod conn;
+pub mod dashboard;
 pub mod freeze;
 mod ops;
 pub mod outbound;
@@ -191,6 +192,24 @@ pub mod testing {
         /// The database's name.
         pub fn name(&self) -> &str {
             &self.name
+        }
+
+        /// The server's TCP address (`host:port`) and user from `METERD_TEST_POSTGRES_URL`, for a test that puts
+        /// a proxy in front of it (a Unix-socket host is not a TCP address: the local default is used then).
+        pub fn server(&self) -> (String, String) {
+            let cfg = <tokio_postgres::Config as std::str::FromStr>::from_str(&self.admin_url)
+                .unwrap_or_else(|e| panic!("{URL_VAR} is not a valid URL: {e}"));
+            let host = cfg
+                .get_hosts()
+                .iter()
+                .find_map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "127.0.0.1".into());
+            let port = cfg.get_ports().first().copied().unwrap_or(5432);
+            let user = cfg.get_user().unwrap_or("postgres").to_string();
+            (format!("{host}:{port}"), user)
         }
     }
 

@@ -292,10 +292,11 @@ pub async fn balance(
         .filter(|p| !p.is_empty());
     let mut out = Vec::new();
     for d in &settings.dimensions {
+        // Not listed: the plan of this term's latest frozen hour (as `journal::billing::balance`).
         let last_plan: Option<String> = c
             .query_opt(
-                "SELECT plan FROM term_usage WHERE resource = $1 AND dimension = $2 AND term_start = $3
-                 ORDER BY ctid DESC LIMIT 1",
+                "SELECT plan FROM outbound_events WHERE resource = $1 AND dimension = $2 AND term_start = $3
+                   AND plan <> '' ORDER BY hour DESC LIMIT 1",
                 &[&resource, &d.id, &term_start],
             )
             .await?
