@@ -781,3 +781,77 @@ async fn fleet_dashboard_routes_read_the_shared_journal() {
     assert!(msg.contains("not available in fleet mode"), "{msg}");
     server.abort();
 }
+
+/// `meterd reconcile` on a fleet replica compares the marketplace with what the fleet sent (the shared journal).
+/// Before, it read the replica's own journal, which sends nothing in fleet mode: every hour the fleet sent showed
+/// as a difference (meterd 0, marketplace the quantity) and the command failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_reconcile_compares_the_marketplace_with_the_shared_journal() {
+    let Some(f) =
+        Fleet::start("fleet_reconcile_compares_the_marketplace_with_the_shared_journal").await
+    else {
+        return;
+    };
+    f.total("api_calls", t("08:00"), 12 * SECOND).await;
+    f.total("api_calls", t("09:00"), 4 * SECOND).await;
+    f.heartbeat("r1", t("10:06"), t("10:06")).await;
+    f.clock().set(t("10:06"));
+    let pass = f.emitter("r1", Duration::seconds(60)).pass().await.unwrap();
+    assert_eq!(pass.frozen, 2);
+    assert_eq!(f.rig.emu.accepted_events().len(), 2);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("meterd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[journal]\npath = \"{}\"\n[marketplace]\nmode = \"azure\"\nbase_url = \"{}/api\"\ntimeout = \"5s\"\n\
+             [marketplace.auth]\nkind = \"static_token\"\n[fleet]\nreplica_id = \"r9\"\n{BILLING}",
+            dir.path().join("journal.db").display(),
+            f.rig.base
+        ),
+    )
+    .unwrap();
+    let url = f.db.url.expose().to_string();
+    let reconcile = |date: &'static str| {
+        let (config, url) = (config.clone(), url.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_meterd"))
+                .args(["reconcile", "--config"])
+                .arg(&config)
+                .args(["--date", date])
+                .env_remove("RUST_LOG")
+                .env("METERD_FLEET__URL", url)
+                .env("METERD_MARKETPLACE__AUTH__STATIC_TOKEN", "emulator-token")
+                .output()
+                .unwrap()
+        })
+    };
+    let out = reconcile("2026-03-10").await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("no differences"), "{text}");
+    assert!(
+        !text.contains(url.as_str()),
+        "the URL is never printed: {text}"
+    );
+    // A difference the fleet has not seen is still found: the marketplace's quantity, 0 in the shared journal.
+    let c = f.pg.client().await.unwrap();
+    c.execute(
+        "UPDATE outbound_events SET send_quantity = send_quantity + 1000000 WHERE hour = $1",
+        &[&t("09:00").timestamp()],
+    )
+    .await
+    .unwrap();
+    let out = reconcile("2026-03-10").await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&A.to_ascii_lowercase()) && stdout.contains("api_calls"),
+        "{stdout}"
+    );
+}

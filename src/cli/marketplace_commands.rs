@@ -241,8 +241,13 @@ pub async fn reconcile(
         .map_or(0, |m| m.0);
         *market.entry((r.to_ascii_lowercase(), dim)).or_default() += q;
     }
-    let journal = open_journal(settings)?;
-    let ours = journal.accepted_totals(start, end)?;
+    // In fleet mode what the fleet sent is in the shared journal (a replica's own journal sends nothing).
+    let ours = match super::journal_views::fleet_read(settings, async |r| {
+        r.accepted_totals(start, end).await
+    }) {
+        Some(totals) => totals?,
+        None => open_journal(settings)?.accepted_totals(start, end)?,
+    };
     let keys: std::collections::BTreeSet<_> = market.keys().chain(ours.keys()).cloned().collect();
     let mut diffs = Vec::new();
     for k in keys {

@@ -189,4 +189,22 @@ impl Reads {
             }
         }
     }
+
+    /// Accepted quantities per (resource folded, dimension) for hours in `[from, to)` (`meterd reconcile`).
+    pub async fn accepted_totals(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<std::collections::BTreeMap<(String, String), i64>, JournalError> {
+        match self {
+            Reads::Local(j) => {
+                j.read(move |c| super::status::accepted_totals(c, from, to))
+                    .await
+            }
+            Reads::Fleet { pg, .. } => {
+                let c = pg.client().await?;
+                Ok(pg_reads::accepted_totals(&**c, from.timestamp(), to.timestamp()).await?)
+            }
+        }
+    }
 }

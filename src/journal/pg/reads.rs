@@ -463,3 +463,24 @@ pub async fn consumption_grouped(
 pub const POOL_GROUPING_REFUSED: &str = "`group_by=pool` is not available in fleet mode: credit pools ([[pools]]) \
      and their draws are kept by the single-replica SQLite journal only, and the fleet's shared journal has none; \
      use group_by=dimension, hour, day or month";
+
+/// What the fleet sent and the marketplace accepted per (resource folded, dimension), hours in `[from, to)`
+/// (as `journal::status::accepted_totals`), for `meterd reconcile`.
+pub async fn accepted_totals(
+    c: &(impl GenericClient + Sync),
+    from: i64,
+    to: i64,
+) -> Result<BTreeMap<(String, String), i64>, PgError> {
+    let rows = c
+        .query(
+            "SELECT lower(resource), dimension, SUM(COALESCE(send_quantity, quantity))::bigint FROM outbound_events
+             WHERE hour >= $1 AND hour < $2 AND state IN ('accepted', 'duplicate')
+             GROUP BY lower(resource), dimension",
+            &[&from, &to],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
