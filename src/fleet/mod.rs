@@ -9,7 +9,8 @@
 //! - The **heartbeat** upserts this replica's `replicas` row every `fleet.heartbeat`: heartbeat time, watermark
 //!   (the `received_at` of the oldest record still waiting, else now), outbox size, version. A replica whose
 //!   heartbeat is older than `fleet.replica_timeout` no longer holds back freezing. It also applies fleet mode's
-//!   local retention hourly (the local SQLite emitter does not run in fleet mode).
+//!   local retention hourly (the local SQLite emitter does not run in fleet mode), and starts the shared
+//!   journal's hourly retention ([`retention_loop`]).
 //!
 //! Times on the replica side (`received_at`, `heartbeat_at`, `watermark`) come from the injected [`Clock`], so
 //! tests drive them with a `ManualClock`.
@@ -377,6 +378,14 @@ async fn heartbeat_loop(
             _ = stop.wait_for(|s| *s) => return,
         }
     }
+    // The shared journal's retention, hourly, in a task of its own so that a long run never delays a heartbeat.
+    let retention = tokio::spawn(retention_loop(
+        settings.clone(),
+        pg.clone(),
+        clock.clone(),
+        every,
+        stop.clone(),
+    ));
     let mut last_compact = i64::MIN;
     loop {
         if let Err(e) = beat(&fleet, &journal, &pg, &clock, started_at).await {
@@ -410,4 +419,71 @@ async fn heartbeat_loop(
         }
     }
     let _ = beat(&fleet, &journal, &pg, &clock, started_at).await;
+    let _ = retention.await;
+}
+
+/// Applies the shared journal's retention ([`PgJournal::apply_retention`]) once an hour by `clock` (looking every
+/// `every`), at the first look too. Every replica runs it; chunks of one transaction with `SKIP LOCKED` let them
+/// run at once. Stopping cancels a run between or inside a chunk (an unfinished chunk is rolled back).
+pub async fn retention_loop(
+    settings: Arc<Settings>,
+    pg: PgJournal,
+    clock: SharedClock,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last = i64::MIN;
+    loop {
+        let now = clock.now();
+        if now.timestamp() >= last.saturating_add(3600) {
+            last = now.timestamp();
+            let rules = crate::journal::pg::retention::RetentionRules::new(
+                now,
+                settings.journal.retention,
+                settings.ingest.dedupe_window,
+            );
+            let run = tokio::select! {
+                r = pg.apply_retention(&rules) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match run {
+                Ok(s) => {
+                    for (what, n) in [
+                        ("events", s.events),
+                        ("hourly_totals", s.hourly_totals),
+                        ("records", s.records),
+                        ("carries", s.carries),
+                        ("alerts", s.alerts),
+                    ] {
+                        metrics::counter!("meterd_fleet_retention_deleted_total", "what" => what)
+                            .increment(n);
+                    }
+                    if s.any() {
+                        tracing::info!(
+                            message = "Shared journal retention applied.",
+                            outbound_events_deleted = s.events,
+                            hourly_totals_deleted = s.hourly_totals,
+                            raw_records_compacted = s.records,
+                            carries_deleted = s.carries,
+                            alerts_deleted = s.alerts,
+                            transactions = s.chunks,
+                            more = s.more
+                        );
+                    }
+                    if s.more {
+                        // More than one run's worth: go on at the next look instead of in an hour.
+                        last = i64::MIN;
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    message = "Shared journal retention failed; retried in an hour.",
+                    error = %e
+                ),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }

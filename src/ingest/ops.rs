@@ -178,16 +178,18 @@ pub async fn consumption(
                 ))],
             );
         };
-        if matches!(state.reads, crate::journal::reads::Reads::Fleet { .. }) {
-            // Pools and the grouped views are kept by the local SQLite journal only (docs/fleet.md).
+        if by == crate::billing::GroupBy::Pool
+            && matches!(state.reads, crate::journal::reads::Reads::Fleet { .. })
+        {
+            // Credit pools are kept by the single-replica SQLite journal only (docs/fleet.md).
             return error_response(
                 StatusCode::BAD_REQUEST,
                 vec![FieldError::request(
-                    "`group_by` is not available in fleet mode yet; leave it out for the per-dimension totals of the shared journal".to_string(),
+                    crate::journal::pg::reads::POOL_GROUPING_REFUSED,
                 )],
             );
         }
-        return match state.journal.consumption_grouped(r, d, from, to, by).await {
+        return match state.reads.consumption_grouped(r, d, from, to, by).await {
             Ok(groups) => axum::Json(json!({
                 "resource": resource, "from": q.from, "to": q.to, "group_by": g.trim(), "groups": groups,
             }))

@@ -452,16 +452,32 @@ pub fn consumption_grouped(
     use std::collections::BTreeMap;
     let journaled = super::usage::known_spelling(conn, resource)?;
     let resource = journaled.as_deref().unwrap_or(resource);
+    if by != GroupBy::Pool {
+        let mut stmt = conn.prepare_cached(
+            "SELECT dimension, hour, quantity FROM hourly_totals
+             WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND hour >= ?3 AND hour < ?4",
+        )?;
+        let hours: Vec<(String, i64, i64)> = stmt
+            .query_map(params![resource, dimension, from, to], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut months = Vec::new();
+        if matches!(by, GroupBy::Month | GroupBy::Dimension) && super::pools::has_schema(conn)? {
+            let mut stmt = conn.prepare_cached(
+                "SELECT dimension, month, quantity FROM usage_months
+                 WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND month >= ?3 AND month < ?4",
+            )?;
+            months = stmt
+                .query_map(params![resource, dimension, from, to], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<_, _>>()?;
+        }
+        return Ok(group_by_period(by, hours, months));
+    }
     let mut sums: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut add = |d: String, k: String, q: i64| *sums.entry((d, k)).or_default() += q;
-    let key_of = |hour: i64| -> String {
-        match by {
-            GroupBy::Dimension | GroupBy::Pool => String::new(),
-            GroupBy::Hour => fmt_time(hour),
-            GroupBy::Day => fmt_time(hour - hour.rem_euclid(86_400)),
-            GroupBy::Month => fmt_time(crate::pools::month_start(hour)),
-        }
-    };
     if by == GroupBy::Pool {
         let mut stmt = conn.prepare_cached(
             "SELECT h.dimension, h.quantity - h.prebilled, o.id, o.plan, o.included, o.billable
@@ -527,36 +543,46 @@ pub fn consumption_grouped(
                 _ => add(dim, "unbilled".into(), fresh),
             }
         }
-    } else {
-        let mut stmt = conn.prepare_cached(
-            "SELECT dimension, hour, quantity FROM hourly_totals
-             WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND hour >= ?3 AND hour < ?4",
-        )?;
-        let rows: Vec<(String, i64, i64)> = stmt
-            .query_map(params![resource, dimension, from, to], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        for (dim, hour, q) in rows {
-            add(dim, key_of(hour), q);
-        }
-        if matches!(by, GroupBy::Month | GroupBy::Dimension) && super::pools::has_schema(conn)? {
-            let mut stmt = conn.prepare_cached(
-                "SELECT dimension, month, quantity FROM usage_months
-                 WHERE resource = ?1 AND (?2 IS NULL OR dimension = ?2) AND month >= ?3 AND month < ?4",
-            )?;
-            let rows: Vec<(String, i64, i64)> = stmt
-                .query_map(params![resource, dimension, from, to], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })?
-                .collect::<Result<_, _>>()?;
-            for (dim, month, q) in rows {
-                add(dim, key_of(month), q);
-            }
-        }
     }
-    Ok(sums
-        .into_iter()
+    Ok(render_groups(by, sums))
+}
+
+/// The period of `hour` in a grouping by `by`: its hour, UTC day or UTC month (RFC 3339); empty for `dimension`
+/// and `pool`.
+fn period_of(by: GroupBy, hour: i64) -> String {
+    match by {
+        GroupBy::Dimension | GroupBy::Pool => String::new(),
+        GroupBy::Hour => fmt_time(hour),
+        GroupBy::Day => fmt_time(hour - hour.rem_euclid(86_400)),
+        GroupBy::Month => fmt_time(crate::pools::month_start(hour)),
+    }
+}
+
+/// `GET /v1/consumption`'s groups for `by` (not `pool`), either journal's: hourly sums `(dimension, hour,
+/// micro-units)` and, for `month` and `dimension`, the monthly sums retention kept `(dimension, month start,
+/// micro-units)`; rows of `{"dimension", ("period"), "quantity"}` in dimension, then period order.
+pub fn group_by_period(
+    by: GroupBy,
+    hours: Vec<(String, i64, i64)>,
+    months: Vec<(String, i64, i64)>,
+) -> Vec<serde_json::Value> {
+    let mut sums: std::collections::BTreeMap<(String, String), i64> = Default::default();
+    let months = if matches!(by, GroupBy::Month | GroupBy::Dimension) {
+        months
+    } else {
+        Vec::new()
+    };
+    for (dim, hour, q) in hours.into_iter().chain(months) {
+        *sums.entry((dim, period_of(by, hour))).or_default() += q;
+    }
+    render_groups(by, sums)
+}
+
+fn render_groups(
+    by: GroupBy,
+    sums: std::collections::BTreeMap<(String, String), i64>,
+) -> Vec<serde_json::Value> {
+    sums.into_iter()
         .map(|((dim, key), q)| {
             let mut v =
                 serde_json::json!({"dimension": dim, "quantity": Micros(q).to_decimal_string()});
@@ -567,7 +593,7 @@ pub fn consumption_grouped(
             }
             v
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

@@ -104,6 +104,36 @@ impl Reads {
         }
     }
 
+    /// Consumption of one resource grouped by `by` (`GET /v1/consumption?group_by=`): the rows of
+    /// `journal::billing::consumption_grouped`. In fleet mode `pool` is refused (no pools there).
+    pub async fn consumption_grouped(
+        &self,
+        resource: String,
+        dimension: Option<String>,
+        from: i64,
+        to: i64,
+        by: super::billing::GroupBy,
+    ) -> Result<Vec<serde_json::Value>, JournalError> {
+        match self {
+            Reads::Local(j) => {
+                j.consumption_grouped(resource, dimension, from, to, by)
+                    .await
+            }
+            Reads::Fleet { pg, .. } => {
+                let c = pg.client().await?;
+                Ok(pg_reads::consumption_grouped(
+                    &**c,
+                    &resource,
+                    dimension.as_deref(),
+                    from,
+                    to,
+                    by,
+                )
+                .await?)
+            }
+        }
+    }
+
     /// One page of the dashboard's subscription cards.
     pub async fn dashboard_cards(
         &self,

@@ -148,6 +148,10 @@ pub fn describe() {
         "Fleet mode: failed forward or heartbeat attempts (PostgreSQL unreachable or refusing); each is retried."
     );
     describe_counter!(
+        "meterd_fleet_retention_deleted_total",
+        "Fleet mode: rows the shared journal's retention deleted (events, hourly_totals, records, carries, alerts)."
+    );
+    describe_counter!(
         "meterd_token_refreshes_total",
         "Access token fetches from Entra ID / managed identity by result (ok, error); an error while a cached token is still valid keeps serving it."
     );

@@ -15,6 +15,9 @@
 //! - F4. One sender per event: a claim sets `lease_owner`, `lease_until` (database clock) and increments
 //!   `fence`; a settle applies only while owner and fence still match (a stale owner's settle changes nothing).
 //!   No session advisory locks anywhere.
+//! - F5. Retention ([`retention`]) deletes only settled hours past `journal.retention` (their sums kept in
+//!   `usage_months` and `retired_overage`), and a raw record only once no replica can still forward a duplicate
+//!   of it from inside `ingest.dedupe_window`.
 
 pub mod alerts;
 pub mod billing;
@@ -26,6 +29,7 @@ pub mod outbound;
 pub mod reads;
 pub mod records;
 pub mod replicas;
+pub mod retention;
 pub mod schema;
 
 pub use ops::FleetPassStart;

@@ -7,7 +7,7 @@ use super::billing::term_for;
 use super::outbound::DB_NOW;
 use crate::clock::{HOUR, fmt_time, hour_of};
 use crate::config::{Included, Settings};
-use crate::journal::billing::DimensionBalance;
+use crate::journal::billing::{DimensionBalance, GroupBy, group_by_period};
 use crate::journal::status::JournalStatus;
 use crate::journal::usage::{CarryRow, HourlyRow, ReportFilter};
 use crate::outcome::Outcome;
@@ -333,7 +333,23 @@ pub async fn balance(
                 &[&resource, &d.id, &term_start],
             )
             .await?;
-        let (frozen, accepted): (i64, i64) = (r.get(0), r.get(1));
+        let (mut frozen, mut accepted): (i64, i64) = (r.get(0), r.get(1));
+        // What retention deleted of this term's events (`journal/pg/retention.rs`).
+        if let Some(r) = c
+            .query_opt(
+                "SELECT frozen, accepted FROM retired_overage
+                 WHERE resource = $1 AND dimension = $2 AND term_start = $3",
+                &[&resource, &d.id, &term_start],
+            )
+            .await?
+        {
+            let sum = |a: i64, b: i64| {
+                a.checked_add(b)
+                    .ok_or_else(|| PgError::Invalid("a balance overflows".into()))
+            };
+            frozen = sum(frozen, r.get(0))?;
+            accepted = sum(accepted, r.get(1))?;
+        }
         let remainder: i64 = c
             .query_opt(
                 "SELECT remainder FROM remainders WHERE resource = $1 AND dimension = $2",
@@ -400,6 +416,53 @@ pub async fn consumption(
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())
 }
+
+/// Consumption of `resource` (optionally one dimension) over `[from, to)` grouped by `by` (`dimension`, `hour`,
+/// `day` or `month`, as `journal::billing::consumption_grouped`: the same rows and JSON; `month` and `dimension`
+/// add the monthly sums retention kept in `usage_months`). `pool` is refused: fleet mode has no credit pools.
+pub async fn consumption_grouped(
+    c: &(impl GenericClient + Sync),
+    resource: &str,
+    dimension: Option<&str>,
+    from: i64,
+    to: i64,
+    by: GroupBy,
+) -> Result<Vec<serde_json::Value>, PgError> {
+    if by == GroupBy::Pool {
+        return Err(PgError::Invalid(POOL_GROUPING_REFUSED.to_string()));
+    }
+    let journaled = known_spelling(c, resource).await?;
+    let resource = journaled.as_deref().unwrap_or(resource);
+    let hours = c
+        .query(
+            "SELECT dimension, hour, quantity FROM hourly_totals
+             WHERE resource = $1 AND ($2::text IS NULL OR dimension = $2::text) AND hour >= $3 AND hour < $4",
+            &[&resource, &dimension, &from, &to],
+        )
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let months = if matches!(by, GroupBy::Month | GroupBy::Dimension) {
+        c.query(
+            "SELECT dimension, month, quantity FROM usage_months
+             WHERE resource = $1 AND ($2::text IS NULL OR dimension = $2::text) AND month >= $3 AND month < $4",
+            &[&resource, &dimension, &from, &to],
+        )
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(group_by_period(by, hours, months))
+}
+
+/// Why `group_by=pool` is refused in fleet mode.
+pub const POOL_GROUPING_REFUSED: &str = "`group_by=pool` is not available in fleet mode: credit pools ([[pools]]) \
+     and their draws are kept by the single-replica SQLite journal only, and the fleet's shared journal has none; \
+     use group_by=dimension, hour, day or month";
 
 /// What the fleet sent and the marketplace accepted per (resource folded, dimension), hours in `[from, to)`
 /// (as `journal::status::accepted_totals`), for `meterd reconcile`.

@@ -175,6 +175,35 @@ const MIGRATIONS: &[&str] = &[
         version      TEXT NOT NULL
     );
     "#,
+    // 2: retention of the shared journal (`journal/pg/retention.rs`).
+    r#"
+    -- Monthly sums of the hourly totals retention deleted (as in SQLite), so GET /v1/consumption?group_by=month
+    -- (and dimension) reaches back further than journal.retention. `month` is the month's first second (UTC).
+    CREATE TABLE usage_months (
+        resource  TEXT NOT NULL,
+        dimension TEXT NOT NULL,
+        month     BIGINT NOT NULL,
+        quantity  BIGINT NOT NULL,
+        PRIMARY KEY (resource, dimension, month)
+    );
+
+    -- What the outbound events retention deleted had frozen (`send_quantity`) and the marketplace accepted, per
+    -- term: a balance's `overage_frozen` / `overage_accepted` add these, so they stay exact after deletion.
+    CREATE TABLE retired_overage (
+        resource   TEXT NOT NULL,
+        dimension  TEXT NOT NULL,
+        term_start BIGINT NOT NULL,
+        frozen     BIGINT NOT NULL DEFAULT 0,
+        accepted   BIGINT NOT NULL DEFAULT 0,
+        events     BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (resource, dimension, term_start)
+    );
+
+    -- Retention's scans: settled events by hour, the totals of an event, carries by origin hour.
+    CREATE INDEX outbound_events_settled ON outbound_events(hour, id) WHERE state <> 'pending';
+    CREATE INDEX hourly_totals_outbound ON hourly_totals(outbound_id) WHERE outbound_id IS NOT NULL;
+    CREATE INDEX carries_from ON carries(from_hour);
+    "#,
 ];
 
 /// The schema version this build writes.
