@@ -9,7 +9,8 @@
 //! The freeze takes the unfrozen totals it freezes `FOR UPDATE` and inserts one `outbound_events` row per key
 //! (unique per key, `ON CONFLICT DO NOTHING`), all in one transaction: two replicas freezing at once serialise
 //! on the rows; the second finds them frozen (READ COMMITTED re-checks `outbound_id IS NULL`) and writes no
-//! second event. Bodies are written at the first send, when the plan is known, as in SQLite mode
+//! second event. The events of a freeze are inserted and linked to their totals set-based (one `INSERT ... SELECT
+//! FROM unnest(...)` and one `UPDATE` per chunk of keys). Bodies are written at the first send, when the plan is known, as in SQLite mode
 //! (`outbound::dispose`, billing in the same transaction).
 
 use super::PgError;
@@ -30,6 +31,19 @@ pub struct FreezeRule {
     pub max_wait: Duration,
     /// `fleet.replica_timeout`.
     pub replica_timeout: Duration,
+}
+
+/// Keys frozen per statement (the arrays of one `unnest`).
+const FREEZE_CHUNK: usize = 5000;
+
+/// One key to freeze: its total over the hour's plans, the plan its event names, and what was prebilled.
+struct FrozenKey {
+    resource: String,
+    plan: String,
+    dimension: String,
+    hour: i64,
+    quantity: i64,
+    prebilled: i64,
 }
 
 /// The lowest watermark of the live replicas at `now`, or `None` when no replica is live.
@@ -102,6 +116,8 @@ pub async fn freeze(
         }
     }
     let now_s = now.timestamp();
+    // One event per key, set-based: the keys in (hour, resource, dimension) order (event ids follow it).
+    let mut keys: Vec<FrozenKey> = Vec::with_capacity(groups.len());
     for ((hour, resource, dimension), (qty, prebilled, plans)) in groups {
         if plans.len() > 1 {
             tracing::warn!(
@@ -114,44 +130,96 @@ pub async fn freeze(
             .max_by_key(|(_, q)| **q)
             .map(|(p, _)| p.clone())
             .unwrap_or_default();
-        let deadline = hour + 24 * HOUR - rule.safety_margin.num_seconds();
-        let inserted = tx
-            .query_opt(
-                "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at,
-                                              deadline, frozen_at, prebilled)
-                 VALUES ($1, $2, $3, $4, $5, '', 'pending', $6, $7, $6, $8)
-                 ON CONFLICT (resource, dimension, hour) DO NOTHING RETURNING id",
-                &[&resource, &plan, &dimension, &hour, &qty, &now_s, &deadline, &prebilled],
+        keys.push(FrozenKey {
+            resource,
+            plan,
+            dimension,
+            hour,
+            quantity: qty,
+            prebilled,
+        });
+    }
+    let insert = tx
+        .prepare(
+            "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at,
+                                          deadline, frozen_at, prebilled)
+             SELECT r, p, d, h, q, '', 'pending', $7, h + $8, $7, pb
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
+                  WITH ORDINALITY AS k(r, p, d, h, q, pb, n)
+             ORDER BY n
+             ON CONFLICT (resource, dimension, hour) DO NOTHING
+             RETURNING id, resource, dimension, hour",
+        )
+        .await?;
+    let link = tx
+        .prepare(
+            "UPDATE hourly_totals t SET outbound_id = k.id
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[]) AS k(id, r, d, h)
+             WHERE t.resource = k.r AND t.dimension = k.d AND t.hour = k.h AND t.outbound_id IS NULL",
+        )
+        .await?;
+    let deadline_after = 24 * HOUR - rule.safety_margin.num_seconds();
+    for chunk in keys.chunks(FREEZE_CHUNK) {
+        let mut cols: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>, Vec<i64>) =
+            Default::default();
+        for k in chunk {
+            cols.0.push(&k.resource);
+            cols.1.push(&k.plan);
+            cols.2.push(&k.dimension);
+            cols.3.push(k.hour);
+            cols.4.push(k.quantity);
+            cols.5.push(k.prebilled);
+        }
+        let rows = tx
+            .query(
+                &insert,
+                &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &now_s, &deadline_after],
             )
             .await?;
-        match inserted {
-            Some(row) => {
-                let id: i64 = row.get(0);
-                tx.execute(
-                    "UPDATE hourly_totals SET outbound_id = $1
-                     WHERE resource = $2 AND dimension = $3 AND hour = $4 AND outbound_id IS NULL",
-                    &[&id, &resource, &dimension, &hour],
-                )
+        let mut made: std::collections::HashSet<(String, String, i64)> =
+            std::collections::HashSet::with_capacity(rows.len());
+        let mut linked: (Vec<i64>, Vec<String>, Vec<String>, Vec<i64>) = Default::default();
+        for r in rows {
+            let (id, resource, dimension, hour): (i64, String, String, i64) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            linked.0.push(id);
+            linked.1.push(resource.clone());
+            linked.2.push(dimension.clone());
+            linked.3.push(hour);
+            made.insert((resource, dimension, hour));
+        }
+        summary.frozen += made.len();
+        if !linked.0.is_empty() {
+            tx.execute(&link, &[&linked.0, &linked.1, &linked.2, &linked.3])
                 .await?;
-                summary.frozen += 1;
+        }
+        for k in chunk {
+            if made.contains(&(k.resource.clone(), k.dimension.clone(), k.hour)) {
+                continue;
             }
-            None => {
-                // The key has its event already (a total forwarded after it was frozen): never lose the units,
-                // carry them into a later, unfrozen hour.
-                let target = hour_of(now).max(through);
-                tracing::error!(message = "Hour already has an outbound event; carrying the new units forward.", %resource, %dimension, hour = %fmt_time(hour));
-                super::outbound::add_to_hour(tx, &resource, &plan, &dimension, target, qty, 0)
-                    .await?;
-                super::outbound::record_carry(
-                    tx, &resource, &plan, &dimension, hour, target, qty, "late", None, now_s,
-                )
-                .await?;
-                tx.execute(
-                    "DELETE FROM hourly_totals WHERE resource = $1 AND dimension = $2 AND hour = $3 AND outbound_id IS NULL",
-                    &[&resource, &dimension, &hour],
-                )
-                .await?;
-            }
+            // The key has its event already (a total forwarded after it was frozen): never lose the units,
+            // carry them into a later, unfrozen hour.
+            let FrozenKey {
+                resource,
+                plan,
+                dimension,
+                hour,
+                quantity: qty,
+                ..
+            } = k;
+            let hour = *hour;
+            let target = hour_of(now).max(through);
+            tracing::error!(message = "Hour already has an outbound event; carrying the new units forward.", %resource, %dimension, hour = %fmt_time(hour));
+            super::outbound::add_to_hour(tx, resource, plan, dimension, target, *qty, 0).await?;
+            super::outbound::record_carry(
+                tx, resource, plan, dimension, hour, target, *qty, "late", None, now_s,
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM hourly_totals WHERE resource = $1 AND dimension = $2 AND hour = $3 AND outbound_id IS NULL",
+                &[&resource, &dimension, &hour],
+            )
+            .await?;
         }
     }
     tx.execute(

@@ -87,8 +87,30 @@ impl PgJournal {
         limit: i64,
         lease: Duration,
     ) -> Result<Vec<Claimed>, PgError> {
+        self.claim_excluding(owner, now, limit, lease, &[]).await
+    }
+
+    /// [`PgJournal::claim`], never taking an event of `excluding` (the claimer's own call in flight).
+    pub async fn claim_excluding(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        limit: i64,
+        lease: Duration,
+        excluding: &[i64],
+    ) -> Result<Vec<Claimed>, PgError> {
         let client = self.client().await?;
-        outbound::claim(&**client, owner, now, limit, lease).await
+        outbound::claim(&client, owner, now, limit, lease, excluding).await
+    }
+
+    /// Frees `owner`'s leases on claimed events it will not send (not in flight; fences must match).
+    pub async fn release_leases(
+        &self,
+        owner: &str,
+        fenced: Vec<(i64, i64)>,
+    ) -> Result<u64, PgError> {
+        let client = self.client().await?;
+        outbound::release_leases(&client, owner, &fenced).await
     }
 
     /// One transaction: settles, bills and writes bodies for a claimed batch (see [`outbound::dispose`]).
@@ -115,16 +137,8 @@ impl PgJournal {
         fenced: Vec<(i64, i64)>,
         lease: Duration,
     ) -> Result<bool, PgError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        if outbound::mark_attempt(&tx, owner, &fenced, lease).await? {
-            tx.commit().await?;
-            Ok(true)
-        } else {
-            // Either every event of the call is marked or none.
-            tx.rollback().await?;
-            Ok(false)
-        }
+        let client = self.client().await?;
+        outbound::mark_attempt(&client, owner, &fenced, lease).await
     }
 
     /// One transaction: the call's alert and each answer settled under `owner`'s fence (`(id, fence, settle)`).
@@ -136,6 +150,15 @@ impl PgJournal {
         now: DateTime<Utc>,
         policy: &SettlePolicy,
     ) -> Result<BTreeMap<String, usize>, PgError> {
+        if call_alert.is_none() && outbound::all_simple(&settles) {
+            // The common case (every answer accepted or duplicate): one statement, atomic by itself.
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(outbound::SETTLE_SIMPLE).await?;
+            let simple: Vec<&(i64, i64, Settle)> = settles.iter().collect();
+            let mut counts = BTreeMap::new();
+            outbound::settle_simple(&**client, &stmt, owner, &simple, now, &mut counts).await?;
+            return Ok(counts);
+        }
         in_tx!(self, tx => outbound::settle_answers(&tx, owner, call_alert.clone(), &settles, now, policy).await)
     }
 
