@@ -44,6 +44,8 @@ struct Fenced {
     owner: String,
     lease: Duration,
     fences: HashMap<i64, i64>,
+    /// The events (in order) already marked for the batch's first call, while the call before it was in flight.
+    premarked: std::sync::Mutex<Option<Vec<i64>>>,
 }
 
 impl Fenced {
@@ -55,6 +57,11 @@ impl Fenced {
 
 impl BatchJournal for Fenced {
     async fn mark_attempt(&self, batch: &[PendingEvent]) -> anyhow::Result<()> {
+        let premarked = self.premarked.lock().expect("premarked lock").take();
+        if premarked.is_some_and(|ids| ids.iter().copied().eq(batch.iter().map(|e| e.id))) {
+            // Marked (committed) already: the first call of the batch goes out without another round trip.
+            return Ok(());
+        }
         let fenced: Vec<(i64, i64)> = batch.iter().map(|e| (e.id, self.fence(e.id))).collect();
         if self
             .pg
@@ -124,16 +131,17 @@ struct Worked {
     recheck_subscriptions: bool,
 }
 
-/// A claimed batch after its transaction: the events to send (with their fences) and the count per outcome of
-/// those settled without a call.
-type Disposed = (Vec<Claimed>, BTreeMap<String, usize>);
+/// A claimed batch after its transaction: the events to send (with their fences), the count per outcome of
+/// those settled without a call, and whether the events to send are marked for their call already.
+type Disposed = (Vec<Claimed>, BTreeMap<String, usize>, bool);
 
 impl Worker {
     /// Claims, decides, bills and sends until nothing due at `now` is left to claim.
     ///
-    /// While a batch's call is in flight the worker already claims, decides and bills its next batch (the claim
-    /// skips the events of the call in flight), so the PostgreSQL work of a batch overlaps the marketplace
-    /// latency of the one before instead of adding to it; a worker still has at most one call in flight. When
+    /// While a batch's call is in flight the worker already claims, decides, bills and marks its next batch (the
+    /// claim skips the events of the call in flight), so the PostgreSQL work of a batch overlaps the marketplace
+    /// latency of the one before instead of adding to it; a worker still has at most one call in flight. (A mark
+    /// made ahead is what a crash before the call leaves as "may have been recorded": the safe side.) When
     /// that claim found nothing, one more claim after the call decides whether the worker is done (as without
     /// the overlap). When a call fails, the leases of the batch claimed beside it are given back.
     async fn run(self, now: DateTime<Utc>, policy: SettlePolicy) -> anyhow::Result<Worked> {
@@ -143,9 +151,9 @@ impl Worker {
         let store = SharedSubscriptions(self.pg.clone());
         let mut next: Option<Disposed> = None;
         loop {
-            let (sendable, counts) = match next.take() {
+            let (sendable, counts, premarked) = match next.take() {
                 Some(d) => d,
-                None => match self.prepare(&store, now, &policy, &[]).await? {
+                None => match self.prepare(&store, now, &policy, &[], false).await? {
                     Some(d) => d,
                     None => return Ok(done),
                 },
@@ -167,6 +175,7 @@ impl Worker {
                 owner: self.owner.clone(),
                 lease: self.lease,
                 fences: sendable.iter().map(|c| (c.event.id, c.fence)).collect(),
+                premarked: std::sync::Mutex::new(premarked.then(|| in_flight.clone())),
             };
             let batch: Vec<PendingEvent> = sendable.into_iter().map(|c| c.event).collect();
             let (sent, prepared) = tokio::join!(
@@ -178,7 +187,7 @@ impl Worker {
                     (delays, hold_recheck),
                     batch,
                 ),
-                self.prepare(&store, now, &policy, &in_flight),
+                self.prepare(&store, now, &policy, &in_flight, true),
             );
             match sent {
                 Ok(r) => {
@@ -194,8 +203,8 @@ impl Worker {
                     *done.outcomes.entry("lease_lost".into()).or_default() += 1;
                 }
                 Err(e) => {
-                    if let Ok(Some((claimed, _))) = &prepared {
-                        self.give_back(claimed).await;
+                    if let Ok(Some((claimed, _, premarked))) = &prepared {
+                        self.give_back(claimed, *premarked).await;
                     }
                     return Err(e);
                 }
@@ -205,14 +214,16 @@ impl Worker {
     }
 
     /// Claims a batch (never one of `in_flight`, the events of this worker's call in flight), decides each event
-    /// with the subscription view and runs the batch's transaction ([`PgJournal::dispose`]). `None` when nothing
-    /// was left to claim.
+    /// with the subscription view and runs the batch's transaction ([`PgJournal::dispose`]); with `premark`, also
+    /// marks the events to send for their call (the synchronous commit of the mark then overlaps the call in
+    /// flight instead of delaying the next one). `None` when nothing was left to claim.
     async fn prepare(
         &self,
         store: &SharedSubscriptions,
         now: DateTime<Utc>,
         policy: &SettlePolicy,
         in_flight: &[i64],
+        premark: bool,
     ) -> anyhow::Result<Option<Disposed>> {
         let claimed = self
             .pg
@@ -255,14 +266,22 @@ impl Worker {
                 },
             )
             .await?;
-        Ok(Some(disposed))
+        let (sendable, counts) = disposed;
+        let mut marked = false;
+        if premark && !sendable.is_empty() {
+            let fenced: Vec<(i64, i64)> = sendable.iter().map(|c| (c.event.id, c.fence)).collect();
+            // A lost lease leaves it unmarked: the send's own mark then refuses the call.
+            marked = self.pg.mark_attempt(&self.owner, fenced, self.lease).await?;
+        }
+        Ok(Some((sendable, counts, marked)))
     }
 
     /// Frees the leases of a claimed batch this worker will not send now (best effort: a lease not freed
-    /// expires by itself). Their bodies and billing stay; whichever replica claims them next sends those bytes.
-    async fn give_back(&self, claimed: &[Claimed]) {
+    /// expires by itself), taking back its mark when it was marked for a call that was never made. Their bodies
+    /// and billing stay; whichever replica claims them next sends those bytes.
+    async fn give_back(&self, claimed: &[Claimed], marked: bool) {
         let fenced: Vec<(i64, i64)> = claimed.iter().map(|c| (c.event.id, c.fence)).collect();
-        if let Err(e) = self.pg.release_leases(&self.owner, fenced).await {
+        if let Err(e) = self.pg.release_leases(&self.owner, fenced, marked).await {
             tracing::warn!(message = "Could not give back the leases of a claimed batch; they expire by themselves.", error = %e);
         }
     }

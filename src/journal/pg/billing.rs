@@ -24,23 +24,45 @@ use tokio_postgres::{GenericClient, Transaction};
 pub async fn raise_alert(
     tx: &Transaction<'_>,
     key: &AlertKey,
-    mut body: serde_json::Value,
+    body: serde_json::Value,
     now: DateTime<Utc>,
 ) -> Result<bool, PgError> {
     let (kind, dedupe) = (key.kind.as_str(), key.dedupe.as_str());
-    body["kind"] = kind.into();
-    body["raised_at"] = fmt_time(now.timestamp()).into();
+    let body = alert_body(key, body, now);
     let n = tx
         .execute(
             "INSERT INTO alerts (kind, dedupe, body, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $4)
              ON CONFLICT (dedupe) DO NOTHING",
-            &[&kind, &dedupe, &body.to_string(), &now.timestamp()],
+            &[&kind, &dedupe, &body, &now.timestamp()],
         )
         .await?;
     if n == 1 {
         metrics::counter!("meterd_alerts_total", "kind" => kind.to_string()).increment(1);
     }
     Ok(n == 1)
+}
+
+/// An alert's stored body: `body` with its kind and the time it was raised.
+pub fn alert_body(key: &AlertKey, mut body: serde_json::Value, now: DateTime<Utc>) -> String {
+    body["kind"] = key.kind.as_str().into();
+    body["raised_at"] = fmt_time(now.timestamp()).into();
+    body.to_string()
+}
+
+/// The columns [`summary_of`] reads, in its order (a `SELECT` list over `outbound_events o`).
+pub const SUMMARY_COLUMNS: &str =
+    "o.resource, o.plan, o.dimension, o.hour, o.quantity, o.send_quantity, o.state";
+
+/// An outbound event as JSON, for alerts, from a row whose columns from `at` on are [`SUMMARY_COLUMNS`].
+pub fn summary_of(r: &tokio_postgres::Row, at: usize) -> serde_json::Value {
+    serde_json::json!({
+        "resource": r.get::<_, String>(at),
+        "plan": r.get::<_, String>(at + 1),
+        "dimension": r.get::<_, String>(at + 2),
+        "hour": fmt_time(r.get(at + 3)),
+        "quantity": Micros(r.get::<_, Option<i64>>(at + 5).unwrap_or(r.get(at + 4))).to_decimal_string(),
+        "outcome": r.get::<_, String>(at + 6),
+    })
 }
 
 /// An outbound event as JSON, for alerts.
@@ -50,18 +72,11 @@ pub async fn event_summary(
 ) -> Result<serde_json::Value, PgError> {
     let r = c
         .query_one(
-            "SELECT resource, plan, dimension, hour, quantity, send_quantity, state FROM outbound_events WHERE id = $1",
+            &format!("SELECT {SUMMARY_COLUMNS} FROM outbound_events o WHERE o.id = $1"),
             &[&id],
         )
         .await?;
-    Ok(serde_json::json!({
-        "resource": r.get::<_, String>(0),
-        "plan": r.get::<_, String>(1),
-        "dimension": r.get::<_, String>(2),
-        "hour": fmt_time(r.get(3)),
-        "quantity": Micros(r.get::<_, Option<i64>>(5).unwrap_or(r.get(4))).to_decimal_string(),
-        "outcome": r.get::<_, String>(6),
-    }))
+    Ok(summary_of(&r, 0))
 }
 
 /// The term holding `hour` for `resource` (from the stored subscription list, else `billing.fallback_term`).

@@ -200,19 +200,25 @@ pub async fn mark_attempt(
     Ok(n as usize == fenced.len())
 }
 
-/// Frees `owner`'s leases on `fenced` (id, fence) events not in flight (claimed, not sent): any replica may claim
-/// them at once. An event whose fence moved on is left alone.
+/// Frees `owner`'s leases on `fenced` (id, fence) events claimed and not sent: any replica may claim them at
+/// once. With `marked`, they were marked for a call that was never made, and the mark is taken back
+/// (`attempts - 1`, `in_flight = 0`); without, only events not in flight are freed. An event whose fence moved on
+/// is left alone.
 pub async fn release_leases(
     c: &deadpool_postgres::ClientWrapper,
     owner: &str,
     fenced: &[(i64, i64)],
+    marked: bool,
 ) -> Result<u64, PgError> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = fenced.iter().copied().unzip();
+    let in_flight: i64 = marked.into();
     Ok(c.execute(
-        "UPDATE outbound_events o SET lease_owner = NULL, lease_until = NULL
+        "UPDATE outbound_events o SET lease_owner = NULL, lease_until = NULL, in_flight = 0,
+                attempts = o.attempts - o.in_flight
          FROM unnest($1::bigint[], $2::bigint[]) AS f(id, fence)
-         WHERE o.id = f.id AND o.fence = f.fence AND o.lease_owner = $3 AND o.state = 'pending' AND o.in_flight = 0",
-        &[&ids, &fences, &owner],
+         WHERE o.id = f.id AND o.fence = f.fence AND o.lease_owner = $3 AND o.state = 'pending'
+           AND o.in_flight = $4",
+        &[&ids, &fences, &owner, &in_flight],
     )
     .await?)
 }
@@ -665,32 +671,65 @@ async fn raise_for_settle(
 }
 
 /// Raises a `pending_age` alert (once per event) for events pending longer than `age` since their hour ended.
+/// Set-based: one read of the events old enough that have no such alert yet, and one insert of their alerts per
+/// chunk (`ON CONFLICT DO NOTHING`: a replica raising the same alerts at once adds none twice).
 pub async fn raise_pending_age_alerts(
     tx: &Transaction<'_>,
     now: DateTime<Utc>,
     age: Duration,
 ) -> Result<usize, PgError> {
     let limit = now.timestamp() - age.num_seconds() - HOUR;
+    let kind = AlertKind::PendingAge.as_str();
+    let prefix = format!("{kind}:");
     let rows = tx
         .query(
-            "SELECT id, deadline, last_error FROM outbound_events WHERE state = 'pending' AND hour <= $1",
-            &[&limit],
+            &format!(
+                "SELECT o.id, o.deadline, o.last_error, {} FROM outbound_events o
+                 WHERE o.state = 'pending' AND o.hour <= $1
+                   AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.dedupe = $2 || o.id::text)
+                 ORDER BY o.id",
+                super::billing::SUMMARY_COLUMNS
+            ),
+            &[&limit, &prefix],
         )
         .await?;
     let mut n = 0;
-    for r in rows {
-        let (id, deadline, last_error): (i64, i64, Option<String>) = (r.get(0), r.get(1), r.get(2));
-        let mut body = event_summary(tx, id).await?;
-        body["seconds_to_expiry"] = (deadline - now.timestamp()).into();
-        body["last_error"] = last_error.into();
-        if raise_alert(tx, &AlertKey::event(AlertKind::PendingAge, id), body, now).await? {
+    for chunk in rows.chunks(5000) {
+        let mut dedupes = Vec::with_capacity(chunk.len());
+        let mut bodies = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            let (id, deadline, last_error): (i64, i64, Option<String>) =
+                (r.get(0), r.get(1), r.get(2));
+            let mut body = super::billing::summary_of(r, 3);
+            body["seconds_to_expiry"] = (deadline - now.timestamp()).into();
+            body["last_error"] = last_error.into();
+            let key = AlertKey::event(AlertKind::PendingAge, id);
+            bodies.push(super::billing::alert_body(&key, body, now));
+            dedupes.push(key.dedupe);
+        }
+        let raised = tx
+            .query(
+                "INSERT INTO alerts (kind, dedupe, body, created_at, next_attempt_at)
+                 SELECT $1, d, b, $4, $4 FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(d, b, n)
+                 ORDER BY n
+                 ON CONFLICT (dedupe) DO NOTHING RETURNING dedupe",
+                &[&kind, &dedupes, &bodies, &now.timestamp()],
+            )
+            .await?;
+        for r in &raised {
+            let dedupe: String = r.get(0);
+            let id = dedupe.strip_prefix(&prefix).unwrap_or(&dedupe);
             tracing::warn!(
                 message = "An event has been pending longer than alerts.pending_age.",
                 id,
                 alert = "pending_age"
             );
-            n += 1;
         }
+        if !raised.is_empty() {
+            metrics::counter!("meterd_alerts_total", "kind" => kind.to_string())
+                .increment(raised.len() as u64);
+        }
+        n += raised.len();
     }
     Ok(n)
 }
@@ -838,7 +877,17 @@ where
         .filter(|(_, d)| matches!(d, Disposition::Send { .. }))
         .map(|(c, _)| (c.event.id, c.fence))
         .collect();
-    let owned = owned(tx, owner, &to_send).await?;
+    // Nothing outside the database depends on this transaction before the call's mark, a synchronous commit
+    // that flushes the WAL up to it (as does any synchronous commit that read what it wrote): it may commit
+    // without waiting for its own flush. A PostgreSQL crash can lose it only whole, before anything was sent.
+    let (_, owned) = tokio::try_join!(
+        async {
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .map_err(PgError::from)
+        },
+        owned(tx, owner, &to_send),
+    )?;
     // Events to bill (first send: no body yet), in (resource, dimension, hour) order.
     let mut to_bill: Vec<(Claimed, String)> = Vec::new();
     for (claimed, decision) in decided {
