@@ -17,7 +17,7 @@ use super::PgError;
 use crate::clock::{HOUR, fmt_time, hour_of};
 use crate::journal::outbound::{FreezeSummary, first_open_hour};
 use chrono::{DateTime, Duration, Utc};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use tokio_postgres::{GenericClient, Transaction};
 
 /// The fleet's timing rules for a freeze.
@@ -44,6 +44,8 @@ struct FrozenKey {
     hour: i64,
     quantity: i64,
     prebilled: i64,
+    /// The plan column of each of the key's total rows (all get the event's id).
+    rows_plans: Vec<String>,
 }
 
 /// The lowest watermark of the live replicas at `now`, or `None` when no replica is live.
@@ -100,8 +102,9 @@ pub async fn freeze(
             &[&through],
         )
         .await?;
-    // (hour, resource, dimension) -> (total, prebilled, quantity per explicitly named plan)
-    type Group = (i64, i64, BTreeMap<String, i64>);
+    // (hour, resource, dimension) -> (total, prebilled, quantity per explicitly named plan, the plan of each
+    // total row)
+    type Group = (i64, i64, BTreeMap<String, i64>, Vec<String>);
     let mut groups: BTreeMap<(i64, String, String), Group> = BTreeMap::new();
     for r in rows {
         let (resource, plan, dimension): (String, String, String) = (r.get(0), r.get(1), r.get(2));
@@ -111,6 +114,7 @@ pub async fn freeze(
             g.0.checked_add(qty)
                 .ok_or_else(|| PgError::Invalid("hourly total overflows".into()))?;
         g.1 += prebilled;
+        g.3.push(plan.clone());
         if !plan.is_empty() {
             *g.2.entry(plan).or_default() += qty;
         }
@@ -118,7 +122,7 @@ pub async fn freeze(
     let now_s = now.timestamp();
     // One event per key, set-based: the keys in (hour, resource, dimension) order (event ids follow it).
     let mut keys: Vec<FrozenKey> = Vec::with_capacity(groups.len());
-    for ((hour, resource, dimension), (qty, prebilled, plans)) in groups {
+    for ((hour, resource, dimension), (qty, prebilled, plans, rows_plans)) in groups {
         if plans.len() > 1 {
             tracing::warn!(
                 message = "Records of one hour name different plans; the marketplace takes one event per hour, so the plan with the largest share is used.",
@@ -137,6 +141,7 @@ pub async fn freeze(
             hour,
             quantity: qty,
             prebilled,
+            rows_plans,
         });
     }
     let insert = tx
@@ -154,8 +159,9 @@ pub async fn freeze(
     let link = tx
         .prepare(
             "UPDATE hourly_totals t SET outbound_id = k.id
-             FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[]) AS k(id, r, d, h)
-             WHERE t.resource = k.r AND t.dimension = k.d AND t.hour = k.h AND t.outbound_id IS NULL",
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[]) AS k(id, r, p, d, h)
+             WHERE t.resource = k.r AND t.plan = k.p AND t.dimension = k.d AND t.hour = k.h
+               AND t.outbound_id IS NULL",
         )
         .await?;
     let deadline_after = 24 * HOUR - rule.safety_margin.num_seconds();
@@ -176,25 +182,33 @@ pub async fn freeze(
                 &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &now_s, &deadline_after],
             )
             .await?;
-        let mut made: std::collections::HashSet<(String, String, i64)> =
-            std::collections::HashSet::with_capacity(rows.len());
-        let mut linked: (Vec<i64>, Vec<String>, Vec<String>, Vec<i64>) = Default::default();
-        for r in rows {
-            let (id, resource, dimension, hour): (i64, String, String, i64) =
-                (r.get(0), r.get(1), r.get(2), r.get(3));
-            linked.0.push(id);
-            linked.1.push(resource.clone());
-            linked.2.push(dimension.clone());
-            linked.3.push(hour);
-            made.insert((resource, dimension, hour));
+        let made: HashMap<(String, String, i64), i64> = rows
+            .into_iter()
+            .map(|r| ((r.get(1), r.get(2), r.get(3)), r.get(0)))
+            .collect();
+        // Every total row of each new event's key, by its full primary key (plan included).
+        let mut linked: (Vec<i64>, Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
+        for k in chunk {
+            if let Some(id) = made.get(&(k.resource.clone(), k.dimension.clone(), k.hour)) {
+                for p in &k.rows_plans {
+                    linked.0.push(*id);
+                    linked.1.push(&k.resource);
+                    linked.2.push(p);
+                    linked.3.push(&k.dimension);
+                    linked.4.push(k.hour);
+                }
+            }
         }
         summary.frozen += made.len();
         if !linked.0.is_empty() {
-            tx.execute(&link, &[&linked.0, &linked.1, &linked.2, &linked.3])
-                .await?;
+            tx.execute(
+                &link,
+                &[&linked.0, &linked.1, &linked.2, &linked.3, &linked.4],
+            )
+            .await?;
         }
         for k in chunk {
-            if made.contains(&(k.resource.clone(), k.dimension.clone(), k.hour)) {
+            if made.contains_key(&(k.resource.clone(), k.dimension.clone(), k.hour)) {
                 continue;
             }
             // The key has its event already (a total forwarded after it was frozen): never lose the units,
