@@ -503,15 +503,28 @@ included = { api_calls = 10, compute_blocks = 0 }
     assert_eq!(sent("compute_blocks"), vec![0, 0, 1, 0, 1, 0], "{events:?}");
     assert_eq!(sent("api_calls"), vec![0, 0, 0, 2, 3, 3], "{events:?}");
     let states = |d: &str| -> Vec<String> {
-        events.iter().filter(|e| e.1 == d).map(|e| e.2.clone()).collect()
+        events
+            .iter()
+            .filter(|e| e.1 == d)
+            .map(|e| e.2.clone())
+            .collect()
     };
     assert_eq!(
         states("compute_blocks"),
-        ["remainder", "remainder", "accepted", "remainder", "accepted", "remainder"]
+        [
+            "remainder",
+            "remainder",
+            "accepted",
+            "remainder",
+            "accepted",
+            "remainder"
+        ]
     );
     assert_eq!(
         states("api_calls"),
-        ["included", "included", "included", "accepted", "accepted", "accepted"]
+        [
+            "included", "included", "included", "accepted", "accepted", "accepted"
+        ]
     );
     assert_eq!(
         f.scalar("SELECT remainder FROM remainders WHERE dimension = 'compute_blocks'")

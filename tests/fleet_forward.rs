@@ -170,7 +170,8 @@ async fn forward_is_idempotent_across_retries_and_replicas() {
 /// only one the second drain ships.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_forward_of_many_batches_ships_each_record_once() {
-    let Some(db) = TestDb::create("pipelined_forward_of_many_batches_ships_each_record_once") else {
+    let Some(db) = TestDb::create("pipelined_forward_of_many_batches_ships_each_record_once")
+    else {
         return;
     };
     let pg = pg(&db).await;
@@ -183,9 +184,8 @@ async fn pipelined_forward_of_many_batches_ships_each_record_once() {
             .await;
     }
     let replica = a.settings.fleet.as_ref().unwrap().replica_id.clone();
-    let drain = |limit| {
-        meterd::fleet::drain(&a.journal, &pg, &replica, &a.settings, &a.shared, limit)
-    };
+    let drain =
+        |limit| meterd::fleet::drain(&a.journal, &pg, &replica, &a.settings, &a.shared, limit);
     let (done, result) = drain(4).await;
     result.unwrap();
     assert_eq!((done.batches, done.inserted, done.duplicates), (6, 23, 0));

@@ -271,7 +271,10 @@ impl Worker {
         if premark && !sendable.is_empty() {
             let fenced: Vec<(i64, i64)> = sendable.iter().map(|c| (c.event.id, c.fence)).collect();
             // A lost lease leaves it unmarked: the send's own mark then refuses the call.
-            marked = self.pg.mark_attempt(&self.owner, fenced, self.lease).await?;
+            marked = self
+                .pg
+                .mark_attempt(&self.owner, fenced, self.lease)
+                .await?;
         }
         Ok(Some((sendable, counts, marked)))
     }

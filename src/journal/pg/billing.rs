@@ -221,14 +221,12 @@ pub async fn bill_batch(
         .ok_or_else(|| PgError::Invalid("term consumption overflows".into()))?;
         consumed.insert(usage_key.clone(), consumed_after);
         let u = usage_out.entry(usage_key).or_insert((term_end, 0, 0));
-        u.1 = u
-            .1
-            .checked_add(fresh)
-            .ok_or_else(|| PgError::Invalid("term consumption overflows".into()))?;
-        u.2 = u
-            .2
-            .checked_add(overage)
-            .ok_or_else(|| PgError::Invalid("term overage overflows".into()))?;
+        u.1 =
+            u.1.checked_add(fresh)
+                .ok_or_else(|| PgError::Invalid("term consumption overflows".into()))?;
+        u.2 =
+            u.2.checked_add(overage)
+                .ok_or_else(|| PgError::Invalid("term overage overflows".into()))?;
         if store_remainder {
             remainder.insert(rd.clone(), bill.remainder);
             remainder_out.insert(rd, bill.remainder);
@@ -238,8 +236,15 @@ pub async fn bill_batch(
     }
 
     // The writes: the term consumption added (one upsert) and the remainders stored (one update), pipelined.
-    let mut cols: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>) =
-        Default::default();
+    let mut cols: (
+        Vec<&str>,
+        Vec<&str>,
+        Vec<&str>,
+        Vec<i64>,
+        Vec<i64>,
+        Vec<i64>,
+        Vec<i64>,
+    ) = Default::default();
     for ((r, d, p, ts), (te, fresh, overage)) in &usage_out {
         cols.0.push(r);
         cols.1.push(d);
@@ -345,7 +350,8 @@ async fn fire_threshold(
         message = "Consumption crossed a threshold.",
         %resource, %dimension, threshold = %text, consumed = %Micros(after), alert = "threshold"
     );
-    metrics::counter!("meterd_thresholds_crossed_total", "dimension" => dimension.to_string()).increment(1);
+    metrics::counter!("meterd_thresholds_crossed_total", "dimension" => dimension.to_string())
+        .increment(1);
     Ok(true)
 }
 

@@ -166,8 +166,14 @@ pub async fn freeze(
         .await?;
     let deadline_after = 24 * HOUR - rule.safety_margin.num_seconds();
     for chunk in keys.chunks(FREEZE_CHUNK) {
-        let mut cols: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>, Vec<i64>) =
-            Default::default();
+        let mut cols: (
+            Vec<&str>,
+            Vec<&str>,
+            Vec<&str>,
+            Vec<i64>,
+            Vec<i64>,
+            Vec<i64>,
+        ) = Default::default();
         for k in chunk {
             cols.0.push(&k.resource);
             cols.1.push(&k.plan);
@@ -179,7 +185,16 @@ pub async fn freeze(
         let rows = tx
             .query(
                 &insert,
-                &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &now_s, &deadline_after],
+                &[
+                    &cols.0,
+                    &cols.1,
+                    &cols.2,
+                    &cols.3,
+                    &cols.4,
+                    &cols.5,
+                    &now_s,
+                    &deadline_after,
+                ],
             )
             .await?;
         let made: HashMap<(String, String, i64), i64> = rows

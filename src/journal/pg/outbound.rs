@@ -194,7 +194,13 @@ pub async fn mark_attempt(
     let n = c
         .execute(
             &stmt,
-            &[&ids, &fences, &owner, &lease.num_seconds(), &(fenced.len() as i64)],
+            &[
+                &ids,
+                &fences,
+                &owner,
+                &lease.num_seconds(),
+                &(fenced.len() as i64),
+            ],
         )
         .await?;
     Ok(n as usize == fenced.len())
@@ -750,8 +756,15 @@ async fn set_bodies(
     tx: &deadpool_postgres::Transaction<'_>,
     rows: &[(i64, &str, String, &Bill)],
 ) -> Result<HashMap<i64, String>, PgError> {
-    let mut cols: (Vec<i64>, Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>) =
-        Default::default();
+    let mut cols: (
+        Vec<i64>,
+        Vec<&str>,
+        Vec<&str>,
+        Vec<i64>,
+        Vec<i64>,
+        Vec<i64>,
+        Vec<i64>,
+    ) = Default::default();
     for (id, plan, body, bill) in rows {
         cols.0.push(*id);
         cols.1.push(plan);
@@ -773,7 +786,9 @@ async fn set_bodies(
     let mut stored: HashMap<i64, String> = tx
         .query(
             &write,
-            &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6],
+            &[
+                &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6,
+            ],
         )
         .await?
         .into_iter()
@@ -829,7 +844,15 @@ async fn settle_unbilled(
         .await?;
     tx.execute(
         &write,
-        &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &now.timestamp()],
+        &[
+            &cols.0,
+            &cols.1,
+            &cols.2,
+            &cols.3,
+            &cols.4,
+            &cols.5,
+            &now.timestamp(),
+        ],
     )
     .await?;
     Ok(())
@@ -925,8 +948,10 @@ where
         }
     }
     if !to_bill.is_empty() {
-        let items: Vec<(&PendingEvent, &str)> =
-            to_bill.iter().map(|(c, p)| (&c.event, p.as_str())).collect();
+        let items: Vec<(&PendingEvent, &str)> = to_bill
+            .iter()
+            .map(|(c, p)| (&c.event, p.as_str()))
+            .collect();
         let bills = bill_batch(tx, settings, &items, now).await?;
         let mut unbilled: Vec<(i64, &str, &Bill)> = Vec::new();
         let mut bodies: Vec<(i64, &str, String, &Bill)> = Vec::new();
@@ -969,7 +994,8 @@ where
 }
 
 /// The batch settle of the common answers (accepted, duplicate), fenced per event.
-pub const SETTLE_SIMPLE: &str = "UPDATE outbound_events o SET state = f.state, usage_event_id = f.usage_event_id,
+pub const SETTLE_SIMPLE: &str =
+    "UPDATE outbound_events o SET state = f.state, usage_event_id = f.usage_event_id,
         market_quantity = f.market_quantity, finished_at = $6, held = NULL, in_flight = 0,
         lease_owner = NULL, lease_until = NULL
  FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])
@@ -1023,7 +1049,15 @@ pub async fn settle_simple(
     let rows = c
         .query(
             stmt,
-            &[&ids, &fences, &states, &usage_ids, &markets, &now.timestamp(), &owner],
+            &[
+                &ids,
+                &fences,
+                &states,
+                &usage_ids,
+                &markets,
+                &now.timestamp(),
+                &owner,
+            ],
         )
         .await?;
     let done: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
