@@ -44,8 +44,9 @@ struct Fenced {
     owner: String,
     lease: Duration,
     fences: HashMap<i64, i64>,
-    /// The events (in order) already marked for the batch's first call, while the call before it was in flight.
-    premarked: std::sync::Mutex<Option<Vec<i64>>>,
+    /// The events (in order) already marked for the batch's first call, while the call before it was in flight,
+    /// and when that mark was asked for.
+    premarked: std::sync::Mutex<Option<(Vec<i64>, std::time::Instant)>>,
 }
 
 impl Fenced {
@@ -58,7 +59,13 @@ impl Fenced {
 impl BatchJournal for Fenced {
     async fn mark_attempt(&self, batch: &[PendingEvent]) -> anyhow::Result<()> {
         let premarked = self.premarked.lock().expect("premarked lock").take();
-        if premarked.is_some_and(|ids| ids.iter().copied().eq(batch.iter().map(|e| e.id))) {
+        // Within half the lease of that mark (taken before it was asked for), the lease it renewed still holds,
+        // so the mark stands. Later, the mark is made again, which checks the fences (another replica may hold
+        // the events by now).
+        let fresh = self.lease.to_std().unwrap_or_default() / 2;
+        if premarked.is_some_and(|(ids, at)| {
+            at.elapsed() < fresh && ids.iter().copied().eq(batch.iter().map(|e| e.id))
+        }) {
             // Marked (committed) already: the first call of the batch goes out without another round trip.
             return Ok(());
         }
@@ -132,8 +139,13 @@ struct Worked {
 }
 
 /// A claimed batch after its transaction: the events to send (with their fences), the count per outcome of
-/// those settled without a call, and whether the events to send are marked for their call already.
-type Disposed = (Vec<Claimed>, BTreeMap<String, usize>, bool);
+/// those settled without a call, and, when the events to send are marked for their call already, when that mark
+/// was asked for.
+type Disposed = (
+    Vec<Claimed>,
+    BTreeMap<String, usize>,
+    Option<std::time::Instant>,
+);
 
 impl Worker {
     /// Claims, decides, bills and sends until nothing due at `now` is left to claim.
@@ -175,7 +187,7 @@ impl Worker {
                 owner: self.owner.clone(),
                 lease: self.lease,
                 fences: sendable.iter().map(|c| (c.event.id, c.fence)).collect(),
-                premarked: std::sync::Mutex::new(premarked.then(|| in_flight.clone())),
+                premarked: std::sync::Mutex::new(premarked.map(|at| (in_flight.clone(), at))),
             };
             let batch: Vec<PendingEvent> = sendable.into_iter().map(|c| c.event).collect();
             let (sent, prepared) = tokio::join!(
@@ -204,7 +216,7 @@ impl Worker {
                 }
                 Err(e) => {
                     if let Ok(Some((claimed, _, premarked))) = &prepared {
-                        self.give_back(claimed, *premarked).await;
+                        self.give_back(claimed, premarked.is_some()).await;
                     }
                     return Err(e);
                 }
@@ -267,14 +279,18 @@ impl Worker {
             )
             .await?;
         let (sendable, counts) = disposed;
-        let mut marked = false;
+        let mut marked = None;
         if premark && !sendable.is_empty() {
             let fenced: Vec<(i64, i64)> = sendable.iter().map(|c| (c.event.id, c.fence)).collect();
+            let asked = std::time::Instant::now();
             // A lost lease leaves it unmarked: the send's own mark then refuses the call.
-            marked = self
+            if self
                 .pg
                 .mark_attempt(&self.owner, fenced, self.lease)
-                .await?;
+                .await?
+            {
+                marked = Some(asked);
+            }
         }
         Ok(Some((sendable, counts, marked)))
     }
