@@ -236,6 +236,7 @@ pub async fn bill_batch(
     }
 
     // The writes: the term consumption added (one upsert) and the remainders stored (one update), pipelined.
+    #[allow(clippy::type_complexity)]
     let mut cols: (
         Vec<&str>,
         Vec<&str>,

@@ -166,6 +166,7 @@ pub async fn freeze(
         .await?;
     let deadline_after = 24 * HOUR - rule.safety_margin.num_seconds();
     for chunk in keys.chunks(FREEZE_CHUNK) {
+        #[allow(clippy::type_complexity)]
         let mut cols: (
             Vec<&str>,
             Vec<&str>,
@@ -202,6 +203,7 @@ pub async fn freeze(
             .map(|r| ((r.get(1), r.get(2), r.get(3)), r.get(0)))
             .collect();
         // Every total row of each new event's key, by its full primary key (plan included).
+        #[allow(clippy::type_complexity)]
         let mut linked: (Vec<i64>, Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
         for k in chunk {
             if let Some(id) = made.get(&(k.resource.clone(), k.dimension.clone(), k.hour)) {

@@ -756,6 +756,7 @@ async fn set_bodies(
     tx: &deadpool_postgres::Transaction<'_>,
     rows: &[(i64, &str, String, &Bill)],
 ) -> Result<HashMap<i64, String>, PgError> {
+    #[allow(clippy::type_complexity)]
     let mut cols: (
         Vec<i64>,
         Vec<&str>,
@@ -822,6 +823,7 @@ async fn settle_unbilled(
     rows: &[(i64, &str, &Bill)],
     now: DateTime<Utc>,
 ) -> Result<(), PgError> {
+    #[allow(clippy::type_complexity)]
     let mut cols: (Vec<i64>, Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>, Vec<i64>) =
         Default::default();
     for (id, plan, bill) in rows {
