@@ -4,6 +4,8 @@
 //!   `meterd::fleet::drain` (read from SQLite, insert with the late rule and hourly totals, mark locally), next to
 //!   the ceiling: the same N rows inserted from memory into the same `records` table by a plain loop of
 //!   multi-row `INSERT ... SELECT FROM unnest(...)` statements of BATCH rows, each its own transaction.
+//! - `profile N BATCH`: the same forward, batch after batch, with its steps timed apart (SQLite read, the
+//!   PostgreSQL transaction, the local durable mark), in ms per batch.
 //! - `lag RATE SECONDS REPLICAS`: REPLICAS replicas in this process (each its own SQLite outbox and forwarder,
 //!   as `meterd run` starts it), records ingested at RATE records/s in total for SECONDS; every 20 ms the age of
 //!   each replica's oldest record not yet in PostgreSQL is sampled (from the ingest instant of each batch, so the
@@ -122,6 +124,53 @@ async fn throughput(n: usize, batch: usize) {
     );
 }
 
+/// `profile N BATCH`: the forward of `throughput`, one batch after another without overlap, timing its three
+/// steps apart (SQLite read, the PostgreSQL transaction, the local durable mark): where the ms of a batch go.
+async fn profile(n: usize, batch: usize) {
+    let db = TestDb::create("fleet_bench_profile").expect("METERD_TEST_POSTGRES_URL is required");
+    let pg = PgJournal::connect(&db.url, 4).expect("connect");
+    pg.migrate().await.expect("migrate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(dir.path(), db.url.expose(), "bench", batch);
+    let journal = Journal::open(&s.journal.path).expect("journal");
+    for from in (0..n).step_by(1000) {
+        ingest(&journal, &s, records("p", from, 1000.min(n - from))).await;
+    }
+    let (mut read, mut forward, mut mark, mut batches) = (0.0, 0.0, 0.0, 0usize);
+    let started = Instant::now();
+    loop {
+        let t0 = Instant::now();
+        let b = journal.outbox_batch(batch).await.expect("read");
+        let t1 = Instant::now();
+        if b.is_empty() {
+            break;
+        }
+        let rules = meterd::fleet::rules(&s, chrono::Utc::now());
+        pg.forward("bench", &b, &rules).await.expect("forward");
+        let t2 = Instant::now();
+        journal
+            .outbox_mark_forwarded(b.iter().map(|r| r.seq).collect())
+            .await
+            .expect("mark");
+        let t3 = Instant::now();
+        read += (t1 - t0).as_secs_f64();
+        forward += (t2 - t1).as_secs_f64();
+        mark += (t3 - t2).as_secs_f64();
+        batches += 1;
+    }
+    let total = started.elapsed().as_secs_f64();
+    let ms = |x: f64| (x / batches.max(1) as f64 * 1000.0 * 100.0).round() / 100.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "part": "profile", "records": n, "batch": batch, "batches": batches,
+            "records_per_s": (n as f64 / total).round(),
+            "ms_per_batch": ms(total), "sqlite_read_ms": ms(read), "pg_forward_ms": ms(forward),
+            "local_mark_ms": ms(mark),
+        })
+    );
+}
+
 /// Per replica: (ingest instant, cumulative records after the batch).
 type Batches = Arc<Mutex<VecDeque<(Instant, usize)>>>;
 
@@ -232,9 +281,12 @@ async fn main() {
     let num = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
     match args.first().map(String::as_str) {
         Some("throughput") => throughput(num(1, 100_000), num(2, 1000)).await,
+        Some("profile") => profile(num(1, 100_000), num(2, 1000)).await,
         Some("lag") => lag(num(1, 10_000), num(2, 20) as u64, num(3, 3)).await,
         _ => {
-            eprintln!("usage: fleet_bench throughput N BATCH | lag RATE SECONDS REPLICAS");
+            eprintln!(
+                "usage: fleet_bench throughput N BATCH | profile N BATCH | lag RATE SECONDS REPLICAS"
+            );
             std::process::exit(2);
         }
     }

@@ -46,6 +46,11 @@ impl Fleet {
 
     /// With lines added to `[emit]`.
     async fn start_with(name: &str, emit: &str) -> Option<Fleet> {
+        Fleet::start_billing(name, emit, BILLING).await
+    }
+
+    /// With lines added to `[emit]` and `billing` as the dimensions and plans.
+    async fn start_billing(name: &str, emit: &str, billing: &str) -> Option<Fleet> {
         let db = TestDb::create(name)?;
         let pg = PgJournal::connect(&db.url, 16).unwrap();
         pg.migrate().await.unwrap();
@@ -59,7 +64,7 @@ impl Fleet {
         };
         let rig = Rig::at(t("09:00"))
             .emit(emit)
-            .dimensions(BILLING)
+            .dimensions(billing)
             .emulator(emu_config)
             .start()
             .await;
@@ -446,6 +451,100 @@ async fn two_replicas_bill_one_allowance_exactly() {
         f.scalar("SELECT overage FROM term_usage WHERE dimension = 'api_calls'")
             .await,
         56 * SECOND
+    );
+}
+
+/// Billing is set-based per claimed batch: the hours of one key claimed in one batch draw the allowance, carry
+/// the unit remainder and cross a threshold in hour order, exactly as one event after another would. Six hours
+/// of 500 `compute_blocks` (1200 per unit, none included) send 0, 0, 1, 0, 1, 0 units and leave 600 carried;
+/// six hours of 3 `api_calls` against 10 included send 0, 0, 0, 2, 3, 3 and fire the 80% threshold once, at the
+/// third hour (9 of 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_bills_a_keys_hours_in_order() {
+    const UNITS: &str = r#"[[dimensions]]
+id = "api_calls"
+thresholds = ["80%"]
+[[dimensions]]
+id = "compute_blocks"
+unit = 1200
+
+[[plans]]
+id = "gold"
+included = { api_calls = 10, compute_blocks = 0 }
+"#;
+    let Some(f) = Fleet::start_billing(
+        "one_batch_bills_a_keys_hours_in_order",
+        "concurrency = 1",
+        UNITS,
+    )
+    .await
+    else {
+        return;
+    };
+    let first = t("2026-03-09T11:00:00Z");
+    for h in 0..6 {
+        f.total("compute_blocks", first + Duration::hours(h), 500 * SECOND)
+            .await;
+        f.total("api_calls", first + Duration::hours(h), 3 * SECOND)
+            .await;
+    }
+    f.clock().set(t("09:30"));
+    let a = f.emitter("a", Duration::seconds(60));
+    let pass = a.pass().await.unwrap();
+    assert_eq!(pass.frozen, 12, "{pass:?}");
+    let events = f.events().await;
+    let sent = |d: &str| -> Vec<i64> {
+        events
+            .iter()
+            .filter(|e| e.1 == d)
+            .map(|e| e.4.unwrap_or(0) / SECOND)
+            .collect()
+    };
+    assert_eq!(sent("compute_blocks"), vec![0, 0, 1, 0, 1, 0], "{events:?}");
+    assert_eq!(sent("api_calls"), vec![0, 0, 0, 2, 3, 3], "{events:?}");
+    let states = |d: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e.1 == d)
+            .map(|e| e.2.clone())
+            .collect()
+    };
+    assert_eq!(
+        states("compute_blocks"),
+        [
+            "remainder",
+            "remainder",
+            "accepted",
+            "remainder",
+            "accepted",
+            "remainder"
+        ]
+    );
+    assert_eq!(
+        states("api_calls"),
+        [
+            "included", "included", "included", "accepted", "accepted", "accepted"
+        ]
+    );
+    assert_eq!(
+        f.scalar("SELECT remainder FROM remainders WHERE dimension = 'compute_blocks'")
+            .await,
+        600 * SECOND
+    );
+    assert_eq!(
+        f.scalar("SELECT consumed FROM term_usage WHERE dimension = 'api_calls'")
+            .await,
+        18 * SECOND
+    );
+    assert_eq!(
+        f.scalar("SELECT COUNT(*) FROM thresholds_fired").await,
+        1,
+        "the threshold fires once"
+    );
+    assert_eq!(
+        f.scalar("SELECT COUNT(*) FROM alerts WHERE kind = 'threshold' AND body LIKE '%\"consumed\":\"9\"%'")
+            .await,
+        1
     );
 }
 

@@ -164,6 +164,53 @@ async fn forward_is_idempotent_across_retries_and_replicas() {
     );
 }
 
+/// The forward pipeline (the next batch read while one is in PostgreSQL, its local mark cleared with the next
+/// batch's transaction) forwards an outbox of many batches exactly once: every record in `records` once, the
+/// hourly total exact, every local mark cleared at the end, and a record ingested between two drains is the
+/// only one the second drain ships.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_forward_of_many_batches_ships_each_record_once() {
+    let Some(db) = TestDb::create("pipelined_forward_of_many_batches_ships_each_record_once")
+    else {
+        return;
+    };
+    let pg = pg(&db).await;
+    let now = t("12:30");
+    let a = Replica::new(&db, "a", now);
+    // 23 records in batches of 4: five full batches (read ahead, marked one batch late) and a short one.
+    for i in 0..23 {
+        let key = format!("k-{i}");
+        a.ingest(vec![rec(Some(&key), "api_calls", t("12:05"), "1")])
+            .await;
+    }
+    let replica = a.settings.fleet.as_ref().unwrap().replica_id.clone();
+    let drain =
+        |limit| meterd::fleet::drain(&a.journal, &pg, &replica, &a.settings, &a.shared, limit);
+    let (done, result) = drain(4).await;
+    result.unwrap();
+    assert_eq!((done.batches, done.inserted, done.duplicates), (6, 23, 0));
+    assert_eq!(a.journal.outbox_stats().await.unwrap().unforwarded, 0);
+    assert_eq!(pg.record_count().await.unwrap(), 23);
+    a.ingest(vec![rec(Some("late-comer"), "api_calls", t("12:06"), "2")])
+        .await;
+    let (again, result) = drain(4).await;
+    result.unwrap();
+    assert_eq!((again.batches, again.inserted, again.duplicates), (1, 1, 0));
+    assert_eq!(a.journal.outbox_stats().await.unwrap().unforwarded, 0);
+    let noon = t("12:00").timestamp();
+    assert_eq!(
+        pg.totals_of(R).await.unwrap(),
+        vec![(
+            String::new(),
+            "api_calls".to_string(),
+            noon,
+            micros("25").0,
+            24,
+            0
+        )]
+    );
+}
+
 /// At forward time a record whose key is frozen in the fleet journal, or whose hour is no longer sendable, is
 /// carried into the open hour with a `carries` row; a record of an unfrozen key of the same closed hour goes into
 /// its own hour. A total frozen by another replica during the forward refuses the whole batch (retried; nothing

@@ -44,6 +44,9 @@ struct Fenced {
     owner: String,
     lease: Duration,
     fences: HashMap<i64, i64>,
+    /// The events (in order) already marked for the batch's first call, while the call before it was in flight,
+    /// and when that mark was asked for.
+    premarked: std::sync::Mutex<Option<(Vec<i64>, std::time::Instant)>>,
 }
 
 impl Fenced {
@@ -55,6 +58,17 @@ impl Fenced {
 
 impl BatchJournal for Fenced {
     async fn mark_attempt(&self, batch: &[PendingEvent]) -> anyhow::Result<()> {
+        let premarked = self.premarked.lock().expect("premarked lock").take();
+        // Within half the lease of that mark (taken before it was asked for), the lease it renewed still holds,
+        // so the mark stands. Later, the mark is made again, which checks the fences (another replica may hold
+        // the events by now).
+        let fresh = self.lease.to_std().unwrap_or_default() / 2;
+        if premarked.is_some_and(|(ids, at)| {
+            at.elapsed() < fresh && ids.iter().copied().eq(batch.iter().map(|e| e.id))
+        }) {
+            // Marked (committed) already: the first call of the batch goes out without another round trip.
+            return Ok(());
+        }
         let fenced: Vec<(i64, i64)> = batch.iter().map(|e| (e.id, self.fence(e.id))).collect();
         if self
             .pg
@@ -124,55 +138,38 @@ struct Worked {
     recheck_subscriptions: bool,
 }
 
+/// A claimed batch after its transaction: the events to send (with their fences), the count per outcome of
+/// those settled without a call, and, when the events to send are marked for their call already, when that mark
+/// was asked for.
+type Disposed = (
+    Vec<Claimed>,
+    BTreeMap<String, usize>,
+    Option<std::time::Instant>,
+);
+
 impl Worker {
     /// Claims, decides, bills and sends until nothing due at `now` is left to claim.
+    ///
+    /// While a batch's call is in flight the worker already claims, decides, bills and marks its next batch (the
+    /// claim skips the events of the call in flight), so the PostgreSQL work of a batch overlaps the marketplace
+    /// latency of the one before instead of adding to it; a worker still has at most one call in flight. (A mark
+    /// made ahead is what a crash before the call leaves as "may have been recorded": the safe side.) When
+    /// that claim found nothing, one more claim after the call decides whether the worker is done (as without
+    /// the overlap). When a call fails, the leases of the batch claimed beside it are given back.
     async fn run(self, now: DateTime<Utc>, policy: SettlePolicy) -> anyhow::Result<Worked> {
         let mut done = Worked::default();
         let delays = delays_of(&self.settings);
         let hold_recheck = self.subscriptions.hold_recheck();
         let store = SharedSubscriptions(self.pg.clone());
+        let mut next: Option<Disposed> = None;
         loop {
-            let claimed = self
-                .pg
-                .claim(&self.owner, now, BATCH_SIZE as i64, self.lease)
-                .await?;
-            if claimed.is_empty() {
-                return Ok(done);
-            }
-            let events: Vec<PendingEvent> = claimed.iter().map(|c| c.event.clone()).collect();
-            let known = self
-                .subscriptions
-                .known(&self.client, &store, &events, now)
-                .await;
-            let decided: Vec<(Claimed, Disposition)> = claimed
-                .into_iter()
-                .map(|c| {
-                    let d = match self.subscriptions.decide(&c.event, &known, now) {
-                        Decision::Send { plan } => Disposition::Send { plan },
-                        Decision::Settle(s) => Disposition::Settle(s),
-                    };
-                    (c, d)
-                })
-                .collect();
-            let (sendable, counts) = self
-                .pg
-                .dispose(
-                    &self.owner,
-                    decided,
-                    &self.settings,
-                    now,
-                    &policy,
-                    |ev: &PendingEvent, plan: &str, send: i64| {
-                        event_json(
-                            &ResourceRef::parse(&ev.resource),
-                            plan,
-                            &ev.dimension,
-                            to_utc(ev.hour),
-                            send,
-                        )
-                    },
-                )
-                .await?;
+            let (sendable, counts, premarked) = match next.take() {
+                Some(d) => d,
+                None => match self.prepare(&store, now, &policy, &[], false).await? {
+                    Some(d) => d,
+                    None => return Ok(done),
+                },
+            };
             for (k, n) in counts {
                 EventsSettled {
                     outcome: &k,
@@ -184,23 +181,27 @@ impl Worker {
             if sendable.is_empty() {
                 continue;
             }
+            let in_flight: Vec<i64> = sendable.iter().map(|c| c.event.id).collect();
             let fenced = Fenced {
                 pg: self.pg.clone(),
                 owner: self.owner.clone(),
                 lease: self.lease,
                 fences: sendable.iter().map(|c| (c.event.id, c.fence)).collect(),
+                premarked: std::sync::Mutex::new(premarked.map(|at| (in_flight.clone(), at))),
             };
             let batch: Vec<PendingEvent> = sendable.into_iter().map(|c| c.event).collect();
-            match send_splitting(
-                &self.client,
-                &fenced,
-                &self.clock,
-                policy.clone(),
-                (delays, hold_recheck),
-                batch,
-            )
-            .await
-            {
+            let (sent, prepared) = tokio::join!(
+                send_splitting(
+                    &self.client,
+                    &fenced,
+                    &self.clock,
+                    policy.clone(),
+                    (delays, hold_recheck),
+                    batch,
+                ),
+                self.prepare(&store, now, &policy, &in_flight, true),
+            );
+            match sent {
                 Ok(r) => {
                     done.calls += r.calls;
                     done.sent += r.sent;
@@ -213,8 +214,94 @@ impl Worker {
                     tracing::warn!(message = "Lost the lease on a claimed batch before its call; another replica sends it.", owner = %self.owner);
                     *done.outcomes.entry("lease_lost".into()).or_default() += 1;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if let Ok(Some((claimed, _, premarked))) = &prepared {
+                        self.give_back(claimed, premarked.is_some()).await;
+                    }
+                    return Err(e);
+                }
             }
+            next = prepared?;
+        }
+    }
+
+    /// Claims a batch (never one of `in_flight`, the events of this worker's call in flight), decides each event
+    /// with the subscription view and runs the batch's transaction ([`PgJournal::dispose`]); with `premark`, also
+    /// marks the events to send for their call (the synchronous commit of the mark then overlaps the call in
+    /// flight instead of delaying the next one). `None` when nothing was left to claim.
+    async fn prepare(
+        &self,
+        store: &SharedSubscriptions,
+        now: DateTime<Utc>,
+        policy: &SettlePolicy,
+        in_flight: &[i64],
+        premark: bool,
+    ) -> anyhow::Result<Option<Disposed>> {
+        let claimed = self
+            .pg
+            .claim_excluding(&self.owner, now, BATCH_SIZE as i64, self.lease, in_flight)
+            .await?;
+        if claimed.is_empty() {
+            return Ok(None);
+        }
+        let events: Vec<PendingEvent> = claimed.iter().map(|c| c.event.clone()).collect();
+        let known = self
+            .subscriptions
+            .known(&self.client, store, &events, now)
+            .await;
+        let decided: Vec<(Claimed, Disposition)> = claimed
+            .into_iter()
+            .map(|c| {
+                let d = match self.subscriptions.decide(&c.event, &known, now) {
+                    Decision::Send { plan } => Disposition::Send { plan },
+                    Decision::Settle(s) => Disposition::Settle(s),
+                };
+                (c, d)
+            })
+            .collect();
+        let disposed = self
+            .pg
+            .dispose(
+                &self.owner,
+                decided,
+                &self.settings,
+                now,
+                policy,
+                |ev: &PendingEvent, plan: &str, send: i64| {
+                    event_json(
+                        &ResourceRef::parse(&ev.resource),
+                        plan,
+                        &ev.dimension,
+                        to_utc(ev.hour),
+                        send,
+                    )
+                },
+            )
+            .await?;
+        let (sendable, counts) = disposed;
+        let mut marked = None;
+        if premark && !sendable.is_empty() {
+            let fenced: Vec<(i64, i64)> = sendable.iter().map(|c| (c.event.id, c.fence)).collect();
+            let asked = std::time::Instant::now();
+            // A lost lease leaves it unmarked: the send's own mark then refuses the call.
+            if self
+                .pg
+                .mark_attempt(&self.owner, fenced, self.lease)
+                .await?
+            {
+                marked = Some(asked);
+            }
+        }
+        Ok(Some((sendable, counts, marked)))
+    }
+
+    /// Frees the leases of a claimed batch this worker will not send now (best effort: a lease not freed
+    /// expires by itself), taking back its mark when it was marked for a call that was never made. Their bodies
+    /// and billing stay; whichever replica claims them next sends those bytes.
+    async fn give_back(&self, claimed: &[Claimed], marked: bool) {
+        let fenced: Vec<(i64, i64)> = claimed.iter().map(|c| (c.event.id, c.fence)).collect();
+        if let Err(e) = self.pg.release_leases(&self.owner, fenced, marked).await {
+            tracing::warn!(message = "Could not give back the leases of a claimed batch; they expire by themselves.", error = %e);
         }
     }
 }

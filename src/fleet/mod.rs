@@ -3,7 +3,8 @@
 //!
 //! - The **forwarder** takes up to `fleet.forward_batch` records waiting in the outbox (oldest first), forwards
 //!   them in one PostgreSQL transaction ([`PgJournal::forward`]: inserted once fleet-wide, added to the hourly
-//!   totals by the late-usage rule), then clears their local mark. PostgreSQL unreachable: ingest keeps
+//!   totals by the late-usage rule), then clears their local mark; while a batch is in PostgreSQL the next one is
+//!   read and the one before is marked ([`Forwarder`]). PostgreSQL unreachable: ingest keeps
 //!   acknowledging (it needs only SQLite), the outbox and `meterd_fleet_forward_lag_seconds` grow, and the
 //!   forwarder retries with exponential backoff (backon) until it gets through, by itself.
 //! - The **heartbeat** upserts this replica's `replicas` row every `fleet.heartbeat`: heartbeat time, watermark
@@ -103,24 +104,126 @@ pub async fn forward_batch(
     clock: &SharedClock,
     limit: usize,
 ) -> Result<Option<ForwardSummary>, FleetError> {
-    let batch = journal.outbox_batch(limit).await?;
-    if batch.is_empty() {
-        return Ok(None);
+    let mut f = Forwarder::new(journal, pg, replica, settings, clock, limit);
+    let step = f.step().await?;
+    f.flush().await?;
+    Ok(step)
+}
+
+/// The forward path of one replica as a pipeline (what [`drain`] and the forwarder task run): while one batch is
+/// in its PostgreSQL transaction, the next batch is read from SQLite and the batch before has its local mark
+/// cleared, so a batch costs about the longest of the three steps, not their sum.
+///
+/// The order per batch is unchanged: PostgreSQL commits a batch before its local mark is cleared (a crash in
+/// between forwards it again, which adds nothing). A batch is read ahead only after a full batch (the outbox is
+/// streaming); after a short one the mark is cleared at once, so an idle replica's outbox figures are exact.
+/// After an error nothing read ahead is kept: the next step reads from the oldest waiting record again.
+pub struct Forwarder<'a> {
+    journal: &'a Journal,
+    pg: &'a PgJournal,
+    replica: &'a str,
+    settings: &'a Settings,
+    clock: &'a SharedClock,
+    limit: usize,
+    /// The next batch, read while the one before was in PostgreSQL.
+    next: Option<Vec<crate::journal::outbox::OutboxRecord>>,
+    /// The `seq`s of the last batch committed in PostgreSQL whose local mark is not cleared yet.
+    unmarked: Vec<i64>,
+}
+
+impl<'a> Forwarder<'a> {
+    /// A pipeline for `replica`'s outbox in `journal`, batches of at most `limit` records.
+    pub fn new(
+        journal: &'a Journal,
+        pg: &'a PgJournal,
+        replica: &'a str,
+        settings: &'a Settings,
+        clock: &'a SharedClock,
+        limit: usize,
+    ) -> Self {
+        Forwarder {
+            journal,
+            pg,
+            replica,
+            settings,
+            clock,
+            limit: limit.max(1),
+            next: None,
+            unmarked: Vec::new(),
+        }
     }
-    let summary = pg
-        .forward(replica, &batch, &rules(settings, clock.now()))
-        .await?;
-    // PostgreSQL committed: now the local marks. A crash in between forwards these again, which adds nothing.
-    journal
-        .outbox_mark_forwarded(batch.iter().map(|r| r.seq).collect())
-        .await?;
-    metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "inserted")
-        .increment(summary.inserted as u64);
-    metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "duplicate")
-        .increment(summary.duplicates as u64);
-    metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "carried")
-        .increment(summary.carried as u64);
-    Ok(Some(summary))
+
+    /// Forwards the next batch; `None` when nothing is waiting (every mark cleared then). On an error the
+    /// pipeline starts over at the next step (what was committed in PostgreSQL and not marked is forwarded
+    /// again, which adds nothing).
+    pub async fn step(&mut self) -> Result<Option<ForwardSummary>, FleetError> {
+        let result = self.step_inner().await;
+        if result.is_err() {
+            self.next = None;
+            self.unmarked.clear();
+        }
+        result
+    }
+
+    async fn step_inner(&mut self) -> Result<Option<ForwardSummary>, FleetError> {
+        let batch = match self.next.take() {
+            Some(b) => b,
+            None => {
+                let after = self.unmarked.last().copied().unwrap_or(i64::MIN);
+                self.journal.outbox_batch_after(after, self.limit).await?
+            }
+        };
+        if batch.is_empty() {
+            self.flush().await?;
+            return Ok(None);
+        }
+        let full = batch.len() >= self.limit;
+        let last = batch.last().map(|r| r.seq).unwrap_or(i64::MIN);
+        let unmarked = std::mem::take(&mut self.unmarked);
+        let rules = rules(self.settings, self.clock.now());
+        let (forwarded, marked, next) = tokio::join!(
+            self.pg.forward(self.replica, &batch, &rules),
+            mark(self.journal, unmarked),
+            async {
+                if full {
+                    Some(self.journal.outbox_batch_after(last, self.limit).await)
+                } else {
+                    None
+                }
+            },
+        );
+        marked?;
+        let summary = forwarded?;
+        let seqs: Vec<i64> = batch.iter().map(|r| r.seq).collect();
+        if full {
+            // Streaming: this batch's mark goes with the next batch's transaction.
+            self.unmarked = seqs;
+            self.next = next.transpose()?;
+        } else {
+            mark(self.journal, seqs).await?;
+        }
+        metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "inserted")
+            .increment(summary.inserted as u64);
+        metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "duplicate")
+            .increment(summary.duplicates as u64);
+        metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "carried")
+            .increment(summary.carried as u64);
+        Ok(Some(summary))
+    }
+
+    /// Clears the local mark of the last batch committed, if it is still set.
+    pub async fn flush(&mut self) -> Result<(), FleetError> {
+        let unmarked = std::mem::take(&mut self.unmarked);
+        mark(self.journal, unmarked).await
+    }
+}
+
+/// Clears the local marks of `seqs` (records committed in PostgreSQL); nothing to do for none.
+async fn mark(journal: &Journal, seqs: Vec<i64>) -> Result<(), FleetError> {
+    if !seqs.is_empty() {
+        journal.outbox_mark_forwarded(seqs).await?;
+    }
+    Ok(())
 }
 
 /// Forwards until the outbox is empty (no retries: the first error is returned with what was done before it).
@@ -133,8 +236,9 @@ pub async fn drain(
     limit: usize,
 ) -> (Forwarded, Result<(), FleetError>) {
     let mut done = Forwarded::default();
+    let mut f = Forwarder::new(journal, pg, replica, settings, clock, limit);
     loop {
-        match forward_batch(journal, pg, replica, settings, clock, limit).await {
+        match f.step().await {
             Ok(Some(s)) => done.add(s),
             Ok(None) => return (done, Ok(())),
             Err(e) => return (done, Err(e)),
@@ -263,35 +367,44 @@ async fn forward_loop(
         replica = %fleet.replica_id
     );
     let limit = fleet.forward_batch;
+    let mut forwarder = Forwarder::new(&journal, &pg, &fleet.replica_id, &settings, &clock, limit);
+    let mut delays = None;
     loop {
         let _ = publish_outbox_gauges(&journal, &clock).await;
-        let step = || forward_batch(&journal, &pg, &fleet.replica_id, &settings, &clock, limit);
-        let retried = step
-            .retry(backoff())
-            .sleep(tokio::time::sleep)
-            .notify(|e: &FleetError, d: Duration| {
+        let outcome = tokio::select! {
+            r = forwarder.step() => r,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let pause = match outcome {
+            Ok(Some(s)) if s.inserted + s.duplicates >= limit => {
+                delays = None;
+                continue;
+            }
+            Ok(_) => {
+                delays = None;
+                IDLE_POLL
+            }
+            Err(e) => {
+                // Exponential backoff with jitter, without a limit on the number of retries.
+                let d = delays
+                    .get_or_insert_with(|| backon::BackoffBuilder::build(backoff()))
+                    .next()
+                    .unwrap_or(Duration::from_secs(10));
                 metrics::counter!("meterd_fleet_forward_errors_total").increment(1);
                 tracing::warn!(
                     message = "Forwarding to the fleet PostgreSQL journal failed; retrying. Ingest keeps acknowledging into the local outbox.",
                     error = %e,
                     retry_in_ms = d.as_millis() as u64
                 );
-            });
-        let outcome = tokio::select! {
-            r = retried => r,
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        match outcome {
-            Ok(Some(s)) if s.inserted + s.duplicates >= limit => continue,
-            Ok(_) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(IDLE_POLL) => {}
-                    _ = stop.wait_for(|s| *s) => break,
-                }
+                d
             }
-            Err(_) => {} // without_max_times: not reached
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => break,
         }
     }
+    drop(forwarder);
     // Stopping: one bounded attempt to leave nothing behind (what is left goes at the next start, or by
     // `meterd forward --journal`).
     let bound = settings

@@ -42,11 +42,21 @@ pub struct OutboxStats {
 /// The first `limit` records waiting, oldest first. A record without a key (only a journal written by hand can
 /// hold one: fleet-mode ingest always stores a key) gets one derived from its row, stable for this journal.
 pub fn batch(conn: &Connection, limit: usize) -> Result<Vec<OutboxRecord>, JournalError> {
+    batch_after(conn, i64::MIN, limit)
+}
+
+/// The first `limit` records waiting whose `seq` is above `after` (the forwarder reads the next batch this way
+/// while the one before it, up to `after`, is still on its way to PostgreSQL).
+pub fn batch_after(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<OutboxRecord>, JournalError> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, idem_key, resource, plan, dimension, event_time, quantity, received_at
-         FROM usage_records WHERE forward_pending = 1 ORDER BY seq LIMIT ?1",
+         FROM usage_records WHERE forward_pending = 1 AND seq > ?2 ORDER BY seq LIMIT ?1",
     )?;
-    let rows = stmt.query_map([limit as i64], |r| {
+    let rows = stmt.query_map(params![limit as i64, after], |r| {
         let seq: i64 = r.get(0)?;
         let key: Option<String> = r.get(1)?;
         let received_at: i64 = r.get(7)?;
@@ -137,6 +147,15 @@ impl Journal {
     /// The first `limit` records waiting to be forwarded (a read).
     pub async fn outbox_batch(&self, limit: usize) -> Result<Vec<OutboxRecord>, JournalError> {
         self.read(move |c| batch(c, limit)).await
+    }
+
+    /// The first `limit` records waiting with a `seq` above `after` (a read; see [`batch_after`]).
+    pub async fn outbox_batch_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRecord>, JournalError> {
+        self.read(move |c| batch_after(c, after, limit)).await
     }
 
     /// Clears the outbox mark of `seqs` (one write job).

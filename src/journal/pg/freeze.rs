@@ -9,14 +9,15 @@
 //! The freeze takes the unfrozen totals it freezes `FOR UPDATE` and inserts one `outbound_events` row per key
 //! (unique per key, `ON CONFLICT DO NOTHING`), all in one transaction: two replicas freezing at once serialise
 //! on the rows; the second finds them frozen (READ COMMITTED re-checks `outbound_id IS NULL`) and writes no
-//! second event. Bodies are written at the first send, when the plan is known, as in SQLite mode
+//! second event. The events of a freeze are inserted and linked to their totals set-based (one `INSERT ... SELECT
+//! FROM unnest(...)` and one `UPDATE` per chunk of keys). Bodies are written at the first send, when the plan is known, as in SQLite mode
 //! (`outbound::dispose`, billing in the same transaction).
 
 use super::PgError;
 use crate::clock::{HOUR, fmt_time, hour_of};
 use crate::journal::outbound::{FreezeSummary, first_open_hour};
 use chrono::{DateTime, Duration, Utc};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use tokio_postgres::{GenericClient, Transaction};
 
 /// The fleet's timing rules for a freeze.
@@ -30,6 +31,21 @@ pub struct FreezeRule {
     pub max_wait: Duration,
     /// `fleet.replica_timeout`.
     pub replica_timeout: Duration,
+}
+
+/// Keys frozen per statement (the arrays of one `unnest`).
+const FREEZE_CHUNK: usize = 5000;
+
+/// One key to freeze: its total over the hour's plans, the plan its event names, and what was prebilled.
+struct FrozenKey {
+    resource: String,
+    plan: String,
+    dimension: String,
+    hour: i64,
+    quantity: i64,
+    prebilled: i64,
+    /// The plan column of each of the key's total rows (all get the event's id).
+    rows_plans: Vec<String>,
 }
 
 /// The lowest watermark of the live replicas at `now`, or `None` when no replica is live.
@@ -86,8 +102,9 @@ pub async fn freeze(
             &[&through],
         )
         .await?;
-    // (hour, resource, dimension) -> (total, prebilled, quantity per explicitly named plan)
-    type Group = (i64, i64, BTreeMap<String, i64>);
+    // (hour, resource, dimension) -> (total, prebilled, quantity per explicitly named plan, the plan of each
+    // total row)
+    type Group = (i64, i64, BTreeMap<String, i64>, Vec<String>);
     let mut groups: BTreeMap<(i64, String, String), Group> = BTreeMap::new();
     for r in rows {
         let (resource, plan, dimension): (String, String, String) = (r.get(0), r.get(1), r.get(2));
@@ -97,12 +114,15 @@ pub async fn freeze(
             g.0.checked_add(qty)
                 .ok_or_else(|| PgError::Invalid("hourly total overflows".into()))?;
         g.1 += prebilled;
+        g.3.push(plan.clone());
         if !plan.is_empty() {
             *g.2.entry(plan).or_default() += qty;
         }
     }
     let now_s = now.timestamp();
-    for ((hour, resource, dimension), (qty, prebilled, plans)) in groups {
+    // One event per key, set-based: the keys in (hour, resource, dimension) order (event ids follow it).
+    let mut keys: Vec<FrozenKey> = Vec::with_capacity(groups.len());
+    for ((hour, resource, dimension), (qty, prebilled, plans, rows_plans)) in groups {
         if plans.len() > 1 {
             tracing::warn!(
                 message = "Records of one hour name different plans; the marketplace takes one event per hour, so the plan with the largest share is used.",
@@ -114,44 +134,123 @@ pub async fn freeze(
             .max_by_key(|(_, q)| **q)
             .map(|(p, _)| p.clone())
             .unwrap_or_default();
-        let deadline = hour + 24 * HOUR - rule.safety_margin.num_seconds();
-        let inserted = tx
-            .query_opt(
-                "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at,
-                                              deadline, frozen_at, prebilled)
-                 VALUES ($1, $2, $3, $4, $5, '', 'pending', $6, $7, $6, $8)
-                 ON CONFLICT (resource, dimension, hour) DO NOTHING RETURNING id",
-                &[&resource, &plan, &dimension, &hour, &qty, &now_s, &deadline, &prebilled],
+        keys.push(FrozenKey {
+            resource,
+            plan,
+            dimension,
+            hour,
+            quantity: qty,
+            prebilled,
+            rows_plans,
+        });
+    }
+    let insert = tx
+        .prepare(
+            "INSERT INTO outbound_events (resource, plan, dimension, hour, quantity, body, state, next_attempt_at,
+                                          deadline, frozen_at, prebilled)
+             SELECT r, p, d, h, q, '', 'pending', $7, h + $8, $7, pb
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
+                  WITH ORDINALITY AS k(r, p, d, h, q, pb, n)
+             ORDER BY n
+             ON CONFLICT (resource, dimension, hour) DO NOTHING
+             RETURNING id, resource, dimension, hour",
+        )
+        .await?;
+    let link = tx
+        .prepare(
+            "UPDATE hourly_totals t SET outbound_id = k.id
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[]) AS k(id, r, p, d, h)
+             WHERE t.resource = k.r AND t.plan = k.p AND t.dimension = k.d AND t.hour = k.h
+               AND t.outbound_id IS NULL",
+        )
+        .await?;
+    let deadline_after = 24 * HOUR - rule.safety_margin.num_seconds();
+    for chunk in keys.chunks(FREEZE_CHUNK) {
+        #[allow(clippy::type_complexity)]
+        let mut cols: (
+            Vec<&str>,
+            Vec<&str>,
+            Vec<&str>,
+            Vec<i64>,
+            Vec<i64>,
+            Vec<i64>,
+        ) = Default::default();
+        for k in chunk {
+            cols.0.push(&k.resource);
+            cols.1.push(&k.plan);
+            cols.2.push(&k.dimension);
+            cols.3.push(k.hour);
+            cols.4.push(k.quantity);
+            cols.5.push(k.prebilled);
+        }
+        let rows = tx
+            .query(
+                &insert,
+                &[
+                    &cols.0,
+                    &cols.1,
+                    &cols.2,
+                    &cols.3,
+                    &cols.4,
+                    &cols.5,
+                    &now_s,
+                    &deadline_after,
+                ],
             )
             .await?;
-        match inserted {
-            Some(row) => {
-                let id: i64 = row.get(0);
-                tx.execute(
-                    "UPDATE hourly_totals SET outbound_id = $1
-                     WHERE resource = $2 AND dimension = $3 AND hour = $4 AND outbound_id IS NULL",
-                    &[&id, &resource, &dimension, &hour],
-                )
-                .await?;
-                summary.frozen += 1;
+        let made: HashMap<(String, String, i64), i64> = rows
+            .into_iter()
+            .map(|r| ((r.get(1), r.get(2), r.get(3)), r.get(0)))
+            .collect();
+        // Every total row of each new event's key, by its full primary key (plan included).
+        #[allow(clippy::type_complexity)]
+        let mut linked: (Vec<i64>, Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
+        for k in chunk {
+            if let Some(id) = made.get(&(k.resource.clone(), k.dimension.clone(), k.hour)) {
+                for p in &k.rows_plans {
+                    linked.0.push(*id);
+                    linked.1.push(&k.resource);
+                    linked.2.push(p);
+                    linked.3.push(&k.dimension);
+                    linked.4.push(k.hour);
+                }
             }
-            None => {
-                // The key has its event already (a total forwarded after it was frozen): never lose the units,
-                // carry them into a later, unfrozen hour.
-                let target = hour_of(now).max(through);
-                tracing::error!(message = "Hour already has an outbound event; carrying the new units forward.", %resource, %dimension, hour = %fmt_time(hour));
-                super::outbound::add_to_hour(tx, &resource, &plan, &dimension, target, qty, 0)
-                    .await?;
-                super::outbound::record_carry(
-                    tx, &resource, &plan, &dimension, hour, target, qty, "late", None, now_s,
-                )
-                .await?;
-                tx.execute(
-                    "DELETE FROM hourly_totals WHERE resource = $1 AND dimension = $2 AND hour = $3 AND outbound_id IS NULL",
-                    &[&resource, &dimension, &hour],
-                )
-                .await?;
+        }
+        summary.frozen += made.len();
+        if !linked.0.is_empty() {
+            tx.execute(
+                &link,
+                &[&linked.0, &linked.1, &linked.2, &linked.3, &linked.4],
+            )
+            .await?;
+        }
+        for k in chunk {
+            if made.contains_key(&(k.resource.clone(), k.dimension.clone(), k.hour)) {
+                continue;
             }
+            // The key has its event already (a total forwarded after it was frozen): never lose the units,
+            // carry them into a later, unfrozen hour.
+            let FrozenKey {
+                resource,
+                plan,
+                dimension,
+                hour,
+                quantity: qty,
+                ..
+            } = k;
+            let hour = *hour;
+            let target = hour_of(now).max(through);
+            tracing::error!(message = "Hour already has an outbound event; carrying the new units forward.", %resource, %dimension, hour = %fmt_time(hour));
+            super::outbound::add_to_hour(tx, resource, plan, dimension, target, *qty, 0).await?;
+            super::outbound::record_carry(
+                tx, resource, plan, dimension, hour, target, *qty, "late", None, now_s,
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM hourly_totals WHERE resource = $1 AND dimension = $2 AND hour = $3 AND outbound_id IS NULL",
+                &[&resource, &dimension, &hour],
+            )
+            .await?;
         }
     }
     tx.execute(

@@ -87,8 +87,32 @@ impl PgJournal {
         limit: i64,
         lease: Duration,
     ) -> Result<Vec<Claimed>, PgError> {
+        self.claim_excluding(owner, now, limit, lease, &[]).await
+    }
+
+    /// [`PgJournal::claim`], never taking an event of `excluding` (the claimer's own call in flight).
+    pub async fn claim_excluding(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        limit: i64,
+        lease: Duration,
+        excluding: &[i64],
+    ) -> Result<Vec<Claimed>, PgError> {
         let client = self.client().await?;
-        outbound::claim(&**client, owner, now, limit, lease).await
+        outbound::claim(&client, owner, now, limit, lease, excluding).await
+    }
+
+    /// Frees `owner`'s leases on claimed events it will not send (fences must match); `marked`: they were marked
+    /// for a call that was never made, and the mark is taken back.
+    pub async fn release_leases(
+        &self,
+        owner: &str,
+        fenced: Vec<(i64, i64)>,
+        marked: bool,
+    ) -> Result<u64, PgError> {
+        let client = self.client().await?;
+        outbound::release_leases(&client, owner, &fenced, marked).await
     }
 
     /// One transaction: settles, bills and writes bodies for a claimed batch (see [`outbound::dispose`]).
@@ -115,16 +139,8 @@ impl PgJournal {
         fenced: Vec<(i64, i64)>,
         lease: Duration,
     ) -> Result<bool, PgError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        if outbound::mark_attempt(&tx, owner, &fenced, lease).await? {
-            tx.commit().await?;
-            Ok(true)
-        } else {
-            // Either every event of the call is marked or none.
-            tx.rollback().await?;
-            Ok(false)
-        }
+        let client = self.client().await?;
+        outbound::mark_attempt(&client, owner, &fenced, lease).await
     }
 
     /// One transaction: the call's alert and each answer settled under `owner`'s fence (`(id, fence, settle)`).
@@ -136,6 +152,26 @@ impl PgJournal {
         now: DateTime<Utc>,
         policy: &SettlePolicy,
     ) -> Result<BTreeMap<String, usize>, PgError> {
+        if call_alert.is_none() && outbound::all_simple(&settles) {
+            // The common case (every answer accepted or duplicate): one statement, atomic by itself.
+            // Its commit does not wait for the WAL flush: a PostgreSQL crash that loses it leaves the events
+            // pending and in flight (marked by a synchronous commit before the call), so the next claim makes
+            // them ambiguous and sends the same bytes again, and the marketplace's same-quantity `Duplicate`
+            // counts each once. Any later synchronous commit (the next call's mark) makes it durable.
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            let stmt = tx.prepare_cached(outbound::SETTLE_SIMPLE).await?;
+            let simple: Vec<&(i64, i64, Settle)> = settles.iter().collect();
+            let mut counts = BTreeMap::new();
+            let (set, settled) = tokio::join!(
+                tx.batch_execute("SET LOCAL synchronous_commit = off"),
+                outbound::settle_simple(&*tx, &stmt, owner, &simple, now, &mut counts),
+            );
+            set?;
+            settled?;
+            tx.commit().await?;
+            return Ok(counts);
+        }
         in_tx!(self, tx => outbound::settle_answers(&tx, owner, call_alert.clone(), &settles, now, policy).await)
     }
 

@@ -14,7 +14,7 @@
 //! The rules of each outcome are those of `journal/outbound.rs` (the SQLite side), statement for statement.
 
 use super::PgError;
-use super::billing::{bill, event_summary, raise_alert};
+use super::billing::{bill_batch, event_summary, raise_alert};
 use crate::alert_kind::{AlertKey, AlertKind};
 use crate::bill::Bill;
 use crate::clock::{HOUR, fmt_time, hour_of};
@@ -23,7 +23,7 @@ use crate::journal::Disposition;
 use crate::journal::outbound::{Expired, PendingEvent, REFUSED, Settle, SettlePolicy};
 use crate::outcome::Outcome;
 use chrono::{DateTime, Duration, Utc};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use tokio_postgres::{GenericClient, Transaction};
 
 /// The database clock in unix seconds (leases are measured by it, never by a replica's clock).
@@ -100,18 +100,20 @@ pub struct Claimed {
 
 /// Claims up to `limit` events due at `now` for `owner`, oldest hour first, skipping events another replica holds
 /// (row locks: `SKIP LOCKED`; leases: `lease_until` by the database clock). One statement, committed at once.
+/// Events in `excluding` are never claimed (a worker's own call in flight, while it claims its next batch).
 pub async fn claim(
-    c: &(impl GenericClient + Sync),
+    c: &deadpool_postgres::ClientWrapper,
     owner: &str,
     now: DateTime<Utc>,
     limit: i64,
     lease: Duration,
+    excluding: &[i64],
 ) -> Result<Vec<Claimed>, PgError> {
     let sql = format!(
         "WITH c AS (
              SELECT id, in_flight AS was_in_flight FROM outbound_events
              WHERE state = 'pending' AND next_attempt_at <= $1 AND deadline > $1
-               AND (lease_until IS NULL OR lease_until <= {DB_NOW})
+               AND (lease_until IS NULL OR lease_until <= {DB_NOW}) AND id <> ALL($6::int8[])
              ORDER BY hour, id LIMIT $2 FOR UPDATE SKIP LOCKED)
          UPDATE outbound_events o SET lease_owner = $3, lease_until = {DB_NOW} + $4, fence = o.fence + 1,
                 ambiguous = CASE WHEN c.was_in_flight = 1 THEN 1 ELSE o.ambiguous END, in_flight = 0
@@ -120,15 +122,17 @@ pub async fn claim(
                    o.ambiguous, o.held IS NOT NULL, o.prebilled, o.send_quantity,
                    COALESCE(substr(o.held, 1, length($5)) = $5, false), o.fence, c.was_in_flight = 1"
     );
+    let stmt = c.prepare_cached(&sql).await?;
     let rows = c
         .query(
-            &sql,
+            &stmt,
             &[
                 &now.timestamp(),
                 &limit,
                 &owner,
                 &lease.num_seconds(),
                 &REFUSED,
+                &excluding,
             ],
         )
         .await?;
@@ -168,23 +172,61 @@ pub async fn claim(
 }
 
 /// Marks a call's events in flight (attempts + 1) and renews their leases, all or none: false (nothing changed)
-/// when any of them is no longer `owner`'s at its fence; the call must then not be made.
+/// when any of them is no longer `owner`'s at its fence; the call must then not be made. One statement: the
+/// events still ours are locked first (`FOR UPDATE`, re-checked against concurrent claims), and the update
+/// applies only when that is all of them.
 pub async fn mark_attempt(
-    tx: &Transaction<'_>,
+    c: &deadpool_postgres::ClientWrapper,
     owner: &str,
     fenced: &[(i64, i64)],
     lease: Duration,
 ) -> Result<bool, PgError> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = fenced.iter().copied().unzip();
     let sql = format!(
-        "UPDATE outbound_events o SET attempts = o.attempts + 1, in_flight = 1, lease_until = {DB_NOW} + $4
-         FROM unnest($1::bigint[], $2::bigint[]) AS f(id, fence)
-         WHERE o.id = f.id AND o.fence = f.fence AND o.lease_owner = $3 AND o.state = 'pending'"
+        "WITH mine AS MATERIALIZED (
+             SELECT o.id FROM outbound_events o JOIN unnest($1::bigint[], $2::bigint[]) AS f(id, fence)
+               ON o.id = f.id AND o.fence = f.fence
+             WHERE o.lease_owner = $3 AND o.state = 'pending' ORDER BY o.id FOR UPDATE OF o)
+         UPDATE outbound_events o SET attempts = o.attempts + 1, in_flight = 1, lease_until = {DB_NOW} + $4
+         FROM mine WHERE o.id = mine.id AND (SELECT count(*) FROM mine) = $5"
     );
-    let n = tx
-        .execute(&sql, &[&ids, &fences, &owner, &lease.num_seconds()])
+    let stmt = c.prepare_cached(&sql).await?;
+    let n = c
+        .execute(
+            &stmt,
+            &[
+                &ids,
+                &fences,
+                &owner,
+                &lease.num_seconds(),
+                &(fenced.len() as i64),
+            ],
+        )
         .await?;
     Ok(n as usize == fenced.len())
+}
+
+/// Frees `owner`'s leases on `fenced` (id, fence) events claimed and not sent: any replica may claim them at
+/// once. With `marked`, they were marked for a call that was never made, and the mark is taken back
+/// (`attempts - 1`, `in_flight = 0`); without, only events not in flight are freed. An event whose fence moved on
+/// is left alone.
+pub async fn release_leases(
+    c: &deadpool_postgres::ClientWrapper,
+    owner: &str,
+    fenced: &[(i64, i64)],
+    marked: bool,
+) -> Result<u64, PgError> {
+    let (ids, fences): (Vec<i64>, Vec<i64>) = fenced.iter().copied().unzip();
+    let in_flight: i64 = marked.into();
+    Ok(c.execute(
+        "UPDATE outbound_events o SET lease_owner = NULL, lease_until = NULL, in_flight = 0,
+                attempts = o.attempts - o.in_flight
+         FROM unnest($1::bigint[], $2::bigint[]) AS f(id, fence)
+         WHERE o.id = f.id AND o.fence = f.fence AND o.lease_owner = $3 AND o.state = 'pending'
+           AND o.in_flight = $4",
+        &[&ids, &fences, &owner, &in_flight],
+    )
+    .await?)
 }
 
 /// The raw usage the whole units of a billed event cover.
@@ -254,7 +296,7 @@ async fn still_ours(
 /// Of `fenced` (id, fence), the events `owner` still holds at their fence, locked until the transaction ends (one
 /// round trip for a batch); the others are logged and counted as stale.
 async fn owned(
-    tx: &Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     owner: &str,
     fenced: &[(i64, i64)],
 ) -> Result<std::collections::HashSet<i64>, PgError> {
@@ -262,14 +304,14 @@ async fn owned(
         return Ok(Default::default());
     }
     let (ids, fences): (Vec<i64>, Vec<i64>) = fenced.iter().copied().unzip();
-    let rows = tx
-        .query(
+    let stmt = tx
+        .prepare_cached(
             "SELECT o.id FROM outbound_events o JOIN unnest($1::bigint[], $2::bigint[]) AS f(id, fence)
                ON o.id = f.id AND o.fence = f.fence
              WHERE o.lease_owner = $3 AND o.state = 'pending' ORDER BY o.id FOR UPDATE OF o",
-            &[&ids, &fences, &owner],
         )
         .await?;
+    let rows = tx.query(&stmt, &[&ids, &fences, &owner]).await?;
     let mine: std::collections::HashSet<i64> = rows.into_iter().map(|r| r.get(0)).collect();
     for (id, fence) in fenced.iter().filter(|(id, _)| !mine.contains(id)) {
         tracing::warn!(
@@ -635,32 +677,65 @@ async fn raise_for_settle(
 }
 
 /// Raises a `pending_age` alert (once per event) for events pending longer than `age` since their hour ended.
+/// Set-based: one read of the events old enough that have no such alert yet, and one insert of their alerts per
+/// chunk (`ON CONFLICT DO NOTHING`: a replica raising the same alerts at once adds none twice).
 pub async fn raise_pending_age_alerts(
     tx: &Transaction<'_>,
     now: DateTime<Utc>,
     age: Duration,
 ) -> Result<usize, PgError> {
     let limit = now.timestamp() - age.num_seconds() - HOUR;
+    let kind = AlertKind::PendingAge.as_str();
+    let prefix = format!("{kind}:");
     let rows = tx
         .query(
-            "SELECT id, deadline, last_error FROM outbound_events WHERE state = 'pending' AND hour <= $1",
-            &[&limit],
+            &format!(
+                "SELECT o.id, o.deadline, o.last_error, {} FROM outbound_events o
+                 WHERE o.state = 'pending' AND o.hour <= $1
+                   AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.dedupe = $2 || o.id::text)
+                 ORDER BY o.id",
+                super::billing::SUMMARY_COLUMNS
+            ),
+            &[&limit, &prefix],
         )
         .await?;
     let mut n = 0;
-    for r in rows {
-        let (id, deadline, last_error): (i64, i64, Option<String>) = (r.get(0), r.get(1), r.get(2));
-        let mut body = event_summary(tx, id).await?;
-        body["seconds_to_expiry"] = (deadline - now.timestamp()).into();
-        body["last_error"] = last_error.into();
-        if raise_alert(tx, &AlertKey::event(AlertKind::PendingAge, id), body, now).await? {
+    for chunk in rows.chunks(5000) {
+        let mut dedupes = Vec::with_capacity(chunk.len());
+        let mut bodies = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            let (id, deadline, last_error): (i64, i64, Option<String>) =
+                (r.get(0), r.get(1), r.get(2));
+            let mut body = super::billing::summary_of(r, 3);
+            body["seconds_to_expiry"] = (deadline - now.timestamp()).into();
+            body["last_error"] = last_error.into();
+            let key = AlertKey::event(AlertKind::PendingAge, id);
+            bodies.push(super::billing::alert_body(&key, body, now));
+            dedupes.push(key.dedupe);
+        }
+        let raised = tx
+            .query(
+                "INSERT INTO alerts (kind, dedupe, body, created_at, next_attempt_at)
+                 SELECT $1, d, b, $4, $4 FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(d, b, n)
+                 ORDER BY n
+                 ON CONFLICT (dedupe) DO NOTHING RETURNING dedupe",
+                &[&kind, &dedupes, &bodies, &now.timestamp()],
+            )
+            .await?;
+        for r in &raised {
+            let dedupe: String = r.get(0);
+            let id = dedupe.strip_prefix(&prefix).unwrap_or(&dedupe);
             tracing::warn!(
                 message = "An event has been pending longer than alerts.pending_age.",
                 id,
                 alert = "pending_age"
             );
-            n += 1;
         }
+        if !raised.is_empty() {
+            metrics::counter!("meterd_alerts_total", "kind" => kind.to_string())
+                .increment(raised.len() as u64);
+        }
+        n += raised.len();
     }
     Ok(n)
 }
@@ -675,61 +750,134 @@ pub async fn release_holds(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<u
         .await?)
 }
 
-/// Writes the frozen body, plan and billing figures of an event once (an event with a body keeps it); returns
-/// the body to send.
-async fn set_body(
-    tx: &Transaction<'_>,
-    id: i64,
-    plan: &str,
-    body: &str,
-    bill: &Bill,
-) -> Result<String, PgError> {
-    let written = tx
-        .query_opt(
-            "UPDATE outbound_events SET plan = $2, body = $3, included = $4, billable = $5, send_quantity = $6, term_start = $7
-             WHERE id = $1 AND body = '' RETURNING body",
-            &[&id, &plan, &body, &bill.included, &bill.billable, &bill.send, &bill.term_start],
+/// Writes the frozen body, plan and billing figures of each event once (an event with a body keeps it), in one
+/// statement; returns the body to send of each (by id).
+async fn set_bodies(
+    tx: &deadpool_postgres::Transaction<'_>,
+    rows: &[(i64, &str, String, &Bill)],
+) -> Result<HashMap<i64, String>, PgError> {
+    #[allow(clippy::type_complexity)]
+    let mut cols: (
+        Vec<i64>,
+        Vec<&str>,
+        Vec<&str>,
+        Vec<i64>,
+        Vec<i64>,
+        Vec<i64>,
+        Vec<i64>,
+    ) = Default::default();
+    for (id, plan, body, bill) in rows {
+        cols.0.push(*id);
+        cols.1.push(plan);
+        cols.2.push(body);
+        cols.3.push(bill.included);
+        cols.4.push(bill.billable);
+        cols.5.push(bill.send);
+        cols.6.push(bill.term_start);
+    }
+    let write = tx
+        .prepare_cached(
+            "UPDATE outbound_events o SET plan = f.plan, body = f.body, included = f.included, billable = f.billable,
+                    send_quantity = f.send, term_start = f.term_start
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[])
+                  AS f(id, plan, body, included, billable, send, term_start)
+             WHERE o.id = f.id AND o.body = '' RETURNING o.id, o.body",
         )
         .await?;
-    Ok(match written {
-        Some(r) => r.get(0),
-        None => tx
-            .query_one("SELECT body FROM outbound_events WHERE id = $1", &[&id])
+    let mut stored: HashMap<i64, String> = tx
+        .query(
+            &write,
+            &[
+                &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6,
+            ],
+        )
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let kept: Vec<i64> = cols
+        .0
+        .iter()
+        .copied()
+        .filter(|id| !stored.contains_key(id))
+        .collect();
+    if !kept.is_empty() {
+        // Written before (cannot happen under our lease, which an empty claimed body implies): keep that body.
+        for r in tx
+            .query(
+                "SELECT id, body FROM outbound_events WHERE id = ANY($1)",
+                &[&kept],
+            )
             .await?
-            .get(0),
-    })
+        {
+            stored.insert(r.get(0), r.get(1));
+        }
+    }
+    Ok(stored)
 }
 
-/// Settles an event that billing left nothing to send for (`included` or `remainder`), freeing its lease.
+/// Settles events that billing left nothing to send for (`included` or `remainder`), freeing their leases, in
+/// one statement.
 async fn settle_unbilled(
-    tx: &Transaction<'_>,
-    id: i64,
-    plan: &str,
-    bill: &Bill,
+    tx: &deadpool_postgres::Transaction<'_>,
+    rows: &[(i64, &str, &Bill)],
     now: DateTime<Utc>,
-) -> Result<Outcome, PgError> {
-    let state = if bill.billable == 0 {
+) -> Result<(), PgError> {
+    #[allow(clippy::type_complexity)]
+    let mut cols: (Vec<i64>, Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>, Vec<i64>) =
+        Default::default();
+    for (id, plan, bill) in rows {
+        cols.0.push(*id);
+        cols.1.push(plan);
+        cols.2.push(unbilled_state(bill).as_str());
+        cols.3.push(bill.included);
+        cols.4.push(bill.billable);
+        cols.5.push(bill.term_start);
+    }
+    let write = tx
+        .prepare_cached(
+            "UPDATE outbound_events o SET plan = f.plan, state = f.state, included = f.included,
+                    billable = f.billable, send_quantity = 0, term_start = f.term_start, finished_at = $7,
+                    held = NULL, in_flight = 0, lease_owner = NULL, lease_until = NULL
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
+                  AS f(id, plan, state, included, billable, term_start)
+             WHERE o.id = f.id AND o.state = 'pending'",
+        )
+        .await?;
+    tx.execute(
+        &write,
+        &[
+            &cols.0,
+            &cols.1,
+            &cols.2,
+            &cols.3,
+            &cols.4,
+            &cols.5,
+            &now.timestamp(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The outcome of an event billing left nothing to send for.
+fn unbilled_state(bill: &Bill) -> Outcome {
+    if bill.billable == 0 {
         Outcome::Included
     } else {
         Outcome::Remainder
-    };
-    tx.execute(
-        "UPDATE outbound_events SET plan = $2, state = $3, included = $4, billable = $5, send_quantity = 0, term_start = $6,
-                finished_at = $7, held = NULL, in_flight = 0, lease_owner = NULL, lease_until = NULL
-         WHERE id = $1 AND state = 'pending'",
-        &[&id, &plan, &state.as_str(), &bill.included, &bill.billable, &bill.term_start, &now.timestamp()],
-    )
-    .await?;
-    Ok(state)
+    }
 }
 
 /// One transaction for a claimed batch: settles what is not sent, bills what is sent for the first time and
 /// writes its body (`body(event, plan, quantity to send)`), each only while `owner` holds it at its fence.
 /// Events billed are taken in (resource, dimension, hour) order, so concurrent replicas lock billing rows in
-/// one order. Returns the events to send (with their fences) and the count per outcome settled.
+/// one order. Billing and bodies are set-based ([`bill_batch`], one statement for the bodies, one for the events
+/// settled unbilled), so a batch costs a handful of round trips, not several per event. Returns the events to
+/// send (with their fences) and the count per outcome settled.
 #[allow(clippy::type_complexity)]
 pub async fn dispose<B>(
-    tx: &Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     owner: &str,
     mut decided: Vec<(Claimed, Disposition)>,
     settings: &Settings,
@@ -754,7 +902,19 @@ where
         .filter(|(_, d)| matches!(d, Disposition::Send { .. }))
         .map(|(c, _)| (c.event.id, c.fence))
         .collect();
-    let owned = owned(tx, owner, &to_send).await?;
+    // Nothing outside the database depends on this transaction before the call's mark, a synchronous commit
+    // that flushes the WAL up to it (as does any synchronous commit that read what it wrote): it may commit
+    // without waiting for its own flush. A PostgreSQL crash can lose it only whole, before anything was sent.
+    let (_, owned) = tokio::try_join!(
+        async {
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .map_err(PgError::from)
+        },
+        owned(tx, owner, &to_send),
+    )?;
+    // Events to bill (first send: no body yet), in (resource, dimension, hour) order.
+    let mut to_bill: Vec<(Claimed, String)> = Vec::new();
     for (claimed, decision) in decided {
         let (id, fence) = (claimed.event.id, claimed.fence);
         match decision {
@@ -775,42 +935,154 @@ where
                     *counts.entry("stale".to_string()).or_default() += 1;
                     continue;
                 }
-                let ev = claimed.event;
-                if !ev.body.is_empty() {
+                if !claimed.event.body.is_empty() {
                     sendable.push(Claimed {
-                        event: PendingEvent { plan, ..ev },
+                        event: PendingEvent {
+                            plan,
+                            ..claimed.event
+                        },
                         ..claimed
                     });
                     continue;
                 }
-                let b = bill(tx, settings, &ev, &plan, now).await?;
-                if b.send == 0 {
-                    let state = settle_unbilled(tx, id, &plan, &b, now).await?;
-                    *counts.entry(state.to_string()).or_default() += 1;
-                    continue;
-                }
-                let json = body(&ev, &plan, b.send);
-                let stored = set_body(tx, id, &plan, &json, &b).await?;
-                sendable.push(Claimed {
-                    event: PendingEvent {
-                        body: stored,
-                        plan,
-                        send_quantity: Some(b.send),
-                        ..ev
-                    },
-                    ..claimed
-                });
+                to_bill.push((claimed, plan));
             }
+        }
+    }
+    if !to_bill.is_empty() {
+        let items: Vec<(&PendingEvent, &str)> = to_bill
+            .iter()
+            .map(|(c, p)| (&c.event, p.as_str()))
+            .collect();
+        let bills = bill_batch(tx, settings, &items, now).await?;
+        let mut unbilled: Vec<(i64, &str, &Bill)> = Vec::new();
+        let mut bodies: Vec<(i64, &str, String, &Bill)> = Vec::new();
+        for ((c, plan), b) in to_bill.iter().zip(&bills) {
+            if b.send == 0 {
+                unbilled.push((c.event.id, plan, b));
+                *counts.entry(unbilled_state(b).to_string()).or_default() += 1;
+            } else {
+                bodies.push((c.event.id, plan, body(&c.event, plan, b.send), b));
+            }
+        }
+        let stored = match (unbilled.is_empty(), bodies.is_empty()) {
+            (false, false) => {
+                tokio::try_join!(set_bodies(tx, &bodies), settle_unbilled(tx, &unbilled, now))?.0
+            }
+            (true, _) => set_bodies(tx, &bodies).await?,
+            (false, true) => {
+                settle_unbilled(tx, &unbilled, now).await?;
+                HashMap::new()
+            }
+        };
+        for ((claimed, plan), b) in to_bill.into_iter().zip(&bills) {
+            if b.send == 0 {
+                continue;
+            }
+            let body = stored.get(&claimed.event.id).cloned().unwrap_or_default();
+            sendable.push(Claimed {
+                event: PendingEvent {
+                    body,
+                    plan,
+                    send_quantity: Some(b.send),
+                    ..claimed.event
+                },
+                ..claimed
+            });
         }
     }
     sendable.sort_by_key(|c| (c.event.hour, c.event.id));
     Ok((sendable, counts))
 }
 
+/// The batch settle of the common answers (accepted, duplicate), fenced per event.
+pub const SETTLE_SIMPLE: &str =
+    "UPDATE outbound_events o SET state = f.state, usage_event_id = f.usage_event_id,
+        market_quantity = f.market_quantity, finished_at = $6, held = NULL, in_flight = 0,
+        lease_owner = NULL, lease_until = NULL
+ FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])
+      AS f(id, fence, state, usage_event_id, market_quantity)
+ WHERE o.id = f.id AND o.fence = f.fence AND o.lease_owner = $7 AND o.state = 'pending'
+ RETURNING o.id, o.state";
+
+/// True when every answer is a common one (accepted, duplicate): no alert, no billing change, so the settle is
+/// the one statement [`SETTLE_SIMPLE`], atomic by itself (no transaction needed around it).
+pub fn all_simple(settles: &[(i64, i64, Settle)]) -> bool {
+    settles
+        .iter()
+        .all(|(_, _, s)| matches!(s, Settle::Accepted { .. } | Settle::Duplicate { .. }))
+}
+
+/// Settles accepted and duplicate answers with `stmt` ([`SETTLE_SIMPLE`], prepared on `c`) in one statement, each
+/// only while `owner` holds it at its fence; the others are counted `stale`.
+pub async fn settle_simple(
+    c: &(impl GenericClient + Sync),
+    stmt: &tokio_postgres::Statement,
+    owner: &str,
+    simple: &[&(i64, i64, Settle)],
+    now: DateTime<Utc>,
+    counts: &mut BTreeMap<String, usize>,
+) -> Result<(), PgError> {
+    let mut ids = Vec::new();
+    let mut fences = Vec::new();
+    let mut states = Vec::new();
+    let mut usage_ids: Vec<Option<String>> = Vec::new();
+    let mut markets: Vec<Option<i64>> = Vec::new();
+    for (id, fence, s) in simple {
+        ids.push(*id);
+        fences.push(*fence);
+        match s {
+            Settle::Accepted { usage_event_id } => {
+                states.push(Outcome::Accepted.as_str().to_string());
+                usage_ids.push(usage_event_id.clone());
+                markets.push(None);
+            }
+            Settle::Duplicate {
+                market_quantity,
+                usage_event_id,
+            } => {
+                states.push(Outcome::Duplicate.as_str().to_string());
+                usage_ids.push(usage_event_id.clone());
+                markets.push(*market_quantity);
+            }
+            _ => return Err(PgError::Invalid("not a simple settle".into())),
+        }
+    }
+    let rows = c
+        .query(
+            stmt,
+            &[
+                &ids,
+                &fences,
+                &states,
+                &usage_ids,
+                &markets,
+                &now.timestamp(),
+                &owner,
+            ],
+        )
+        .await?;
+    let done: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    for r in &rows {
+        *counts.entry(r.get::<_, String>(1)).or_default() += 1;
+    }
+    for (id, fence, _) in simple.iter().filter(|(id, _, _)| !done.contains(id)) {
+        tracing::warn!(
+            message = "Settle refused: this replica's lease on the event ended (another replica claimed it, or it settled); nothing changed.",
+            id,
+            owner,
+            fence
+        );
+        metrics::counter!("meterd_fleet_stale_settles_total").increment(1);
+        *counts.entry("stale".to_string()).or_default() += 1;
+    }
+    Ok(())
+}
+
 /// One transaction: the call's alert (if any), then each answered event settled (fenced) with its alerts.
 /// Returns the count per outcome (`stale` for settles refused because the lease was lost).
 pub async fn settle_answers(
-    tx: &Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     owner: &str,
     call_alert: Option<(AlertKey, serde_json::Value)>,
     settles: &[(i64, i64, Settle)],
@@ -826,57 +1098,8 @@ pub async fn settle_answers(
         .iter()
         .partition(|(_, _, s)| matches!(s, Settle::Accepted { .. } | Settle::Duplicate { .. }));
     if !simple.is_empty() {
-        let mut ids = Vec::new();
-        let mut fences = Vec::new();
-        let mut states = Vec::new();
-        let mut usage_ids: Vec<Option<String>> = Vec::new();
-        let mut markets: Vec<Option<i64>> = Vec::new();
-        for (id, fence, s) in &simple {
-            ids.push(*id);
-            fences.push(*fence);
-            match s {
-                Settle::Accepted { usage_event_id } => {
-                    states.push(Outcome::Accepted.as_str().to_string());
-                    usage_ids.push(usage_event_id.clone());
-                    markets.push(None);
-                }
-                Settle::Duplicate {
-                    market_quantity,
-                    usage_event_id,
-                } => {
-                    states.push(Outcome::Duplicate.as_str().to_string());
-                    usage_ids.push(usage_event_id.clone());
-                    markets.push(*market_quantity);
-                }
-                _ => unreachable!("partitioned above"),
-            }
-        }
-        let rows = tx
-            .query(
-                "UPDATE outbound_events o SET state = f.state, usage_event_id = f.usage_event_id,
-                        market_quantity = f.market_quantity, finished_at = $6, held = NULL, in_flight = 0,
-                        lease_owner = NULL, lease_until = NULL
-                 FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])
-                      AS f(id, fence, state, usage_event_id, market_quantity)
-                 WHERE o.id = f.id AND o.fence = f.fence AND o.lease_owner = $7 AND o.state = 'pending'
-                 RETURNING o.id, o.state",
-                &[&ids, &fences, &states, &usage_ids, &markets, &now.timestamp(), &owner],
-            )
-            .await?;
-        let done: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-        for r in &rows {
-            *counts.entry(r.get::<_, String>(1)).or_default() += 1;
-        }
-        for (id, fence, _) in simple.iter().filter(|(id, _, _)| !done.contains(id)) {
-            tracing::warn!(
-                message = "Settle refused: this replica's lease on the event ended (another replica claimed it, or it settled); nothing changed.",
-                id,
-                owner,
-                fence
-            );
-            metrics::counter!("meterd_fleet_stale_settles_total").increment(1);
-            *counts.entry("stale".to_string()).or_default() += 1;
-        }
+        let stmt = tx.prepare_cached(SETTLE_SIMPLE).await?;
+        settle_simple(&**tx, &stmt, owner, &simple, now, &mut counts).await?;
     }
     for (id, fence, s) in rest {
         let Some(state) = settle(tx, *id, owner, *fence, s, now, policy).await? else {

@@ -15,13 +15,18 @@
 //! the same instant is a new row the freeze could not see; the freeze treats an unfrozen total of a key that
 //! already has its event as late (see docs/fleet.md, "Emission").
 //!
-//! Lock order: records by key, totals and carries by their key, so two replicas forwarding overlapping batches
-//! cannot deadlock each other; a deadlock with a freeze is an error the forwarder retries (nothing committed).
+//! Round trips per batch: BEGIN; the spellings, `meta.frozen_through` and the keys that have their event (three
+//! statements pipelined in one round trip); one statement (data-modifying CTEs) that inserts the records, adds
+//! the sums of those inserted to the hourly totals and records their carries; COMMIT.
+//!
+//! Lock order: records by key, totals by (hour, resource, dimension, plan) (the freeze's order), carries by their
+//! key, so two replicas forwarding overlapping batches cannot deadlock each other; a deadlock with a freeze is an
+//! error the forwarder retries (nothing committed).
 
 use super::{PgError, PgJournal};
 use crate::journal::outbox::OutboxRecord;
 use crate::journal::usage::IngestRules;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 /// What one forwarded batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,13 +43,6 @@ type TotalKey = (String, String, String, i64);
 
 fn hour_of_secs(t: i64) -> i64 {
     t.div_euclid(crate::clock::HOUR) * crate::clock::HOUR
-}
-
-#[derive(Default)]
-struct Sum {
-    quantity: i64,
-    records: i64,
-    carried_in: i64,
 }
 
 fn overflow(k: &TotalKey) -> PgError {
@@ -92,36 +90,12 @@ impl PgJournal {
                 given.push(r.resource.clone());
             }
         }
-        // One round trip: new spellings inserted (RETURNING them), known ones read.
-        let spell = tx
-            .prepare_cached(
-                "WITH new AS (
-                     INSERT INTO resource_spellings (folded, spelling)
-                     SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (folded) DO NOTHING
-                     RETURNING folded, spelling)
-                 SELECT folded, spelling FROM new
-                 UNION ALL
-                 SELECT folded, spelling FROM resource_spellings WHERE folded = ANY($1)",
-            )
-            .await?;
-        let spelling: HashMap<String, String> = tx
-            .query(&spell, &[&folded, &given])
-            .await?
-            .into_iter()
-            .map(|row| (row.get(0), row.get(1)))
-            .collect();
-        let resource_of = |r: &OutboxRecord| -> String {
-            spelling
-                .get(&r.resource.to_ascii_lowercase())
-                .cloned()
-                .unwrap_or_else(|| r.resource.clone())
-        };
-
+        // The keys (folded resource, dimension, hour) whose event may exist already, in order.
         let mut lookup: Vec<(String, String, i64)> = recs
             .iter()
             .map(|r| {
                 (
-                    resource_of(r),
+                    r.resource.to_ascii_lowercase(),
                     r.dimension.clone(),
                     hour_of_secs(r.event_time),
                 )
@@ -139,17 +113,43 @@ impl PgJournal {
                 acc
             },
         );
-        // Where late usage goes, and which keys already have their event: two reads, pipelined.
-        let (meta, events) = tokio::try_join!(
+        // One round trip, three statements pipelined (run in this order): new spellings inserted (RETURNING
+        // them) and known ones read; where late usage goes; which keys already have their event (through the
+        // spellings, which the first statement has just completed).
+        let (spell, meta, events) = tokio::try_join!(
+            tx.prepare_cached(
+                "WITH new AS (
+                     INSERT INTO resource_spellings (folded, spelling)
+                     SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT (folded) DO NOTHING
+                     RETURNING folded, spelling)
+                 SELECT folded, spelling FROM new
+                 UNION ALL
+                 SELECT folded, spelling FROM resource_spellings WHERE folded = ANY($1)",
+            ),
             tx.prepare_cached("SELECT value FROM meta WHERE key = 'frozen_through'"),
             tx.prepare_cached(
-                "SELECT o.resource, o.dimension, o.hour FROM outbound_events o
-                 JOIN unnest($1::text[], $2::text[], $3::int8[]) AS k(r, d, h)
-                   ON o.resource = k.r AND o.dimension = k.d AND o.hour = k.h",
+                "SELECT k.f, o.dimension, o.hour FROM unnest($1::text[], $2::text[], $3::int8[]) AS k(f, d, h)
+                 JOIN resource_spellings s ON s.folded = k.f
+                 JOIN outbound_events o ON o.resource = s.spelling AND o.dimension = k.d AND o.hour = k.h",
             ),
         )?;
         let keys: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&lr, &ld, &lh];
-        let (meta, events) = tokio::try_join!(tx.query_opt(&meta, &[]), tx.query(&events, &keys))?;
+        let spell_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&folded, &given];
+        let (spelled, meta, events) = tokio::try_join!(
+            tx.query(&spell, &spell_params),
+            tx.query_opt(&meta, &[]),
+            tx.query(&events, &keys)
+        )?;
+        let spelling: HashMap<String, String> = spelled
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let resource_of = |r: &OutboxRecord| -> String {
+            spelling
+                .get(&r.resource.to_ascii_lowercase())
+                .cloned()
+                .unwrap_or_else(|| r.resource.clone())
+        };
         let frozen_through: i64 = meta.map(|row| row.get(0)).unwrap_or(i64::MIN);
         let target = hour_of_secs(now).max(frozen_through);
         let frozen: HashSet<(String, String, i64)> = events
@@ -176,7 +176,7 @@ impl PgJournal {
             let resource = resource_of(r);
             let origin = hour_of_secs(r.event_time);
             let late = rules.sendable_until(origin) <= now
-                || frozen.contains(&(resource.clone(), r.dimension.clone(), origin));
+                || frozen.contains(&(r.resource.to_ascii_lowercase(), r.dimension.clone(), origin));
             let hour = if late { target.max(origin) } else { origin };
             k.push(r.idem_key.clone());
             res.push(resource);
@@ -188,98 +188,75 @@ impl PgJournal {
             q.push(r.quantity);
             ra.push(r.received_at);
         }
-        let insert = tx
+        // Overflow is refused before anything is written (the sums of the records inserted are at most these).
+        let mut sums: HashMap<TotalKey, i64> = HashMap::new();
+        for i in 0..n {
+            let key = (res[i].clone(), plan[i].clone(), dim[i].clone(), hr[i]);
+            let s = sums.entry(key.clone()).or_default();
+            *s = s.checked_add(q[i]).ok_or_else(|| overflow(&key))?;
+        }
+        // One statement: the records inserted (a key already there adds nothing), their sums added to the hourly
+        // totals unless frozen (in the freeze's lock order: hour, resource, dimension, plan), and the carries of
+        // those carried. It returns how many were inserted, how many of them carried, and how many totals were
+        // to be added against how many were.
+        let forward = tx
             .prepare_cached(
-                "INSERT INTO records (idem_key, replica, resource, plan, dimension, event_time, origin_hour, hour,
-                                      quantity, received_at, forwarded_at)
-                 SELECT k, $2, r, p, d, e, o, h, q, ra, $11
-                 FROM unnest($1::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[],
-                             $9::int8[], $10::int8[]) AS t(k, r, p, d, e, o, h, q, ra)
-                 ORDER BY k
-                 ON CONFLICT (idem_key) DO NOTHING
-                 RETURNING idem_key",
+                "WITH ins AS (
+                     INSERT INTO records (idem_key, replica, resource, plan, dimension, event_time, origin_hour, hour,
+                                          quantity, received_at, forwarded_at)
+                     SELECT k, $2, r, p, d, e, o, h, q, ra, $11
+                     FROM unnest($1::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[],
+                                 $9::int8[], $10::int8[]) AS t(k, r, p, d, e, o, h, q, ra)
+                     ORDER BY k
+                     ON CONFLICT (idem_key) DO NOTHING
+                     RETURNING resource, plan, dimension, origin_hour, hour, quantity),
+                 sums AS (
+                     SELECT resource, plan, dimension, hour, sum(quantity)::int8 AS quantity, count(*)::int8 AS records,
+                            sum(CASE WHEN hour <> origin_hour THEN quantity ELSE 0 END)::int8 AS carried_in
+                     FROM ins GROUP BY resource, plan, dimension, hour),
+                 up AS (
+                     INSERT INTO hourly_totals AS t (resource, plan, dimension, hour, quantity, records, carried_in)
+                     SELECT resource, plan, dimension, hour, quantity, records, carried_in FROM sums
+                     ORDER BY hour, resource, dimension, plan
+                     ON CONFLICT (resource, plan, dimension, hour) DO UPDATE SET
+                         quantity = t.quantity + excluded.quantity,
+                         records = t.records + excluded.records,
+                         carried_in = t.carried_in + excluded.carried_in
+                     WHERE t.outbound_id IS NULL
+                     RETURNING 1),
+                 car AS (
+                     INSERT INTO carries (resource, plan, dimension, from_hour, to_hour, quantity, reason, created_at)
+                     SELECT resource, plan, dimension, origin_hour, hour, sum(quantity)::int8, 'late', $11
+                     FROM ins WHERE hour <> origin_hour
+                     GROUP BY resource, plan, dimension, origin_hour, hour
+                     ORDER BY resource, plan, dimension, origin_hour, hour
+                     ON CONFLICT (resource, plan, dimension, from_hour, to_hour, reason) WHERE outbound_id IS NULL
+                     DO UPDATE SET quantity = carries.quantity + excluded.quantity
+                     RETURNING 1)
+                 SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM ins WHERE hour <> origin_hour),
+                        (SELECT count(*) FROM sums), (SELECT count(*) FROM up), (SELECT count(*) FROM car)",
             )
             .await?;
-        let inserted: HashSet<String> = tx
-            .query(
-                &insert,
+        let row = tx
+            .query_one(
+                &forward,
                 &[
                     &k, &replica, &res, &plan, &dim, &et, &oh, &hr, &q, &ra, &now,
                 ],
             )
-            .await?
-            .into_iter()
-            .map(|row| row.get(0))
-            .collect();
-        summary.inserted = inserted.len();
-        summary.duplicates += n - inserted.len();
-
-        // Sums per total (and per carry) of the inserted records.
-        let mut totals: BTreeMap<TotalKey, Sum> = BTreeMap::new();
-        for i in 0..n {
-            if !inserted.contains(&k[i]) {
-                continue;
-            }
-            let key = (res[i].clone(), plan[i].clone(), dim[i].clone(), hr[i]);
-            let s = totals.entry(key.clone()).or_default();
-            s.quantity = s.quantity.checked_add(q[i]).ok_or_else(|| overflow(&key))?;
-            s.records += 1;
-            if hr[i] != oh[i] {
-                s.carried_in += q[i];
-            }
-        }
-        let mut carries: BTreeMap<(String, String, String, i64, i64), i64> = BTreeMap::new();
-        for i in 0..n {
-            if inserted.contains(&k[i]) && hr[i] != oh[i] {
-                summary.carried += 1;
-                *carries
-                    .entry((
-                        res[i].clone(),
-                        plan[i].clone(),
-                        dim[i].clone(),
-                        oh[i],
-                        hr[i],
-                    ))
-                    .or_default() += q[i];
-            }
-        }
-        let refused = upsert_totals(&tx, &totals).await?;
-        if !refused.is_empty() {
+            .await?;
+        let (inserted, carried, to_add, added): (i64, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        summary.inserted = inserted as usize;
+        summary.duplicates += n - summary.inserted;
+        summary.carried = carried as usize;
+        if added < to_add {
             // A freeze on another replica won these totals between the lookup and the upsert. Nothing of this
             // transaction commits; the retry sees their events and carries the records.
             return Err(PgError::Unavailable(format!(
                 "{} hourly total(s) were frozen by another replica during this forward; it is retried",
-                refused.len()
+                to_add - added
             )));
-        }
-        if !carries.is_empty() {
-            let mut cols = Columns::default();
-            for ((r, p, d, from, to), qty) in &carries {
-                cols.push(r, p, d, [*from, *to, *qty, 0]);
-            }
-            let carry = tx
-                .prepare_cached(
-                "INSERT INTO carries (resource, plan, dimension, from_hour, to_hour, quantity, reason, created_at)
-                 SELECT r, p, d, f, t, q, 'late', $7
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
-                      AS c(r, p, d, f, t, q)
-                 ON CONFLICT (resource, plan, dimension, from_hour, to_hour, reason) WHERE outbound_id IS NULL
-                 DO UPDATE SET quantity = carries.quantity + excluded.quantity",
-                )
-                .await?;
-            tx.execute(
-                &carry,
-                &[
-                    &cols.resource,
-                    &cols.plan,
-                    &cols.dimension,
-                    &cols.ints[0],
-                    &cols.ints[1],
-                    &cols.ints[2],
-                    &now,
-                ],
-            )
-            .await?;
         }
         tx.commit().await?;
         Ok(summary)
@@ -312,73 +289,4 @@ impl PgJournal {
             .await?
             .get(0))
     }
-}
-
-/// Column arrays for one `unnest(...)` statement: the key's three text columns and up to four integers.
-#[derive(Default)]
-struct Columns {
-    resource: Vec<String>,
-    plan: Vec<String>,
-    dimension: Vec<String>,
-    ints: [Vec<i64>; 4],
-}
-
-impl Columns {
-    fn push(&mut self, resource: &str, plan: &str, dimension: &str, ints: [i64; 4]) {
-        self.resource.push(resource.to_string());
-        self.plan.push(plan.to_string());
-        self.dimension.push(dimension.to_string());
-        for (col, v) in self.ints.iter_mut().zip(ints) {
-            col.push(v);
-        }
-    }
-}
-
-/// Adds each sum to its total unless the total is frozen; returns the frozen ones (nothing added to them).
-async fn upsert_totals(
-    tx: &deadpool_postgres::Transaction<'_>,
-    totals: &BTreeMap<TotalKey, Sum>,
-) -> Result<Vec<TotalKey>, PgError> {
-    if totals.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut cols = Columns::default();
-    for ((r, p, d, h), s) in totals {
-        cols.push(r, p, d, [*h, s.quantity, s.records, s.carried_in]);
-    }
-    let upsert = tx
-        .prepare_cached(
-            "INSERT INTO hourly_totals AS t (resource, plan, dimension, hour, quantity, records, carried_in)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[],
-                                  $7::int8[])
-             ON CONFLICT (resource, plan, dimension, hour) DO UPDATE SET
-                 quantity = t.quantity + excluded.quantity,
-                 records = t.records + excluded.records,
-                 carried_in = t.carried_in + excluded.carried_in
-             WHERE t.outbound_id IS NULL
-             RETURNING resource, plan, dimension, hour",
-        )
-        .await?;
-    let applied: HashSet<TotalKey> = tx
-        .query(
-            &upsert,
-            &[
-                &cols.resource,
-                &cols.plan,
-                &cols.dimension,
-                &cols.ints[0],
-                &cols.ints[1],
-                &cols.ints[2],
-                &cols.ints[3],
-            ],
-        )
-        .await?
-        .into_iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
-        .collect();
-    Ok(totals
-        .keys()
-        .filter(|k| !applied.contains(*k))
-        .cloned()
-        .collect())
 }
