@@ -44,9 +44,6 @@ struct Fenced {
     owner: String,
     lease: Duration,
     fences: HashMap<i64, i64>,
-    /// The events (in order) already marked for the batch's first call, while the call before it was in flight,
-    /// and when that mark was asked for.
-    premarked: std::sync::Mutex<Option<(Vec<i64>, std::time::Instant)>>,
 }
 
 impl Fenced {
@@ -58,17 +55,9 @@ impl Fenced {
 
 impl BatchJournal for Fenced {
     async fn mark_attempt(&self, batch: &[PendingEvent]) -> anyhow::Result<()> {
-        let premarked = self.premarked.lock().expect("premarked lock").take();
-        // Within half the lease of that mark (taken before it was asked for), the lease it renewed still holds,
-        // so the mark stands. Later, the mark is made again, which checks the fences (another replica may hold
-        // the events by now).
-        let fresh = self.lease.to_std().unwrap_or_default() / 2;
-        if premarked.is_some_and(|(ids, at)| {
-            at.elapsed() < fresh && ids.iter().copied().eq(batch.iter().map(|e| e.id))
-        }) {
-            // Marked (committed) already: the first call of the batch goes out without another round trip.
-            return Ok(());
-        }
+        // Marked right before its call, never ahead of it: a crash between a mark and its call would leave events
+        // that were never sent looking as if they may have been recorded (ambiguous), and such an event that then
+        // runs out of its window ends `expired_unconfirmed` instead of `expired` with its units carried.
         let fenced: Vec<(i64, i64)> = batch.iter().map(|e| (e.id, self.fence(e.id))).collect();
         if self
             .pg
@@ -138,23 +127,17 @@ struct Worked {
     recheck_subscriptions: bool,
 }
 
-/// A claimed batch after its transaction: the events to send (with their fences), the count per outcome of
-/// those settled without a call, and, when the events to send are marked for their call already, when that mark
-/// was asked for.
-type Disposed = (
-    Vec<Claimed>,
-    BTreeMap<String, usize>,
-    Option<std::time::Instant>,
-);
+/// A claimed batch after its transaction: the events to send (with their fences) and the count per outcome of
+/// those settled without a call.
+type Disposed = (Vec<Claimed>, BTreeMap<String, usize>);
 
 impl Worker {
     /// Claims, decides, bills and sends until nothing due at `now` is left to claim.
     ///
-    /// While a batch's call is in flight the worker already claims, decides, bills and marks its next batch (the
-    /// claim skips the events of the call in flight), so the PostgreSQL work of a batch overlaps the marketplace
-    /// latency of the one before instead of adding to it; a worker still has at most one call in flight. (A mark
-    /// made ahead is what a crash before the call leaves as "may have been recorded": the safe side.) When
-    /// that claim found nothing, one more claim after the call decides whether the worker is done (as without
+    /// While a batch's call is in flight the worker already claims, decides and bills its next batch (the claim
+    /// skips the events of the call in flight), so the PostgreSQL work of a batch overlaps the marketplace latency
+    /// of the one before instead of adding to it; a worker still has at most one call in flight. The in-flight
+    /// mark is made only right before each call (see `Fenced::mark_attempt`). When that claim found nothing, one more claim after the call decides whether the worker is done (as without
     /// the overlap). When a call fails, the leases of the batch claimed beside it are given back.
     async fn run(self, now: DateTime<Utc>, policy: SettlePolicy) -> anyhow::Result<Worked> {
         let mut done = Worked::default();
@@ -163,9 +146,9 @@ impl Worker {
         let store = SharedSubscriptions(self.pg.clone());
         let mut next: Option<Disposed> = None;
         loop {
-            let (sendable, counts, premarked) = match next.take() {
+            let (sendable, counts) = match next.take() {
                 Some(d) => d,
-                None => match self.prepare(&store, now, &policy, &[], false).await? {
+                None => match self.prepare(&store, now, &policy, &[]).await? {
                     Some(d) => d,
                     None => return Ok(done),
                 },
@@ -187,7 +170,6 @@ impl Worker {
                 owner: self.owner.clone(),
                 lease: self.lease,
                 fences: sendable.iter().map(|c| (c.event.id, c.fence)).collect(),
-                premarked: std::sync::Mutex::new(premarked.map(|at| (in_flight.clone(), at))),
             };
             let batch: Vec<PendingEvent> = sendable.into_iter().map(|c| c.event).collect();
             let (sent, prepared) = tokio::join!(
@@ -199,7 +181,7 @@ impl Worker {
                     (delays, hold_recheck),
                     batch,
                 ),
-                self.prepare(&store, now, &policy, &in_flight, true),
+                self.prepare(&store, now, &policy, &in_flight),
             );
             match sent {
                 Ok(r) => {
@@ -215,8 +197,8 @@ impl Worker {
                     *done.outcomes.entry("lease_lost".into()).or_default() += 1;
                 }
                 Err(e) => {
-                    if let Ok(Some((claimed, _, premarked))) = &prepared {
-                        self.give_back(claimed, premarked.is_some()).await;
+                    if let Ok(Some((claimed, _))) = &prepared {
+                        self.give_back(claimed).await;
                     }
                     return Err(e);
                 }
@@ -226,16 +208,14 @@ impl Worker {
     }
 
     /// Claims a batch (never one of `in_flight`, the events of this worker's call in flight), decides each event
-    /// with the subscription view and runs the batch's transaction ([`PgJournal::dispose`]); with `premark`, also
-    /// marks the events to send for their call (the synchronous commit of the mark then overlaps the call in
-    /// flight instead of delaying the next one). `None` when nothing was left to claim.
+    /// with the subscription view and runs the batch's transaction ([`PgJournal::dispose`]). `None` when nothing was
+    /// left to claim.
     async fn prepare(
         &self,
         store: &SharedSubscriptions,
         now: DateTime<Utc>,
         policy: &SettlePolicy,
         in_flight: &[i64],
-        premark: bool,
     ) -> anyhow::Result<Option<Disposed>> {
         let claimed = self
             .pg
@@ -278,29 +258,15 @@ impl Worker {
                 },
             )
             .await?;
-        let (sendable, counts) = disposed;
-        let mut marked = None;
-        if premark && !sendable.is_empty() {
-            let fenced: Vec<(i64, i64)> = sendable.iter().map(|c| (c.event.id, c.fence)).collect();
-            let asked = std::time::Instant::now();
-            // A lost lease leaves it unmarked: the send's own mark then refuses the call.
-            if self
-                .pg
-                .mark_attempt(&self.owner, fenced, self.lease)
-                .await?
-            {
-                marked = Some(asked);
-            }
-        }
-        Ok(Some((sendable, counts, marked)))
+        Ok(Some(disposed))
     }
 
     /// Frees the leases of a claimed batch this worker will not send now (best effort: a lease not freed
-    /// expires by itself), taking back its mark when it was marked for a call that was never made. Their bodies
-    /// and billing stay; whichever replica claims them next sends those bytes.
-    async fn give_back(&self, claimed: &[Claimed], marked: bool) {
+    /// expires by itself); nothing of it was marked for a call. Their bodies and billing stay; whichever replica
+    /// claims them next sends those bytes.
+    async fn give_back(&self, claimed: &[Claimed]) {
         let fenced: Vec<(i64, i64)> = claimed.iter().map(|c| (c.event.id, c.fence)).collect();
-        if let Err(e) = self.pg.release_leases(&self.owner, fenced, marked).await {
+        if let Err(e) = self.pg.release_leases(&self.owner, fenced).await {
             tracing::warn!(message = "Could not give back the leases of a claimed batch; they expire by themselves.", error = %e);
         }
     }

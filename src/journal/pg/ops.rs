@@ -103,16 +103,14 @@ impl PgJournal {
         outbound::claim(&client, owner, now, limit, lease, excluding).await
     }
 
-    /// Frees `owner`'s leases on claimed events it will not send (fences must match); `marked`: they were marked
-    /// for a call that was never made, and the mark is taken back.
+    /// Frees `owner`'s leases on claimed events it will not send (fences must match; events in flight stay).
     pub async fn release_leases(
         &self,
         owner: &str,
         fenced: Vec<(i64, i64)>,
-        marked: bool,
     ) -> Result<u64, PgError> {
         let client = self.client().await?;
-        outbound::release_leases(&client, owner, &fenced, marked).await
+        outbound::release_leases(&client, owner, &fenced).await
     }
 
     /// One transaction: settles, bills and writes bodies for a claimed batch (see [`outbound::dispose`]).

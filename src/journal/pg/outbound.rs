@@ -207,24 +207,20 @@ pub async fn mark_attempt(
 }
 
 /// Frees `owner`'s leases on `fenced` (id, fence) events claimed and not sent: any replica may claim them at
-/// once. With `marked`, they were marked for a call that was never made, and the mark is taken back
-/// (`attempts - 1`, `in_flight = 0`); without, only events not in flight are freed. An event whose fence moved on
-/// is left alone.
+/// once. Only events not in flight are freed (one marked for a call stays held until its answer or its lease's
+/// end), and an event whose fence moved on is left alone.
 pub async fn release_leases(
     c: &deadpool_postgres::ClientWrapper,
     owner: &str,
     fenced: &[(i64, i64)],
-    marked: bool,
 ) -> Result<u64, PgError> {
     let (ids, fences): (Vec<i64>, Vec<i64>) = fenced.iter().copied().unzip();
-    let in_flight: i64 = marked.into();
     Ok(c.execute(
-        "UPDATE outbound_events o SET lease_owner = NULL, lease_until = NULL, in_flight = 0,
-                attempts = o.attempts - o.in_flight
+        "UPDATE outbound_events o SET lease_owner = NULL, lease_until = NULL
          FROM unnest($1::bigint[], $2::bigint[]) AS f(id, fence)
          WHERE o.id = f.id AND o.fence = f.fence AND o.lease_owner = $3 AND o.state = 'pending'
-           AND o.in_flight = $4",
-        &[&ids, &fences, &owner, &in_flight],
+           AND o.in_flight = 0",
+        &[&ids, &fences, &owner],
     )
     .await?)
 }
