@@ -258,6 +258,33 @@ where
     make_abandonable_job(f, reply, || true)
 }
 
+/// What a caller of the writer awaits.
+type Answer<T> = tokio::sync::oneshot::Receiver<Result<T, JournalError>>;
+
+/// A job's answer: the reply (sent at most once), whether its caller still waits for it (a dropped future means
+/// the job need not run), and the receiver the caller awaits.
+fn answer_slot<T: Send + 'static>() -> (
+    impl FnOnce(Result<T, JournalError>) + Send + 'static,
+    impl FnOnce() -> bool + Send + 'static,
+    Answer<T>,
+) {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let reply = Arc::new(Mutex::new(Some(reply)));
+    let probe = reply.clone();
+    let waiting = move || {
+        probe
+            .lock()
+            .map(|r| r.as_ref().is_some_and(|s| !s.is_closed()))
+            .unwrap_or(false)
+    };
+    let send = move |r| {
+        if let Some(reply) = reply.lock().ok().and_then(|mut g| g.take()) {
+            let _ = reply.send(r);
+        }
+    };
+    (send, waiting, rx)
+}
+
 /// [`make_job`] for a requester that may stop waiting: when `waiting()` is false as the writer reaches the job,
 /// the job does not run (nobody would learn that it committed; a client that gave up and retries must not find
 /// its first attempt stored).
@@ -507,24 +534,8 @@ impl Journal {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, JournalError> + Send + 'static,
     {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let reply = Arc::new(Mutex::new(Some(reply)));
-        let probe = reply.clone();
-        let waiting = move || {
-            probe
-                .lock()
-                .map(|r| r.as_ref().is_some_and(|s| !s.is_closed()))
-                .unwrap_or(false)
-        };
-        self.send(Command::Job(make_abandonable_job(
-            f,
-            move |r| {
-                if let Some(reply) = reply.lock().ok().and_then(|mut g| g.take()) {
-                    let _ = reply.send(r);
-                }
-            },
-            waiting,
-        )))?;
+        let (reply, waiting, rx) = answer_slot();
+        self.send(Command::Job(make_abandonable_job(f, reply, waiting)))?;
         rx.await.map_err(|_| JournalError::Closed)?
     }
 
@@ -542,24 +553,8 @@ impl Journal {
             + Send
             + 'static,
     {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let reply = Arc::new(Mutex::new(Some(reply)));
-        let probe = reply.clone();
-        let waiting = move || {
-            probe
-                .lock()
-                .map(|r| r.as_ref().is_some_and(|s| !s.is_closed()))
-                .unwrap_or(false)
-        };
-        self.send(Command::Grouped(make_grouped_job(
-            f,
-            move |r| {
-                if let Some(reply) = reply.lock().ok().and_then(|mut g| g.take()) {
-                    let _ = reply.send(r);
-                }
-            },
-            waiting,
-        )))?;
+        let (reply, waiting, rx) = answer_slot();
+        self.send(Command::Grouped(make_grouped_job(f, reply, waiting)))?;
         rx.await.map_err(|_| JournalError::Closed)?
     }
 
