@@ -359,16 +359,21 @@ pub fn cards(
             dimensions: dims,
         });
     }
+    Ok(card_page(total, out, more))
+}
+
+/// A page of cards; with `more`, `next` is the `after` of the next page (either journal's).
+pub(crate) fn card_page(total: i64, cards: Vec<Card>, more: bool) -> CardPage {
     let next = if more {
-        out.last().map(|c| c.resource.to_ascii_lowercase())
+        cards.last().map(|c| c.resource.to_ascii_lowercase())
     } else {
         None
     };
-    Ok(CardPage {
+    CardPage {
         total,
-        subscriptions: out,
+        subscriptions: cards,
         next,
-    })
+    }
 }
 
 /// The threshold state of one balance entry.

@@ -9,8 +9,8 @@ use crate::clock::fmt_time;
 use crate::config::Settings;
 use crate::journal::dashboard::{
     AtRisk, AtRiskEvent, Bucket, Card, CardDimension, CardPage, HeldSubscription, MAX_PAGE,
-    ReconcileItem, Series, UndeliveredAlert, alert_resource, reconcile_hint, series_from,
-    term_start_of, threshold_from,
+    ReconcileItem, Series, UndeliveredAlert, alert_resource, card_page, reconcile_hint,
+    series_from, term_start_of, threshold_from,
 };
 use crate::quantity::Micros;
 use chrono::{DateTime, Utc};
@@ -95,16 +95,7 @@ pub async fn cards(
             dimensions: dims,
         });
     }
-    let next = if more {
-        out.last().map(|c| c.resource.to_ascii_lowercase())
-    } else {
-        None
-    };
-    Ok(CardPage {
-        total,
-        subscriptions: out,
-        next,
-    })
+    Ok(card_page(total, out, more))
 }
 
 /// Usage of `resource` per bucket and outcome group (as `journal::dashboard::usage`).
