@@ -75,23 +75,28 @@ impl Fleet {
         &self.rig.clock
     }
 
+    /// `[fleet]` of replica `replica` on this database (the defaults, `lease` given).
+    fn fleet_settings(&self, replica: &str, lease: Duration) -> FleetSettings {
+        FleetSettings {
+            url: self.db.url.clone(),
+            url_file: None,
+            replica_id: replica.to_string(),
+            max_wait: Duration::minutes(15),
+            heartbeat: Duration::seconds(10),
+            replica_timeout: Duration::seconds(30),
+            lease,
+            forward_batch: 1000,
+            pool_size: 8,
+        }
+    }
+
     /// A replica's fleet emitter, with `lease` (by the database clock).
     fn emitter(&self, replica: &str, lease: Duration) -> FleetEmitter {
         let shared: SharedClock = Arc::new(self.rig.clock.clone());
         let client = emit::client(&self.rig.settings, &env(), shared.clone()).unwrap();
         FleetEmitter::new(
             self.rig.settings.clone(),
-            FleetSettings {
-                url: self.db.url.clone(),
-                url_file: None,
-                replica_id: replica.to_string(),
-                max_wait: Duration::minutes(15),
-                heartbeat: Duration::seconds(10),
-                replica_timeout: Duration::seconds(30),
-                lease,
-                forward_batch: 1000,
-                pool_size: 8,
-            },
+            self.fleet_settings(replica, lease),
             PgJournal::connect(&self.db.url, 8).unwrap(),
             shared,
             client,
@@ -760,17 +765,7 @@ async fn fleet_dashboard_routes_read_the_shared_journal() {
     f.clock().set(t("11:06"));
 
     let mut settings = (*f.rig.settings).clone();
-    settings.fleet = Some(FleetSettings {
-        url: f.db.url.clone(),
-        url_file: None,
-        replica_id: "r1".into(),
-        max_wait: Duration::minutes(15),
-        heartbeat: Duration::seconds(10),
-        replica_timeout: Duration::seconds(30),
-        lease: Duration::seconds(60),
-        forward_batch: 1000,
-        pool_size: 8,
-    });
+    settings.fleet = Some(f.fleet_settings("r1", Duration::seconds(60)));
     let reads = Reads::Fleet {
         pg: f.pg.clone(),
         replica_timeout: Duration::seconds(30),
