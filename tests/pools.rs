@@ -889,3 +889,62 @@ async fn consumption_by_month_outlives_retention() {
     let hour = group(meterd::billing::GroupBy::Hour).await.unwrap();
     assert_eq!(hour.len(), 1);
 }
+
+/// A billing term longer than `journal.retention` (a 3-year plan against the default 730 days) keeps its balance
+/// exact after retention deletes its first hours: what their events froze and the marketplace accepted, and
+/// their usage, are kept per term (`retired_overage`). Before, `overage_frozen`, `overage_accepted` and `usage`
+/// dropped to what the kept hours hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_term_longer_than_retention_keeps_its_balance() {
+    let r = Rig::new("2026-03-10T09:00:00Z", "").await;
+    // gold includes 100 api_calls per (monthly) term: 150 leaves 50 overage, then 5 more.
+    r.use_(A, "api_calls", "2026-03-10T09:10:00Z", "150", None)
+        .await;
+    r.pass_at("2026-03-10T10:05:00Z").await;
+    assert_eq!(r.sent(A, "api_calls", "2026-03-10T09:00:00Z"), Some(50.0));
+    r.clock.set(t("2026-03-31T10:10:00Z"));
+    r.use_(A, "api_calls", "2026-03-31T10:10:00Z", "5", None)
+        .await;
+    r.pass_at("2026-03-31T11:05:00Z").await;
+    let balance = || {
+        let (s, now) = (r.settings.clone(), t("2026-03-31T12:00:00Z"));
+        r.journal.read(move |c| {
+            let b = meterd::billing::balance(c, &s, A, now)?;
+            let d = b.into_iter().find(|d| d.dimension == "api_calls").unwrap();
+            Ok((d.overage_frozen, d.overage_accepted, d.usage, d.consumed))
+        })
+    };
+    let before = balance().await.unwrap();
+    assert_eq!(
+        before,
+        ("55".into(), "55".into(), "155".into(), "155".into())
+    );
+    // Retention of 30 hours at 2026-03-31T12:00: the 10 March hour (and its event) goes.
+    let (deleted, _) = r
+        .journal
+        .write(|c| {
+            meterd::journal::usage::apply_retention(
+                c,
+                t("2026-03-31T12:00:00Z"),
+                chrono::Duration::hours(30),
+                chrono::Duration::days(7),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    assert_eq!(balance().await.unwrap(), before);
+    // Retention again deletes nothing more and counts nothing twice.
+    r.journal
+        .write(|c| {
+            meterd::journal::usage::apply_retention(
+                c,
+                t("2026-03-31T12:00:00Z"),
+                chrono::Duration::hours(30),
+                chrono::Duration::days(7),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(balance().await.unwrap(), before);
+}

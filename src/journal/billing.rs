@@ -273,6 +273,18 @@ pub fn balance(
             .query_row(params![resource, d.id, term_start], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?;
+        // What retention deleted of this term (`usage::apply_retention`): a term longer than retention.
+        let (retired_frozen, retired_accepted, retired_usage): (i64, i64, i64) = conn
+            .prepare_cached(
+                "SELECT frozen, accepted, usage FROM retired_overage
+                 WHERE resource = ?1 AND dimension = ?2 AND term_start = ?3",
+            )?
+            .query_row(params![resource, d.id, term_start], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?
+            .unwrap_or_default();
+        let (frozen, accepted) = (frozen + retired_frozen, accepted + retired_accepted);
         let remainder: i64 = conn
             .prepare_cached(
                 "SELECT remainder FROM remainders WHERE resource = ?1 AND dimension = ?2",
@@ -286,6 +298,7 @@ pub fn balance(
                  WHERE resource = ?1 AND dimension = ?2 AND hour >= ?3 AND hour < ?4",
             )?
             .query_row(params![resource, d.id, term_start, term_end], |r| r.get(0))?;
+        let term_usage = term_usage + retired_usage;
         let mut pools = vec![super::pools::plan_pool_balance(
             settings,
             &plan,

@@ -313,6 +313,22 @@ pub(crate) const MIGRATIONS: &[&str] = &[
                                  ELSE OLD.state END;
     END;
     "#,
+    // 8: what retention deleted of a billing term, per (resource, dimension, term): the overage its events froze
+    // and the marketplace accepted, and the usage of its hourly totals. A term longer than `journal.retention`
+    // (a 3-year plan against the default 730 days) keeps an exact balance after its first hours are deleted (the
+    // shared journal's `retired_overage` does the same in fleet mode).
+    r#"
+    CREATE TABLE retired_overage (
+        resource   TEXT NOT NULL,
+        dimension  TEXT NOT NULL,
+        term_start INTEGER NOT NULL,
+        frozen     INTEGER NOT NULL DEFAULT 0,
+        accepted   INTEGER NOT NULL DEFAULT 0,
+        usage      INTEGER NOT NULL DEFAULT 0,
+        events     INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (resource, dimension, term_start)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -990,12 +990,41 @@ const RETAIN_MONTHS: &str = "INSERT INTO usage_months (resource, dimension, mont
 const RETAIN_TOTALS: &str = "DELETE FROM hourly_totals INDEXED BY hourly_totals_hour WHERE hour < ?1
        AND outbound_id IS NOT NULL
        AND EXISTS (SELECT 1 FROM outbound_events o WHERE o.id = hourly_totals.outbound_id AND o.state != 'pending')";
+/// Every settled state stored in `outbound_events.state`, as an SQL list: what retention deletes and retires.
+macro_rules! settled_states {
+    () => {
+        "'included', 'remainder', 'accepted', 'duplicate', 'duplicate_mismatch', 'expired',
+         'expired_unconfirmed', 'rejected', 'skipped_unsubscribed', 'not_active'"
+    };
+}
+/// The usage of the settled totals [`RETAIN_TOTALS`] deletes, per billing term of their events (the balance's
+/// `usage` of a term reaches back past retention).
+const RETIRE_USAGE: &str = "INSERT INTO retired_overage (resource, dimension, term_start, usage)
+     SELECT h.resource, h.dimension, o.term_start, SUM(h.quantity - h.prebilled)
+     FROM hourly_totals h INDEXED BY hourly_totals_hour JOIN outbound_events o ON o.id = h.outbound_id
+     WHERE h.hour < ?1 AND h.outbound_id IS NOT NULL AND o.state != 'pending' AND o.term_start IS NOT NULL
+     GROUP BY 1, 2, 3
+     ON CONFLICT (resource, dimension, term_start) DO UPDATE SET usage = usage + excluded.usage";
+/// What the events [`RETAIN_EVENTS`] deletes had frozen and the marketplace accepted, per billing term (a
+/// balance's `overage_frozen` / `overage_accepted` stay exact for a term longer than retention).
+const RETIRE_OVERAGE: &str = concat!(
+    "INSERT INTO retired_overage (resource, dimension, term_start, frozen, accepted, events)
+     SELECT resource, dimension, term_start, SUM(send_quantity),
+            SUM(CASE WHEN state IN ('accepted', 'duplicate') THEN send_quantity ELSE 0 END), COUNT(*)
+     FROM outbound_events WHERE hour < ?1 AND state IN (",
+    settled_states!(),
+    ") AND term_start IS NOT NULL
+     GROUP BY 1, 2, 3
+     ON CONFLICT (resource, dimension, term_start) DO UPDATE SET frozen = frozen + excluded.frozen,
+       accepted = accepted + excluded.accepted, events = events + excluded.events"
+);
 /// Every settled state by name (the `(state, hour)` index then reads each state's old range); a state not listed
 /// is kept, never deleted.
-const RETAIN_EVENTS: &str =
-    "DELETE FROM outbound_events WHERE hour < ?1 AND state IN ('included', 'remainder',
-       'accepted', 'duplicate', 'duplicate_mismatch', 'expired', 'expired_unconfirmed', 'rejected',
-       'skipped_unsubscribed', 'not_active')";
+const RETAIN_EVENTS: &str = concat!(
+    "DELETE FROM outbound_events WHERE hour < ?1 AND state IN (",
+    settled_states!(),
+    ")"
+);
 
 /// Deletes what the retention settings no longer keep: hourly totals (and their settled outbound events and
 /// carries) older than `retention`, and raw records past the dedupe window (their sums stay in the totals).
@@ -1010,7 +1039,9 @@ pub fn apply_retention(
     // every closed one; `journal.retention` is at least 25h + emit.grace). Their monthly sums stay
     // (`usage_months`, for `GET /v1/consumption?group_by=month`).
     conn.prepare_cached(RETAIN_MONTHS)?.execute([cutoff])?;
+    conn.prepare_cached(RETIRE_USAGE)?.execute([cutoff])?;
     let hours = conn.prepare_cached(RETAIN_TOTALS)?.execute([cutoff])?;
+    conn.prepare_cached(RETIRE_OVERAGE)?.execute([cutoff])?;
     conn.prepare_cached(RETAIN_EVENTS)?.execute([cutoff])?;
     conn.execute("DELETE FROM carries WHERE from_hour < ?1", [cutoff])?;
     conn.execute(
@@ -1032,7 +1063,13 @@ mod retention_tests {
     fn retention_reads_only_the_old_range() {
         let mut c = Connection::open_in_memory().unwrap();
         crate::journal::migrate(&mut c).unwrap();
-        for sql in [RETAIN_MONTHS, RETAIN_TOTALS, RETAIN_EVENTS] {
+        for sql in [
+            RETAIN_MONTHS,
+            RETIRE_USAGE,
+            RETAIN_TOTALS,
+            RETIRE_OVERAGE,
+            RETAIN_EVENTS,
+        ] {
             let plan: Vec<String> = c
                 .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
                 .unwrap()
