@@ -241,6 +241,12 @@ pub fn balance(
         .filter(|p: &String| !p.is_empty());
     let term =
         |r: &str, t: i64| term_for(conn, settings, r, t).unwrap_or((t, t + crate::clock::HOUR));
+    let retired: bool = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'retired_overage'",
+        )?
+        .query_row([], |r| r.get::<_, i64>(0))?
+        == 1;
     let mut out = Vec::new();
     for d in &settings.dimensions {
         // Not listed (or listed without a plan): the plan of this term's latest frozen hour (its event's plan is
@@ -273,9 +279,10 @@ pub fn balance(
             .query_row(params![resource, d.id, term_start], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?;
-        // What retention deleted of this term (`usage::apply_retention`): a term longer than retention.
-        let (retired_frozen, retired_accepted, retired_usage): (i64, i64, i64) = conn
-            .prepare_cached(
+        // What retention deleted of this term (`usage::apply_retention`): a term longer than retention. A
+        // journal of schema 7 or older (an older daemon still runs it) has no such table and deleted nothing kept.
+        let (retired_frozen, retired_accepted, retired_usage): (i64, i64, i64) = if retired {
+            conn.prepare_cached(
                 "SELECT frozen, accepted, usage FROM retired_overage
                  WHERE resource = ?1 AND dimension = ?2 AND term_start = ?3",
             )?
@@ -283,7 +290,10 @@ pub fn balance(
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
             .optional()?
-            .unwrap_or_default();
+            .unwrap_or_default()
+        } else {
+            (0, 0, 0)
+        };
         let (frozen, accepted) = (frozen + retired_frozen, accepted + retired_accepted);
         let remainder: i64 = conn
             .prepare_cached(
