@@ -683,3 +683,99 @@ async fn the_replicas_retention_task_applies_the_settings() {
     stop_tx.send(true).unwrap();
     task.await.unwrap();
 }
+
+/// A balance in fleet mode answers as in single mode for the same usage, before and after retention deletes the
+/// term's first hours, with an hour of the term under another plan than the subscription's: `usage` is all
+/// usage of the term (every plan's), and the deleted hours' usage, frozen and accepted overage stay counted.
+/// Before, fleet mode's `usage` was the current plan's consumption only, and retention took nothing of it along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balance_in_fleet_mode_answers_as_single_mode_across_plans_and_retention() {
+    let Some(f) = Fleet::start(
+        "a_balance_in_fleet_mode_answers_as_single_mode",
+        t("2026-03-02T10:00:00Z"),
+    )
+    .await
+    else {
+        return;
+    };
+    let single = Rig::at(t("2026-03-02T10:00:00Z"))
+        .dimensions(BILLING)
+        .emulator(emulator())
+        .start()
+        .await;
+    // (key, plan named by the record, dimension, time, units), all received at 2026-03-02T12:00.
+    let recs: [(&str, &str, &str, &str, i64); 4] = [
+        ("p1", "", "api_calls", "2026-03-02T10:05:00Z", 8),
+        ("p2", "silver", "api_calls", "2026-03-02T10:20:00Z", 5),
+        ("p3", "", "api_calls", "2026-03-02T11:05:00Z", 7),
+        ("p4", "", "gb_processed", "2026-03-02T11:10:00Z", 3),
+    ];
+    let received = t("2026-03-02T12:00:00Z");
+    let batch: Vec<OutboxRecord> = recs
+        .iter()
+        .enumerate()
+        .map(|(i, (key, plan, dim, time, units))| OutboxRecord {
+            seq: i as i64 + 1,
+            idem_key: key.to_string(),
+            resource: A.to_string(),
+            plan: plan.to_string(),
+            dimension: dim.to_string(),
+            event_time: t(time).timestamp(),
+            quantity: units * SECOND,
+            received_at: received.timestamp(),
+        })
+        .collect();
+    f.pg.forward(
+        "r1",
+        &batch,
+        &meterd::fleet::rules(&f.rig.settings, received),
+    )
+    .await
+    .unwrap();
+    let records: Vec<NewRecord> = recs
+        .iter()
+        .map(|(key, plan, dim, time, units)| NewRecord {
+            resource: A.to_string(),
+            plan: (!plan.is_empty()).then(|| plan.to_string()),
+            dimension: dim.to_string(),
+            time: t(time),
+            quantity: meterd::quantity::Micros(units * SECOND),
+            key: Some(key.to_string()),
+        })
+        .collect();
+    single.ingest(received, records).await;
+    f.pass_at(t("2026-03-02T12:06:00Z")).await;
+    single.pass_at(t("2026-03-02T12:06:00Z")).await;
+
+    let now = t("2026-03-04T00:40:00Z");
+    let balances = || async {
+        let fleet = f
+            .reads()
+            .balance(f.rig.settings.clone(), A.to_string(), now)
+            .await
+            .unwrap();
+        let local = Reads::Local(single.journal.clone())
+            .balance(single.settings.clone(), A.to_string(), now)
+            .await
+            .unwrap();
+        (local, fleet)
+    };
+    let (local, fleet) = balances().await;
+    assert_eq!(fleet, local);
+    let api = local.iter().find(|d| d.dimension == "api_calls").unwrap();
+    assert_eq!(api.usage, "20", "{api:?}");
+    // Retention of 30 hours at 4 March 00:40 deletes both hours of 2 March.
+    let fleet_deleted = f.retention(now, Duration::hours(30)).await;
+    let (single_deleted, _) = single
+        .journal
+        .write(move |c| {
+            meterd::journal::usage::apply_retention(c, now, Duration::hours(30), Duration::days(7))
+        })
+        .await
+        .unwrap();
+    assert_eq!(fleet_deleted.hourly_totals, 4, "{fleet_deleted:?}");
+    assert_eq!(single_deleted, 4);
+    let (local_after, fleet_after) = balances().await;
+    assert_eq!(local_after, local, "single mode after retention");
+    assert_eq!(fleet_after, local, "fleet mode after retention");
+}

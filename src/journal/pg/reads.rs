@@ -334,10 +334,19 @@ pub async fn balance(
             )
             .await?;
         let (mut frozen, mut accepted): (i64, i64) = (r.get(0), r.get(1));
-        // What retention deleted of this term's events (`journal/pg/retention.rs`).
+        // All usage of the term, every plan's (as `journal::billing::balance`).
+        let mut usage: i64 = c
+            .query_one(
+                "SELECT COALESCE(SUM(quantity - prebilled), 0)::bigint FROM hourly_totals
+                 WHERE resource = $1 AND dimension = $2 AND hour >= $3 AND hour < $4",
+                &[&resource, &d.id, &term_start, &term_end],
+            )
+            .await?
+            .get(0);
+        // What retention deleted of this term's events and totals (`journal/pg/retention.rs`).
         if let Some(r) = c
             .query_opt(
-                "SELECT frozen, accepted FROM retired_overage
+                "SELECT frozen, accepted, usage FROM retired_overage
                  WHERE resource = $1 AND dimension = $2 AND term_start = $3",
                 &[&resource, &d.id, &term_start],
             )
@@ -349,6 +358,7 @@ pub async fn balance(
             };
             frozen = sum(frozen, r.get(0))?;
             accepted = sum(accepted, r.get(1))?;
+            usage = sum(usage, r.get(2))?;
         }
         let remainder: i64 = c
             .query_opt(
@@ -375,7 +385,7 @@ pub async fn balance(
             (term_start, term_end),
         );
         out.push(DimensionBalance {
-            usage: Micros(consumed).to_decimal_string(),
+            usage: Micros(usage).to_decimal_string(),
             pools: vec![plan_pool],
             dimension: d.id.clone(),
             plan,

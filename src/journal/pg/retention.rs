@@ -121,18 +121,22 @@ where
     }
 }
 
-/// Column arrays of an upsert keyed by (resource, dimension, one integer) with up to three integer values.
-#[derive(Default)]
-struct Sums {
+/// Column arrays of an upsert keyed by (resource, dimension, one integer) with `N` integer values.
+struct Sums<const N: usize> {
     resource: Vec<String>,
     dimension: Vec<String>,
     key: Vec<i64>,
-    values: [Vec<i64>; 3],
+    values: [Vec<i64>; N],
 }
 
-impl Sums {
-    fn from_map(map: BTreeMap<(String, String, i64), [i64; 3]>) -> Sums {
-        let mut s = Sums::default();
+impl<const N: usize> Sums<N> {
+    fn from_map(map: BTreeMap<(String, String, i64), [i64; N]>) -> Sums<N> {
+        let mut s = Sums {
+            resource: Vec::new(),
+            dimension: Vec::new(),
+            key: Vec::new(),
+            values: std::array::from_fn(|_| Vec::new()),
+        };
         for ((r, d, k), v) in map {
             s.resource.push(r);
             s.dimension.push(d);
@@ -266,32 +270,42 @@ impl PgJournal {
             return Ok((0, 0));
         }
         let mut ids = Vec::with_capacity(events.len());
-        let mut overage: BTreeMap<(String, String, i64), [i64; 3]> = BTreeMap::new();
+        // Per (resource, dimension, term): frozen, accepted, events, usage of their totals.
+        let mut overage: BTreeMap<(String, String, i64), [i64; 4]> = BTreeMap::new();
+        let mut term_of: std::collections::HashMap<i64, (String, String, i64)> =
+            std::collections::HashMap::with_capacity(events.len());
         for e in &events {
-            ids.push(e.get::<_, i64>(0));
+            let id: i64 = e.get(0);
+            ids.push(id);
             if let Some(term_start) = e.get::<_, Option<i64>>(3) {
                 let sent: i64 = e.get(4);
                 let accepted: bool = e.get(5);
-                let v = overage.entry((e.get(1), e.get(2), term_start)).or_default();
+                let key = (e.get(1), e.get(2), term_start);
+                let v = overage.entry(key.clone()).or_default();
                 add(&mut v[0], sent)?;
                 add(&mut v[1], if accepted { sent } else { 0 })?;
                 add(&mut v[2], 1)?;
+                term_of.insert(id, key);
             }
         }
         let totals = tx
             .query(
                 "DELETE FROM hourly_totals WHERE outbound_id = ANY($1)
-                 RETURNING resource, dimension, hour, quantity",
+                 RETURNING resource, dimension, hour, quantity, quantity - prebilled, outbound_id",
                 &[&ids],
             )
             .await?;
-        let mut months: BTreeMap<(String, String, i64), [i64; 3]> = BTreeMap::new();
+        let mut months: BTreeMap<(String, String, i64), [i64; 1]> = BTreeMap::new();
         for t in &totals {
             let hour: i64 = t.get(2);
             let v = months
                 .entry((t.get(0), t.get(1), crate::pools::month_start(hour)))
                 .or_default();
             add(&mut v[0], t.get(3))?;
+            if let Some(key) = term_of.get(&t.get::<_, i64>(5)) {
+                let v = overage.get_mut(key).expect("the term of a deleted event");
+                add(&mut v[3], t.get(4))?;
+            }
         }
         if !months.is_empty() {
             let m = Sums::from_map(months);
@@ -307,14 +321,16 @@ impl PgJournal {
         if !overage.is_empty() {
             let o = Sums::from_map(overage);
             tx.execute(
-                "INSERT INTO retired_overage AS r (resource, dimension, term_start, frozen, accepted, events)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[])
-                      AS o(r, d, k, f, a, n)
+                "INSERT INTO retired_overage AS r (resource, dimension, term_start, frozen, accepted, events, usage)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+                                      $7::int8[])
+                      AS o(r, d, k, f, a, n, u)
                  ORDER BY r, d, k
                  ON CONFLICT (resource, dimension, term_start) DO UPDATE SET
                      frozen = r.frozen + excluded.frozen,
                      accepted = r.accepted + excluded.accepted,
-                     events = r.events + excluded.events",
+                     events = r.events + excluded.events,
+                     usage = r.usage + excluded.usage",
                 &[
                     &o.resource,
                     &o.dimension,
@@ -322,6 +338,7 @@ impl PgJournal {
                     &o.values[0],
                     &o.values[1],
                     &o.values[2],
+                    &o.values[3],
                 ],
             )
             .await?;

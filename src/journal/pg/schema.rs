@@ -204,6 +204,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX hourly_totals_outbound ON hourly_totals(outbound_id) WHERE outbound_id IS NOT NULL;
     CREATE INDEX carries_from ON carries(from_hour);
     "#,
+    // 3: the usage of the hourly totals retention deleted, per term (as SQLite's schema 8): a balance's `usage`
+    // (all usage of the term, every plan's) reaches back past retention.
+    r#"
+    ALTER TABLE retired_overage ADD COLUMN usage BIGINT NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this build writes.
