@@ -314,7 +314,7 @@ async fn two_replicas_streaming_the_same_ids_at_once_count_each_once() {
     let one = |key: String, i: usize| NewRecord {
         resource: resources[i % resources.len()].clone(),
         plan: None,
-        dimension: if i % 3 == 0 {
+        dimension: if i.is_multiple_of(3) {
             "gb_processed"
         } else {
             "api_calls"
