@@ -1,6 +1,6 @@
 //! Fleet forward benchmark (bench/fleet-forward.sh): prints one JSON line per part.
 //!
-//! - `throughput N BATCH`: N records waiting in a local outbox, forwarded into a fresh PostgreSQL database with
+//! - `throughput N BATCH [RESOURCES]`: N records waiting in a local outbox, forwarded into a fresh PostgreSQL database with
 //!   `meterd::fleet::drain` (read from SQLite, insert with the late rule and hourly totals, mark locally), next to
 //!   the ceiling: the same N rows inserted from memory into the same `records` table by a plain loop of
 //!   multi-row `INSERT ... SELECT FROM unnest(...)` statements of BATCH rows, each its own transaction.
@@ -24,7 +24,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const RESOURCES: usize = 50;
+/// Resources the records of `throughput` and `profile` are spread over (round robin): 50 by default, 20 records
+/// per key in a batch of 1000; the optional last argument changes it (10,000: one record per key per batch, as an
+/// app with many subscriptions sending small amounts each).
+static RESOURCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(50);
 
 fn settings(dir: &std::path::Path, url: &str, replica: &str, batch: usize) -> Arc<Settings> {
     let text = format!(
@@ -37,7 +40,8 @@ fn settings(dir: &std::path::Path, url: &str, replica: &str, batch: usize) -> Ar
 }
 
 fn resource(i: usize) -> String {
-    format!("{:08x}-1111-4111-8111-111111111111", i % RESOURCES)
+    let n = RESOURCES.load(std::sync::atomic::Ordering::Relaxed);
+    format!("{:08x}-1111-4111-8111-111111111111", i % n)
 }
 
 fn records(prefix: &str, from: usize, n: usize) -> Vec<NewRecord> {
@@ -117,6 +121,7 @@ async fn throughput(n: usize, batch: usize) {
         "{}",
         serde_json::json!({
             "part": "throughput", "records": n, "batch": batch,
+            "resources": RESOURCES.load(std::sync::atomic::Ordering::Relaxed),
             "forward_records_per_s": fwd.round(), "ceiling_records_per_s": ceil.round(),
             "ratio": (fwd / ceil * 100.0).round() / 100.0,
             "forward_s": forward_s, "ceiling_s": ceiling_s,
@@ -164,6 +169,7 @@ async fn profile(n: usize, batch: usize) {
         "{}",
         serde_json::json!({
             "part": "profile", "records": n, "batch": batch, "batches": batches,
+            "resources": RESOURCES.load(std::sync::atomic::Ordering::Relaxed),
             "records_per_s": (n as f64 / total).round(),
             "ms_per_batch": ms(total), "sqlite_read_ms": ms(read), "pg_forward_ms": ms(forward),
             "local_mark_ms": ms(mark),
@@ -279,13 +285,19 @@ async fn lag(rate: usize, seconds: u64, replicas: usize) {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
+    let part = args.first().map(String::as_str);
+    if let (Some("throughput" | "profile"), Some(r)) =
+        (part, args.get(3).and_then(|a| a.parse().ok()))
+    {
+        RESOURCES.store(r, std::sync::atomic::Ordering::Relaxed);
+    }
     match args.first().map(String::as_str) {
         Some("throughput") => throughput(num(1, 100_000), num(2, 1000)).await,
         Some("profile") => profile(num(1, 100_000), num(2, 1000)).await,
         Some("lag") => lag(num(1, 10_000), num(2, 20) as u64, num(3, 3)).await,
         _ => {
             eprintln!(
-                "usage: fleet_bench throughput N BATCH | profile N BATCH | lag RATE SECONDS REPLICAS"
+                "usage: fleet_bench throughput N BATCH [RESOURCES] | profile N BATCH [RESOURCES] | lag RATE SECONDS REPLICAS"
             );
             std::process::exit(2);
         }

@@ -211,6 +211,180 @@ async fn pipelined_forward_of_many_batches_ships_each_record_once() {
     );
 }
 
+/// A batch mixing keys the fleet has with new ones (the plain insert fails on the known key and the forward runs
+/// again skipping what is there): only the new records count, in `records`, in the hourly totals and in the
+/// carries; and a total frozen by another replica meanwhile refuses that batch too, nothing committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_known_keys_counts_only_its_new_records() {
+    let Some(db) = TestDb::create("a_batch_with_known_keys_counts_only_its_new_records") else {
+        return;
+    };
+    let pg = pg(&db).await;
+    let now = t("12:30");
+    let old = t("2026-03-09T13:10:00Z"); // past its hour's window: carried into the open hour
+    let a = Replica::new(&db, "a", now);
+    a.ingest(vec![
+        rec(Some("k1"), "api_calls", t("12:05"), "1"),
+        rec(Some("k3"), "api_calls", old, "0.5"),
+    ])
+    .await;
+    let first = a.drain(&pg).await;
+    assert_eq!((first.inserted, first.duplicates, first.carried), (2, 0, 1));
+    let b = Replica::new(&db, "b", now);
+    b.ingest(vec![
+        rec(Some("k0"), "api_calls", t("12:06"), "2"),
+        rec(Some("k1"), "api_calls", t("12:05"), "1"),
+        rec(Some("k2"), "api_calls", t("12:07"), "4"),
+        rec(Some("k3"), "api_calls", old, "0.5"),
+        rec(Some("k4"), "api_calls", old, "0.25"),
+    ])
+    .await;
+    let second = b.drain(&pg).await;
+    assert_eq!(
+        (second.inserted, second.duplicates, second.carried),
+        (3, 2, 1),
+        "k1 and k3 came through replica a already"
+    );
+    assert_eq!(pg.record_count().await.unwrap(), 5);
+    let noon = t("12:00").timestamp();
+    assert_eq!(
+        pg.totals_of(R).await.unwrap(),
+        vec![(
+            String::new(),
+            "api_calls".to_string(),
+            noon,
+            micros("7.75").0,
+            5,
+            micros("0.75").0
+        )]
+    );
+    let c = pg.client().await.unwrap();
+    let carried: i64 = c
+        .query_one("SELECT sum(quantity)::int8 FROM carries", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(carried, micros("0.75").0, "k3's carry counted once");
+
+    // A known key and a new one whose total another replica froze in the same instant: refused, as without the
+    // known key, and nothing of it committed.
+    let eleven = t("11:00").timestamp();
+    c.execute(
+        "INSERT INTO hourly_totals (resource, plan, dimension, hour, quantity, records, outbound_id)
+         VALUES ($1, '', 'api_calls', $2, 1000000, 1, 999999)",
+        &[&R, &eleven],
+    )
+    .await
+    .unwrap();
+    b.ingest(vec![rec(Some("raced"), "api_calls", t("11:30"), "1")])
+        .await;
+    let mut batch = a.journal.outbox_batch(10).await.unwrap();
+    assert!(batch.is_empty());
+    batch.extend(b.journal.outbox_batch(10).await.unwrap());
+    let mut known = batch[0].clone();
+    known.idem_key = "k0".into();
+    known.seq = -1;
+    batch.push(known);
+    let e = pg
+        .forward("b", &batch, &meterd::fleet::rules(&b.settings, now))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("frozen by another replica"), "{e}");
+    assert_eq!(pg.record_count().await.unwrap(), 5, "nothing committed");
+}
+
+/// Two replicas streaming outboxes of many batches into the same hourly totals at once, each with two batches
+/// in flight, half of their ids the same (a client retrying through the other replica): every id is in
+/// `records` once, each total is the exact sum of the distinct ids, and no forward fails (their locks are taken
+/// in one order: keys, then totals in the freeze's order, so neither a deadlock nor a lost update).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_streaming_the_same_ids_at_once_count_each_once() {
+    let Some(db) = TestDb::create("two_replicas_streaming_the_same_ids_at_once_count_each_once")
+    else {
+        return;
+    };
+    let pg = pg(&db).await;
+    let now = t("12:30");
+    let a = Replica::new(&db, "a", now);
+    let b = Replica::new(&db, "b", now);
+    let resources: Vec<String> = (0..7)
+        .map(|i| format!("{i:08x}-2222-4222-8222-222222222222"))
+        .collect();
+    let one = |key: String, i: usize| NewRecord {
+        resource: resources[i % resources.len()].clone(),
+        plan: None,
+        dimension: if i.is_multiple_of(3) {
+            "gb_processed"
+        } else {
+            "api_calls"
+        }
+        .to_string(),
+        time: t("12:10"),
+        quantity: micros("1"),
+        key: Some(key),
+    };
+    // a: shared-0..1999 and a-0..999; b: shared-1000..2999 (in another order) and b-0..999.
+    let mut for_a: Vec<NewRecord> = (0..2000).map(|i| one(format!("shared-{i}"), i)).collect();
+    for_a.extend((0..1000).map(|i| one(format!("a-{i}"), i)));
+    let mut for_b: Vec<NewRecord> = (1000..3000)
+        .rev()
+        .map(|i| one(format!("shared-{i}"), i))
+        .collect();
+    for_b.extend((0..1000).map(|i| one(format!("b-{i}"), i)));
+    for chunk in for_a.chunks(500) {
+        a.ingest(chunk.to_vec()).await;
+    }
+    for chunk in for_b.chunks(500) {
+        b.ingest(chunk.to_vec()).await;
+    }
+    let drain = |r: &'static str, x: &Replica| {
+        let (journal, settings, clock, pg) = (
+            x.journal.clone(),
+            x.settings.clone(),
+            x.shared.clone(),
+            pg.clone(),
+        );
+        async move { meterd::fleet::drain(&journal, &pg, r, &settings, &clock, 250).await }
+    };
+    let ((da, ra), (db_, rb)) = tokio::join!(drain("a", &a), drain("b", &b));
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(da.records() + db_.records(), 6000);
+    assert_eq!(
+        da.inserted + db_.inserted,
+        5000,
+        "3,000 shared ids and 2,000 own"
+    );
+    assert_eq!(da.batches + db_.batches, 24);
+    assert_eq!(pg.record_count().await.unwrap(), 5000);
+    assert_eq!(a.journal.outbox_stats().await.unwrap().unforwarded, 0);
+    assert_eq!(b.journal.outbox_stats().await.unwrap().unforwarded, 0);
+    // The expected totals: each distinct id once.
+    let mut want: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let ids = (0..3000).chain(0..1000).chain(0..1000);
+    for i in ids {
+        let r = one(String::new(), i);
+        *want.entry((r.resource, r.dimension)).or_default() += 1;
+    }
+    let c = pg.client().await.unwrap();
+    let got: BTreeMap<(String, String), i64> = c
+        .query(
+            "SELECT resource, dimension, quantity, records FROM hourly_totals",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| {
+            let (q, n): (i64, i64) = (row.get(2), row.get(3));
+            assert_eq!(q, n * 1_000_000);
+            ((row.get(0), row.get(1)), n)
+        })
+        .collect();
+    assert_eq!(got, want);
+}
+
 /// At forward time a record whose key is frozen in the fleet journal, or whose hour is no longer sendable, is
 /// carried into the open hour with a `carries` row; a record of an unfrozen key of the same closed hour goes into
 /// its own hour. A total frozen by another replica during the forward refuses the whole batch (retried; nothing

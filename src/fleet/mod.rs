@@ -89,11 +89,24 @@ impl Forwarded {
         self.carried += s.carried;
     }
 
+    fn merge(&mut self, o: Forwarded) {
+        self.batches += o.batches;
+        self.inserted += o.inserted;
+        self.duplicates += o.duplicates;
+        self.carried += o.carried;
+    }
+
     /// Records taken out of the outbox.
     pub fn records(&self) -> usize {
         self.inserted + self.duplicates
     }
 }
+
+/// How many forward transactions a streaming replica keeps in PostgreSQL at once, each a batch of its own on a
+/// connection of its own (1 or 2). The second batch's records go in while the first one's totals and commit are
+/// under way; where both add to the same hourly totals the second waits for the first's row locks (both take
+/// them in the freeze's order, so they never deadlock).
+pub const FORWARD_IN_FLIGHT: usize = 2;
 
 /// Forwards one batch (at most `limit` records) and clears their local marks. `None` when the outbox is empty.
 pub async fn forward_batch(
@@ -105,19 +118,29 @@ pub async fn forward_batch(
     limit: usize,
 ) -> Result<Option<ForwardSummary>, FleetError> {
     let mut f = Forwarder::new(journal, pg, replica, settings, clock, limit);
+    f.in_flight = 1;
     let step = f.step().await?;
     f.flush().await?;
-    Ok(step)
+    Ok(step.map(|s| ForwardSummary {
+        inserted: s.inserted,
+        duplicates: s.duplicates,
+        carried: s.carried,
+    }))
 }
 
-/// The forward path of one replica as a pipeline (what [`drain`] and the forwarder task run): while one batch is
-/// in its PostgreSQL transaction, the next batch is read from SQLite and the batch before has its local mark
-/// cleared, so a batch costs about the longest of the three steps, not their sum.
+/// The records of one step: up to [`FORWARD_IN_FLIGHT`] batches, oldest first.
+type Chunk = Vec<Vec<crate::journal::outbox::OutboxRecord>>;
+
+/// The forward path of one replica as a pipeline (what [`drain`] and the forwarder task run): each step forwards
+/// up to [`FORWARD_IN_FLIGHT`] batches at once (one transaction each, on separate connections), and while they
+/// are in PostgreSQL the next step's records are read from SQLite and the step before has its local marks
+/// cleared, so a step costs about its PostgreSQL transactions, not the sum of the three.
 ///
 /// The order per batch is unchanged: PostgreSQL commits a batch before its local mark is cleared (a crash in
-/// between forwards it again, which adds nothing). A batch is read ahead only after a full batch (the outbox is
-/// streaming); after a short one the mark is cleared at once, so an idle replica's outbox figures are exact.
-/// After an error nothing read ahead is kept: the next step reads from the oldest waiting record again.
+/// between forwards it again, which adds nothing). Records are read ahead only after a full step (the outbox is
+/// streaming); after a short one the marks are cleared at once, so an idle replica's outbox figures are exact.
+/// After an error the batches of the step that did commit are marked, and nothing read ahead is kept: the next
+/// step reads from the oldest waiting record again.
 pub struct Forwarder<'a> {
     journal: &'a Journal,
     pg: &'a PgJournal,
@@ -125,9 +148,11 @@ pub struct Forwarder<'a> {
     settings: &'a Settings,
     clock: &'a SharedClock,
     limit: usize,
-    /// The next batch, read while the one before was in PostgreSQL.
-    next: Option<Vec<crate::journal::outbox::OutboxRecord>>,
-    /// The `seq`s of the last batch committed in PostgreSQL whose local mark is not cleared yet.
+    /// Batches forwarded at once (1 or 2).
+    in_flight: usize,
+    /// The next step's batches, read while the step before was in PostgreSQL.
+    next: Option<Chunk>,
+    /// The `seq`s of the last step committed in PostgreSQL whose local marks are not cleared yet.
     unmarked: Vec<i64>,
 }
 
@@ -148,15 +173,16 @@ impl<'a> Forwarder<'a> {
             settings,
             clock,
             limit: limit.max(1),
+            in_flight: FORWARD_IN_FLIGHT.clamp(1, 2),
             next: None,
             unmarked: Vec::new(),
         }
     }
 
-    /// Forwards the next batch; `None` when nothing is waiting (every mark cleared then). On an error the
-    /// pipeline starts over at the next step (what was committed in PostgreSQL and not marked is forwarded
+    /// Forwards the next step's batches; `None` when nothing is waiting (every mark cleared then). On an error
+    /// the pipeline starts over at the next step (what was committed in PostgreSQL and not marked is forwarded
     /// again, which adds nothing).
-    pub async fn step(&mut self) -> Result<Option<ForwardSummary>, FleetError> {
+    pub async fn step(&mut self) -> Result<Option<Forwarded>, FleetError> {
         let result = self.step_inner().await;
         if result.is_err() {
             self.next = None;
@@ -165,53 +191,111 @@ impl<'a> Forwarder<'a> {
         result
     }
 
-    async fn step_inner(&mut self) -> Result<Option<ForwardSummary>, FleetError> {
-        let batch = match self.next.take() {
-            Some(b) => b,
+    /// Up to `in_flight` batches of the records waiting after `after`.
+    async fn read(&self, after: i64) -> Result<Chunk, FleetError> {
+        let mut all = self
+            .journal
+            .outbox_batch_after(after, self.limit * self.in_flight)
+            .await?;
+        let mut chunk = Vec::new();
+        while all.len() > self.limit {
+            let rest = all.split_off(self.limit);
+            chunk.push(std::mem::replace(&mut all, rest));
+        }
+        if !all.is_empty() {
+            chunk.push(all);
+        }
+        Ok(chunk)
+    }
+
+    async fn step_inner(&mut self) -> Result<Option<Forwarded>, FleetError> {
+        let chunk = match self.next.take() {
+            Some(c) => c,
             None => {
                 let after = self.unmarked.last().copied().unwrap_or(i64::MIN);
-                self.journal.outbox_batch_after(after, self.limit).await?
+                self.read(after).await?
             }
         };
-        if batch.is_empty() {
+        if chunk.is_empty() {
             self.flush().await?;
             return Ok(None);
         }
-        let full = batch.len() >= self.limit;
-        let last = batch.last().map(|r| r.seq).unwrap_or(i64::MIN);
+        let full =
+            chunk.len() >= self.in_flight && chunk.last().is_some_and(|b| b.len() >= self.limit);
+        let last = chunk
+            .last()
+            .and_then(|b| b.last())
+            .map(|r| r.seq)
+            .unwrap_or(i64::MIN);
         let unmarked = std::mem::take(&mut self.unmarked);
         let rules = rules(self.settings, self.clock.now());
         let (forwarded, marked, next) = tokio::join!(
-            self.pg.forward(self.replica, &batch, &rules),
+            async {
+                match chunk.as_slice() {
+                    [a, b] => {
+                        let (x, y) = tokio::join!(
+                            self.pg.forward(self.replica, a, &rules),
+                            self.pg.forward(self.replica, b, &rules)
+                        );
+                        vec![x, y]
+                    }
+                    batches => {
+                        let mut out = Vec::new();
+                        for b in batches {
+                            out.push(self.pg.forward(self.replica, b, &rules).await);
+                        }
+                        out
+                    }
+                }
+            },
             mark(self.journal, unmarked),
             async {
                 if full {
-                    Some(self.journal.outbox_batch_after(last, self.limit).await)
+                    Some(self.read(last).await)
                 } else {
                     None
                 }
             },
         );
+        // The batches that committed, in order; the first error.
+        let mut done = Forwarded::default();
+        let mut seqs: Vec<i64> = Vec::new();
+        let mut failed = None;
+        for (b, r) in chunk.iter().zip(forwarded) {
+            match r {
+                Ok(s) => {
+                    done.add(s);
+                    seqs.extend(b.iter().map(|r| r.seq));
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            // What committed is marked (else it is forwarded again, which adds nothing).
+            let _ = mark(self.journal, seqs).await;
+            marked?;
+            return Err(e.into());
+        }
         marked?;
-        let summary = forwarded?;
-        let seqs: Vec<i64> = batch.iter().map(|r| r.seq).collect();
         if full {
-            // Streaming: this batch's mark goes with the next batch's transaction.
+            // Streaming: this step's marks go with the next step's transactions.
             self.unmarked = seqs;
-            self.next = next.transpose()?;
+            self.next = Some(next.transpose()?.unwrap_or_default());
         } else {
             mark(self.journal, seqs).await?;
         }
         metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "inserted")
-            .increment(summary.inserted as u64);
+            .increment(done.inserted as u64);
         metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "duplicate")
-            .increment(summary.duplicates as u64);
+            .increment(done.duplicates as u64);
         metrics::counter!("meterd_fleet_forwarded_records_total", "result" => "carried")
-            .increment(summary.carried as u64);
-        Ok(Some(summary))
+            .increment(done.carried as u64);
+        Ok(Some(done))
     }
 
-    /// Clears the local mark of the last batch committed, if it is still set.
+    /// Clears the local mark of the last step committed, if it is still set.
     pub async fn flush(&mut self) -> Result<(), FleetError> {
         let unmarked = std::mem::take(&mut self.unmarked);
         mark(self.journal, unmarked).await
@@ -239,7 +323,7 @@ pub async fn drain(
     let mut f = Forwarder::new(journal, pg, replica, settings, clock, limit);
     loop {
         match f.step().await {
-            Ok(Some(s)) => done.add(s),
+            Ok(Some(s)) => done.merge(s),
             Ok(None) => return (done, Ok(())),
             Err(e) => return (done, Err(e)),
         }
@@ -376,7 +460,7 @@ async fn forward_loop(
             _ = stop.wait_for(|s| *s) => break,
         };
         let pause = match outcome {
-            Ok(Some(s)) if s.inserted + s.duplicates >= limit => {
+            Ok(Some(s)) if s.records() >= limit => {
                 delays = None;
                 continue;
             }
