@@ -1,7 +1,7 @@
 //! `POST /v1/usage` (one record or an array) and `GET /v1/usage` (hourly totals with outcomes).
 
 use super::validate::{self, FieldError};
-use super::{AppState, error_response, journal_error_response, read_body};
+use super::{AppState, SharedState, error_response, journal_error_response, read_body};
 use crate::journal::usage::{self, IngestRules, NewRecord, ReportFilter};
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -176,7 +176,7 @@ fn validate_record<'a>(
         None => None,
     };
     let resource = match get_str("resource", &mut errors) {
-        Some(r) => validate::resource(&r)
+        Some(r) => validate::resource_owned(r)
             .map_err(|m| errors.push(FieldError::field(index, "resource", m)))
             .ok(),
         None => {
@@ -191,7 +191,7 @@ fn validate_record<'a>(
         }
     };
     let dimension = match get_str("dimension", &mut errors) {
-        Some(d) => validate::dimension(&state.settings, &d, plan.as_deref())
+        Some(d) => validate::dimension_owned(&state.settings, d, plan.as_deref())
             .map_err(|m| errors.push(FieldError::field(index, "dimension", m)))
             .ok(),
         None => {
@@ -221,7 +221,7 @@ fn validate_record<'a>(
         None => Some(now),
     };
     let key = match get_str("id", &mut errors) {
-        Some(k) => validate::id(&k)
+        Some(k) => validate::id_owned(k)
             .map_err(|m| errors.push(FieldError::field(index, "id", m)))
             .ok(),
         None => None,
@@ -305,7 +305,7 @@ pub async fn store(
 }
 
 /// `POST /v1/usage`.
-pub async fn post_usage(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+pub async fn post_usage(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
     let (bytes, _) = match read_body(&state, &headers, body, &["application/json"]).await {
         Ok(b) => b,
         Err(resp) => {
@@ -322,15 +322,28 @@ pub async fn post_usage(State(state): State<AppState>, headers: HeaderMap, body:
         }
     };
     match store(&state, records, now).await {
-        Ok(o) => (
-            StatusCode::ACCEPTED,
-            axum::Json(
-                json!({"accepted": o.accepted, "duplicates": o.duplicates, "carried": o.carried}),
-            ),
-        )
-            .into_response(),
+        Ok(o) => accepted_response(&o),
         Err(resp) => resp,
     }
+}
+
+/// The `202` answer of an ingest request: the bytes `axum::Json(json!({...}))` wrote (keys in order, no spaces),
+/// formatted directly instead of through a `serde_json::Value` map (issue 15: three key strings and a map per
+/// request).
+pub fn accepted_response(o: &usage::IngestOutcome) -> Response {
+    let body = format!(
+        r#"{{"accepted":{},"carried":{},"duplicates":{}}}"#,
+        o.accepted, o.carried, o.duplicates
+    );
+    (
+        StatusCode::ACCEPTED,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Query of `GET /v1/usage`.
@@ -371,7 +384,7 @@ pub fn parse_bound(name: &str, v: Option<&str>) -> Result<Option<DateTime<Utc>>,
 
 /// `GET /v1/usage?resource=&from=&to=`.
 pub async fn get_usage(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     q: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Response {
     let q = match q {
