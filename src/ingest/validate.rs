@@ -144,13 +144,14 @@ fn check_dimension(settings: &Settings, d: &str, plan: Option<&str>) -> Result<(
 /// Reads a quantity from raw JSON: a number, or a string holding one.
 pub fn quantity(raw: &RawValue) -> Result<Micros, String> {
     let text = raw.get().trim();
-    let literal = if let Some(inner) = text.strip_prefix('"') {
+    let literal: std::borrow::Cow<str> = if let Some(inner) = text.strip_prefix('"') {
         match serde_json::from_str::<String>(text) {
-            Ok(s) => s,
-            Err(_) => inner.trim_end_matches('"').to_string(),
+            Ok(s) => s.into(),
+            Err(_) => inner.trim_end_matches('"').into(),
         }
     } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
-        text.to_string()
+        // A JSON number: read as it stands (issue 15: no copy).
+        text.into()
     } else {
         return Err(format!(
             "must be a number greater than 0, got {}",

@@ -572,7 +572,13 @@ fn ingest_carrying(
                 l
             }
         };
-        last = Some((r.resource.as_str(), r.dimension.as_str(), origin, name, late));
+        last = Some((
+            r.resource.as_str(),
+            r.dimension.as_str(),
+            origin,
+            name,
+            late,
+        ));
         decided.push((name, if late { target } else { origin }, late));
     }
     if precheck && !fits(conn, records, &decided, &names, group)? {
