@@ -5,7 +5,7 @@
 //! `value_property`. Success is `204 No Content`, as OpenMeter answers.
 
 use super::validate::{self, FieldError};
-use super::{AppState, error_response, read_body, usage_api};
+use super::{AppState, SharedState, error_response, read_body, usage_api};
 use crate::config::MeterSettings;
 use crate::journal::usage::NewRecord;
 use axum::body::Body;
@@ -230,7 +230,7 @@ fn parse_event(
 
 /// `POST /api/v1/events`.
 pub async fn post_events(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {

@@ -3,7 +3,7 @@
 
 use super::usage_api::{parse_bound, query_rejection};
 use super::validate::FieldError;
-use super::{AppState, error_response, journal_error_response};
+use super::{SharedState, error_response, journal_error_response};
 use crate::journal::dashboard::{Bucket, GROUPS, MAX_PAGE, end_of_current_hour};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -24,7 +24,7 @@ fn bad(m: impl Into<String>) -> Response {
 
 /// `GET /v1/dashboard/subscriptions?after=&limit=`: one page of subscription cards.
 pub async fn subscriptions(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     q: Result<Query<CardsQuery>, QueryRejection>,
 ) -> Response {
     let q = match q {
@@ -75,7 +75,7 @@ fn max_buckets(bucket: Bucket) -> usize {
 /// `GET /v1/dashboard/usage?resource=&dimension=&bucket=hour|day|month&from=&to=`: usage per UTC bucket and
 /// outcome group, every bucket of the range present.
 pub async fn usage(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     q: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Response {
     let q = match q {
@@ -174,7 +174,7 @@ fn without_urls(s: &str) -> String {
 /// `GET /v1/dashboard/at-risk?limit=`: pending events by expiry, held subscriptions, events to reconcile,
 /// undelivered alerts.
 pub async fn at_risk(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     q: Result<Query<AtRiskQuery>, QueryRejection>,
 ) -> Response {
     let q = match q {

@@ -1,7 +1,7 @@
 //! Operator routes: `/v1/status`, `/v1/flush`, `/metrics`, `/healthz`, `/readyz`.
 
 use super::validate::FieldError;
-use super::{AppState, error_response, journal_error_response};
+use super::{AppState, SharedState, error_response, journal_error_response};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -32,7 +32,7 @@ pub async fn status_json(
 }
 
 /// `GET /v1/status`.
-pub async fn status(State(state): State<AppState>) -> Response {
+pub async fn status(State(state): State<SharedState>) -> Response {
     match status_json(&state).await {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => journal_error_response(&e),
@@ -40,7 +40,7 @@ pub async fn status(State(state): State<AppState>) -> Response {
 }
 
 /// `POST /v1/flush`: one emission pass now.
-pub async fn flush(State(state): State<AppState>) -> Response {
+pub async fn flush(State(state): State<SharedState>) -> Response {
     let Some(e) = &state.emitter else {
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -59,7 +59,7 @@ pub async fn flush(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /metrics`.
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<SharedState>) -> Response {
     match &state.metrics {
         Some(render) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -74,7 +74,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /healthz`: the writer thread answers and the scheduler ticks.
-pub async fn healthz(State(state): State<AppState>) -> Response {
+pub async fn healthz(State(state): State<SharedState>) -> Response {
     let writer = if !state.journal.writer_alive() {
         Err("journal writer thread stopped".to_string())
     } else {
@@ -96,7 +96,7 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /readyz`: journal open and listener bound.
-pub async fn readyz(State(state): State<AppState>) -> Response {
+pub async fn readyz(State(state): State<SharedState>) -> Response {
     if state.ready.load(Ordering::SeqCst) && state.journal.writer_alive() {
         (StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response()
     } else {
@@ -110,7 +110,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 /// `GET /v1/subscriptions/{id}/balance`.
 pub async fn balance(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
     let resource = match super::validate::resource(&id) {
@@ -138,7 +138,7 @@ pub struct ConsumptionQuery {
 
 /// `GET /v1/consumption?resource=&dimension=&from=&to=`: raw consumption over any range.
 pub async fn consumption(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     q: Result<axum::extract::Query<ConsumptionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let q = match q {

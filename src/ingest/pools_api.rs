@@ -6,7 +6,7 @@
 //! is the only identity a request carries), `config` for `[[pools]]`.
 
 use super::validate::FieldError;
-use super::{AppState, error_response, journal_error_response, read_body};
+use super::{SharedState, error_response, journal_error_response, read_body};
 use crate::journal::pools::Created;
 use crate::pool_def::{PLAN_POOL_PREFIX, PoolSpec, Scope};
 use axum::body::Body;
@@ -32,7 +32,7 @@ pub async fn fleet_mode() -> Response {
 
 /// `POST /v1/pools`: creates a pool. 201 when created, 200 when the same id with the same content exists,
 /// 409 when the id exists with other content.
-pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+pub async fn create(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
     let (bytes, _) = match read_body(&state, &headers, body, &["application/json"]).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -89,7 +89,7 @@ pub struct ListQuery {
 
 /// `GET /v1/pools?resource=`: the pools whose scope holds `resource` (in draw order), or every pool.
 pub async fn list(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let q = match q {
@@ -117,7 +117,7 @@ pub async fn list(
 }
 
 /// `GET /v1/pools/{id}`.
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub async fn get(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
     match state
         .journal
         .pool(state.settings.clone(), id.clone(), state.clock.now())
@@ -139,7 +139,7 @@ fn not_found(id: &str) -> Response {
 }
 
 /// `POST /v1/pools/{id}/void`: no further draws (what was drawn stays drawn). Voiding twice is not an error.
-pub async fn void(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub async fn void(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
     if id.starts_with(PLAN_POOL_PREFIX) {
         return bad(format!(
             "`{id}` is a plan allowance pool; it follows the plan's included quantities in [[plans]] and cannot be voided"
@@ -155,7 +155,7 @@ pub async fn void(State(state): State<AppState>, Path(id): Path<String>) -> Resp
 
 /// `GET /v1/customers/{tenant}/balance`: a customer's pooled view (shared pools, each subscription's balance).
 pub async fn customer_balance(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Path(tenant): Path<String>,
 ) -> Response {
     if tenant.trim().is_empty() {

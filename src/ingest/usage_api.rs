@@ -1,7 +1,8 @@
 //! `POST /v1/usage` (one record or an array) and `GET /v1/usage` (hourly totals with outcomes).
 
 use super::validate::{self, FieldError};
-use super::{AppState, error_response, journal_error_response, read_body};
+use super::{AppState, SharedState, error_response, journal_error_response, read_body};
+use crate::config::Settings;
 use crate::journal::usage::{self, IngestRules, NewRecord, ReportFilter};
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -30,8 +31,123 @@ pub fn parse_usage(
             "body must be one JSON record {\"resource\": ..., \"dimension\": ..., \"quantity\": ...} or an array of them",
         )]);
     }
+    parse_usage_with(&state.settings, text, now)
+}
+
+/// [`parse_usage`] of a body known to be UTF-8 starting with `[` or `{`.
+fn parse_usage_with(
+    settings: &Settings,
+    text: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<NewRecord>, Vec<FieldError>> {
+    if let Some(records) = parse_typed(settings, text, now) {
+        return records;
+    }
+    parse_items(settings, text, now)
+}
+
+/// The item-by-item read: every item of the body apart, each problem named.
+fn parse_items(
+    settings: &Settings,
+    text: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<NewRecord>, Vec<FieldError>> {
     let items = validate::items(text, "records")?;
-    validate::parse_all(items, |index, raw| parse_record(state, index, raw, now))
+    validate::parse_all(items, |index, raw| parse_record(settings, index, raw, now))
+}
+
+/// A record's fields read in the same pass as the body (issue 15): strings as strings, the quantity raw. Only a
+/// JSON object is read into it ([`Object`]); whatever it refuses (an unknown or repeated field, a field that is
+/// not a string, a record that is not an object, a body that is not JSON) sends the whole body down the path
+/// that reads it item by item and names every problem, so only well-formed bodies take this one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypedFields<'a> {
+    #[serde(default)]
+    resource: Option<String>,
+    #[serde(default)]
+    dimension: Option<String>,
+    #[serde(borrow, default)]
+    quantity: Option<&'a RawValue>,
+    #[serde(default)]
+    time: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    plan: Option<String>,
+}
+
+/// `T` read only from a JSON object: serde's derived structs also read an array, by position.
+struct Object<T>(T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                m: M,
+            ) -> Result<Self::Value, M::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(m)).map(Object)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// The one-pass read of a well-formed body (one object, or a non-empty array of objects, each field of the
+/// right JSON type): its records, or every problem the checks find, exactly as the item-by-item path would
+/// answer; `None` sends the body down that path.
+fn parse_typed(
+    settings: &Settings,
+    text: &str,
+    now: DateTime<Utc>,
+) -> Option<Result<Vec<NewRecord>, Vec<FieldError>>> {
+    let fields: Vec<Object<TypedFields>> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(text).ok()?
+    } else {
+        vec![serde_json::from_str(text).ok()?]
+    };
+    if fields.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(fields.len());
+    let mut errors = Vec::new();
+    for (index, Object(f)) in fields.into_iter().enumerate() {
+        let quantity = f.quantity.filter(|v| v.get() != "null");
+        let mut given = [f.resource, f.dimension, f.time, f.id, f.plan];
+        let present: [bool; 5] = std::array::from_fn(|i| given[i].is_some());
+        let slot = |k: &str| match k {
+            "resource" => Some(0),
+            "dimension" => Some(1),
+            "time" => Some(2),
+            "id" => Some(3),
+            "plan" => Some(4),
+            _ => None,
+        };
+        let record = validate_fields(
+            settings,
+            index,
+            |k, _| slot(k).and_then(|i| given[i].take()),
+            |k| slot(k).is_some_and(|i| present[i]),
+            quantity,
+            Vec::new(),
+            now,
+        );
+        match record {
+            Ok(r) => out.push(r),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    Some(if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    })
 }
 
 fn string_field(
@@ -116,7 +232,7 @@ impl<'a> Fields<'a> {
 }
 
 fn parse_record(
-    state: &AppState,
+    settings: &Settings,
     index: usize,
     raw: &RawValue,
     now: DateTime<Utc>,
@@ -125,7 +241,7 @@ fn parse_record(
     if raw.get().trim_start().starts_with('{')
         && let Ok(fields) = serde_json::from_str::<Fields>(raw.get())
     {
-        return validate_record(state, index, |k| fields.get(k), Vec::new(), now);
+        return validate_record(settings, index, |k| fields.get(k), Vec::new(), now);
     }
     let UniqueFields(map) = serde_json::from_str(raw.get()).map_err(|e| {
         vec![FieldError {
@@ -149,22 +265,41 @@ fn parse_record(
         }
     }
     let present = |k: &str| map.get(k).copied().filter(|v| v.get() != "null");
-    validate_record(state, index, present, errors, now)
+    validate_record(settings, index, present, errors, now)
 }
 
 /// Validates a record's fields (`present(name)`: the field's raw JSON, `None` when absent or `null`), adding to
 /// `errors` (the unknown fields already found); the record, or every problem.
 fn validate_record<'a>(
-    state: &AppState,
+    settings: &Settings,
     index: usize,
     present: impl Fn(&str) -> Option<&'a RawValue>,
+    errors: Vec<FieldError>,
+    now: DateTime<Utc>,
+) -> Result<NewRecord, Vec<FieldError>> {
+    validate_fields(
+        settings,
+        index,
+        |k, errors| present(k).and_then(|v| string_field(index, k, v, errors)),
+        |k| present(k).is_some(),
+        present("quantity"),
+        errors,
+        now,
+    )
+}
+
+/// [`validate_record`] over the fields as read: `get_str(name, errors)` the string field (once per name, adding
+/// a "must be a string" problem for another JSON type), `has(name)` whether it was given (not absent or `null`),
+/// `quantity` its raw JSON.
+fn validate_fields(
+    settings: &Settings,
+    index: usize,
+    mut get_str: impl FnMut(&str, &mut Vec<FieldError>) -> Option<String>,
+    has: impl Fn(&str) -> bool,
+    quantity: Option<&RawValue>,
     mut errors: Vec<FieldError>,
     now: DateTime<Utc>,
 ) -> Result<NewRecord, Vec<FieldError>> {
-    let get_str = |k: &str, errors: &mut Vec<FieldError>| {
-        present(k).and_then(|v| string_field(index, k, v, errors))
-    };
-
     let plan = match get_str("plan", &mut errors) {
         Some(p) => match validate::plan(&p) {
             Ok(p) => Some(p),
@@ -176,11 +311,11 @@ fn validate_record<'a>(
         None => None,
     };
     let resource = match get_str("resource", &mut errors) {
-        Some(r) => validate::resource(&r)
+        Some(r) => validate::resource_owned(r)
             .map_err(|m| errors.push(FieldError::field(index, "resource", m)))
             .ok(),
         None => {
-            if present("resource").is_none() {
+            if !has("resource") {
                 errors.push(FieldError::field(
                     index,
                     "resource",
@@ -191,17 +326,17 @@ fn validate_record<'a>(
         }
     };
     let dimension = match get_str("dimension", &mut errors) {
-        Some(d) => validate::dimension(&state.settings, &d, plan.as_deref())
+        Some(d) => validate::dimension_owned(settings, d, plan.as_deref())
             .map_err(|m| errors.push(FieldError::field(index, "dimension", m)))
             .ok(),
         None => {
-            if present("dimension").is_none() {
+            if !has("dimension") {
                 errors.push(FieldError::field(index, "dimension", "is required"));
             }
             None
         }
     };
-    let quantity = match present("quantity") {
+    let quantity = match quantity {
         Some(q) => validate::quantity(q)
             .map_err(|m| errors.push(FieldError::field(index, "quantity", m)))
             .ok(),
@@ -215,13 +350,13 @@ fn validate_record<'a>(
         }
     };
     let time = match get_str("time", &mut errors) {
-        Some(t) => validate::time(&t, now, &state.settings)
+        Some(t) => validate::time(&t, now, settings)
             .map_err(|m| errors.push(FieldError::field(index, "time", m)))
             .ok(),
         None => Some(now),
     };
     let key = match get_str("id", &mut errors) {
-        Some(k) => validate::id(&k)
+        Some(k) => validate::id_owned(k)
             .map_err(|m| errors.push(FieldError::field(index, "id", m)))
             .ok(),
         None => None,
@@ -305,7 +440,11 @@ pub async fn store(
 }
 
 /// `POST /v1/usage`.
-pub async fn post_usage(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+pub async fn post_usage(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let (bytes, _) = match read_body(&state, &headers, body, &["application/json"]).await {
         Ok(b) => b,
         Err(resp) => {
@@ -322,15 +461,28 @@ pub async fn post_usage(State(state): State<AppState>, headers: HeaderMap, body:
         }
     };
     match store(&state, records, now).await {
-        Ok(o) => (
-            StatusCode::ACCEPTED,
-            axum::Json(
-                json!({"accepted": o.accepted, "duplicates": o.duplicates, "carried": o.carried}),
-            ),
-        )
-            .into_response(),
+        Ok(o) => accepted_response(&o),
         Err(resp) => resp,
     }
+}
+
+/// The `202` answer of an ingest request: the bytes `axum::Json(json!({...}))` wrote (keys in order, no spaces),
+/// formatted directly instead of through a `serde_json::Value` map (issue 15: three key strings and a map per
+/// request).
+pub fn accepted_response(o: &usage::IngestOutcome) -> Response {
+    let body = format!(
+        r#"{{"accepted":{},"carried":{},"duplicates":{}}}"#,
+        o.accepted, o.carried, o.duplicates
+    );
+    (
+        StatusCode::ACCEPTED,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Query of `GET /v1/usage`.
@@ -371,7 +523,7 @@ pub fn parse_bound(name: &str, v: Option<&str>) -> Result<Option<DateTime<Utc>>,
 
 /// `GET /v1/usage?resource=&from=&to=`.
 pub async fn get_usage(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     q: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Response {
     let q = match q {
@@ -399,5 +551,174 @@ pub async fn get_usage(
             axum::Json(json!({"hours": hours, "carries": carries})).into_response()
         }
         Err(e) => journal_error_response(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings::dev_defaults(&std::collections::BTreeMap::new()).unwrap()
+    }
+
+    #[test]
+    fn the_202_body_is_what_the_json_map_wrote() {
+        for (a, c, d) in [(1, 0, 0), (0, 0, 1), (1000, 17, 3), (usize::MAX, 0, 0)] {
+            let o = usage::IngestOutcome {
+                accepted: a,
+                duplicates: d,
+                carried: c,
+            };
+            let resp = accepted_response(&o);
+            assert_eq!(resp.status(), StatusCode::ACCEPTED);
+            assert_eq!(resp.headers()["content-type"], "application/json");
+            let body = futures_body(resp);
+            let before =
+                serde_json::to_string(&json!({"accepted": a, "duplicates": d, "carried": c}))
+                    .unwrap();
+            assert_eq!(body, before);
+        }
+    }
+
+    fn futures_body(resp: Response) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let bytes = rt
+            .block_on(axum::body::to_bytes(resp.into_body(), usize::MAX))
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// Every body the one-pass read answers, it answers as the item-by-item read does (records, or the same
+    /// problems in the same order); the bodies it must leave to that read, it leaves.
+    #[test]
+    fn the_one_pass_read_answers_as_the_item_by_item_read() {
+        let settings = settings();
+        let dim = settings.dimensions[0].id.clone();
+        let now = Utc::now();
+        let resources = [
+            None,
+            Some(r#""11111111-1111-4111-8111-111111111111""#.to_string()),
+            Some(r#""11111111-1111-4111-8111-11111111111A""#.to_string()),
+            Some(r#"" 11111111-1111-4111-8111-111111111111 ""#.to_string()),
+            Some(r#""/subscriptions/x/resourceGroups/rg/providers/Microsoft.Solutions/applications/a""#.to_string()),
+            Some(r#""customer-42""#.to_string()),
+            Some("null".to_string()),
+            Some("42".to_string()),
+        ];
+        let dimensions = [
+            None,
+            Some(format!("{dim:?}")),
+            Some(r#""no_such_dimension""#.to_string()),
+            Some("null".to_string()),
+            Some("true".to_string()),
+        ];
+        let quantities = [
+            None,
+            Some("1"),
+            Some("1.5"),
+            Some(r#""2""#),
+            Some("-1"),
+            Some("0"),
+            Some("null"),
+            Some(r#""x""#),
+            Some("[1]"),
+            Some("1e3"),
+        ];
+        let others = [
+            "",
+            r#","id":"k-1""#,
+            r#","id":"""#,
+            r#","id":null,"plan":null,"time":null"#,
+            r#","plan":"gold""#,
+            r#","plan":"a b""#,
+            r#","time":"2020-01-01T00:00:00Z""#,
+            r#","time":"2999-01-01T00:00:00Z""#,
+            r#","time":"yesterday""#,
+            r#","id":"\u0041\n""#,
+            r#","id":"\ud800""#,
+            r#","id":7"#,
+            r#","qty":2"#,
+            r#","id":"a","id":"b""#,
+        ];
+        let mut bodies = Vec::new();
+        for r in &resources {
+            for d in &dimensions {
+                for q in &quantities {
+                    for o in &others {
+                        let mut parts = Vec::new();
+                        if let Some(r) = r {
+                            parts.push(format!(r#""resource":{r}"#));
+                        }
+                        if let Some(d) = d {
+                            parts.push(format!(r#""dimension":{d}"#));
+                        }
+                        if let Some(q) = q {
+                            parts.push(format!(r#""quantity":{q}"#));
+                        }
+                        let mut body = format!("{{{}", parts.join(","));
+                        body.push_str(if parts.is_empty() {
+                            o.strip_prefix(',').unwrap_or(o)
+                        } else {
+                            o
+                        });
+                        body.push('}');
+                        bodies.push(body);
+                    }
+                }
+            }
+        }
+        let good = format!(
+            r#"{{"resource":"11111111-1111-4111-8111-111111111111","dimension":{dim:?},"quantity":1}}"#
+        );
+        let mut all: Vec<String> = bodies.clone();
+        for (i, b) in bodies.iter().enumerate().step_by(7) {
+            all.push(format!("[{good},{b}]"));
+            all.push(format!("[{b}, {good} ]"));
+            all.push(format!("[{b},{}]", bodies[(i * 31) % bodies.len()]));
+        }
+        all.extend([
+            "[]".to_string(),
+            format!("[{good},[1,2,3]]"),
+            format!("[[\"11111111-1111-4111-8111-111111111111\",{dim:?},1]]"),
+            format!("{good} trailing"),
+            format!("[{good}"),
+            format!(" {good}"),
+            format!("[{good},null]"),
+        ]);
+        let mut typed = 0;
+        for body in &all {
+            let slow = parse_items(&settings, body, now);
+            match parse_typed(&settings, body, now) {
+                Some(fast) => {
+                    typed += 1;
+                    assert_eq!(fast, slow, "{body}");
+                }
+                None => assert!(
+                    slow.is_err(),
+                    "{body}: refused by the one-pass read, accepted by the other: {slow:?}"
+                ),
+            }
+        }
+        // Most of the corpus is well-formed JSON of the right types: the one-pass read takes it.
+        assert!(typed > all.len() / 2, "{typed} of {}", all.len());
+        // And what is not well-formed goes to the other read.
+        for body in [
+            format!("[{good},[1,2,3]]"),
+            format!(
+                r#"{{"resource":"11111111-1111-4111-8111-111111111111","dimension":{dim:?},"quantity":1,"id":7}}"#
+            ),
+            format!(
+                r#"{{"resource":"11111111-1111-4111-8111-111111111111","dimension":{dim:?},"quantity":1,"qty":7}}"#
+            ),
+            format!(
+                r#"{{"resource":"11111111-1111-4111-8111-111111111111","dimension":{dim:?},"quantity":1,"quantity":2}}"#
+            ),
+            "[]".to_string(),
+        ] {
+            assert!(parse_typed(&settings, &body, now).is_none(), "{body}");
+        }
     }
 }

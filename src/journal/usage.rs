@@ -332,7 +332,9 @@ pub struct IngestGroup {
     spellings: HashMap<String, Option<String>>,
     /// Hourly totals touched, in first-seen order (the order the per-job upserts had).
     totals: Vec<PendingTotal>,
-    index: HashMap<(String, String, String, i64), usize>,
+    /// Resource -> the slots of its totals in `totals`: found by `&str` without building a key (issue 15: the
+    /// key of owned strings cost three allocations per stored record); a resource has few totals per transaction.
+    index: HashMap<String, Vec<usize>>,
 }
 
 /// An hourly total as the transaction sees it: `base` as read from the table, plus what the group added.
@@ -388,13 +390,12 @@ impl IngestGroup {
         dimension: &str,
         hour: i64,
     ) -> Result<usize, JournalError> {
-        let key = (
-            resource.to_string(),
-            plan.to_string(),
-            dimension.to_string(),
-            hour,
-        );
-        if let Some(&i) = self.index.get(&key) {
+        if let Some(slots) = self.index.get(resource)
+            && let Some(&i) = slots.iter().find(|&&i| {
+                let t = &self.totals[i];
+                t.hour == hour && t.dimension == dimension && t.plan == plan
+            })
+        {
             return Ok(i);
         }
         let base: i64 = conn
@@ -405,17 +406,23 @@ impl IngestGroup {
             .optional()?
             .unwrap_or(0);
         self.totals.push(PendingTotal {
-            resource: key.0.clone(),
-            plan: key.1.clone(),
-            dimension: key.2.clone(),
+            resource: resource.to_string(),
+            plan: plan.to_string(),
+            dimension: dimension.to_string(),
             hour,
             base,
             quantity: 0,
             records: 0,
             carried_in: 0,
         });
-        self.index.insert(key, self.totals.len() - 1);
-        Ok(self.totals.len() - 1)
+        let i = self.totals.len() - 1;
+        match self.index.get_mut(resource) {
+            Some(slots) => slots.push(i),
+            None => {
+                self.index.insert(resource.to_string(), vec![i]);
+            }
+        }
+        Ok(i)
     }
 
     /// Adds one stored record to its total, refusing an overflow (as `add_to_hour` does).
@@ -523,7 +530,19 @@ fn ingest_carrying(
     let mut late_keys: HashMap<(usize, &str, i64), bool> = HashMap::new();
     // Reads first: each record's resource, hour and lateness.
     let mut decided: Vec<(usize, i64, bool)> = Vec::with_capacity(records.len());
+    // The previous record's resource, dimension and hour with what was decided for them: consecutive records of
+    // one key (a batch of one resource and dimension) are decided without a lookup (issue 15: a hash per map).
+    let mut last: Option<(&str, &str, i64, usize, bool)> = None;
     for r in records {
+        let origin = hour_of(r.time);
+        if let Some((resource, dimension, hour, name, late)) = last
+            && hour == origin
+            && resource == r.resource
+            && dimension == r.dimension
+        {
+            decided.push((name, if late { target } else { origin }, late));
+            continue;
+        }
         let name = match by_given.get(r.resource.as_str()) {
             Some(&i) => i,
             None => {
@@ -544,7 +563,6 @@ fn ingest_carrying(
                 i
             }
         };
-        let origin = hour_of(r.time);
         let late = match late_keys.get(&(name, r.dimension.as_str(), origin)) {
             Some(&l) => l,
             None => {
@@ -554,6 +572,13 @@ fn ingest_carrying(
                 l
             }
         };
+        last = Some((
+            r.resource.as_str(),
+            r.dimension.as_str(),
+            origin,
+            name,
+            late,
+        ));
         decided.push((name, if late { target } else { origin }, late));
     }
     if precheck && !fits(conn, records, &decided, &names, group)? {
@@ -564,6 +589,9 @@ fn ingest_carrying(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (idem_key) DO NOTHING",
     )?;
     let mut outcome = IngestOutcome::default();
+    // The total the previous stored record went to: (name, plan, dimension, hour) -> slot (slots stay valid for
+    // the group's life; a name's spelling no longer changes once one of its records is stored).
+    let mut last_slot: Option<(usize, &str, &str, i64, usize)> = None;
     for (r, &(name, hour, late)) in records.iter().zip(&decided) {
         let origin = hour_of(r.time);
         let plan_id = r.plan.as_deref().unwrap_or("");
@@ -589,7 +617,18 @@ fn ingest_carrying(
             continue;
         }
         names[name].3 = true;
-        let slot = group.slot(conn, &names[name].1, plan_id, &r.dimension, hour)?;
+        let slot = match last_slot {
+            Some((n, p, d, h, slot))
+                if n == name && h == hour && p == plan_id && d == r.dimension =>
+            {
+                slot
+            }
+            _ => {
+                let slot = group.slot(conn, &names[name].1, plan_id, &r.dimension, hour)?;
+                last_slot = Some((name, plan_id, r.dimension.as_str(), hour, slot));
+                slot
+            }
+        };
         group.add(slot, r.quantity.0, late)?;
         if late {
             record_carry(
@@ -635,6 +674,7 @@ fn fits(
     type Key<'a> = (usize, &'a str, &'a str, i64);
     let mut sums: Vec<(Key, (i64, i64))> = Vec::new();
     let mut index: HashMap<Key, usize> = HashMap::new();
+    let mut last: Option<(Key, usize)> = None;
     for (r, &(name, hour, _)) in records.iter().zip(decided) {
         let key = (
             name,
@@ -642,10 +682,18 @@ fn fits(
             r.dimension.as_str(),
             hour,
         );
-        let i = *index.entry(key).or_insert_with(|| {
-            sums.push((key, (0, 0)));
-            sums.len() - 1
-        });
+        let i = match last {
+            // Consecutive records of one key: no lookup.
+            Some((k, i)) if k == key => i,
+            _ => {
+                let i = *index.entry(key).or_insert_with(|| {
+                    sums.push((key, (0, 0)));
+                    sums.len() - 1
+                });
+                last = Some((key, i));
+                i
+            }
+        };
         let s = &mut sums[i].1;
         let q = r.quantity.0;
         let part = if q >= 0 { &mut s.0 } else { &mut s.1 };
