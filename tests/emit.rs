@@ -696,11 +696,16 @@ fn the_daemon_keeps_ingesting_and_sending_when_its_log_pipe_closes() {
     drop(lines); // its stderr has no reader from here on
     let h = hour_start(2);
     let mut statuses = Vec::new();
-    for (i, q) in [(0, 2), (1, 3)] {
-        let resp = http()
-            .post(format!("{url}/v1/usage"))
-            .json(&json!([{"resource": A, "dimension": "api_calls", "quantity": q, "time": ts(h), "id": format!("r{i}")}]))
-            .send();
+    // Both records in the first request (one commit): the startup pass may freeze the hour at any moment, and a
+    // record committed after that freeze would be carried, not sent with the hour. The second request is a
+    // duplicate of one of them (it logs too, and adds nothing).
+    let both = json!([
+        {"resource": A, "dimension": "api_calls", "quantity": 2, "time": ts(h), "id": "r0"},
+        {"resource": A, "dimension": "api_calls", "quantity": 3, "time": ts(h), "id": "r1"},
+    ]);
+    let again = json!([{"resource": A, "dimension": "api_calls", "quantity": 3, "time": ts(h), "id": "r1"}]);
+    for body in [both, again] {
+        let resp = http().post(format!("{url}/v1/usage")).json(&body).send();
         statuses.push(resp.map(|r| r.status().as_u16()).unwrap_or(0));
     }
     // A pass logs as it goes (freeze, send, outcome).
