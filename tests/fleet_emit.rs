@@ -304,13 +304,13 @@ async fn a_stale_owners_settle_is_refused() {
     assert_eq!(f.events().await[0].2, "pending", "and changed nothing");
     // b's marks and settles go through.
     assert!(
-        f.pg.mark_attempt("b", vec![(id, b[0].fence)], Duration::seconds(60))
+        f.pg.mark_attempt("b", &[(id, b[0].fence, "")], Duration::seconds(60))
             .await
             .unwrap()
     );
     assert!(
         !f.pg
-            .mark_attempt("a", vec![(id, a[0].fence)], Duration::seconds(60))
+            .mark_attempt("a", &[(id, a[0].fence, "")], Duration::seconds(60))
             .await
             .unwrap()
     );

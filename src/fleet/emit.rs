@@ -12,16 +12,14 @@
 use crate::clock::{SharedClock, fmt_time, to_utc};
 use crate::config::{FleetSettings, Settings};
 use crate::emit::{
-    BATCH_SIZE, BatchJournal, Decision, LastPass, PassSummary, SubscriptionStore, SubscriptionView,
-    delays_of, send_splitting,
+    BATCH_SIZE, Called, Decision, LastPass, PassSummary, SubscriptionStore, SubscriptionView, call,
+    delays_of,
 };
 use crate::journal::Disposition;
-use crate::journal::outbound::{
-    KnownSubscription, ListedSubscription, PendingEvent, Settle, SettlePolicy,
-};
+use crate::journal::outbound::{KnownSubscription, ListedSubscription, PendingEvent, SettlePolicy};
 use crate::journal::pg::freeze::FreezeRule;
 use crate::journal::pg::outbound::Claimed;
-use crate::journal::pg::{FleetPassStart, PgJournal};
+use crate::journal::pg::{FencedAnswers, FleetPassStart, PgJournal};
 use crate::marketplace::client::MarketplaceClient;
 use crate::marketplace::types::event_json;
 use crate::ops::telemetry::{EventsSettled, InternalEvent};
@@ -32,60 +30,21 @@ use chrono::{DateTime, Duration, Utc};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// The error a call's mark returns when this replica no longer holds every event of the call (another replica
-/// claimed one after the lease expired): the call is not made, and the worker goes on with its next claim.
-#[derive(Debug, thiserror::Error)]
-#[error("the lease on an event of this call was lost to another replica; the call was not made")]
-pub struct LeaseLost;
-
-/// The shared journal as one claimed batch's sender sees it: marks and settles fenced by the batch's claims.
-struct Fenced {
-    pg: PgJournal,
-    owner: String,
-    lease: Duration,
-    fences: HashMap<i64, i64>,
+/// The fence of event `id`'s claim (every event sent was claimed in its batch; a missing fence, which cannot
+/// happen, never matches).
+fn fence_of(fences: &HashMap<i64, i64>, id: i64) -> i64 {
+    fences.get(&id).copied().unwrap_or(-1)
 }
 
-impl Fenced {
-    fn fence(&self, id: i64) -> i64 {
-        // Every event sent was claimed in this batch; a missing fence (cannot happen) never matches.
-        self.fences.get(&id).copied().unwrap_or(-1)
-    }
-}
-
-impl BatchJournal for Fenced {
-    async fn mark_attempt(&self, batch: &[PendingEvent]) -> anyhow::Result<()> {
-        // Marked right before its call, never ahead of it: a crash between a mark and its call would leave events
-        // that were never sent looking as if they may have been recorded (ambiguous), and such an event that then
-        // runs out of its window ends `expired_unconfirmed` instead of `expired` with its units carried.
-        let fenced: Vec<(i64, i64)> = batch.iter().map(|e| (e.id, self.fence(e.id))).collect();
-        if self
-            .pg
-            .mark_attempt(&self.owner, fenced, self.lease)
-            .await?
-        {
-            Ok(())
-        } else {
-            metrics::counter!("meterd_fleet_leases_lost_total").increment(1);
-            Err(LeaseLost.into())
+/// Adds outcome counts to a worker's tally (and to the settled-events telemetry).
+fn add_counts(done: &mut Worked, counts: BTreeMap<String, usize>) {
+    for (k, n) in counts {
+        EventsSettled {
+            outcome: &k,
+            count: n as u64,
         }
-    }
-
-    async fn settle_answers(
-        &self,
-        call_alert: Option<(crate::alert_kind::AlertKey, serde_json::Value)>,
-        settles: Vec<(i64, Settle)>,
-        now: DateTime<Utc>,
-        policy: SettlePolicy,
-    ) -> anyhow::Result<BTreeMap<String, usize>> {
-        let fenced: Vec<(i64, i64, Settle)> = settles
-            .into_iter()
-            .map(|(id, s)| (id, self.fence(id), s))
-            .collect();
-        Ok(self
-            .pg
-            .settle_answers(&self.owner, call_alert, fenced, now, &policy)
-            .await?)
+        .emit();
+        *done.outcomes.entry(k).or_default() += n;
     }
 }
 
@@ -134,76 +93,154 @@ type Disposed = (Vec<Claimed>, BTreeMap<String, usize>);
 impl Worker {
     /// Claims, decides, bills and sends until nothing due at `now` is left to claim.
     ///
-    /// While a batch's call is in flight the worker already claims, decides and bills its next batch (the claim
-    /// skips the events of the call in flight), so the PostgreSQL work of a batch overlaps the marketplace latency
-    /// of the one before instead of adding to it; a worker still has at most one call in flight. The in-flight
-    /// mark is made only right before each call (see `Fenced::mark_attempt`). When that claim found nothing, one more claim after the call decides whether the worker is done (as without
-    /// the overlap). When a call fails, the leases of the batch claimed beside it are given back.
+    /// One durable commit per call: the answers of the worker's last call are settled in the transaction that
+    /// marks its next call in flight ([`PgJournal::settle_and_mark`]), right before that call starts (never ahead
+    /// of it). While a call is in flight the worker claims, decides and bills its next batch (the claim skips the
+    /// events of its own calls), so that PostgreSQL work overlaps the marketplace latency instead of adding to it;
+    /// a worker still has at most one call in flight. When that claim found nothing, one more claim after the
+    /// call decides whether the worker is done. A whole call refused with HTTP 400 is sent again at once in
+    /// halves (still under the batch's leases), before the next batch. When a write fails, the leases of the
+    /// batch claimed and not sent are given back.
     async fn run(self, now: DateTime<Utc>, policy: SettlePolicy) -> anyhow::Result<Worked> {
         let mut done = Worked::default();
-        let delays = delays_of(&self.settings);
-        let hold_recheck = self.subscriptions.hold_recheck();
+        let delays = (delays_of(&self.settings), self.subscriptions.hold_recheck());
         let store = SharedSubscriptions(self.pg.clone());
+        // A claimed and billed batch not yet marked; the halves of a batch refused with 400 (with the fences of
+        // their claims); the answers of the last call, not yet settled.
         let mut next: Option<Disposed> = None;
+        let mut halves: Vec<(Vec<PendingEvent>, Arc<HashMap<i64, i64>>)> = Vec::new();
+        let mut answered: Option<FencedAnswers> = None;
         loop {
-            let (sendable, counts) = match next.take() {
-                Some(d) => d,
-                None => match self.prepare(&store, now, &policy, &[]).await? {
-                    Some(d) => d,
-                    None => return Ok(done),
-                },
-            };
-            for (k, n) in counts {
-                EventsSettled {
-                    outcome: &k,
-                    count: n as u64,
-                }
-                .emit();
-                *done.outcomes.entry(k).or_default() += n;
-            }
-            if sendable.is_empty() {
-                continue;
-            }
-            let in_flight: Vec<i64> = sendable.iter().map(|c| c.event.id).collect();
-            let fenced = Fenced {
-                pg: self.pg.clone(),
-                owner: self.owner.clone(),
-                lease: self.lease,
-                fences: sendable.iter().map(|c| (c.event.id, c.fence)).collect(),
-            };
-            let batch: Vec<PendingEvent> = sendable.into_iter().map(|c| c.event).collect();
-            let (sent, prepared) = tokio::join!(
-                send_splitting(
-                    &self.client,
-                    &fenced,
-                    &self.clock,
-                    policy.clone(),
-                    (delays, hold_recheck),
-                    batch,
-                ),
-                self.prepare(&store, now, &policy, &in_flight),
-            );
-            match sent {
-                Ok(r) => {
-                    done.calls += r.calls;
-                    done.sent += r.sent;
-                    done.recheck_subscriptions |= r.recheck_subscriptions;
-                    for (k, n) in r.outcomes {
-                        *done.outcomes.entry(k).or_default() += n;
+            let (batch, fences) = match halves.pop() {
+                Some(h) => h,
+                None => {
+                    let prepared = match next.take() {
+                        Some(d) => Ok(Some(d)),
+                        None => self.prepare(&store, now, &policy, &[]).await,
+                    };
+                    let (sendable, counts) = match prepared {
+                        Ok(Some(d)) => d,
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.settle_last(answered.take(), &policy, &mut done).await;
+                            return Err(e);
+                        }
+                    };
+                    add_counts(&mut done, counts);
+                    if sendable.is_empty() {
+                        continue;
                     }
+                    let fences: HashMap<i64, i64> =
+                        sendable.iter().map(|c| (c.event.id, c.fence)).collect();
+                    let batch: Vec<PendingEvent> = sendable.into_iter().map(|c| c.event).collect();
+                    (batch, Arc::new(fences))
                 }
-                Err(e) if e.downcast_ref::<LeaseLost>().is_some() => {
-                    tracing::warn!(message = "Lost the lease on a claimed batch before its call; another replica sends it.", owner = %self.owner);
-                    *done.outcomes.entry("lease_lost".into()).or_default() += 1;
+            };
+            // The last answers settled and this call marked, in one durable commit right before the call.
+            let marks: Vec<(i64, i64, &str)> = batch
+                .iter()
+                .map(|e| (e.id, fence_of(&fences, e.id), e.body.as_str()))
+                .collect();
+            let last = answered.take();
+            let settled = self
+                .pg
+                .settle_and_mark(
+                    &self.owner,
+                    last.as_ref().map(|a| (a, &policy)),
+                    &marks,
+                    self.lease,
+                )
+                .await;
+            let marked = match settled {
+                Ok((counts, marked)) => {
+                    add_counts(&mut done, counts);
+                    marked
                 }
                 Err(e) => {
-                    if let Ok(Some((claimed, _))) = &prepared {
-                        self.give_back(claimed).await;
+                    self.give_back_disposed(next.take()).await;
+                    return Err(e.into());
+                }
+            };
+            if !marked {
+                metrics::counter!("meterd_fleet_leases_lost_total").increment(1);
+                tracing::warn!(message = "Lost the lease on a claimed batch before its call; another replica sends it.", owner = %self.owner);
+                *done.outcomes.entry("lease_lost".into()).or_default() += 1;
+                continue;
+            }
+            // The call, and meanwhile the next batch claimed and billed (unless one is waiting already).
+            let in_flight: Vec<i64> = batch
+                .iter()
+                .chain(halves.iter().flat_map(|(h, _)| h.iter()))
+                .map(|e| e.id)
+                .collect();
+            let prepare_next = next.is_none() && halves.is_empty();
+            let (called, prepared) =
+                tokio::join!(call(&self.client, &self.clock, delays, batch), async {
+                    if prepare_next {
+                        self.prepare(&store, now, &policy, &in_flight).await
+                    } else {
+                        Ok(None)
                     }
+                },);
+            let Called {
+                answers,
+                sent,
+                split,
+                recheck_subscriptions,
+            } = called;
+            done.calls += 1;
+            done.sent += sent;
+            done.recheck_subscriptions |= recheck_subscriptions;
+            if let Some((first, second)) = split {
+                halves.push((second, fences.clone()));
+                halves.push((first, fences.clone()));
+            }
+            answered = Some(FencedAnswers {
+                call_alert: answers.call_alert,
+                settles: answers
+                    .settles
+                    .into_iter()
+                    .map(|(id, s)| (id, fence_of(&fences, id), s))
+                    .collect(),
+                now: answers.now,
+            });
+            match prepared {
+                Ok(p) if prepare_next => next = p,
+                Ok(_) => {}
+                Err(e) => {
+                    self.settle_last(answered.take(), &policy, &mut done).await;
                     return Err(e);
                 }
             }
-            next = prepared?;
+        }
+        if let Some(last) = answered.take() {
+            let (counts, _) = self
+                .pg
+                .settle_and_mark(&self.owner, Some((&last, &policy)), &[], self.lease)
+                .await?;
+            add_counts(&mut done, counts);
+        }
+        Ok(done)
+    }
+
+    /// Settles the last call's answers before a worker returns an error (best effort: answers not settled leave
+    /// their events in flight until the lease ends, then ambiguous and resent as the same bytes).
+    async fn settle_last(
+        &self,
+        answered: Option<FencedAnswers>,
+        policy: &SettlePolicy,
+        done: &mut Worked,
+    ) {
+        let Some(last) = answered else { return };
+        match self
+            .pg
+            .settle_and_mark(&self.owner, Some((&last, policy)), &[], self.lease)
+            .await
+        {
+            Ok((counts, _)) => add_counts(done, counts),
+            Err(e) => {
+                tracing::warn!(message = "Could not settle a call's answers; its events are resent as the same bytes once their leases end.", error = %e)
+            }
         }
     }
 
@@ -259,6 +296,13 @@ impl Worker {
             )
             .await?;
         Ok(Some(disposed))
+    }
+
+    /// [`Worker::give_back`] for a claimed batch waiting to be sent, if any.
+    async fn give_back_disposed(&self, disposed: Option<Disposed>) {
+        if let Some((claimed, _)) = disposed {
+            self.give_back(&claimed).await;
+        }
     }
 
     /// Frees the leases of a claimed batch this worker will not send now (best effort: a lease not freed

@@ -171,39 +171,55 @@ pub async fn claim(
     Ok(out)
 }
 
-/// Marks a call's events in flight (attempts + 1) and renews their leases, all or none: false (nothing changed)
-/// when any of them is no longer `owner`'s at its fence; the call must then not be made. One statement: the
-/// events still ours are locked first (`FOR UPDATE`, re-checked against concurrent claims), and the update
-/// applies only when that is all of them.
+/// The mark of a call's events (see [`mark_attempt`]); parameters: ids, fences, bodies, owner, lease seconds,
+/// count.
+pub const MARK_SQL: &str = "WITH mine AS MATERIALIZED (
+         SELECT o.id FROM outbound_events o
+           JOIN unnest($1::bigint[], $2::bigint[], $3::text[]) AS f(id, fence, body)
+           ON o.id = f.id AND o.fence = f.fence AND o.body = f.body
+         WHERE o.lease_owner = $4 AND o.state = 'pending' ORDER BY o.id FOR UPDATE OF o)
+     UPDATE outbound_events o SET attempts = o.attempts + 1, in_flight = 1,
+            lease_until = extract(epoch from clock_timestamp())::bigint + $5
+     FROM mine WHERE o.id = mine.id AND (SELECT count(*) FROM mine) = $6";
+
+/// Marks a call's events in flight (attempts + 1) and renews their leases, all or none, with `stmt` (the
+/// prepared [`MARK_SQL`]): false (nothing changed) when any of them is no longer `owner`'s at its fence, or its
+/// stored body is not the body about to be sent; the call must then not be made. `marks` are (id, fence, body to
+/// send). One statement: the events still ours are locked first (`FOR UPDATE`, re-checked against concurrent
+/// claims), and the update applies only when that is all of them.
+///
+/// The body check makes the bill-and-body transaction's asynchronous commit safe (see `dispose`): a mark applies
+/// only when the transaction that billed the event and wrote those bytes is committed and visible, so it precedes
+/// the mark in the WAL, and the mark's synchronous commit flushes it. Had a PostgreSQL crash lost it (its claim
+/// survived, or was redone by another worker of this replica at the same fence), the stored body is empty or
+/// another one, the mark changes nothing and those bytes are never sent.
 pub async fn mark_attempt(
-    c: &deadpool_postgres::ClientWrapper,
+    c: &(impl GenericClient + Sync),
+    stmt: &tokio_postgres::Statement,
     owner: &str,
-    fenced: &[(i64, i64)],
+    marks: &[(i64, i64, &str)],
     lease: Duration,
 ) -> Result<bool, PgError> {
-    let (ids, fences): (Vec<i64>, Vec<i64>) = fenced.iter().copied().unzip();
-    let sql = format!(
-        "WITH mine AS MATERIALIZED (
-             SELECT o.id FROM outbound_events o JOIN unnest($1::bigint[], $2::bigint[]) AS f(id, fence)
-               ON o.id = f.id AND o.fence = f.fence
-             WHERE o.lease_owner = $3 AND o.state = 'pending' ORDER BY o.id FOR UPDATE OF o)
-         UPDATE outbound_events o SET attempts = o.attempts + 1, in_flight = 1, lease_until = {DB_NOW} + $4
-         FROM mine WHERE o.id = mine.id AND (SELECT count(*) FROM mine) = $5"
-    );
-    let stmt = c.prepare_cached(&sql).await?;
+    let mut cols: (Vec<i64>, Vec<i64>, Vec<&str>) = Default::default();
+    for (id, fence, body) in marks {
+        cols.0.push(*id);
+        cols.1.push(*fence);
+        cols.2.push(body);
+    }
     let n = c
         .execute(
-            &stmt,
+            stmt,
             &[
-                &ids,
-                &fences,
+                &cols.0,
+                &cols.1,
+                &cols.2,
                 &owner,
                 &lease.num_seconds(),
-                &(fenced.len() as i64),
+                &(marks.len() as i64),
             ],
         )
         .await?;
-    Ok(n as usize == fenced.len())
+    Ok(n as usize == marks.len())
 }
 
 /// Frees `owner`'s leases on `fenced` (id, fence) events claimed and not sent: any replica may claim them at
