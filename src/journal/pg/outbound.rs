@@ -453,8 +453,8 @@ pub async fn settle(
                 // sender goes on with it; any later retry frees it for whichever replica claims it then.
                 "UPDATE outbound_events SET last_error = $2, next_attempt_at = $3,
                         ambiguous = GREATEST(ambiguous, $4), held = NULL, in_flight = 0,
-                        lease_owner = CASE WHEN $3 <= $5 THEN lease_owner END,
-                        lease_until = CASE WHEN $3 <= $5 THEN lease_until END
+                        lease_owner = CASE WHEN $3::bigint <= $5::bigint THEN lease_owner END,
+                        lease_until = CASE WHEN $3::bigint <= $5::bigint THEN lease_until END
                  WHERE id = $1 AND state = 'pending'",
                 &[
                     &id,
