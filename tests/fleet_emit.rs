@@ -437,12 +437,13 @@ async fn settle_and_mark_fences_the_answers_and_the_mark_apart() {
         now,
     };
     let answers = accepted(e1.event.id, e1.fence);
-    let (counts, marked) =
+    let (counts, marked, _) =
         f.pg.settle_and_mark(
             "a",
             Some((&answers, &policy)),
             &[(e2.event.id, e2.fence, "")],
             lease,
+            None,
         )
         .await
         .unwrap();
@@ -461,17 +462,27 @@ async fn settle_and_mark_fences_the_answers_and_the_mark_apart() {
     );
     // b: a stale answer for the 08:00 event (settled already) with the mark of its own 09:00 event.
     let stale = accepted(e1.event.id, e1.fence);
-    let (counts, marked) =
+    // The same transaction claims b's next batch (the 10:00 event; never the one it marks).
+    let claim = meterd::journal::pg::outbound::ClaimArgs {
+        now,
+        limit: 25,
+        lease,
+        excluding: vec![e2b.event.id],
+    };
+    let (counts, marked, claimed) =
         f.pg.settle_and_mark(
             "b",
             Some((&stale, &policy)),
             &[(e2b.event.id, e2b.fence, "")],
             lease,
+            Some(&claim),
         )
         .await
         .unwrap();
     assert_eq!(counts.get("stale"), Some(&1), "{counts:?}");
     assert!(marked);
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed[0].event.hour, t("10:00").timestamp());
     assert_eq!(
         f.scalar(&format!(
             "SELECT attempts * 10 + in_flight FROM outbound_events WHERE id = {}",

@@ -18,7 +18,7 @@ use crate::emit::{
 use crate::journal::Disposition;
 use crate::journal::outbound::{KnownSubscription, ListedSubscription, PendingEvent, SettlePolicy};
 use crate::journal::pg::freeze::FreezeRule;
-use crate::journal::pg::outbound::Claimed;
+use crate::journal::pg::outbound::{ClaimArgs, Claimed};
 use crate::journal::pg::{FencedAnswers, FleetPassStart, PgJournal};
 use crate::marketplace::client::MarketplaceClient;
 use crate::marketplace::types::event_json;
@@ -93,132 +93,137 @@ type Disposed = (Vec<Claimed>, BTreeMap<String, usize>);
 impl Worker {
     /// Claims, decides, bills and sends until nothing due at `now` is left to claim.
     ///
-    /// One durable commit per call: the answers of the worker's last call are settled in the transaction that
-    /// marks its next call in flight ([`PgJournal::settle_and_mark`]), right before that call starts (never ahead
-    /// of it). While a call is in flight the worker claims, decides and bills its next batch (the claim skips the
-    /// events of its own calls), so that PostgreSQL work overlaps the marketplace latency instead of adding to it;
-    /// a worker still has at most one call in flight. When that claim found nothing, one more claim after the
-    /// call decides whether the worker is done. A whole call refused with HTTP 400 is sent again at once in
-    /// halves (still under the batch's leases), before the next batch. When a write fails, the leases of the
-    /// batch claimed and not sent are given back.
+    /// One durable commit per call ([`PgJournal::settle_and_mark`]): the answers of the worker's last call are
+    /// settled, its next call's events are marked in flight right before that call starts (never ahead of it),
+    /// and the batch after that is claimed, all in one transaction (one round trip in the common case). While
+    /// the call is in flight the worker decides and bills the batch it just claimed (the claim skips the events
+    /// of its own calls), so that PostgreSQL work overlaps the marketplace latency instead of adding to it; a
+    /// worker still has at most one call in flight. The worker is done when a claim finds nothing and no batch
+    /// is waiting. A whole call refused with HTTP 400 is sent again at once in halves (still under the batch's
+    /// leases), before the next batch. When a write fails, the leases of the batch claimed and not sent are
+    /// given back.
     async fn run(self, now: DateTime<Utc>, policy: SettlePolicy) -> anyhow::Result<Worked> {
         let mut done = Worked::default();
         let delays = (delays_of(&self.settings), self.subscriptions.hold_recheck());
         let store = SharedSubscriptions(self.pg.clone());
-        // A claimed and billed batch not yet marked; the halves of a batch refused with 400 (with the fences of
-        // their claims); the answers of the last call, not yet settled.
+        // A billed batch not yet marked; the halves of a batch refused with 400 (with the fences of their
+        // claims); the answers of the last call, not yet settled.
         let mut next: Option<Disposed> = None;
         let mut halves: Vec<(Vec<PendingEvent>, Arc<HashMap<i64, i64>>)> = Vec::new();
         let mut answered: Option<FencedAnswers> = None;
         loop {
-            let (batch, fences) = match halves.pop() {
-                Some(h) => h,
-                None => {
-                    let prepared = match next.take() {
-                        Some(d) => Ok(Some(d)),
-                        None => self.prepare(&store, now, &policy, &[]).await,
-                    };
-                    let (sendable, counts) = match prepared {
-                        Ok(Some(d)) => d,
-                        Ok(None) => break,
-                        Err(e) => {
-                            self.settle_last(answered.take(), &policy, &mut done).await;
-                            return Err(e);
-                        }
-                    };
-                    add_counts(&mut done, counts);
-                    if sendable.is_empty() {
-                        continue;
-                    }
+            // The batch to send now, if any: a half first, else the billed batch.
+            let to_send = halves.pop().or_else(|| {
+                next.take().map(|(sendable, _)| {
                     let fences: HashMap<i64, i64> =
                         sendable.iter().map(|c| (c.event.id, c.fence)).collect();
                     let batch: Vec<PendingEvent> = sendable.into_iter().map(|c| c.event).collect();
                     (batch, Arc::new(fences))
-                }
-            };
-            // The last answers settled and this call marked, in one durable commit right before the call.
-            let marks: Vec<(i64, i64, &str)> = batch
+                })
+            });
+            // Claim the batch after it only when nothing else is lined up.
+            let claim = (halves.is_empty() && next.is_none()).then(|| ClaimArgs {
+                now,
+                limit: BATCH_SIZE as i64,
+                lease: self.lease,
+                excluding: to_send
+                    .iter()
+                    .flat_map(|(b, _)| b.iter())
+                    .chain(halves.iter().flat_map(|(h, _)| h.iter()))
+                    .map(|e| e.id)
+                    .collect(),
+            });
+            let marks: Vec<(i64, i64, &str)> = to_send
                 .iter()
-                .map(|e| (e.id, fence_of(&fences, e.id), e.body.as_str()))
+                .flat_map(|(b, fences)| {
+                    b.iter()
+                        .map(|e| (e.id, fence_of(fences, e.id), e.body.as_str()))
+                })
                 .collect();
             let last = answered.take();
-            let settled = self
+            let written = self
                 .pg
                 .settle_and_mark(
                     &self.owner,
                     last.as_ref().map(|a| (a, &policy)),
                     &marks,
                     self.lease,
+                    claim.as_ref(),
                 )
                 .await;
-            let marked = match settled {
-                Ok((counts, marked)) => {
+            drop(marks);
+            let (marked, claimed) = match written {
+                Ok((counts, marked, claimed)) => {
                     add_counts(&mut done, counts);
-                    marked
+                    (marked, claimed)
                 }
                 Err(e) => {
                     self.give_back_disposed(next.take()).await;
                     return Err(e.into());
                 }
             };
-            if !marked {
-                metrics::counter!("meterd_fleet_leases_lost_total").increment(1);
-                tracing::warn!(message = "Lost the lease on a claimed batch before its call; another replica sends it.", owner = %self.owner);
-                *done.outcomes.entry("lease_lost".into()).or_default() += 1;
-                continue;
-            }
-            // The call, and meanwhile the next batch claimed and billed (unless one is waiting already).
-            let in_flight: Vec<i64> = batch
-                .iter()
-                .chain(halves.iter().flat_map(|(h, _)| h.iter()))
-                .map(|e| e.id)
-                .collect();
-            let prepare_next = next.is_none() && halves.is_empty();
-            let (called, prepared) =
-                tokio::join!(call(&self.client, &self.clock, delays, batch), async {
-                    if prepare_next {
-                        self.prepare(&store, now, &policy, &in_flight).await
-                    } else {
-                        Ok(None)
+            let claimed_fences: Vec<(i64, i64)> =
+                claimed.iter().map(|c| (c.event.id, c.fence)).collect();
+            let nothing_claimed = claimed.is_empty();
+            let billed = match to_send {
+                Some((batch, fences)) if marked => {
+                    // The call, and meanwhile the batch just claimed decided and billed.
+                    let (called, billed) = tokio::join!(
+                        call(&self.client, &self.clock, delays, batch),
+                        self.bill(&store, now, &policy, claimed),
+                    );
+                    let Called {
+                        answers,
+                        sent,
+                        split,
+                        recheck_subscriptions,
+                    } = called;
+                    done.calls += 1;
+                    done.sent += sent;
+                    done.recheck_subscriptions |= recheck_subscriptions;
+                    if let Some((first, second)) = split {
+                        halves.push((second, fences.clone()));
+                        halves.push((first, fences.clone()));
                     }
-                },);
-            let Called {
-                answers,
-                sent,
-                split,
-                recheck_subscriptions,
-            } = called;
-            done.calls += 1;
-            done.sent += sent;
-            done.recheck_subscriptions |= recheck_subscriptions;
-            if let Some((first, second)) = split {
-                halves.push((second, fences.clone()));
-                halves.push((first, fences.clone()));
-            }
-            answered = Some(FencedAnswers {
-                call_alert: answers.call_alert,
-                settles: answers
-                    .settles
-                    .into_iter()
-                    .map(|(id, s)| (id, fence_of(&fences, id), s))
-                    .collect(),
-                now: answers.now,
-            });
-            match prepared {
-                Ok(p) if prepare_next => next = p,
-                Ok(_) => {}
+                    answered = Some(FencedAnswers {
+                        call_alert: answers.call_alert,
+                        settles: answers
+                            .settles
+                            .into_iter()
+                            .map(|(id, s)| (id, fence_of(&fences, id), s))
+                            .collect(),
+                        now: answers.now,
+                    });
+                    billed
+                }
+                unsent => {
+                    if unsent.is_some() {
+                        metrics::counter!("meterd_fleet_leases_lost_total").increment(1);
+                        tracing::warn!(message = "Lost the lease on a claimed batch before its call; another replica sends it.", owner = %self.owner);
+                        *done.outcomes.entry("lease_lost".into()).or_default() += 1;
+                    } else if nothing_claimed && halves.is_empty() && next.is_none() {
+                        // Nothing sent, nothing waiting, nothing left to claim; the last answers are settled.
+                        break;
+                    }
+                    self.bill(&store, now, &policy, claimed).await
+                }
+            };
+            match billed {
+                Ok(Some((sendable, counts))) => {
+                    add_counts(&mut done, counts);
+                    if !sendable.is_empty() {
+                        next = Some((sendable, BTreeMap::new()));
+                    }
+                }
+                Ok(None) => {}
                 Err(e) => {
                     self.settle_last(answered.take(), &policy, &mut done).await;
+                    if let Err(e) = self.pg.release_leases(&self.owner, claimed_fences).await {
+                        tracing::warn!(message = "Could not give back the leases of a claimed batch; they expire by themselves.", error = %e);
+                    }
                     return Err(e);
                 }
             }
-        }
-        if let Some(last) = answered.take() {
-            let (counts, _) = self
-                .pg
-                .settle_and_mark(&self.owner, Some((&last, &policy)), &[], self.lease)
-                .await?;
-            add_counts(&mut done, counts);
         }
         Ok(done)
     }
@@ -234,30 +239,26 @@ impl Worker {
         let Some(last) = answered else { return };
         match self
             .pg
-            .settle_and_mark(&self.owner, Some((&last, policy)), &[], self.lease)
+            .settle_and_mark(&self.owner, Some((&last, policy)), &[], self.lease, None)
             .await
         {
-            Ok((counts, _)) => add_counts(done, counts),
+            Ok((counts, _, _)) => add_counts(done, counts),
             Err(e) => {
                 tracing::warn!(message = "Could not settle a call's answers; its events are resent as the same bytes once their leases end.", error = %e)
             }
         }
     }
 
-    /// Claims a batch (never one of `in_flight`, the events of this worker's call in flight), decides each event
-    /// with the subscription view and runs the batch's transaction ([`PgJournal::dispose`]). `None` when nothing was
-    /// left to claim.
-    async fn prepare(
+    /// Decides each claimed event with the subscription view and runs the batch's transaction
+    /// ([`PgJournal::dispose`]: settles what is not sent, bills and writes the bodies of what is). `None` when
+    /// nothing was claimed.
+    async fn bill(
         &self,
         store: &SharedSubscriptions,
         now: DateTime<Utc>,
         policy: &SettlePolicy,
-        in_flight: &[i64],
+        claimed: Vec<Claimed>,
     ) -> anyhow::Result<Option<Disposed>> {
-        let claimed = self
-            .pg
-            .claim_excluding(&self.owner, now, BATCH_SIZE as i64, self.lease, in_flight)
-            .await?;
         if claimed.is_empty() {
             return Ok(None);
         }

@@ -149,32 +149,41 @@ impl PgJournal {
         marks: &[(i64, i64, &str)],
         lease: Duration,
     ) -> Result<bool, PgError> {
-        Ok(self.settle_and_mark(owner, None, marks, lease).await?.1)
+        Ok(self
+            .settle_and_mark(owner, None, marks, lease, None)
+            .await?
+            .1)
     }
 
-    /// One transaction: the answers of a worker's last call settled (its alert, each answer fenced), and the
-    /// events of its next call marked in flight (`marks`: id, fence, body to send; all or none, see
-    /// [`outbound::mark_attempt`]). Returns the count per outcome (`stale` for settles refused because the lease
-    /// was lost) and whether the mark applied (the call may be made only then).
+    /// One transaction: the answers of a worker's last call settled (its alert, each answer fenced), the events
+    /// of its next call marked in flight (`marks`: id, fence, body to send; all or none, see
+    /// [`outbound::mark_attempt`]), and (`claim`) the batch after that claimed, to be billed while the call is in
+    /// flight. Returns the count per outcome (`stale` for settles refused because the lease was lost), whether
+    /// the mark applied (the call may be made only then) and the events claimed.
     ///
-    /// With a mark the commit is synchronous (`synchronous_commit = on`, whatever the server's default): the mark
-    /// must be durable before its call starts, and that flush also makes durable every commit before it in the
-    /// WAL (the claims and bills of the events it marks, which it checks). Settling alone commits without
-    /// waiting for the flush: losing it to a PostgreSQL crash leaves the events pending and in flight under a
-    /// lease that runs out, so the next claim makes them ambiguous and resends the same stored bytes (their
-    /// billing and bodies were flushed by their mark), and the marketplace's same-quantity `Duplicate` counts
-    /// each once.
+    /// With a mark or a claim the commit is synchronous (`synchronous_commit = on`, whatever the server's
+    /// default): the mark must be durable before its call starts, and that flush also makes durable every commit
+    /// before it in the WAL (the claims and bills of the events it marks, which it checks); a claim must be
+    /// durable so that its fence is never handed out twice. Settling alone commits without waiting for the
+    /// flush: losing it to a PostgreSQL crash leaves the events pending and in flight under a lease that runs
+    /// out, so the next claim makes them ambiguous and resends the same stored bytes (their billing and bodies
+    /// were flushed by their mark), and the marketplace's same-quantity `Duplicate` counts each once.
     ///
     /// The common case (no call alert; every answer accepted or duplicate) is one round trip: `BEGIN`, the
-    /// one-statement settle ([`outbound::SETTLE_SIMPLE`]), the mark and `COMMIT`, pipelined.
+    /// one-statement settle ([`outbound::SETTLE_SIMPLE`]), the mark, the claim and `COMMIT`, pipelined.
     pub async fn settle_and_mark(
         &self,
         owner: &str,
         answered: Option<(&FencedAnswers, &SettlePolicy)>,
         marks: &[(i64, i64, &str)],
         lease: Duration,
-    ) -> Result<(BTreeMap<String, usize>, bool), PgError> {
-        let durable = if marks.is_empty() { "off" } else { "on" };
+        claim: Option<&outbound::ClaimArgs>,
+    ) -> Result<(BTreeMap<String, usize>, bool, Vec<Claimed>), PgError> {
+        let durable = if marks.is_empty() && claim.is_none() {
+            "off"
+        } else {
+            "on"
+        };
         let simple = answered
             .is_none_or(|(a, _)| a.call_alert.is_none() && outbound::all_simple(&a.settles));
         if let Some((answered, policy)) = answered.filter(|_| !simple) {
@@ -190,15 +199,23 @@ impl PgJournal {
                     let stmt = tx.prepare_cached(outbound::MARK_SQL).await?;
                     outbound::mark_attempt(&*tx, &stmt, owner, marks, lease).await?
                 };
-                Ok((counts, marked))
+                let claimed = match claim {
+                    None => Vec::new(),
+                    Some(a) => {
+                        let stmt = tx.prepare_cached(&outbound::CLAIM_SQL).await?;
+                        outbound::claim_with(&*tx, &stmt, a, owner).await?
+                    }
+                };
+                Ok((counts, marked, claimed))
             });
         }
         let mut attempt = 0u32;
         loop {
             let client = self.client().await?;
-            let (settle_stmt, mark_stmt) = tokio::try_join!(
+            let (settle_stmt, mark_stmt, claim_stmt) = tokio::try_join!(
                 client.prepare_cached(outbound::SETTLE_SIMPLE),
                 client.prepare_cached(outbound::MARK_SQL),
+                client.prepare_cached(&outbound::CLAIM_SQL),
             )?;
             let settles: Vec<&(i64, i64, Settle)> = answered
                 .map(|(a, _)| a.settles.iter().collect())
@@ -208,7 +225,7 @@ impl PgJournal {
             let mut counts = BTreeMap::new();
             // Sent in this order on the one connection, answered in one round trip; an error aborts the
             // transaction and the COMMIT then rolls it back.
-            let (begun, settled, marked, committed) = tokio::join!(
+            let (begun, settled, marked, claimed, committed) = tokio::join!(
                 client.batch_execute(&begin),
                 async {
                     if settles.is_empty() {
@@ -230,13 +247,20 @@ impl PgJournal {
                     }
                     outbound::mark_attempt(&**client, &mark_stmt, owner, marks, lease).await
                 },
+                async {
+                    match claim {
+                        None => Ok(Vec::new()),
+                        Some(a) => outbound::claim_with(&**client, &claim_stmt, a, owner).await,
+                    }
+                },
                 client.batch_execute("COMMIT"),
             );
             let result = begun
                 .map_err(PgError::from)
                 .and(settled)
                 .and(marked)
-                .and_then(|m| committed.map(|()| (counts, m)).map_err(PgError::from));
+                .and_then(|m| claimed.map(|c| (m, c)))
+                .and_then(|(m, c)| committed.map(|()| (counts, m, c)).map_err(PgError::from));
             match result {
                 Err(e) if e.is_conflict() && attempt < CONFLICT_RETRIES => {
                     attempt += 1;

@@ -115,7 +115,24 @@ pub async fn claim(
     lease: Duration,
     excluding: &[i64],
 ) -> Result<Vec<Claimed>, PgError> {
-    let sql = format!(
+    let stmt = c.prepare_cached(&CLAIM_SQL).await?;
+    claim_with(
+        &**c,
+        &stmt,
+        &ClaimArgs {
+            now,
+            limit,
+            lease,
+            excluding: excluding.to_vec(),
+        },
+        owner,
+    )
+    .await
+}
+
+/// The claim statement of [`claim`] (parameters: now, limit, owner, lease seconds, [`REFUSED`], excluded ids).
+pub static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
         "WITH c AS (
              SELECT id, in_flight AS was_in_flight FROM outbound_events
              WHERE state = 'pending' AND next_attempt_at <= $1 AND deadline > $1
@@ -127,18 +144,39 @@ pub async fn claim(
          RETURNING o.id, o.resource, o.plan, o.dimension, o.hour, o.quantity, o.body, o.attempts, o.deadline,
                    o.ambiguous, o.held IS NOT NULL, o.prebilled, o.send_quantity,
                    COALESCE(substr(o.held, 1, length($5)) = $5, false), o.fence, c.was_in_flight = 1"
-    );
-    let stmt = c.prepare_cached(&sql).await?;
+    )
+});
+
+/// What a claim asks for: up to `limit` events due at `now`, under a lease of `lease`, none of `excluding`.
+#[derive(Debug, Clone)]
+pub struct ClaimArgs {
+    /// The pass's time (due and deadline are measured by it; the lease by the database clock).
+    pub now: DateTime<Utc>,
+    /// At most this many events.
+    pub limit: i64,
+    /// The lease length.
+    pub lease: Duration,
+    /// Never these events (the claimer's own calls).
+    pub excluding: Vec<i64>,
+}
+
+/// Runs the claim `stmt` ([`CLAIM_SQL`], prepared on `c`) for `owner`; the caller commits.
+pub async fn claim_with(
+    c: &(impl GenericClient + Sync),
+    stmt: &tokio_postgres::Statement,
+    a: &ClaimArgs,
+    owner: &str,
+) -> Result<Vec<Claimed>, PgError> {
     let rows = c
         .query(
-            &stmt,
+            stmt,
             &[
-                &now.timestamp(),
-                &limit,
+                &a.now.timestamp(),
+                &a.limit,
                 &owner,
-                &lease.num_seconds(),
+                &a.lease.num_seconds(),
                 &REFUSED,
-                &excluding,
+                &a.excluding,
             ],
         )
         .await?;
