@@ -36,6 +36,9 @@ fn fence_of(fences: &HashMap<i64, i64>, id: i64) -> i64 {
     fences.get(&id).copied().unwrap_or(-1)
 }
 
+/// A batch to send with the fence of each of its events' claims.
+type Fenced = (Vec<PendingEvent>, Arc<HashMap<i64, i64>>);
+
 /// Adds outcome counts to a worker's tally (and to the settled-events telemetry).
 fn add_counts(done: &mut Worked, counts: BTreeMap<String, usize>) {
     for (k, n) in counts {
@@ -109,7 +112,7 @@ impl Worker {
         // A billed batch not yet marked; the halves of a batch refused with 400 (with the fences of their
         // claims); the answers of the last call, not yet settled.
         let mut next: Option<Disposed> = None;
-        let mut halves: Vec<(Vec<PendingEvent>, Arc<HashMap<i64, i64>>)> = Vec::new();
+        let mut halves: Vec<Fenced> = Vec::new();
         let mut answered: Option<FencedAnswers> = None;
         loop {
             // The batch to send now, if any: a half first, else the billed batch.
