@@ -1,13 +1,15 @@
 //! The fleet emitter: any replica freezes, claims, bills, sends and settles from the shared PostgreSQL journal.
 //!
 //! A pass opens with one transaction ([`PgJournal::open_pass`]: holds released on a flush, the freeze under the
-//! fleet rule, expiry of overdue events, pending-age alerts), then `emit.concurrency` workers each loop: claim up to
-//! 25 due events under a lease (`FOR UPDATE SKIP LOCKED`, `fleet.lease` by the database clock, fence + 1), decide
-//! each with the subscription view (stored in PostgreSQL, refreshed by whichever replica finds it stale), bill and
-//! write bodies in one transaction, send the stored bytes with the marketplace client and the classification of
-//! `emit/send.rs`, and settle while the fence still matches. A worker stops when nothing is left to claim, so
-//! replicas share the due events by claiming them in turn, never by locks held across a call. No session
-//! advisory locks (see docs/fleet.md, "Emission").
+//! fleet rule, expiry of overdue events, pending-age alerts), then `emit.concurrency` workers each loop: one
+//! durable transaction ([`PgJournal::settle_and_mark`]) settles the answers of the worker's last call while the
+//! fence still matches, marks its next call's events in flight (only if the stored bodies are the bytes to send)
+//! and claims the batch after that (up to 25 due events under a lease, `FOR UPDATE SKIP LOCKED`, `fleet.lease`
+//! by the database clock, fence + 1); then the call is made with the marketplace client and the classification of
+//! `emit/send.rs`, and meanwhile the claimed batch is decided with the subscription view (stored in PostgreSQL,
+//! refreshed by whichever replica finds it stale) and billed with its bodies written in one transaction. A
+//! worker stops when nothing is left to claim, so replicas share the due events by claiming them in turn, never
+//! by locks held across a call. No session advisory locks (see docs/fleet.md, "Emission").
 
 use crate::clock::{SharedClock, fmt_time, to_utc};
 use crate::config::{FleetSettings, Settings};
