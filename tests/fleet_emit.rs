@@ -304,13 +304,13 @@ async fn a_stale_owners_settle_is_refused() {
     assert_eq!(f.events().await[0].2, "pending", "and changed nothing");
     // b's marks and settles go through.
     assert!(
-        f.pg.mark_attempt("b", vec![(id, b[0].fence)], Duration::seconds(60))
+        f.pg.mark_attempt("b", &[(id, b[0].fence, "")], Duration::seconds(60))
             .await
             .unwrap()
     );
     assert!(
         !f.pg
-            .mark_attempt("a", vec![(id, a[0].fence)], Duration::seconds(60))
+            .mark_attempt("a", &[(id, a[0].fence, "")], Duration::seconds(60))
             .await
             .unwrap()
     );
@@ -333,6 +333,228 @@ async fn a_stale_owners_settle_is_refused() {
         .unwrap();
     assert_eq!(again, None);
     assert_eq!(f.events().await[0].2, "accepted");
+}
+
+/// A call's mark applies only when every stored body is the body about to be sent: the bill-and-body transaction
+/// commits without waiting for its WAL flush, so a PostgreSQL crash can lose it while its claim survives; the
+/// worker still holds the bytes it computed, and the mark must then refuse them (sending them would bill an
+/// amount the journal never recorded, and a rebill could differ: `duplicate_mismatch`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_is_refused_unless_the_stored_body_is_the_one_sent() {
+    let Some(f) = Fleet::start("a_mark_is_refused_unless_the_stored_body").await else {
+        return;
+    };
+    f.total("api_calls", t("09:00"), 20 * SECOND).await;
+    let now = t("10:06");
+    f.pg.freeze(now, f.rule()).await.unwrap();
+    let a =
+        f.pg.claim("a", now, 25, Duration::seconds(60))
+            .await
+            .unwrap();
+    let (id, fence) = (a[0].event.id, a[0].fence);
+    let lease = Duration::seconds(60);
+    // The bill was lost: the stored body is still empty, the worker holds the body it computed.
+    let body = r#"{"quantity":10}"#;
+    assert!(
+        !f.pg
+            .mark_attempt("a", &[(id, fence, body)], lease)
+            .await
+            .unwrap(),
+        "a body that is not stored is never marked for a call"
+    );
+    assert_eq!(
+        f.scalar("SELECT attempts + in_flight FROM outbound_events")
+            .await,
+        0
+    );
+    // Another body is stored (a rebill at the same fence): still refused.
+    f.pg.client()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE outbound_events SET body = $1 WHERE id = $2",
+            &[&r#"{"quantity":11}"#, &id],
+        )
+        .await
+        .unwrap();
+    assert!(
+        !f.pg
+            .mark_attempt("a", &[(id, fence, body)], lease)
+            .await
+            .unwrap()
+    );
+    // The stored bytes themselves: marked.
+    assert!(
+        f.pg.mark_attempt("a", &[(id, fence, r#"{"quantity":11}"#)], lease)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        f.scalar("SELECT attempts + in_flight FROM outbound_events")
+            .await,
+        2
+    );
+}
+
+/// The last call's answers and the next call's mark share one transaction, each fenced apart: a stale answer is
+/// refused while the mark applies, and a lost lease on the next call refuses the mark while the answer settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_and_mark_fences_the_answers_and_the_mark_apart() {
+    let Some(f) = Fleet::start("settle_and_mark_fences_apart").await else {
+        return;
+    };
+    for h in ["08:00", "09:00", "10:00"] {
+        f.total("api_calls", t(h), 20 * SECOND).await;
+    }
+    let now = t("11:06");
+    f.pg.freeze(now, f.rule()).await.unwrap();
+    let policy = SettlePolicy::from_settings(&f.rig.settings);
+    let lease = Duration::seconds(60);
+    // a: the 08:00 event marked and answered; the 09:00 event claimed with a lease that ends at once, then
+    // claimed by b.
+    let e1 = f.pg.claim("a", now, 1, lease).await.unwrap().remove(0);
+    assert!(
+        f.pg.mark_attempt("a", &[(e1.event.id, e1.fence, "")], lease)
+            .await
+            .unwrap()
+    );
+    let e2 =
+        f.pg.claim("a", now, 1, Duration::zero())
+            .await
+            .unwrap()
+            .remove(0);
+    let e2b = f.pg.claim("b", now, 1, lease).await.unwrap().remove(0);
+    assert_eq!(e2b.event.id, e2.event.id);
+    let accepted = |id: i64, fence: i64| meterd::journal::pg::FencedAnswers {
+        call_alert: None,
+        settles: vec![(
+            id,
+            fence,
+            Settle::Accepted {
+                usage_event_id: Some(format!("u{id}")),
+            },
+        )],
+        now,
+    };
+    let answers = accepted(e1.event.id, e1.fence);
+    let (counts, marked, _) =
+        f.pg.settle_and_mark(
+            "a",
+            Some((&answers, &policy)),
+            &[(e2.event.id, e2.fence, "")],
+            lease,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(counts.get("accepted"), Some(&1), "{counts:?}");
+    assert!(!marked, "a's lease on the 09:00 event was lost: no call");
+    let states = f.events().await;
+    assert_eq!(states[0].2, "accepted");
+    assert_eq!(
+        f.scalar(&format!(
+            "SELECT attempts FROM outbound_events WHERE id = {}",
+            e2.event.id
+        ))
+        .await,
+        0,
+        "the refused mark changed nothing"
+    );
+    // b: a stale answer for the 08:00 event (settled already) with the mark of its own 09:00 event.
+    let stale = accepted(e1.event.id, e1.fence);
+    // The same transaction claims b's next batch (the 10:00 event; never the one it marks).
+    let claim = meterd::journal::pg::outbound::ClaimArgs {
+        now,
+        limit: 25,
+        lease,
+        excluding: vec![e2b.event.id],
+    };
+    let (counts, marked, claimed) =
+        f.pg.settle_and_mark(
+            "b",
+            Some((&stale, &policy)),
+            &[(e2b.event.id, e2b.fence, "")],
+            lease,
+            Some(&claim),
+        )
+        .await
+        .unwrap();
+    assert_eq!(counts.get("stale"), Some(&1), "{counts:?}");
+    assert!(marked);
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed[0].event.hour, t("10:00").timestamp());
+    assert_eq!(
+        f.scalar(&format!(
+            "SELECT attempts * 10 + in_flight FROM outbound_events WHERE id = {}",
+            e2b.event.id
+        ))
+        .await,
+        11
+    );
+}
+
+/// A fleet call refused whole with HTTP 400 is sent again at once in halves under the same leases (each half
+/// marked in the transaction that settles the call before it), and every event is accepted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_call_refused_with_400_is_sent_again_in_halves() {
+    let Some(f) = Fleet::start_with("a_fleet_call_refused_with_400", "concurrency = 1").await
+    else {
+        return;
+    };
+    let first = t("2026-03-10T02:00:00Z");
+    for h in 0..4 {
+        f.total("gb_processed", first + Duration::hours(h), SECOND)
+            .await;
+    }
+    f.clock().set(t("09:30"));
+    f.rig
+        .emu
+        .fail_next(meterd::emulator::Route::BatchUsageEvent, 1, 400, None);
+    let a = f.emitter("a", Duration::seconds(60));
+    let pass = a.pass().await.unwrap();
+    assert_eq!(pass.calls, 3, "{pass:?}");
+    assert_eq!(pass.outcomes.get("accepted"), Some(&4), "{pass:?}");
+    let events = f.events().await;
+    assert!(events.iter().all(|e| e.2 == "accepted"), "{events:?}");
+    assert_eq!(f.rig.emu.accepted_events().len(), 4);
+    assert_eq!(
+        f.scalar(
+            "SELECT count(*) FROM outbound_events WHERE lease_owner IS NOT NULL OR in_flight = 1"
+        )
+        .await,
+        0
+    );
+}
+
+/// A fleet call that fails transiently (HTTP 503) settles as a retry: the lease is freed (the statement's
+/// parameters once failed to type, so every fleet retry failed its settle), and when the retry is due another
+/// replica sends it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_call_failing_transiently_is_retried_by_any_replica() {
+    let Some(f) = Fleet::start_with("a_fleet_call_failing_transiently", "concurrency = 1").await
+    else {
+        return;
+    };
+    f.total("gb_processed", t("2026-03-10T02:00:00Z"), SECOND)
+        .await;
+    f.clock().set(t("09:30"));
+    f.rig
+        .emu
+        .fail_next(meterd::emulator::Route::BatchUsageEvent, 1, 503, None);
+    let a = f.emitter("a", Duration::seconds(60));
+    let pass = a.pass().await.unwrap();
+    assert_eq!(pass.outcomes.get("retry"), Some(&1), "{pass:?}");
+    assert_eq!(
+        f.scalar("SELECT count(*) FROM outbound_events WHERE state = 'pending' AND lease_owner IS NULL AND in_flight = 0")
+            .await,
+        1,
+        "pending, not in flight, lease freed"
+    );
+    f.clock().set(t("10:30"));
+    let b = f.emitter("b", Duration::seconds(60));
+    let pass = b.pass().await.unwrap();
+    assert_eq!(pass.outcomes.get("accepted"), Some(&1), "{pass:?}");
+    assert_eq!(f.rig.emu.accepted_events().len(), 1);
 }
 
 /// A lease that expires while its call is in flight: the next owner's claim marks the event ambiguous, it sends

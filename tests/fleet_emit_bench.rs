@@ -20,6 +20,39 @@ use meterd::journal::pg::freeze::FreezeRule;
 use meterd::journal::pg::testing::TestDb;
 use std::sync::Arc;
 
+/// CPU seconds (user + system) of process `pid` so far (`/proc/PID/stat`; 0 when unreadable).
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which ends with the last ')'): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+/// The PostgreSQL backends serving this benchmark's database, with their CPU seconds so far.
+async fn backends_cpu(pg: &PgJournal) -> std::collections::HashMap<i32, f64> {
+    let c = pg.client().await.unwrap();
+    c.query(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| {
+        let pid: i32 = r.get(0);
+        (pid, cpu_secs(&pid.to_string()))
+    })
+    .collect()
+}
+
 fn var(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -105,6 +138,8 @@ async fn fleet_emission_benchmark() {
             client,
         )));
     }
+    let pg_before = backends_cpu(&pg).await;
+    let self_before = cpu_secs("self");
     let started = std::time::Instant::now();
     let mut tasks = Vec::new();
     for e in &emitters {
@@ -116,6 +151,12 @@ async fn fleet_emission_benchmark() {
         calls += task.await.unwrap().calls;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let self_cpu = cpu_secs("self") - self_before;
+    let pg_cpu: f64 = backends_cpu(&pg)
+        .await
+        .iter()
+        .map(|(pid, cpu)| cpu - pg_before.get(pid).copied().unwrap_or(0.0))
+        .sum();
     let accepted: i64 = pg
         .client()
         .await
@@ -135,5 +176,11 @@ async fn fleet_emission_benchmark() {
         "fleet emission: {events} events, {replicas} replicas x concurrency {concurrency}, {latency_ms} ms/call: \
          {elapsed:.2} s ({calls} calls); bound {bound:.2} s; ratio {:.2} (target <= 1.25); freeze beforehand {freeze_secs:.2} s",
         elapsed / bound
+    );
+    println!(
+        "cpu during emission: this process (3 replicas + emulator) {self_cpu:.2} s = {:.2} ms/call; \
+         PostgreSQL backends of the database {pg_cpu:.2} s = {:.2} ms/call",
+        self_cpu * 1000.0 / calls as f64,
+        pg_cpu * 1000.0 / calls as f64,
     );
 }

@@ -12,7 +12,7 @@ mod send;
 mod subscriptions;
 
 // The fleet emitter (`fleet::emit`) shares the sending, the classification and the subscription view.
-pub(crate) use send::{BatchJournal, send_splitting};
+pub(crate) use send::{Called, call};
 pub(crate) use subscriptions::{Decision, SubscriptionStore, SubscriptionView};
 
 pub use connect::{client, token_provider};

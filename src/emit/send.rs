@@ -14,30 +14,8 @@ use crate::ops::telemetry::{EventsSettled, InternalEvent};
 use crate::quantity::Micros;
 use crate::resource::ResourceRef;
 use crate::settle::SettleContext;
-use chrono::{DateTime, Duration, Utc};
+use chrono::Duration;
 use std::collections::BTreeMap;
-use std::future::Future;
-
-/// Where a batch's attempt is marked before its call and its answers are settled after it, for
-/// [`send_splitting`]: the fleet's shared journal, whose implementation fences both by the batch's lease
-/// (`fleet::emit`). Each method is one transaction. (The SQLite pass uses [`sender`], which commits one call's
-/// answers with the next call's mark.)
-pub(crate) trait BatchJournal: Sync {
-    /// Marks the batch in flight (committed before the call). An error means the call is not made.
-    fn mark_attempt(
-        &self,
-        batch: &[PendingEvent],
-    ) -> impl Future<Output = anyhow::Result<()>> + Send;
-
-    /// Raises the call's alert (if any), settles each answered event with its alerts; counts per outcome.
-    fn settle_answers(
-        &self,
-        call_alert: Option<(AlertKey, serde_json::Value)>,
-        settles: Vec<(i64, Settle)>,
-        now: DateTime<Utc>,
-        policy: outbound::SettlePolicy,
-    ) -> impl Future<Output = anyhow::Result<BTreeMap<String, usize>>> + Send;
-}
 
 /// What one sender's calls did.
 #[derive(Debug, Default)]
@@ -50,42 +28,6 @@ pub(crate) struct BatchResult {
     pub(crate) outcomes: BTreeMap<String, usize>,
     /// An answer asked for a fresh look at the subscription list.
     pub(crate) recheck_subscriptions: bool,
-}
-
-/// Sends `batch` through `journal`: mark in flight, call, settle, one call after another; a whole call refused
-/// with HTTP 400 is sent again at once in halves, down to single events, so one malformed event keeps only
-/// itself pending (retried and alerted as before) and the good ones go through.
-pub(crate) async fn send_splitting<J: BatchJournal>(
-    client: &MarketplaceClient,
-    journal: &J,
-    clock: &SharedClock,
-    policy: outbound::SettlePolicy,
-    delays: (RetryDelays, Duration),
-    batch: Vec<PendingEvent>,
-) -> anyhow::Result<BatchResult> {
-    let mut total = BatchResult::default();
-    let mut todo = vec![batch];
-    while let Some(batch) = todo.pop() {
-        journal.mark_attempt(&batch).await?;
-        let mut r = call(client, clock, delays, batch).await;
-        total.calls += 1;
-        total.sent += r.sent;
-        total.recheck_subscriptions |= r.recheck_subscriptions;
-        if let Some((first, second)) = r.split.take() {
-            todo.push(second);
-            todo.push(first);
-        }
-        let Answers {
-            call_alert,
-            settles,
-            now,
-        } = r.answers;
-        let outcomes = journal
-            .settle_answers(call_alert, settles, now, policy.clone())
-            .await?;
-        add_settled(&mut total, outcomes);
-    }
-    Ok(total)
 }
 
 /// Batches waiting for a sender: the pass fills it page by page, the `emit.concurrency` senders take from it.
@@ -178,15 +120,16 @@ fn add_settled(total: &mut BatchResult, outcomes: BTreeMap<String, usize>) {
 }
 
 /// What one call answered: how each event settles, and the halves to send when the call was refused with 400.
-struct Called {
-    answers: Answers,
-    sent: usize,
-    split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
-    recheck_subscriptions: bool,
+pub(crate) struct Called {
+    pub(crate) answers: Answers,
+    pub(crate) sent: usize,
+    pub(crate) split: Option<(Vec<PendingEvent>, Vec<PendingEvent>)>,
+    pub(crate) recheck_subscriptions: bool,
 }
 
-/// Sends `batch` (marked in flight already) and classifies the answer; writes nothing.
-async fn call(
+/// Sends `batch` (marked in flight already) and classifies the answer; writes nothing. (The fleet emitter's
+/// workers call it too: `fleet::emit` commits a call's answers with the next call's mark, as [`sender`] does.)
+pub(crate) async fn call(
     client: &MarketplaceClient,
     clock: &SharedClock,
     (delays, hold_recheck): (RetryDelays, Duration),

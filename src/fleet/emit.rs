@@ -1,27 +1,27 @@
 //! The fleet emitter: any replica freezes, claims, bills, sends and settles from the shared PostgreSQL journal.
 //!
 //! A pass opens with one transaction ([`PgJournal::open_pass`]: holds released on a flush, the freeze under the
-//! fleet rule, expiry of overdue events, pending-age alerts), then `emit.concurrency` workers each loop: claim up to
-//! 25 due events under a lease (`FOR UPDATE SKIP LOCKED`, `fleet.lease` by the database clock, fence + 1), decide
-//! each with the subscription view (stored in PostgreSQL, refreshed by whichever replica finds it stale), bill and
-//! write bodies in one transaction, send the stored bytes with the marketplace client and the classification of
-//! `emit/send.rs`, and settle while the fence still matches. A worker stops when nothing is left to claim, so
-//! replicas share the due events by claiming them in turn, never by locks held across a call. No session
-//! advisory locks (see docs/fleet.md, "Emission").
+//! fleet rule, expiry of overdue events, pending-age alerts), then `emit.concurrency` workers each loop: one
+//! durable transaction ([`PgJournal::settle_and_mark`]) settles the answers of the worker's last call while the
+//! fence still matches, marks its next call's events in flight (only if the stored bodies are the bytes to send)
+//! and claims the batch after that (up to 25 due events under a lease, `FOR UPDATE SKIP LOCKED`, `fleet.lease`
+//! by the database clock, fence + 1); then the call is made with the marketplace client and the classification of
+//! `emit/send.rs`, and meanwhile the claimed batch is decided with the subscription view (stored in PostgreSQL,
+//! refreshed by whichever replica finds it stale) and billed with its bodies written in one transaction. A
+//! worker stops when nothing is left to claim, so replicas share the due events by claiming them in turn, never
+//! by locks held across a call. No session advisory locks (see docs/fleet.md, "Emission").
 
 use crate::clock::{SharedClock, fmt_time, to_utc};
 use crate::config::{FleetSettings, Settings};
 use crate::emit::{
-    BATCH_SIZE, BatchJournal, Decision, LastPass, PassSummary, SubscriptionStore, SubscriptionView,
-    delays_of, send_splitting,
+    BATCH_SIZE, Called, Decision, LastPass, PassSummary, SubscriptionStore, SubscriptionView, call,
+    delays_of,
 };
 use crate::journal::Disposition;
-use crate::journal::outbound::{
-    KnownSubscription, ListedSubscription, PendingEvent, Settle, SettlePolicy,
-};
+use crate::journal::outbound::{KnownSubscription, ListedSubscription, PendingEvent, SettlePolicy};
 use crate::journal::pg::freeze::FreezeRule;
-use crate::journal::pg::outbound::Claimed;
-use crate::journal::pg::{FleetPassStart, PgJournal};
+use crate::journal::pg::outbound::{ClaimArgs, Claimed};
+use crate::journal::pg::{FencedAnswers, FleetPassStart, PgJournal};
 use crate::marketplace::client::MarketplaceClient;
 use crate::marketplace::types::event_json;
 use crate::ops::telemetry::{EventsSettled, InternalEvent};
@@ -32,60 +32,24 @@ use chrono::{DateTime, Duration, Utc};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// The error a call's mark returns when this replica no longer holds every event of the call (another replica
-/// claimed one after the lease expired): the call is not made, and the worker goes on with its next claim.
-#[derive(Debug, thiserror::Error)]
-#[error("the lease on an event of this call was lost to another replica; the call was not made")]
-pub struct LeaseLost;
-
-/// The shared journal as one claimed batch's sender sees it: marks and settles fenced by the batch's claims.
-struct Fenced {
-    pg: PgJournal,
-    owner: String,
-    lease: Duration,
-    fences: HashMap<i64, i64>,
+/// The fence of event `id`'s claim (every event sent was claimed in its batch; a missing fence, which cannot
+/// happen, never matches).
+fn fence_of(fences: &HashMap<i64, i64>, id: i64) -> i64 {
+    fences.get(&id).copied().unwrap_or(-1)
 }
 
-impl Fenced {
-    fn fence(&self, id: i64) -> i64 {
-        // Every event sent was claimed in this batch; a missing fence (cannot happen) never matches.
-        self.fences.get(&id).copied().unwrap_or(-1)
-    }
-}
+/// A batch to send with the fence of each of its events' claims.
+type Fenced = (Vec<PendingEvent>, Arc<HashMap<i64, i64>>);
 
-impl BatchJournal for Fenced {
-    async fn mark_attempt(&self, batch: &[PendingEvent]) -> anyhow::Result<()> {
-        // Marked right before its call, never ahead of it: a crash between a mark and its call would leave events
-        // that were never sent looking as if they may have been recorded (ambiguous), and such an event that then
-        // runs out of its window ends `expired_unconfirmed` instead of `expired` with its units carried.
-        let fenced: Vec<(i64, i64)> = batch.iter().map(|e| (e.id, self.fence(e.id))).collect();
-        if self
-            .pg
-            .mark_attempt(&self.owner, fenced, self.lease)
-            .await?
-        {
-            Ok(())
-        } else {
-            metrics::counter!("meterd_fleet_leases_lost_total").increment(1);
-            Err(LeaseLost.into())
+/// Adds outcome counts to a worker's tally (and to the settled-events telemetry).
+fn add_counts(done: &mut Worked, counts: BTreeMap<String, usize>) {
+    for (k, n) in counts {
+        EventsSettled {
+            outcome: &k,
+            count: n as u64,
         }
-    }
-
-    async fn settle_answers(
-        &self,
-        call_alert: Option<(crate::alert_kind::AlertKey, serde_json::Value)>,
-        settles: Vec<(i64, Settle)>,
-        now: DateTime<Utc>,
-        policy: SettlePolicy,
-    ) -> anyhow::Result<BTreeMap<String, usize>> {
-        let fenced: Vec<(i64, i64, Settle)> = settles
-            .into_iter()
-            .map(|(id, s)| (id, self.fence(id), s))
-            .collect();
-        Ok(self
-            .pg
-            .settle_answers(&self.owner, call_alert, fenced, now, &policy)
-            .await?)
+        .emit();
+        *done.outcomes.entry(k).or_default() += n;
     }
 }
 
@@ -134,93 +98,172 @@ type Disposed = (Vec<Claimed>, BTreeMap<String, usize>);
 impl Worker {
     /// Claims, decides, bills and sends until nothing due at `now` is left to claim.
     ///
-    /// While a batch's call is in flight the worker already claims, decides and bills its next batch (the claim
-    /// skips the events of the call in flight), so the PostgreSQL work of a batch overlaps the marketplace latency
-    /// of the one before instead of adding to it; a worker still has at most one call in flight. The in-flight
-    /// mark is made only right before each call (see `Fenced::mark_attempt`). When that claim found nothing, one more claim after the call decides whether the worker is done (as without
-    /// the overlap). When a call fails, the leases of the batch claimed beside it are given back.
+    /// One durable commit per call ([`PgJournal::settle_and_mark`]): the answers of the worker's last call are
+    /// settled, its next call's events are marked in flight right before that call starts (never ahead of it),
+    /// and the batch after that is claimed, all in one transaction (one round trip in the common case). While
+    /// the call is in flight the worker decides and bills the batch it just claimed (the claim skips the events
+    /// of its own calls), so that PostgreSQL work overlaps the marketplace latency instead of adding to it; a
+    /// worker still has at most one call in flight. The worker is done when a claim finds nothing and no batch
+    /// is waiting. A whole call refused with HTTP 400 is sent again at once in halves (still under the batch's
+    /// leases), before the next batch. When a write fails, the leases of the batch claimed and not sent are
+    /// given back.
     async fn run(self, now: DateTime<Utc>, policy: SettlePolicy) -> anyhow::Result<Worked> {
         let mut done = Worked::default();
-        let delays = delays_of(&self.settings);
-        let hold_recheck = self.subscriptions.hold_recheck();
+        let delays = (delays_of(&self.settings), self.subscriptions.hold_recheck());
         let store = SharedSubscriptions(self.pg.clone());
+        // A billed batch not yet marked; the halves of a batch refused with 400 (with the fences of their
+        // claims); the answers of the last call, not yet settled.
         let mut next: Option<Disposed> = None;
+        let mut halves: Vec<Fenced> = Vec::new();
+        let mut answered: Option<FencedAnswers> = None;
         loop {
-            let (sendable, counts) = match next.take() {
-                Some(d) => d,
-                None => match self.prepare(&store, now, &policy, &[]).await? {
-                    Some(d) => d,
-                    None => return Ok(done),
-                },
-            };
-            for (k, n) in counts {
-                EventsSettled {
-                    outcome: &k,
-                    count: n as u64,
-                }
-                .emit();
-                *done.outcomes.entry(k).or_default() += n;
-            }
-            if sendable.is_empty() {
-                continue;
-            }
-            let in_flight: Vec<i64> = sendable.iter().map(|c| c.event.id).collect();
-            let fenced = Fenced {
-                pg: self.pg.clone(),
-                owner: self.owner.clone(),
+            // The batch to send now, if any: a half first, else the billed batch.
+            let to_send = halves.pop().or_else(|| {
+                next.take().map(|(sendable, _)| {
+                    let fences: HashMap<i64, i64> =
+                        sendable.iter().map(|c| (c.event.id, c.fence)).collect();
+                    let batch: Vec<PendingEvent> = sendable.into_iter().map(|c| c.event).collect();
+                    (batch, Arc::new(fences))
+                })
+            });
+            // Claim the batch after it only when nothing else is lined up.
+            let claim = (halves.is_empty() && next.is_none()).then(|| ClaimArgs {
+                now,
+                limit: BATCH_SIZE as i64,
                 lease: self.lease,
-                fences: sendable.iter().map(|c| (c.event.id, c.fence)).collect(),
-            };
-            let batch: Vec<PendingEvent> = sendable.into_iter().map(|c| c.event).collect();
-            let (sent, prepared) = tokio::join!(
-                send_splitting(
-                    &self.client,
-                    &fenced,
-                    &self.clock,
-                    policy.clone(),
-                    (delays, hold_recheck),
-                    batch,
-                ),
-                self.prepare(&store, now, &policy, &in_flight),
-            );
-            match sent {
-                Ok(r) => {
-                    done.calls += r.calls;
-                    done.sent += r.sent;
-                    done.recheck_subscriptions |= r.recheck_subscriptions;
-                    for (k, n) in r.outcomes {
-                        *done.outcomes.entry(k).or_default() += n;
-                    }
-                }
-                Err(e) if e.downcast_ref::<LeaseLost>().is_some() => {
-                    tracing::warn!(message = "Lost the lease on a claimed batch before its call; another replica sends it.", owner = %self.owner);
-                    *done.outcomes.entry("lease_lost".into()).or_default() += 1;
+                excluding: to_send
+                    .iter()
+                    .flat_map(|(b, _)| b.iter())
+                    .chain(halves.iter().flat_map(|(h, _)| h.iter()))
+                    .map(|e| e.id)
+                    .collect(),
+            });
+            let marks: Vec<(i64, i64, &str)> = to_send
+                .iter()
+                .flat_map(|(b, fences)| {
+                    b.iter()
+                        .map(|e| (e.id, fence_of(fences, e.id), e.body.as_str()))
+                })
+                .collect();
+            let last = answered.take();
+            let written = self
+                .pg
+                .settle_and_mark(
+                    &self.owner,
+                    last.as_ref().map(|a| (a, &policy)),
+                    &marks,
+                    self.lease,
+                    claim.as_ref(),
+                )
+                .await;
+            drop(marks);
+            let (marked, claimed) = match written {
+                Ok((counts, marked, claimed)) => {
+                    add_counts(&mut done, counts);
+                    (marked, claimed)
                 }
                 Err(e) => {
-                    if let Ok(Some((claimed, _))) = &prepared {
-                        self.give_back(claimed).await;
+                    self.give_back_disposed(next.take()).await;
+                    return Err(e.into());
+                }
+            };
+            let claimed_fences: Vec<(i64, i64)> =
+                claimed.iter().map(|c| (c.event.id, c.fence)).collect();
+            let nothing_claimed = claimed.is_empty();
+            let billed = match to_send {
+                Some((batch, fences)) if marked => {
+                    // The call, and meanwhile the batch just claimed decided and billed.
+                    let (called, billed) = tokio::join!(
+                        call(&self.client, &self.clock, delays, batch),
+                        self.bill(&store, now, &policy, claimed),
+                    );
+                    let Called {
+                        answers,
+                        sent,
+                        split,
+                        recheck_subscriptions,
+                    } = called;
+                    done.calls += 1;
+                    done.sent += sent;
+                    done.recheck_subscriptions |= recheck_subscriptions;
+                    if let Some((first, second)) = split {
+                        halves.push((second, fences.clone()));
+                        halves.push((first, fences.clone()));
+                    }
+                    answered = Some(FencedAnswers {
+                        call_alert: answers.call_alert,
+                        settles: answers
+                            .settles
+                            .into_iter()
+                            .map(|(id, s)| (id, fence_of(&fences, id), s))
+                            .collect(),
+                        now: answers.now,
+                    });
+                    billed
+                }
+                unsent => {
+                    if unsent.is_some() {
+                        metrics::counter!("meterd_fleet_leases_lost_total").increment(1);
+                        tracing::warn!(message = "Lost the lease on a claimed batch before its call; another replica sends it.", owner = %self.owner);
+                        *done.outcomes.entry("lease_lost".into()).or_default() += 1;
+                    } else if nothing_claimed && halves.is_empty() && next.is_none() {
+                        // Nothing sent, nothing waiting, nothing left to claim; the last answers are settled.
+                        break;
+                    }
+                    self.bill(&store, now, &policy, claimed).await
+                }
+            };
+            match billed {
+                Ok(Some((sendable, counts))) => {
+                    add_counts(&mut done, counts);
+                    if !sendable.is_empty() {
+                        next = Some((sendable, BTreeMap::new()));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.settle_last(answered.take(), &policy, &mut done).await;
+                    if let Err(e) = self.pg.release_leases(&self.owner, claimed_fences).await {
+                        tracing::warn!(message = "Could not give back the leases of a claimed batch; they expire by themselves.", error = %e);
                     }
                     return Err(e);
                 }
             }
-            next = prepared?;
+        }
+        Ok(done)
+    }
+
+    /// Settles the last call's answers before a worker returns an error (best effort: answers not settled leave
+    /// their events in flight until the lease ends, then ambiguous and resent as the same bytes).
+    async fn settle_last(
+        &self,
+        answered: Option<FencedAnswers>,
+        policy: &SettlePolicy,
+        done: &mut Worked,
+    ) {
+        let Some(last) = answered else { return };
+        match self
+            .pg
+            .settle_and_mark(&self.owner, Some((&last, policy)), &[], self.lease, None)
+            .await
+        {
+            Ok((counts, _, _)) => add_counts(done, counts),
+            Err(e) => {
+                tracing::warn!(message = "Could not settle a call's answers; its events are resent as the same bytes once their leases end.", error = %e)
+            }
         }
     }
 
-    /// Claims a batch (never one of `in_flight`, the events of this worker's call in flight), decides each event
-    /// with the subscription view and runs the batch's transaction ([`PgJournal::dispose`]). `None` when nothing was
-    /// left to claim.
-    async fn prepare(
+    /// Decides each claimed event with the subscription view and runs the batch's transaction
+    /// ([`PgJournal::dispose`]: settles what is not sent, bills and writes the bodies of what is). `None` when
+    /// nothing was claimed.
+    async fn bill(
         &self,
         store: &SharedSubscriptions,
         now: DateTime<Utc>,
         policy: &SettlePolicy,
-        in_flight: &[i64],
+        claimed: Vec<Claimed>,
     ) -> anyhow::Result<Option<Disposed>> {
-        let claimed = self
-            .pg
-            .claim_excluding(&self.owner, now, BATCH_SIZE as i64, self.lease, in_flight)
-            .await?;
         if claimed.is_empty() {
             return Ok(None);
         }
@@ -259,6 +302,13 @@ impl Worker {
             )
             .await?;
         Ok(Some(disposed))
+    }
+
+    /// [`Worker::give_back`] for a claimed batch waiting to be sent, if any.
+    async fn give_back_disposed(&self, disposed: Option<Disposed>) {
+        if let Some((claimed, _)) = disposed {
+            self.give_back(&claimed).await;
+        }
     }
 
     /// Frees the leases of a claimed batch this worker will not send now (best effort: a lease not freed

@@ -32,7 +32,7 @@ pub mod replicas;
 pub mod retention;
 pub mod schema;
 
-pub use ops::FleetPassStart;
+pub use ops::{FencedAnswers, FleetPassStart};
 
 use crate::secret::Secret;
 

@@ -38,6 +38,17 @@ macro_rules! in_tx {
     }};
 }
 
+/// A call's answers, each with the fence of its event's claim: what [`PgJournal::settle_and_mark`] settles.
+#[derive(Debug, Clone)]
+pub struct FencedAnswers {
+    /// The call's alert, if it raised one.
+    pub call_alert: Option<(AlertKey, serde_json::Value)>,
+    /// (id, fence, how the event settles).
+    pub settles: Vec<(i64, i64, Settle)>,
+    /// When the answer came.
+    pub now: DateTime<Utc>,
+}
+
 /// What a fleet pass's opening transaction does (see [`PgJournal::open_pass`]).
 #[derive(Debug, Clone)]
 pub struct FleetPassStart {
@@ -130,47 +141,134 @@ impl PgJournal {
         in_tx!(self, tx => outbound::dispose(&tx, owner, decided.clone(), settings, now, policy, &body).await)
     }
 
-    /// Marks a call's events in flight, all or none; false when the lease on any of them was lost.
+    /// Marks a call's events in flight, all or none (see [`PgJournal::settle_and_mark`], with nothing to settle);
+    /// false when the lease on any of them was lost or a stored body is not the one given.
     pub async fn mark_attempt(
         &self,
         owner: &str,
-        fenced: Vec<(i64, i64)>,
+        marks: &[(i64, i64, &str)],
         lease: Duration,
     ) -> Result<bool, PgError> {
-        let client = self.client().await?;
-        outbound::mark_attempt(&client, owner, &fenced, lease).await
+        Ok(self
+            .settle_and_mark(owner, None, marks, lease, None)
+            .await?
+            .1)
     }
 
-    /// One transaction: the call's alert and each answer settled under `owner`'s fence (`(id, fence, settle)`).
-    pub async fn settle_answers(
+    /// One transaction: the answers of a worker's last call settled (its alert, each answer fenced), the events
+    /// of its next call marked in flight (`marks`: id, fence, body to send; all or none, see
+    /// [`outbound::mark_attempt`]), and (`claim`) the batch after that claimed, to be billed while the call is in
+    /// flight. Returns the count per outcome (`stale` for settles refused because the lease was lost), whether
+    /// the mark applied (the call may be made only then) and the events claimed.
+    ///
+    /// With a mark or a claim the commit is synchronous (`synchronous_commit = on`, whatever the server's
+    /// default): the mark must be durable before its call starts, and that flush also makes durable every commit
+    /// before it in the WAL (the claims and bills of the events it marks, which it checks); a claim must be
+    /// durable so that its fence is never handed out twice. Settling alone commits without waiting for the
+    /// flush: losing it to a PostgreSQL crash leaves the events pending and in flight under a lease that runs
+    /// out, so the next claim makes them ambiguous and resends the same stored bytes (their billing and bodies
+    /// were flushed by their mark), and the marketplace's same-quantity `Duplicate` counts each once.
+    ///
+    /// The common case (no call alert; every answer accepted or duplicate) is one round trip: `BEGIN`, the
+    /// one-statement settle ([`outbound::SETTLE_SIMPLE`]), the mark, the claim and `COMMIT`, pipelined.
+    pub async fn settle_and_mark(
         &self,
         owner: &str,
-        call_alert: Option<(AlertKey, serde_json::Value)>,
-        settles: Vec<(i64, i64, Settle)>,
-        now: DateTime<Utc>,
-        policy: &SettlePolicy,
-    ) -> Result<BTreeMap<String, usize>, PgError> {
-        if call_alert.is_none() && outbound::all_simple(&settles) {
-            // The common case (every answer accepted or duplicate): one statement, atomic by itself.
-            // Its commit does not wait for the WAL flush: a PostgreSQL crash that loses it leaves the events
-            // pending and in flight (marked by a synchronous commit before the call), so the next claim makes
-            // them ambiguous and sends the same bytes again, and the marketplace's same-quantity `Duplicate`
-            // counts each once. Any later synchronous commit (the next call's mark) makes it durable.
-            let mut client = self.client().await?;
-            let tx = client.transaction().await?;
-            let stmt = tx.prepare_cached(outbound::SETTLE_SIMPLE).await?;
-            let simple: Vec<&(i64, i64, Settle)> = settles.iter().collect();
-            let mut counts = BTreeMap::new();
-            let (set, settled) = tokio::join!(
-                tx.batch_execute("SET LOCAL synchronous_commit = off"),
-                outbound::settle_simple(&*tx, &stmt, owner, &simple, now, &mut counts),
-            );
-            set?;
-            settled?;
-            tx.commit().await?;
-            return Ok(counts);
+        answered: Option<(&FencedAnswers, &SettlePolicy)>,
+        marks: &[(i64, i64, &str)],
+        lease: Duration,
+        claim: Option<&outbound::ClaimArgs>,
+    ) -> Result<(BTreeMap<String, usize>, bool, Vec<Claimed>), PgError> {
+        let durable = if marks.is_empty() && claim.is_none() {
+            "off"
+        } else {
+            "on"
+        };
+        let simple = answered
+            .is_none_or(|(a, _)| a.call_alert.is_none() && outbound::all_simple(&a.settles));
+        if let Some((answered, policy)) = answered.filter(|_| !simple) {
+            return in_tx!(self, tx => {
+                tx.batch_execute(&format!("SET LOCAL synchronous_commit = {durable}")).await?;
+                let counts = outbound::settle_answers(
+                    &tx, owner, answered.call_alert.clone(), &answered.settles, answered.now, policy,
+                )
+                .await?;
+                let marked = if marks.is_empty() {
+                    false
+                } else {
+                    let stmt = tx.prepare_cached(outbound::MARK_SQL).await?;
+                    outbound::mark_attempt(&*tx, &stmt, owner, marks, lease).await?
+                };
+                let claimed = match claim {
+                    None => Vec::new(),
+                    Some(a) => {
+                        let stmt = tx.prepare_cached(&outbound::CLAIM_SQL).await?;
+                        outbound::claim_with(&*tx, &stmt, a, owner).await?
+                    }
+                };
+                Ok((counts, marked, claimed))
+            });
         }
-        in_tx!(self, tx => outbound::settle_answers(&tx, owner, call_alert.clone(), &settles, now, policy).await)
+        let mut attempt = 0u32;
+        loop {
+            let client = self.client().await?;
+            let (settle_stmt, mark_stmt, claim_stmt) = tokio::try_join!(
+                client.prepare_cached(outbound::SETTLE_SIMPLE),
+                client.prepare_cached(outbound::MARK_SQL),
+                client.prepare_cached(&outbound::CLAIM_SQL),
+            )?;
+            let settles: Vec<&(i64, i64, Settle)> = answered
+                .map(|(a, _)| a.settles.iter().collect())
+                .unwrap_or_default();
+            let now = answered.map(|(a, _)| a.now).unwrap_or_default();
+            let begin = format!("BEGIN; SET LOCAL synchronous_commit = {durable}");
+            let mut counts = BTreeMap::new();
+            // Sent in this order on the one connection, answered in one round trip; an error aborts the
+            // transaction and the COMMIT then rolls it back.
+            let (begun, settled, marked, claimed, committed) = tokio::join!(
+                client.batch_execute(&begin),
+                async {
+                    if settles.is_empty() {
+                        return Ok(());
+                    }
+                    outbound::settle_simple(
+                        &**client,
+                        &settle_stmt,
+                        owner,
+                        &settles,
+                        now,
+                        &mut counts,
+                    )
+                    .await
+                },
+                async {
+                    if marks.is_empty() {
+                        return Ok(false);
+                    }
+                    outbound::mark_attempt(&**client, &mark_stmt, owner, marks, lease).await
+                },
+                async {
+                    match claim {
+                        None => Ok(Vec::new()),
+                        Some(a) => outbound::claim_with(&**client, &claim_stmt, a, owner).await,
+                    }
+                },
+                client.batch_execute("COMMIT"),
+            );
+            let result = begun
+                .map_err(PgError::from)
+                .and(settled)
+                .and(marked)
+                .and_then(|m| claimed.map(|c| (m, c)))
+                .and_then(|(m, c)| committed.map(|()| (counts, m, c)).map_err(PgError::from));
+            match result {
+                Err(e) if e.is_conflict() && attempt < CONFLICT_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(message = "Fleet transaction aborted by a conflict; running it again.", error = %e, attempt);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Settles one event under `owner`'s fence; `None` when the lease is no longer ours (nothing changed).
