@@ -332,10 +332,14 @@ impl Emitter {
         let mut known: Option<(Option<BTreeMap<String, KnownSubscription>>, bool)> = None;
         let mut renewed = std::time::Instant::now();
         loop {
+            let step = std::time::Instant::now();
             let page = if taken < PASS_LIMIT && after != i64::MAX {
-                self.journal
+                let page = self
+                    .journal
                     .due_page(now, after, PAGE.min(PASS_LIMIT - taken))
-                    .await?
+                    .await?;
+                producer_step("page", step);
+                page
             } else {
                 Vec::new()
             };
@@ -368,6 +372,7 @@ impl Emitter {
                     })
                     .collect();
                 // Write holds/skips, bill and freeze bodies (once) for what will be sent.
+                let step = std::time::Instant::now();
                 let (sendable, counts) = self
                     .journal
                     .dispose(
@@ -386,6 +391,7 @@ impl Emitter {
                         },
                     )
                     .await?;
+                producer_step("dispose", step);
                 for (k, n) in counts {
                     // Outcomes settled without a call (included, remainder, skipped_unsubscribed, held, ...).
                     EventsSettled {
@@ -413,17 +419,22 @@ impl Emitter {
                 let mut sendable = sendable.into_iter().peekable();
                 while sendable.peek().is_some() {
                     let batch: Vec<PendingEvent> = sendable.by_ref().take(BATCH_SIZE).collect();
-                    if tx.send(batch).await.is_err() {
+                    let step = std::time::Instant::now();
+                    let sent = tx.send(batch).await;
+                    producer_step("queue", step);
+                    if sent.is_err() {
                         // Every sender stopped (one failed): the pass ends with its error.
                         return Ok(());
                     }
                 }
             }
             if more {
+                let step = std::time::Instant::now();
                 let opened = self
                     .journal
                     .freeze_more(now, grace, margin, policy.clone(), FREEZE_CHUNK)
                     .await?;
+                producer_step("freeze", step);
                 more = opened.more;
                 produced.add_opened(opened);
                 if after == i64::MAX {
@@ -436,6 +447,12 @@ impl Emitter {
             }
         }
     }
+}
+
+/// Records how long one step of the producer took (`meterd_emit_producer_seconds`).
+fn producer_step(step: &'static str, since: std::time::Instant) {
+    metrics::histogram!("meterd_emit_producer_seconds", "step" => step)
+        .record(since.elapsed().as_secs_f64());
 }
 
 /// What the producer of a pass did besides feeding the senders.

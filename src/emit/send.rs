@@ -76,19 +76,24 @@ pub(super) async fn sender(
                                     .await?,
                             );
                         }
-                        queue.lock().await.recv().await
+                        let waited = std::time::Instant::now();
+                        let next = queue.lock().await.recv().await;
+                        metrics::histogram!("meterd_emit_wait_seconds", "on" => "queue")
+                            .record(waited.elapsed().as_secs_f64());
+                        next
                     }
                 }
             }
         };
         let Some(batch) = batch else { break };
         let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
-        add_settled(
-            &mut total,
-            journal
-                .settle_and_mark(answered.take(), ids, policy.clone())
-                .await?,
-        );
+        let waited = std::time::Instant::now();
+        let settled = journal
+            .settle_and_mark(answered.take(), ids, policy.clone())
+            .await?;
+        metrics::histogram!("meterd_emit_wait_seconds", "on" => "journal")
+            .record(waited.elapsed().as_secs_f64());
+        add_settled(&mut total, settled);
         let mut r = call(client, clock, delays, batch).await;
         total.calls += 1;
         total.sent += r.sent;

@@ -891,7 +891,9 @@ fn run_transaction(
         return;
     }
     let size = finishers.len();
+    let syncing = Instant::now();
     let commit = run_cached(conn, "COMMIT");
+    metrics::histogram!("meterd_journal_sync_seconds").record(syncing.elapsed().as_secs_f64());
     let outcome: Result<(), Arc<JournalError>> = match commit {
         Ok(()) => Ok(()),
         Err(e) => {

@@ -43,6 +43,11 @@ pub fn describe() {
         Unit::Count,
         "Write jobs (ingest requests, emitter updates) sharing one group commit."
     );
+    describe_histogram!(
+        "meterd_journal_sync_seconds",
+        Unit::Seconds,
+        "Duration of the COMMIT statement alone of a group commit (the WAL fsync, and a WAL checkpoint when one runs in it)."
+    );
     describe_gauge!(
         "meterd_journal_records",
         Unit::Count,
@@ -82,6 +87,16 @@ pub fn describe() {
         "meterd_emit_pass_seconds",
         Unit::Seconds,
         "Duration of one emission pass (freeze closed hours, refresh subscriptions, send, record outcomes)."
+    );
+    describe_histogram!(
+        "meterd_emit_wait_seconds",
+        Unit::Seconds,
+        "What an emission call slot waited for before its call, by on: journal (the commit marking its batch in flight, with the last call's answers), queue (the next batch)."
+    );
+    describe_histogram!(
+        "meterd_emit_producer_seconds",
+        Unit::Seconds,
+        "Steps of an emission pass's producer, by step: page (read due events), dispose (bill and write bodies), freeze (a freeze chunk), queue (waiting for room on the senders' queue)."
     );
     // Marketplace.
     describe_counter!(
