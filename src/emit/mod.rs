@@ -234,24 +234,37 @@ impl Emitter {
         let release_held = self
             .release_held
             .swap(false, std::sync::atomic::Ordering::SeqCst);
-        // Credit pools: the configured ones journaled, expiry warnings raised (journal::pools).
-        self.journal.pools_pass(self.settings.clone(), now).await?;
-        let opened = self
-            .journal
-            .open_pass(
-                now,
-                PassStart {
-                    release_held,
-                    grace,
-                    margin,
-                    policy: expire_policy,
-                    pending_age,
-                    retention,
-                    dedupe_window,
-                    freeze_limit: FREEZE_CHUNK,
-                },
-            )
-            .await?;
+        let start = async {
+            // Credit pools: the configured ones journaled, expiry warnings raised (journal::pools).
+            self.journal.pools_pass(self.settings.clone(), now).await?;
+            self.journal
+                .open_pass(
+                    now,
+                    PassStart {
+                        release_held,
+                        grace,
+                        margin,
+                        policy: expire_policy,
+                        pending_age,
+                        retention,
+                        dedupe_window,
+                        freeze_limit: FREEZE_CHUNK,
+                    },
+                )
+                .await
+        };
+        let opened = match start.await {
+            Ok(o) => o,
+            Err(e) => {
+                // Nothing of the pass committed: the operator's request to look at held events stands for the
+                // next pass (else held events would wait for the next subscription-list refresh).
+                if release_held {
+                    self.release_held
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                return Err(e.into());
+            }
+        };
         let mut produced = Produced::default();
         let more = opened.more;
         produced.add_opened(opened);
