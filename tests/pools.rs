@@ -88,6 +88,24 @@ impl Rig {
         self.0.pass_at(t(at)).await;
     }
 
+    /// Retention of 30 hours (and a 7-day dedupe window) applied at `at`: the hourly totals deleted.
+    async fn retention_30h_at(&self, at: &str) -> usize {
+        let now = t(at);
+        let (deleted, _) = self
+            .journal
+            .write(move |c| {
+                meterd::journal::usage::apply_retention(
+                    c,
+                    now,
+                    chrono::Duration::hours(30),
+                    chrono::Duration::days(7),
+                )
+            })
+            .await
+            .unwrap();
+        deleted
+    }
+
     /// Quantity the emulator accepted for (resource, dimension, hour), if any.
     fn sent(&self, resource: &str, dimension: &str, hour: &str) -> Option<f64> {
         self.emu
@@ -857,18 +875,7 @@ async fn consumption_by_month_outlives_retention() {
         .await;
     r.pass_at("2026-03-31T11:05:00Z").await;
     // Retention of 30 hours at 2026-03-31T12:00: the 10 March hour goes.
-    let (deleted, _) = r
-        .journal
-        .write(|c| {
-            meterd::journal::usage::apply_retention(
-                c,
-                t("2026-03-31T12:00:00Z"),
-                chrono::Duration::hours(30),
-                chrono::Duration::days(7),
-            )
-        })
-        .await
-        .unwrap();
+    let deleted = r.retention_30h_at("2026-03-31T12:00:00Z").await;
     assert_eq!(deleted, 1);
     let group = |by: meterd::billing::GroupBy| {
         r.journal
@@ -920,31 +927,10 @@ async fn a_term_longer_than_retention_keeps_its_balance() {
         ("55".into(), "55".into(), "155".into(), "155".into())
     );
     // Retention of 30 hours at 2026-03-31T12:00: the 10 March hour (and its event) goes.
-    let (deleted, _) = r
-        .journal
-        .write(|c| {
-            meterd::journal::usage::apply_retention(
-                c,
-                t("2026-03-31T12:00:00Z"),
-                chrono::Duration::hours(30),
-                chrono::Duration::days(7),
-            )
-        })
-        .await
-        .unwrap();
+    let deleted = r.retention_30h_at("2026-03-31T12:00:00Z").await;
     assert_eq!(deleted, 1);
     assert_eq!(balance().await.unwrap(), before);
     // Retention again deletes nothing more and counts nothing twice.
-    r.journal
-        .write(|c| {
-            meterd::journal::usage::apply_retention(
-                c,
-                t("2026-03-31T12:00:00Z"),
-                chrono::Duration::hours(30),
-                chrono::Duration::days(7),
-            )
-        })
-        .await
-        .unwrap();
+    r.retention_30h_at("2026-03-31T12:00:00Z").await;
     assert_eq!(balance().await.unwrap(), before);
 }
