@@ -20,12 +20,12 @@ WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
- && cargo build --release --target x86_64-unknown-linux-musl \
+ && cargo build --profile dist --target x86_64-unknown-linux-musl \
  && rm -rf src
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --target x86_64-unknown-linux-musl \
- && cp target/x86_64-unknown-linux-musl/release/meterd /meterd \
+ && cargo build --profile dist --target x86_64-unknown-linux-musl \
+ && cp target/x86_64-unknown-linux-musl/dist/meterd /meterd \
  && /meterd --help >/dev/null
 
 # distroless/static: no shell, no libc; CA certificates (needed: meterd verifies TLS against the system roots),

@@ -65,11 +65,12 @@ PROFILE=${BENCH_PROFILE:-release}
 # bench-tool builds under the same target directory as meterd (`$CARGO_TARGET_DIR` if set, else `target/`).
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 if [[ $PROFILE == release ]]; then
-  log "building release binaries (meterd, bench-tool)"
+  log "building release binaries (meterd with the dist profile, bench-tool)"
   if [[ -n ${BENCH_METERD:-} ]]; then
     METERD=$BENCH_METERD   # a meterd binary built beforehand (an A/B of two builds; see bench/ab-single.sh)
   else
-    METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd --release) || die "cargo build meterd"
+    # The shipped build: the `dist` profile (release with whole-program LTO; Cargo.toml, Dockerfile).
+    METERD=$(bash "$ROOT/ci/cargo-bin.sh" meterd --profile dist) || die "cargo build meterd"
   fi
   (cd "$ROOT/bench/ceiling" && cargo build --release --quiet --target-dir "$TARGET/bench") || die "cargo build bench-tool"
   TOOL=$TARGET/bench/release/bench-tool
