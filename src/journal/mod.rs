@@ -296,22 +296,34 @@ where
     W: FnOnce() -> bool + Send + 'static,
 {
     Box::new(move |conn: Option<&Connection>| {
-        let result = conn.filter(|_| waiting()).map(f);
-        let failure = match &result {
-            Some(Err(e)) => Some(e.duplicate()),
-            _ => None,
-        };
-        let finisher: Finisher = Box::new(move |commit: Result<(), Arc<JournalError>>| {
-            let answer = match (commit, result) {
-                (_, Some(Err(e))) => Err(e),
-                (Err(e), _) => Err(e.duplicate()),
-                (Ok(()), Some(Ok(v))) => Ok(v),
-                (Ok(()), None) => Err(JournalError::Closed),
-            };
-            reply(answer);
-        });
-        (failure, finisher)
+        answer_once_committed(conn.filter(|_| waiting()).map(f), reply)
     })
+}
+
+/// A job's result (`None`: it did not run) as its error, if any, and the finisher that answers `reply` once the
+/// commit is known: the job's own error, else the commit's, else its value (`Closed` when it did not run).
+fn answer_once_committed<T, R>(
+    result: Option<Result<T, JournalError>>,
+    reply: R,
+) -> (Option<JournalError>, Finisher)
+where
+    T: Send + 'static,
+    R: FnOnce(Result<T, JournalError>) + Send + 'static,
+{
+    let failure = match &result {
+        Some(Err(e)) => Some(e.duplicate()),
+        _ => None,
+    };
+    let finisher: Finisher = Box::new(move |commit: Result<(), Arc<JournalError>>| {
+        let answer = match (commit, result) {
+            (_, Some(Err(e))) => Err(e),
+            (Err(e), _) => Err(e.duplicate()),
+            (Ok(()), Some(Ok(v))) => Ok(v),
+            (Ok(()), None) => Err(JournalError::Closed),
+        };
+        reply(answer);
+    });
+    (failure, finisher)
 }
 
 /// A job that runs without a savepoint, with the transaction's shared [`usage::IngestGroup`] (issue 15: the
@@ -360,19 +372,7 @@ where
                     Err(e) => Some(Err(e)),
                 },
             };
-            let failure = match &result {
-                Some(Err(e)) => Some(e.duplicate()),
-                _ => None,
-            };
-            let finisher: Finisher = Box::new(move |commit: Result<(), Arc<JournalError>>| {
-                let answer = match (commit, result) {
-                    (_, Some(Err(e))) => Err(e),
-                    (Err(e), _) => Err(e.duplicate()),
-                    (Ok(()), Some(Ok(v))) => Ok(v),
-                    (Ok(()), None) => Err(JournalError::Closed),
-                };
-                reply(answer);
-            });
+            let (failure, finisher) = answer_once_committed(result, reply);
             Grouped::Ran(failure, finisher)
         },
     )
