@@ -10,6 +10,7 @@
 # BENCH_EMIT_RESOURCES (x 25 dimensions = events), BENCH_EMIT_LATENCY_MS (20), BENCH_EMIT_CONCURRENCY (4),
 # BENCH_RECOVERY_RECORDS (10000000), BENCH_KEEP=1 (keep the work directory), BENCH_OUT (also write the table here),
 # BENCH_METERD (a release meterd binary to measure instead of building one), BENCH_FLEET=0 (skip the fleet part),
+# BENCH_PARTS (which parts to run, default "ingest emit recovery fleet"; the table shows only their rows),
 # BENCH_WRK_TIMEOUT (wrk's per-request timeout, 2s: a disk that stalls longer makes a request count as an error).
 #
 # Needs: cargo, wrk, curl, jq. Exits non-zero only when something breaks (a process fails, a request errors),
@@ -33,6 +34,7 @@ else
   EMIT_RESOURCES=${BENCH_EMIT_RESOURCES:-4000}
   RECOVERY_RECORDS=${BENCH_RECOVERY_RECORDS:-10000000}
 fi
+PARTS=${BENCH_PARTS:-ingest emit recovery fleet}
 CONNS=${BENCH_CONNS:-32}
 CONNS_HIGH=${BENCH_CONNS_HIGH:-256}
 BATCH_CONNS=${BENCH_BATCH_CONNS:-4}
@@ -260,9 +262,11 @@ part_sqlite_ceilings() {
   log "one-row commits: $FSYNC"
 }
 
-part_single_ceilings
-part_ingest
-part_sqlite_ceilings
+if [[ $PARTS == *ingest* ]]; then
+  part_single_ceilings
+  part_ingest
+  part_sqlite_ceilings
+fi
 
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Emission: EMIT_RESOURCES x 25 dimensions frozen events, emulator latency per call.
@@ -340,7 +344,19 @@ part_emit() {
   [[ $(jq .eventsAccepted <<<"$EMU_STATS") == "$EVENTS" ]] || die "emulator accepted $(jq .eventsAccepted <<<"$EMU_STATS") of $EVENTS"
   EMIT_BOUND=$(awk -v e="$EVENTS" -v l="$EMIT_LATENCY_MS" -v c="$EMIT_CONCURRENCY" 'BEGIN { printf "%.2f", e / 25 * l / 1000 / c }')
   log "emission: ${EMIT_WALL} s (bound ${EMIT_BOUND} s), emulator $EMU_STATS"
+  EMIT_METRICS=$(curl -fs "$MURL/metrics" || true)
+  printf "%s\n" "$EMIT_METRICS" >"$WORK/emit/metrics.txt"
   stop "$EMIT_PID"
+  stop "$EMU_PID"
+  # The emission ceiling: the same calls (same events, same batches of 25, same concurrency) to a fresh emulator
+  # with the same seed and latency, each call after one durable commit of its mark with the last answer (WAL,
+  # synchronous=FULL): what the latency, the emulator and the HTTP stack leave to any durable emitter here.
+  start_emulator emu-emit-ceiling --seed "$SEED" --latency "${EMIT_LATENCY_MS}ms"
+  EMIT_CEIL=$("$TOOL" emit --url "$EMU/api" --resources "$EMIT_RESOURCES" --dims "$EMIT_DIMS" \
+    --hour "$(date -u -d "@$HOUR_TS" +%Y-%m-%dT%H:%M:%SZ)" --concurrency "$EMIT_CONCURRENCY" --db "$WORK/emit-ceiling.db") \
+    || die "the emission ceiling failed"
+  [[ $(jq .accepted <<<"$EMIT_CEIL") == "$EVENTS" ]] || die "the emission ceiling had $(jq .accepted <<<"$EMIT_CEIL") of $EVENTS accepted"
+  log "emission ceiling: $EMIT_CEIL"
   stop "$EMU_PID"
 }
 
@@ -363,54 +379,78 @@ part_recovery() {
   stop "$EMU_PID"
 }
 
+# metric_mean METRICS NAME LABEL: a Prometheus histogram's mean (sum / count) in ms, for the series with LABEL.
+metric_mean() {
+  awk -v n="$2" -v l="$3" '
+    index($0, n "_sum{") == 1 && index($0, l) { s = $NF }
+    index($0, n "_count{") == 1 && index($0, l) { c = $NF }
+    END { if (c > 0) printf "%.2f", s / c * 1000; else printf "?" }' <<<"$1"
+}
+
 # ---------------------------------------------------------------------------------------------------------------
 # The table: every figure of issue 15 next to its ceiling or bound from this run.
 print_table() {
-  local rps1 rps1h drps1 drps1h crps1 crps1h p50 p99 dp99 cp99 r1 r1h
-  rps1=$(jq .rps <<<"$M1"); rps1h=$(jq .rps <<<"$M1H")
-  drps1=$(jq .rps <<<"$DUR1"); drps1h=$(jq .rps <<<"$DUR1H")
-  crps1=$(jq .rps <<<"$CEIL1"); crps1h=$(jq .rps <<<"$CEIL1H")
-  p50=$(jq .p50_ms <<<"$M1"); p99=$(jq .p99_ms <<<"$M1")
-  dp99=$(jq .p99_ms <<<"$DUR1"); cp99=$(jq .p99_ms <<<"$CEIL1")
-  r1=$(ratio "$rps1" "$drps1"); r1h=$(ratio "$rps1h" "$drps1h")
-  row "1. durable ceiling, ${CONNS} conns (req/s)" "" "$(fmt "$drps1") durable / $(fmt "$crps1") bare axum" "durable x$(ratio "$drps1" "$crps1") of bare" "" ""
-  row "1. durable ceiling, ${CONNS_HIGH} conns (req/s)" "" "$(fmt "$drps1h") durable / $(fmt "$crps1h") bare axum" "durable x$(ratio "$drps1h" "$crps1h") of bare" "" ""
-  row "1. single-record ingest, ${CONNS} conns (req/s)" "$(fmt "$rps1")" "$(fmt "$drps1") (durable ceiling)" "$r1 (x$(ratio "$rps1" "$crps1") of bare)" ">= 0.85" "$(verdict "$r1" '>=' 0.85)"
-  row "1. single-record ingest, ${CONNS_HIGH} conns (req/s)" "$(fmt "$rps1h")" "$(fmt "$drps1h") (durable ceiling)" "$r1h (x$(ratio "$rps1h" "$crps1h") of bare)" ">= 0.85" "$(verdict "$r1h" '>=' 0.85)"
-  row "1. single-record p50 / p99 latency, ${CONNS} conns (ms)" "$(fmt "$p50" 2) / $(fmt "$p99" 2)" "p99 $(fmt "$dp99" 2) durable / $(fmt "$cp99" 2) bare" "p99 x$(ratio "$p99" "$dp99") of durable" "p99 <= 3 ms" "$(verdict "$p99" '<=' 3)"
-  row "1. single-record p99 latency, ${CONNS_HIGH} conns (ms)" "$(fmt "$(jq .p99_ms <<<"$M1H")" 2)" "$(fmt "$(jq .p99_ms <<<"$DUR1H")" 2) (durable ceiling)" "" "" ""
-  local commit_ms
-  commit_ms=$(awk -v r="$(jq .rows_per_s <<<"$FSYNC")" 'BEGIN { printf "%.2f", 1000 / r }')
-  row "1. raw rusqlite 1-row durable commit (ms)" "$commit_ms" "" "" "" ""
-  row "1. meterd group commit during the ${CONNS}-connection run" "$GROUP" "" "" "" ""
-  local rec2 crec2 r2
-  rec2=$(jq .records_per_s <<<"$M2"); crec2=$(jq .rows_per_s <<<"$CEIL2")
-  r2=$(ratio "$rec2" "$crec2")
-  row "2. batched ingest, 1,000/request, ${BATCH_CONNS} conns (records/s)" "$(fmt "$rec2")" "$(fmt "$crec2") (raw rusqlite, 1,000-row txns)" "$r2" ">= 0.85" "$(verdict "$r2" '>=' 0.85)"
-  row "2. batched request p50 / p99 latency (ms)" "$(fmt "$(jq .p50_ms <<<"$M2")" 1) / $(fmt "$(jq .p99_ms <<<"$M2")" 1)" "" "" "" ""
-  local re
-  re=$(ratio "$EMIT_WALL" "$EMIT_BOUND")
-  row "3. emission of $EVENTS events, ${EMIT_LATENCY_MS} ms/call, concurrency $EMIT_CONCURRENCY (s)" "$EMIT_WALL" "$EMIT_BOUND (events/25 x latency/concurrency)" "$re" "<= 1.10" "$(verdict "$re" '<=' 1.10)"
-  row "3. first marketplace call after start (s)" "$EMIT_FIRST" "" "" "" ""
+  if [[ $PARTS == *ingest* ]]; then
+    local rps1 rps1h drps1 drps1h crps1 crps1h p50 p99 dp99 cp99 r1 r1h
+    rps1=$(jq .rps <<<"$M1"); rps1h=$(jq .rps <<<"$M1H")
+    drps1=$(jq .rps <<<"$DUR1"); drps1h=$(jq .rps <<<"$DUR1H")
+    crps1=$(jq .rps <<<"$CEIL1"); crps1h=$(jq .rps <<<"$CEIL1H")
+    p50=$(jq .p50_ms <<<"$M1"); p99=$(jq .p99_ms <<<"$M1")
+    dp99=$(jq .p99_ms <<<"$DUR1"); cp99=$(jq .p99_ms <<<"$CEIL1")
+    r1=$(ratio "$rps1" "$drps1"); r1h=$(ratio "$rps1h" "$drps1h")
+    row "1. durable ceiling, ${CONNS} conns (req/s)" "" "$(fmt "$drps1") durable / $(fmt "$crps1") bare axum" "durable x$(ratio "$drps1" "$crps1") of bare" "" ""
+    row "1. durable ceiling, ${CONNS_HIGH} conns (req/s)" "" "$(fmt "$drps1h") durable / $(fmt "$crps1h") bare axum" "durable x$(ratio "$drps1h" "$crps1h") of bare" "" ""
+    row "1. single-record ingest, ${CONNS} conns (req/s)" "$(fmt "$rps1")" "$(fmt "$drps1") (durable ceiling)" "$r1 (x$(ratio "$rps1" "$crps1") of bare)" ">= 0.85" "$(verdict "$r1" '>=' 0.85)"
+    row "1. single-record ingest, ${CONNS_HIGH} conns (req/s)" "$(fmt "$rps1h")" "$(fmt "$drps1h") (durable ceiling)" "$r1h (x$(ratio "$rps1h" "$crps1h") of bare)" ">= 0.85" "$(verdict "$r1h" '>=' 0.85)"
+    row "1. single-record p50 / p99 latency, ${CONNS} conns (ms)" "$(fmt "$p50" 2) / $(fmt "$p99" 2)" "p99 $(fmt "$dp99" 2) durable / $(fmt "$cp99" 2) bare" "p99 x$(ratio "$p99" "$dp99") of durable" "p99 <= 3 ms" "$(verdict "$p99" '<=' 3)"
+    row "1. single-record p99 latency, ${CONNS_HIGH} conns (ms)" "$(fmt "$(jq .p99_ms <<<"$M1H")" 2)" "$(fmt "$(jq .p99_ms <<<"$DUR1H")" 2) (durable ceiling)" "" "" ""
+    local commit_ms
+    commit_ms=$(awk -v r="$(jq .rows_per_s <<<"$FSYNC")" 'BEGIN { printf "%.2f", 1000 / r }')
+    row "1. raw rusqlite 1-row durable commit (ms)" "$commit_ms" "" "" "" ""
+    row "1. meterd group commit during the ${CONNS}-connection run" "$GROUP" "" "" "" ""
+    local rec2 crec2 r2
+    rec2=$(jq .records_per_s <<<"$M2"); crec2=$(jq .rows_per_s <<<"$CEIL2")
+    r2=$(ratio "$rec2" "$crec2")
+    row "2. batched ingest, 1,000/request, ${BATCH_CONNS} conns (records/s)" "$(fmt "$rec2")" "$(fmt "$crec2") (raw rusqlite, 1,000-row txns)" "$r2" ">= 0.85" "$(verdict "$r2" '>=' 0.85)"
+    row "2. batched request p50 / p99 latency (ms)" "$(fmt "$(jq .p50_ms <<<"$M2")" 1) / $(fmt "$(jq .p99_ms <<<"$M2")" 1)" "" "" "" ""
+  fi
+  if [[ $PARTS == *emit* ]]; then
+    local re
+    re=$(ratio "$EMIT_WALL" "$EMIT_BOUND")
+    row "3. emission of $EVENTS events, ${EMIT_LATENCY_MS} ms/call, concurrency $EMIT_CONCURRENCY (s)" "$EMIT_WALL" "$EMIT_BOUND (events/25 x latency/concurrency)" "$re" "<= 1.10" "$(verdict "$re" '<=' 1.10)"
+    local cwall ccall cwait mcall mwait
+    cwall=$(jq .wall_s <<<"$EMIT_CEIL"); ccall=$(jq .call_ms <<<"$EMIT_CEIL"); cwait=$(jq .wait_ms <<<"$EMIT_CEIL")
+    row "3. emission ceiling: the same calls, one durable commit before each (s)" "" "$(fmt "$cwall" 2) (bench-tool emit)" "meterd x$(ratio "$EMIT_WALL" "$cwall"); ceiling x$(ratio "$cwall" "$EMIT_BOUND") of the bound" "" ""
+    mcall=$(metric_mean "$EMIT_METRICS" 'meterd_marketplace_call_seconds' 'call="batchUsageEvent"')
+    mwait=$(metric_mean "$EMIT_METRICS" 'meterd_emit_wait_seconds' 'on="journal"')
+    row "3. per call slot: the call / the wait for the journal (ms, mean)" "$mcall / $mwait" "$(fmt "$ccall" 2) / $(fmt "$cwait" 2) (ceiling)" "" "" ""
+    row "3. first marketplace call after start (s)" "$EMIT_FIRST" "" "" "" ""
+  fi
   local peak_mb idle_mb after_mb emit_mb
-  peak_mb=$(awk -v k="$PEAK_RSS" 'BEGIN { printf "%.1f", k / 1024 }')
-  idle_mb=$(awk -v k="$IDLE_RSS" 'BEGIN { printf "%.1f", k / 1024 }')
-  after_mb=$(awk -v k="$AFTER_RSS" 'BEGIN { printf "%.1f", k / 1024 }')
-  emit_mb=$(awk -v k="$EMIT_PEAK_RSS" 'BEGIN { printf "%.1f", k / 1024 }')
-  row "3. peak RSS during emission (MB, VmHWM)" "$emit_mb" "" "" "<= 48" "$(verdict "$emit_mb" '<=' 48)"
-  row "4. idle RSS after start (MB, VmRSS)" "$idle_mb" "" "" "<= 16" "$(verdict "$idle_mb" '<=' 16)"
-  row "4. peak RSS during 1 and 2 (MB, VmHWM)" "$peak_mb" "" "" "<= 32" "$(verdict "$peak_mb" '<=' 32)"
-  row "4. RSS after 1 and 2 (MB, VmRSS)" "$after_mb" "" "" "" ""
-  local ready0 readyn readys
-  ready0=$(jq .ready_ms <<<"$R0"); readyn=$(jq .ready_ms <<<"$RN")
-  readys=$(awk -v m="$readyn" 'BEGIN { printf "%.3f", m / 1000 }')
-  row "5. time to ready with $RECOVERY_RECORDS records (s)" "$readys" "$(fmt "$ready0") ms (empty journal)" "x$(ratio "$readyn" "$ready0")" "<= 1 s" "$(verdict "$readys" '<=' 1)"
-  row "5. journal bytes per record" "$(jq .bytes_per_record <<<"$GEN")" "" "" "" ""
+  if [[ $PARTS == *emit* ]]; then
+    emit_mb=$(awk -v k="$EMIT_PEAK_RSS" 'BEGIN { printf "%.1f", k / 1024 }')
+    row "3. peak RSS during emission (MB, VmHWM)" "$emit_mb" "" "" "<= 48" "$(verdict "$emit_mb" '<=' 48)"
+  fi
+  if [[ $PARTS == *ingest* ]]; then
+    peak_mb=$(awk -v k="$PEAK_RSS" 'BEGIN { printf "%.1f", k / 1024 }')
+    idle_mb=$(awk -v k="$IDLE_RSS" 'BEGIN { printf "%.1f", k / 1024 }')
+    after_mb=$(awk -v k="$AFTER_RSS" 'BEGIN { printf "%.1f", k / 1024 }')
+    row "4. idle RSS after start (MB, VmRSS)" "$idle_mb" "" "" "<= 16" "$(verdict "$idle_mb" '<=' 16)"
+    row "4. peak RSS during 1 and 2 (MB, VmHWM)" "$peak_mb" "" "" "<= 32" "$(verdict "$peak_mb" '<=' 32)"
+    row "4. RSS after 1 and 2 (MB, VmRSS)" "$after_mb" "" "" "" ""
+  fi
+  if [[ $PARTS == *recovery* ]]; then
+    local ready0 readyn readys
+    ready0=$(jq .ready_ms <<<"$R0"); readyn=$(jq .ready_ms <<<"$RN")
+    readys=$(awk -v m="$readyn" 'BEGIN { printf "%.3f", m / 1000 }')
+    row "5. time to ready with $RECOVERY_RECORDS records (s)" "$readys" "$(fmt "$ready0") ms (empty journal)" "x$(ratio "$readyn" "$ready0")" "<= 1 s" "$(verdict "$readys" '<=' 1)"
+    row "5. journal bytes per record" "$(jq .bytes_per_record <<<"$GEN")" "" "" "" ""
+  fi
 
   {
     echo
     echo "meterd benchmark ($MODE), $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "records acknowledged in 1+2: ${STORED:-?}; emulator: $EMU_STATS"
+    echo "parts: $PARTS; records acknowledged in 1+2: ${STORED:-?}; emulator: ${EMU_STATS:-}"
     echo
     echo "| figure | meterd | ceiling / bound (same run) | ratio | target | |"
     echo "|---|---|---|---|---|---|"
@@ -418,12 +458,12 @@ print_table() {
   } | tee "${BENCH_OUT:-/dev/null}"
 }
 
-part_emit
-part_recovery
+[[ $PARTS == *emit* ]] && part_emit
+[[ $PARTS == *recovery* ]] && part_recovery
 print_table
 
 # Fleet forward path (bench/fleet-forward.sh): forwarding throughput vs a plain INSERT loop, forward lag.
 # BENCH_FLEET=0 skips it (it builds the fleet_bench example and needs PostgreSQL).
-if [[ ${BENCH_FLEET:-1} != 0 ]]; then
+if [[ ${BENCH_FLEET:-1} != 0 && $PARTS == *fleet* ]]; then
   bash "$ROOT/bench/fleet-forward.sh" "--$MODE"
 fi

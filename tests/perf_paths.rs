@@ -264,6 +264,161 @@ fn freezing_in_chunks_freezes_every_key_once_with_its_sum() {
     }
 }
 
+/// Queues a no-op journal job without waiting for it (from inside another job, on the writer thread): while it
+/// is on the writer's channel, `others_waiting` is true.
+fn queue_noop(j: &Journal) {
+    let mut f = Box::pin(j.write(|_| Ok(())));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _ = f.as_mut().poll(&mut cx);
+    // Dropped: the job is abandoned (it does not run), but it was waiting until the writer took it.
+}
+
+/// Issue 15: an emission pass's freeze chunk stops after its next step (100 totals) when another job waits for
+/// the writer (a sender's mark, an ingest request), instead of holding the writer for the whole chunk, and the
+/// next chunk goes on from there: in the end the same events as one freeze, every key once with its sum. Alone
+/// on the writer, one chunk freezes the lot.
+#[test]
+fn a_freeze_chunk_gives_the_writer_to_a_waiting_job_and_the_next_chunk_goes_on() {
+    let now = base() + Duration::hours(2);
+    let (grace, margin) = (Duration::minutes(5), Duration::minutes(15));
+    let keys = 450;
+    let (_d0, alone) = open();
+    closed_totals(&alone, keys);
+    let (all, more) = alone
+        .write_blocking(move |c| outbound::freeze_chunk(c, now, grace, margin, 1_000))
+        .unwrap();
+    assert_eq!(
+        (all.frozen, more),
+        (keys, false),
+        "alone, one chunk freezes every key"
+    );
+    let expected = alone.read_blocking(|c| Ok(events(c))).unwrap();
+
+    let (_d, j) = open();
+    closed_totals(&j, keys);
+    let waiter = j.clone();
+    let (first, more) = j
+        .write_blocking(move |c| {
+            queue_noop(&waiter);
+            outbound::freeze_chunk(c, now, grace, margin, 1_000)
+        })
+        .unwrap();
+    assert!(more, "a chunk with a job waiting says more is left");
+    assert!(
+        first.frozen > 0 && first.frozen < keys,
+        "the chunk stopped early, after whole keys: {} of {keys}",
+        first.frozen
+    );
+    let mut frozen = first.frozen;
+    loop {
+        let (f, more) = j
+            .write_blocking(move |c| outbound::freeze_chunk(c, now, grace, margin, 1_000))
+            .unwrap();
+        frozen += f.frozen;
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(frozen, keys);
+    assert_eq!(j.read_blocking(|c| Ok(events(c))).unwrap(), expected);
+}
+
+/// Issue 15: an emission pass's dispose job (billing and writing bodies for a page) stops after its next 100
+/// events when another job waits for the writer, and gives back the rest of the page in billing order; disposing
+/// the rest bills every event once, with the same bodies as one job would.
+#[test]
+fn a_dispose_job_gives_the_writer_to_a_waiting_job_and_returns_the_rest() {
+    let now = base() + Duration::hours(2);
+    let (grace, margin) = (Duration::minutes(5), Duration::minutes(15));
+    let keys = 450;
+    let text = "[marketplace]\nmode = \"emulator\"\n[[dimensions]]\nid = \"api_calls\"\n";
+    let settings = std::sync::Arc::new(
+        meterd::config::load_str(text, "test", &std::collections::BTreeMap::new()).unwrap(),
+    );
+    let policy = outbound::SettlePolicy::from_settings(&settings);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = |ev: &outbound::PendingEvent, plan: &str, send: i64| {
+        format!("{}|{}|{plan}|{send}", ev.resource, ev.dimension)
+    };
+    // Bodies and the order of what is sendable: all in one job, then with a job waiting at the first body.
+    let mut runs = Vec::new();
+    for interrupt in [false, true] {
+        let (_d, j) = open();
+        closed_totals(&j, keys);
+        j.write_blocking(move |c| outbound::freeze(c, now, grace, margin))
+            .unwrap();
+        let page = rt.block_on(j.due_page(now, 0, 1_000)).unwrap();
+        assert_eq!(page.len(), keys);
+        let mut to_write: Vec<_> = page
+            .into_iter()
+            .map(|e| {
+                let plan = if e.plan.is_empty() {
+                    "gold".to_string()
+                } else {
+                    e.plan.clone()
+                };
+                (e, meterd::journal::Disposition::Send { plan })
+            })
+            .collect();
+        let (mut sent, mut jobs) = (Vec::new(), 0);
+        while !to_write.is_empty() {
+            let waiter = j.clone();
+            let once = std::sync::atomic::AtomicBool::new(interrupt && jobs == 0);
+            let (sendable, _counts, rest) = rt
+                .block_on(j.dispose(
+                    std::mem::take(&mut to_write),
+                    settings.clone(),
+                    now,
+                    policy.clone(),
+                    move |ev: &outbound::PendingEvent, plan: &str, send: i64| {
+                        if once.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            queue_noop(&waiter);
+                        }
+                        body(ev, plan, send)
+                    },
+                ))
+                .unwrap();
+            if interrupt && jobs == 0 {
+                assert_eq!(
+                    (sendable.len(), rest.len()),
+                    (100, keys - 100),
+                    "with a job waiting the dispose job stops after 100 events"
+                );
+            }
+            jobs += 1;
+            sent.extend(sendable.into_iter().map(|e| (e.id, e.body)));
+            to_write = rest;
+        }
+        assert_eq!(jobs, if interrupt { 2 } else { 1 });
+        let stored: Vec<(i64, String)> = j
+            .read_blocking(|c| {
+                let mut st = c.prepare("SELECT id, body FROM outbound_events ORDER BY id")?;
+                let rows = st
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .unwrap();
+        let mut sorted = sent.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted, stored,
+            "every event billed once, with the body it is sent with"
+        );
+        runs.push(sent);
+    }
+    let (mut one, mut two) = (runs[0].clone(), runs[1].clone());
+    one.sort();
+    two.sort();
+    assert_eq!(
+        one, two,
+        "the same bodies whether or not the job stopped early"
+    );
+}
+
 /// A record that arrives between two chunks of one pass's freezing: for a key frozen in the first chunk it is
 /// carried (never added to a frozen total); for a key not frozen yet it goes into its own hour and the next chunk
 /// freezes it with the rest of that key's total. Nothing is lost either way (invariants 5 and 6).

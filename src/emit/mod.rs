@@ -374,7 +374,7 @@ impl Emitter {
                     known = Some((k, saas));
                 }
                 let k = &known.as_ref().expect("looked at above").0;
-                let to_write: Vec<(PendingEvent, Disposition)> = page
+                let mut to_write: Vec<(PendingEvent, Disposition)> = page
                     .into_iter()
                     .map(|e| {
                         let d = match self.subscriptions.decide(&e, k, now) {
@@ -384,35 +384,60 @@ impl Emitter {
                         (e, d)
                     })
                     .collect();
-                // Write holds/skips, bill and freeze bodies (once) for what will be sent.
-                let step = std::time::Instant::now();
-                let (sendable, counts) = self
-                    .journal
-                    .dispose(
-                        to_write,
-                        self.settings.clone(),
-                        now,
-                        policy.clone(),
-                        |ev, plan, send| {
-                            event_json(
-                                &ResourceRef::parse(&ev.resource),
-                                plan,
-                                &ev.dimension,
-                                to_utc(ev.hour),
-                                send,
-                            )
-                        },
+                let body = |ev: &PendingEvent, plan: &str, send: i64| {
+                    event_json(
+                        &ResourceRef::parse(&ev.resource),
+                        plan,
+                        &ev.dimension,
+                        to_utc(ev.hour),
+                        send,
                     )
-                    .await?;
-                producer_step("dispose", step);
-                for (k, n) in counts {
-                    // Outcomes settled without a call (included, remainder, skipped_unsubscribed, held, ...).
-                    EventsSettled {
-                        outcome: &k,
-                        count: n as u64,
+                };
+                // Write holds/skips, bill and freeze bodies (once) for what will be sent. A dispose job may stop
+                // early to let a waiting job have the writer (`Journal::dispose`): the rest follows in the next,
+                // and the full batches disposed so far go to the senders meanwhile.
+                let mut ready: Vec<PendingEvent> = Vec::new();
+                while !to_write.is_empty() {
+                    let step = std::time::Instant::now();
+                    let (sendable, counts, rest) = self
+                        .journal
+                        .dispose(
+                            std::mem::take(&mut to_write),
+                            self.settings.clone(),
+                            now,
+                            policy.clone(),
+                            body,
+                        )
+                        .await?;
+                    producer_step("dispose", step);
+                    to_write = rest;
+                    for (k, n) in counts {
+                        // Outcomes settled without a call (included, remainder, skipped_unsubscribed, held, ...).
+                        EventsSettled {
+                            outcome: &k,
+                            count: n as u64,
+                        }
+                        .emit();
+                        *produced.outcomes.entry(k).or_default() += n;
                     }
-                    .emit();
-                    *produced.outcomes.entry(k).or_default() += n;
+                    // Oldest first (by id: frozen in hour order), 25 per call; a page's last batch may be short.
+                    ready.extend(sendable);
+                    let whole = if to_write.is_empty() {
+                        ready.len()
+                    } else {
+                        ready.len() / BATCH_SIZE * BATCH_SIZE
+                    };
+                    let mut sendable = ready.drain(..whole).peekable();
+                    while sendable.peek().is_some() {
+                        let batch: Vec<PendingEvent> = sendable.by_ref().take(BATCH_SIZE).collect();
+                        let step = std::time::Instant::now();
+                        let sent = tx.send(batch).await;
+                        producer_step("queue", step);
+                        if sent.is_err() {
+                            // Every sender stopped (one failed): the pass ends with its error.
+                            return Ok(());
+                        }
+                    }
                 }
                 // A long pass keeps its lease: renew it well before it could expire.
                 if renewed.elapsed() > std::time::Duration::from_secs(LEASE_TTL_SECS as u64 / 3) {
@@ -427,18 +452,6 @@ impl Emitter {
                         );
                     }
                     renewed = std::time::Instant::now();
-                }
-                // Oldest first (by id: frozen in hour order), 25 per call.
-                let mut sendable = sendable.into_iter().peekable();
-                while sendable.peek().is_some() {
-                    let batch: Vec<PendingEvent> = sendable.by_ref().take(BATCH_SIZE).collect();
-                    let step = std::time::Instant::now();
-                    let sent = tx.send(batch).await;
-                    producer_step("queue", step);
-                    if sent.is_err() {
-                        // Every sender stopped (one failed): the pass ends with its error.
-                        return Ok(());
-                    }
                 }
             }
             if more {

@@ -146,6 +146,23 @@ use std::time::{Duration, Instant};
 
 /// Most jobs committed in one transaction.
 const MAX_GROUP: usize = 4096;
+
+thread_local! {
+    /// On a writer thread: how many commands wait on its channel for the transaction in progress to end.
+    static WAITING: std::cell::RefCell<Option<Arc<std::sync::atomic::AtomicUsize>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// True inside a writer job when another job (an ingest request, a sender's mark) is waiting for the writer.
+/// Long jobs that can stop at a consistent point and be continued by the next job (a freeze chunk, a dispose
+/// page) check it between steps and stop early, so nothing waits behind them for long: the writer is shared.
+pub(crate) fn others_waiting() -> bool {
+    WAITING.with(|w| {
+        w.borrow()
+            .as_ref()
+            .is_some_and(|n| n.load(std::sync::atomic::Ordering::Relaxed) > 0)
+    })
+}
 /// Read connections kept open for reuse.
 const READ_POOL: usize = 8;
 
@@ -429,6 +446,8 @@ struct Inner {
     /// journal is refused at open, and a lease left by a crashed process can be cleared safely.
     lock: Mutex<Option<std::fs::File>>,
     tx: Mutex<Option<mpsc::Sender<Command>>>,
+    /// Commands sent and not yet taken by the writer ([`others_waiting`]).
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
     readers: Mutex<Vec<Connection>>,
     stats: Arc<Mutex<WriterStats>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -501,9 +520,14 @@ impl Journal {
         let stats = Arc::new(Mutex::new(WriterStats::default()));
         let writer_stats = stats.clone();
         let writer_path = path.to_path_buf();
+        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writer_waiting = waiting.clone();
         let thread = std::thread::Builder::new()
             .name("meterd-journal".into())
-            .spawn(move || writer_loop(conn, rx, writer_stats, writer_path))
+            .spawn(move || {
+                WAITING.with(|w| *w.borrow_mut() = Some(writer_waiting));
+                writer_loop(conn, rx, writer_stats, writer_path)
+            })
             .map_err(|e| {
                 JournalError::Invalid(format!("cannot start the journal writer thread: {e}"))
             })?;
@@ -512,6 +536,7 @@ impl Journal {
                 path: path.to_path_buf(),
                 lock: Mutex::new(Some(lock)),
                 tx: Mutex::new(Some(tx)),
+                waiting,
                 readers: Mutex::new(Vec::new()),
                 stats,
                 thread: Mutex::new(Some(thread)),
@@ -572,12 +597,14 @@ impl Journal {
     }
 
     fn send(&self, cmd: Command) -> Result<(), JournalError> {
+        use std::sync::atomic::Ordering::Relaxed;
         let guard = self.inner.tx.lock().expect("journal sender lock");
-        guard
-            .as_ref()
-            .ok_or(JournalError::Closed)?
-            .send(cmd)
-            .map_err(|_| JournalError::Closed)
+        let tx = guard.as_ref().ok_or(JournalError::Closed)?;
+        self.inner.waiting.fetch_add(1, Relaxed);
+        tx.send(cmd).map_err(|_| {
+            self.inner.waiting.fetch_sub(1, Relaxed);
+            JournalError::Closed
+        })
     }
 
     /// Runs `f` on a read-only connection, on a blocking thread.
@@ -778,7 +805,16 @@ fn writer_loop(
     path: PathBuf,
 ) {
     let mut batch: Vec<Work> = Vec::new();
+    // Every command taken off the channel is no longer waiting (`others_waiting`).
+    let took = || {
+        WAITING.with(|w| {
+            if let Some(n) = w.borrow().as_ref() {
+                n.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
     while let Ok(first) = rx.recv() {
+        took();
         let mut pending = Some(first);
         loop {
             match pending.take() {
@@ -798,7 +834,10 @@ fn writer_loop(
                 break;
             }
             match rx.try_recv() {
-                Ok(cmd) => pending = Some(cmd),
+                Ok(cmd) => {
+                    took();
+                    pending = Some(cmd)
+                }
                 Err(_) => break,
             }
         }

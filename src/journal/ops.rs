@@ -300,7 +300,7 @@ impl Journal {
         limit: usize,
     ) -> Result<Opened, JournalError> {
         self.write(move |c| {
-            let (frozen, more) = outbound::freeze_some(c, now, grace, margin, limit)?;
+            let (frozen, more) = outbound::freeze_chunk(c, now, grace, margin, limit)?;
             // The opening job expired every overdue event; a later chunk only those it froze past their
             // deadline (finding them reads every pending event, which a pass of many chunks would repeat).
             let expired = if frozen.overdue > 0 {
@@ -318,7 +318,11 @@ impl Journal {
     }
 
     /// One job: settles what is not sent, bills what is sent for the first time and freezes its body (built by
-    /// `body(event, plan, quantity to send)`). Returns what to send and the count per outcome settled.
+    /// `body(event, plan, quantity to send)`). Returns what to send, the count per outcome settled, and the
+    /// events it left for the next job: after each [`DISPOSE_STEP`] events it stops when another job is waiting
+    /// for the writer ([`super::others_waiting`]), so a sender's mark or an ingest request does not wait for a
+    /// whole page (issue 15). Events are disposed oldest hour first, then by resource; what is left is the
+    /// rest of that order, so disposing it next gives the same billing order as one job would.
     #[allow(clippy::type_complexity)]
     pub async fn dispose<B>(
         &self,
@@ -327,11 +331,19 @@ impl Journal {
         now: DateTime<Utc>,
         policy: SettlePolicy,
         body: B,
-    ) -> Result<(Vec<PendingEvent>, BTreeMap<String, usize>), JournalError>
+    ) -> Result<
+        (
+            Vec<PendingEvent>,
+            BTreeMap<String, usize>,
+            Vec<(PendingEvent, Disposition)>,
+        ),
+        JournalError,
+    >
     where
         B: Fn(&PendingEvent, &str, i64) -> String + Send + 'static,
     {
         self.write(move |c| {
+            let mut rest: Vec<(PendingEvent, Disposition)> = Vec::new();
             let mut sendable = Vec::new();
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             // Billed oldest hour first, then by resource id: subscriptions sharing a pool draw in a deterministic
@@ -347,7 +359,15 @@ impl Journal {
                 ))
             });
             let mut order: Vec<usize> = Vec::new();
-            for (position, (ev, decision)) in decided {
+            let mut decided = decided.into_iter();
+            let mut done = 0usize;
+            while let Some((position, (ev, decision))) = decided.next() {
+                if done > 0 && done.is_multiple_of(DISPOSE_STEP) && super::others_waiting() {
+                    rest.push((ev, decision));
+                    rest.extend(decided.by_ref().map(|(_, d)| d));
+                    break;
+                }
+                done += 1;
                 let id = ev.id;
                 match decision {
                     Disposition::Settle(s) => {
@@ -387,7 +407,7 @@ impl Journal {
             let mut sendable: Vec<(usize, PendingEvent)> =
                 order.into_iter().zip(sendable).collect();
             sendable.sort_by_key(|(position, _)| *position);
-            Ok((sendable.into_iter().map(|(_, e)| e).collect(), counts))
+            Ok((sendable.into_iter().map(|(_, e)| e).collect(), counts, rest))
         })
         .await
     }
@@ -427,6 +447,9 @@ impl Journal {
     }
 }
 
+/// Events a dispose job ([`Journal::dispose`]) handles between two looks at whether another job waits.
+const DISPOSE_STEP: usize = 100;
+
 /// The answers of one marketplace call, to settle (see [`Journal::settle_and_mark`]).
 #[derive(Debug, Clone)]
 pub struct Answers {
@@ -446,7 +469,7 @@ fn freeze_and_expire(
     policy: &SettlePolicy,
     limit: usize,
 ) -> Result<(FreezeSummary, bool, Vec<Expired>), JournalError> {
-    let (f, more) = outbound::freeze_some(c, now, grace, margin, limit)?;
+    let (f, more) = outbound::freeze_chunk(c, now, grace, margin, limit)?;
     Ok((f, more, expire_with_alerts(c, now, policy)?))
 }
 

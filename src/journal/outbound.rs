@@ -51,6 +51,40 @@ pub fn freeze(
     Ok(freeze_some(conn, now, grace, safety_margin, usize::MAX)?.0)
 }
 
+/// Hourly totals a yielding chunk ([`freeze_chunk`]) freezes between two looks at whether another job waits.
+const FREEZE_STEP: usize = 100;
+
+/// [`freeze_some`] for a writer job of the emission pass, in steps of [`FREEZE_STEP`] totals: after each step it
+/// stops, saying `true` (more left), when another job is waiting for the writer
+/// ([`crate::journal::others_waiting`]: an ingest request, a sender's in-flight mark), so the pass's next chunk
+/// goes on from there. A chunk of 1,000 totals at once held the writer for 20-45 ms, and every job queued behind
+/// it (a mark, so a call slot; an ingest request) waited that long (issue 15). Each step is a whole
+/// [`freeze_some`], so stopping between two leaves the journal as a smaller chunk would.
+pub fn freeze_chunk(
+    conn: &Connection,
+    now: DateTime<Utc>,
+    grace: Duration,
+    safety_margin: Duration,
+    limit: usize,
+) -> Result<(FreezeSummary, bool), JournalError> {
+    let mut left = limit.max(1);
+    let mut total = FreezeSummary::default();
+    loop {
+        let step_limit = left.min(FREEZE_STEP);
+        let (step, more) = freeze_some(conn, now, grace, safety_margin, step_limit)?;
+        left -= step_limit;
+        total.frozen += step.frozen;
+        total.overdue += step.overdue;
+        total.through = step.through;
+        if !more {
+            return Ok((total, false));
+        }
+        if left == 0 || crate::journal::others_waiting() {
+            return Ok((total, true));
+        }
+    }
+}
+
 /// [`freeze`] for at most about `limit` hourly totals (whole keys: a key's totals of several plans are frozen
 /// together), oldest hour first; the `bool` says whether closed totals are left for another call. The emission
 /// pass freezes in chunks so its first call starts after the first chunk, not after every key of the hour

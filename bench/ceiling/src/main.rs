@@ -13,6 +13,12 @@
 //!   schema meterd created, fast (no fsync), for the recovery figure.
 //! - `ready-time --url URL -- CMD ARGS`: starts CMD, polls URL until it answers 200, prints the time, VmRSS, then
 //!   stops CMD with SIGTERM.
+//! - `emit --url API_BASE --resources R --dims D --hour ISO --concurrency C --db PATH`: the emission ceiling, the
+//!   least a durable emitter must do with the same calls to the same emulator. `R x D` events in batches of 25,
+//!   `C` calls in flight; before each call the sender commits its mark (one row per batch) together with the
+//!   previous call's answer (one row per batch), on one writer thread that commits every job waiting in one
+//!   transaction (WAL, `synchronous=FULL`), and only then sends. Prints wall time, calls, accepted events, the
+//!   mean call and the mean wait for the commit.
 //! - `free-port`: prints a free TCP port on 127.0.0.1.
 
 use std::io::{Read, Write};
@@ -53,6 +59,7 @@ fn main() {
             need(&args, "--records").parse().unwrap(),
             arg(&args, "--resources").map_or(1000, |b| b.parse().unwrap()),
         ),
+        Some("emit") => emit_ceiling(&args),
         Some("free-port") => {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             println!("{}", l.local_addr().unwrap().port());
@@ -66,7 +73,7 @@ fn main() {
             )
         }
         _ => {
-            eprintln!("usage: bench-tool axum|durable|sqlite|gen-journal|ready-time|free-port ...");
+            eprintln!("usage: bench-tool axum|durable|sqlite|gen-journal|emit|ready-time|free-port ...");
             std::process::exit(2)
         }
     }
@@ -389,4 +396,163 @@ fn ready_time(url: &str, cmd: &[String], timeout: f64) {
             std::process::exit(1)
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 3. Emission ceiling.
+
+/// One writer job of the emission ceiling: a batch's mark, the previous batch's answer, and where to say "durable".
+struct EmitJob {
+    mark: Option<i64>,
+    answer: Option<(i64, String)>,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+fn emit_writer(db: &str, rx: std::sync::mpsc::Receiver<EmitJob>) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{db}{suffix}"));
+    }
+    let mut conn = rusqlite::Connection::open(db).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+         CREATE TABLE calls (batch INTEGER PRIMARY KEY, marked_at INTEGER NOT NULL, answer TEXT);",
+    )
+    .unwrap();
+    let mut group: Vec<EmitJob> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        group.push(first);
+        while let Ok(j) = rx.try_recv() {
+            group.push(j);
+        }
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        {
+            let mut answer = tx
+                .prepare_cached("UPDATE calls SET answer = ?2 WHERE batch = ?1")
+                .unwrap();
+            let mut mark = tx
+                .prepare_cached("INSERT INTO calls (batch, marked_at) VALUES (?1, ?2)")
+                .unwrap();
+            for j in &group {
+                if let Some((b, a)) = &j.answer {
+                    answer.execute(rusqlite::params![b, a]).unwrap();
+                }
+                if let Some(b) = j.mark {
+                    mark.execute(rusqlite::params![b, now_secs()]).unwrap();
+                }
+            }
+        }
+        tx.commit().unwrap();
+        for j in group.drain(..) {
+            let _ = j.done.send(());
+        }
+    }
+}
+
+fn emit_ceiling(args: &[String]) {
+    let url = format!(
+        "{}/batchUsageEvent?api-version=2018-08-31",
+        need(args, "--url").trim_end_matches('/')
+    );
+    let resources: usize = need(args, "--resources").parse().unwrap();
+    let dims: usize = arg(args, "--dims").map_or(25, |d| d.parse().unwrap());
+    let hour = need(args, "--hour");
+    let concurrency: usize = arg(args, "--concurrency").map_or(4, |c| c.parse().unwrap());
+    let db = need(args, "--db");
+    let token = std::env::var("METERD_MARKETPLACE__AUTH__STATIC_TOKEN").unwrap_or_else(|_| "emulator-token".into());
+    // The same events meterd sends in part 3 (one per resource and dimension, quantity 1), in batches of 25.
+    let mut events = Vec::with_capacity(resources * dims);
+    for r in 1..=resources {
+        for d in 1..=dims {
+            events.push(format!(
+                r#"{{"resourceId":"{r:08x}-0000-4000-8000-{r:012x}","quantity":1,"dimension":"dim{d:02}","effectiveStartTime":"{hour}","planId":"any"}}"#
+            ));
+        }
+    }
+    let bodies: Vec<String> = events
+        .chunks(25)
+        .map(|c| format!("{{\"request\":[{}]}}", c.join(",")))
+        .collect();
+    let bodies = std::sync::Arc::new(bodies);
+    let (tx, rx) = std::sync::mpsc::channel::<EmitJob>();
+    std::thread::Builder::new()
+        .name("ceiling-writer".into())
+        .spawn(move || emit_writer(&db, rx))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut senders = Vec::new();
+        for _ in 0..concurrency {
+            let (client, url, token, bodies, next, tx) = (
+                client.clone(),
+                url.clone(),
+                token.clone(),
+                bodies.clone(),
+                next.clone(),
+                tx.clone(),
+            );
+            senders.push(tokio::spawn(async move {
+                // (calls, accepted, call time, commit wait)
+                let mut figures = (0usize, 0usize, Duration::ZERO, Duration::ZERO);
+                let mut answered: Option<(i64, String)> = None;
+                loop {
+                    let b = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mark = (b < bodies.len()).then_some(b as i64);
+                    if mark.is_none() && answered.is_none() {
+                        break;
+                    }
+                    let waited = Instant::now();
+                    let (done, durable) = tokio::sync::oneshot::channel();
+                    tx.send(EmitJob { mark, answer: answered.take(), done }).unwrap();
+                    durable.await.unwrap();
+                    figures.3 += waited.elapsed();
+                    let Some(b) = mark else { break };
+                    let called = Instant::now();
+                    let answer = client
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .header("content-type", "application/json")
+                        .body(bodies[b as usize].clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(answer.status().is_success(), "the emulator answered {}", answer.status());
+                    let text = answer.text().await.unwrap();
+                    figures.2 += called.elapsed();
+                    let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    figures.1 += parsed["result"]
+                        .as_array()
+                        .map_or(0, |r| r.iter().filter(|e| e["status"] == "Accepted").count());
+                    figures.0 += 1;
+                    answered = Some((b as i64, text));
+                }
+                figures
+            }));
+        }
+        let (mut calls, mut accepted, mut call, mut wait) = (0, 0, Duration::ZERO, Duration::ZERO);
+        for s in senders {
+            let f = s.await.unwrap();
+            calls += f.0;
+            accepted += f.1;
+            call += f.2;
+            wait += f.3;
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let per = |d: Duration| d.as_secs_f64() * 1000.0 / calls.max(1) as f64;
+        println!(
+            "{{\"wall_s\":{wall:.3},\"calls\":{calls},\"accepted\":{accepted},\"call_ms\":{:.2},\"wait_ms\":{:.2}}}",
+            per(call),
+            per(wait)
+        );
+    });
 }
