@@ -91,6 +91,18 @@ async fn fleet_emission_benchmark() {
         .await;
     let pg = PgJournal::connect(&db.url, 4).unwrap();
     pg.migrate().await.unwrap();
+    if let Ok(ff) = std::env::var("FLEET_BENCH_FILLFACTOR") {
+        // Compare page fill settings of `outbound_events` (the schema's is 30) on the same build.
+        let ff: u32 = ff.parse().expect("FLEET_BENCH_FILLFACTOR: a percentage");
+        pg.client()
+            .await
+            .unwrap()
+            .batch_execute(&format!(
+                "ALTER TABLE outbound_events SET (fillfactor = {ff})"
+            ))
+            .await
+            .unwrap();
+    }
     // `events` keys: `resources` resources x the 20 hours 2026-03-09T13:00 .. 2026-03-10T08:00, 1 unit each.
     let first_hour = t("2026-03-09T13:00:00Z").timestamp();
     pg.client()
