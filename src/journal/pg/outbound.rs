@@ -98,9 +98,10 @@ pub struct Claimed {
     pub recovered: bool,
 }
 
-/// The claim: up to `limit` events due at `now` for `owner`, oldest hour first, skipping events another replica holds
-/// (row locks: `SKIP LOCKED`; leases: `lease_until` by the database clock). One statement (parameters: now, limit, owner, lease seconds,
-/// [`REFUSED`], excluded ids), run in the transaction of `PgJournal::settle_and_mark`.
+/// The claim: up to `limit` events due at `now` for `owner`, oldest hour first, skipping events another replica
+/// holds (row locks: `SKIP LOCKED`; leases: `lease_until` by the database clock). One statement (parameters: now,
+/// limit, owner, lease seconds, [`REFUSED`], excluded ids), run in the transaction of
+/// `PgJournal::settle_and_mark` after [`GENERIC_PLANS`].
 ///
 /// `ORDER BY hour` alone (not `hour, id`): the index `outbound_events_state (state, hour)` then yields the rows in
 /// that order and the scan stops at the 25th lockable one. Ordered by `hour, id`, PostgreSQL 15 chose a bitmap scan
@@ -125,9 +126,9 @@ pub static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
 });
 
 /// Set right before each claim ([`CLAIM_SQL`], in its transaction): the claim runs its generic plan from the
-/// first execution on a connection. With the parameters' values, and statistics that
-/// lag the table (a freeze adds thousands of pending rows at once; ANALYZE comes later, or never with autovacuum
-/// off), PostgreSQL planned the claim as a bitmap scan of every due row of `outbound_events_due` plus a sort:
+/// first execution on a connection. With the parameters' values, and statistics that lag the table (a freeze
+/// adds thousands of pending rows at once; ANALYZE comes later, or never with autovacuum off), PostgreSQL
+/// planned the claim as a bitmap scan of every due row of `outbound_events_due` plus a sort:
 /// 120 ms per claim at 45,000 pending in the benchmark, for the first five executions on each connection (the
 /// plan cache tries custom plans five times before it compares them with the generic one), against 0.6 ms for
 /// the generic plan, the `(state, hour)` index in order, stopping at the 25th row. Transaction-local, so a
