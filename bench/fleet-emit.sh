@@ -6,6 +6,7 @@
 #
 #   bench/fleet-emit.sh                       # 100,000 events, 20 ms
 #   FLEET_BENCH_EVENTS=10000 bench/fleet-emit.sh   # smaller
+#   FLEET_BENCH_FILLFACTOR=100 bench/fleet-emit.sh # another fillfactor for outbound_events (the schema: 30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export METERD_TEST_POSTGRES_URL="${METERD_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"

@@ -91,6 +91,18 @@ async fn fleet_emission_benchmark() {
         .await;
     let pg = PgJournal::connect(&db.url, 4).unwrap();
     pg.migrate().await.unwrap();
+    if let Ok(ff) = std::env::var("FLEET_BENCH_FILLFACTOR") {
+        // Compare page fill settings of `outbound_events` (the schema's is 30) on the same build.
+        let ff: u32 = ff.parse().expect("FLEET_BENCH_FILLFACTOR: a percentage");
+        pg.client()
+            .await
+            .unwrap()
+            .batch_execute(&format!(
+                "ALTER TABLE outbound_events SET (fillfactor = {ff})"
+            ))
+            .await
+            .unwrap();
+    }
     // `events` keys: `resources` resources x the 20 hours 2026-03-09T13:00 .. 2026-03-10T08:00, 1 unit each.
     let first_hour = t("2026-03-09T13:00:00Z").timestamp();
     pg.client()
@@ -169,6 +181,16 @@ async fn fleet_emission_benchmark() {
         .unwrap()
         .get(0);
     assert_eq!(accepted, events, "every event accepted once");
+    // How the table took the updates: its size after the run, and the share of updates that were HOT (no new
+    // index entries). The counters reach pg_stat_user_tables once the backends report them (at the latest
+    // when they end), so this may undercount a little.
+    let table = pg.client().await.unwrap().query_one(
+        "SELECT pg_relation_size('outbound_events'), pg_indexes_size('outbound_events'),
+                COALESCE((SELECT n_tup_hot_upd::float8 / NULLIF(n_tup_upd, 0) FROM pg_stat_user_tables
+                          WHERE relname = 'outbound_events'), 0)",
+        &[],
+    ).await.unwrap();
+    let (heap, indexes, hot): (i64, i64, f64) = (table.get(0), table.get(1), table.get(2));
     assert_eq!(rig.emu.accepted_events().len() as i64, events);
     let bound =
         events as f64 / 25.0 * (latency_ms as f64 / 1000.0) / (replicas * concurrency) as f64;
@@ -182,5 +204,11 @@ async fn fleet_emission_benchmark() {
          PostgreSQL backends of the database {pg_cpu:.2} s = {:.2} ms/call",
         self_cpu * 1000.0 / calls as f64,
         pg_cpu * 1000.0 / calls as f64,
+    );
+    println!(
+        "outbound_events after: heap {:.1} MB, indexes {:.1} MB; HOT updates {:.0}%",
+        heap as f64 / 1e6,
+        indexes as f64 / 1e6,
+        hot * 100.0
     );
 }

@@ -110,8 +110,16 @@ impl PgJournal {
         lease: Duration,
         excluding: &[i64],
     ) -> Result<Vec<Claimed>, PgError> {
-        let client = self.client().await?;
-        outbound::claim(&client, owner, now, limit, lease, excluding).await
+        let claim = outbound::ClaimArgs {
+            now,
+            limit,
+            lease,
+            excluding: excluding.to_vec(),
+        };
+        Ok(self
+            .settle_and_mark(owner, None, &[], lease, Some(&claim))
+            .await?
+            .2)
     }
 
     /// Frees `owner`'s leases on claimed events it will not send (fences must match; events in flight stay).
@@ -203,6 +211,7 @@ impl PgJournal {
                     None => Vec::new(),
                     Some(a) => {
                         let stmt = tx.prepare_cached(&outbound::CLAIM_SQL).await?;
+                        tx.batch_execute(outbound::GENERIC_PLANS).await?;
                         outbound::claim_with(&*tx, &stmt, a, owner).await?
                     }
                 };
@@ -225,7 +234,7 @@ impl PgJournal {
             let mut counts = BTreeMap::new();
             // Sent in this order on the one connection, answered in one round trip; an error aborts the
             // transaction and the COMMIT then rolls it back.
-            let (begun, settled, marked, claimed, committed) = tokio::join!(
+            let (begun, settled, marked, planned, claimed, committed) = tokio::join!(
                 client.batch_execute(&begin),
                 async {
                     if settles.is_empty() {
@@ -249,6 +258,12 @@ impl PgJournal {
                 },
                 async {
                     match claim {
+                        None => Ok(()),
+                        Some(_) => client.batch_execute(outbound::GENERIC_PLANS).await,
+                    }
+                },
+                async {
+                    match claim {
                         None => Ok(Vec::new()),
                         Some(a) => outbound::claim_with(&**client, &claim_stmt, a, owner).await,
                     }
@@ -259,6 +274,7 @@ impl PgJournal {
                 .map_err(PgError::from)
                 .and(settled)
                 .and(marked)
+                .and_then(|m| planned.map(|()| m).map_err(PgError::from))
                 .and_then(|m| claimed.map(|c| (m, c)))
                 .and_then(|(m, c)| committed.map(|()| (counts, m, c)).map_err(PgError::from));
             match result {

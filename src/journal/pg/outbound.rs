@@ -98,8 +98,10 @@ pub struct Claimed {
     pub recovered: bool,
 }
 
-/// Claims up to `limit` events due at `now` for `owner`, oldest hour first, skipping events another replica holds
-/// (row locks: `SKIP LOCKED`; leases: `lease_until` by the database clock). One statement, committed at once.
+/// The claim: up to `limit` events due at `now` for `owner`, oldest hour first, skipping events another replica
+/// holds (row locks: `SKIP LOCKED`; leases: `lease_until` by the database clock). One statement (parameters: now,
+/// limit, owner, lease seconds, [`REFUSED`], excluded ids), run in the transaction of
+/// `PgJournal::settle_and_mark` after [`GENERIC_PLANS`].
 ///
 /// `ORDER BY hour` alone (not `hour, id`): the index `outbound_events_state (state, hour)` then yields the rows in
 /// that order and the scan stops at the 25th lockable one. Ordered by `hour, id`, PostgreSQL 15 chose a bitmap scan
@@ -107,30 +109,6 @@ pub struct Claimed {
 /// with 9,000 events pending in the 100,000-event benchmark, 0.7 ms this way (docs/performance.md). Within an
 /// hour the order does not matter (one event per key and hour; billing sorts its batch itself).
 /// Events in `excluding` are never claimed (a worker's own call in flight, while it claims its next batch).
-pub async fn claim(
-    c: &deadpool_postgres::ClientWrapper,
-    owner: &str,
-    now: DateTime<Utc>,
-    limit: i64,
-    lease: Duration,
-    excluding: &[i64],
-) -> Result<Vec<Claimed>, PgError> {
-    let stmt = c.prepare_cached(&CLAIM_SQL).await?;
-    claim_with(
-        &**c,
-        &stmt,
-        &ClaimArgs {
-            now,
-            limit,
-            lease,
-            excluding: excluding.to_vec(),
-        },
-        owner,
-    )
-    .await
-}
-
-/// The claim statement of [`claim`] (parameters: now, limit, owner, lease seconds, [`REFUSED`], excluded ids).
 pub static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH c AS (
@@ -146,6 +124,17 @@ pub static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
                    COALESCE(substr(o.held, 1, length($5)) = $5, false), o.fence, c.was_in_flight = 1"
     )
 });
+
+/// Set right before each claim ([`CLAIM_SQL`], in its transaction): the claim runs its generic plan from the
+/// first execution on a connection. With the parameters' values, and statistics that lag the table (a freeze
+/// adds thousands of pending rows at once; ANALYZE comes later, or never with autovacuum off), PostgreSQL
+/// planned the claim as a bitmap scan of every due row of `outbound_events_due` plus a sort:
+/// 120 ms per claim at 45,000 pending in the benchmark, for the first five executions on each connection (the
+/// plan cache tries custom plans five times before it compares them with the generic one), against 0.6 ms for
+/// the generic plan, the `(state, hour)` index in order, stopping at the 25th row. Transaction-local, so a
+/// pooler in transaction mode is fine. Only for the claim: the billing reads joined with `unnest` of a batch's
+/// keys did worse with generic plans (the read of `term_usage`: 0.67 ms against 0.43 per batch).
+pub const GENERIC_PLANS: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
 
 /// What a claim asks for: up to `limit` events due at `now`, under a lease of `lease`, none of `excluding`.
 #[derive(Debug, Clone)]
