@@ -166,3 +166,56 @@ impl State {
         *self.requests.entry(route.name()).or_default() += 1;
     }
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(state: &State, asked: &[&str]) -> Vec<Option<String>> {
+        asked
+            .iter()
+            .map(|id| state.subscription(id).map(|s| s.id.clone()))
+            .collect()
+    }
+
+    /// The cached lookup answers as a scan of the list would, through every way the list changes: any case and
+    /// surrounding spaces, an upsert, a removal in place (admin delete), a status change, and a reset.
+    #[test]
+    fn subscription_lookup_follows_every_change_of_the_list() {
+        let (a, b, c) = (
+            "aaaaaaaa-0000-4000-8000-000000000001",
+            "bbbbbbbb-0000-4000-8000-000000000002",
+            "cccccccc-0000-4000-8000-000000000003",
+        );
+        let mut config = EmulatorConfig::default();
+        config.subscriptions = vec![Subscription::new(a, "gold"), Subscription::new(b, "gold")];
+        let mut state = State::from_config(&config);
+        let scan = |state: &State, id: &str| {
+            state
+                .current
+                .subscriptions
+                .iter()
+                .find(|s| s.id.eq_ignore_ascii_case(id.trim()))
+                .map(|s| s.id.clone())
+        };
+        let asked = [a, b, c, " AAAAAAAA-0000-4000-8000-000000000001 ", "nope"];
+        let check = |state: &State| {
+            let want: Vec<Option<String>> = asked.iter().map(|id| scan(state, id)).collect();
+            assert_eq!(ids(state, &asked), want);
+        };
+        check(&state);
+        assert_eq!(state.subscription(a).map(|s| s.id.as_str()), Some(a));
+        // Removed in place (indexes shift): b is now first.
+        state.current.subscriptions.retain(|s| s.id != a);
+        check(&state);
+        assert!(state.subscription(a).is_none());
+        state.upsert_subscription(Subscription::new(c, "silver"));
+        state.upsert_subscription(Subscription::new(a, "silver"));
+        check(&state);
+        assert_eq!(state.subscription(c).map(|s| s.plan_id.as_str()), Some("silver"));
+        // A replaced list (a reset to another catalogue).
+        state.current.subscriptions = vec![Subscription::new(c, "gold")];
+        check(&state);
+        assert!(state.subscription(b).is_none());
+        assert_eq!(state.subscription(c).map(|s| s.plan_id.as_str()), Some("gold"));
+    }
+}
