@@ -514,19 +514,37 @@ impl PgJournal {
             [&a.cr, &a.cp, &a.cd, &a.cf, &a.ch, &a.cq, &now];
         let judged_by: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
             [&frozen_through, &i64::MIN];
-        // Sent in this order in one round trip (each future sends its statement when first polled).
+        // Sent in this order in one round trip: `join!` polls its futures in order the first time, and each sends
+        // its statement when first polled. A statement that fails before it is sent (an error encoding its
+        // parameters) fails in that first poll, before the COMMIT is polled: then ROLLBACK is sent instead, so
+        // the statements after it never commit without it. (One that fails in PostgreSQL fails the rest and
+        // turns the COMMIT into a rollback there.)
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let noted = |r: Result<(), tokio_postgres::Error>| {
+            if r.is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        };
         let (guarded, ins, tot, car, commit) = tokio::join!(
-            client.query_one(&guard, &judged_by),
-            client.execute(&ins, &records),
-            client.query_one(&tot, &totals),
+            async { noted(client.query_one(&guard, &judged_by).await.map(|_| ())) },
+            async { noted(client.execute(&ins, &records).await.map(|_| ())) },
+            async { noted(client.query_one(&tot, &totals).await.map(|_| ())) },
             async {
                 if any_carry {
-                    client.execute(&car, &carries).await.map(|_| ())
+                    noted(client.execute(&car, &carries).await.map(|_| ()))
                 } else {
                     Ok(())
                 }
             },
-            client.batch_execute("COMMIT"),
+            async {
+                let end = if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    "ROLLBACK"
+                } else {
+                    "COMMIT"
+                };
+                client.batch_execute(end).await
+            },
         );
         // The COMMIT answered: the connection is out of the transaction (committed, or rolled back if anything
         // before it failed).
