@@ -101,6 +101,11 @@ async fn pg(db: &TestDb) -> PgJournal {
     pg
 }
 
+/// Another replica's pool (its own forward cache).
+async fn pg_of(db: &TestDb) -> PgJournal {
+    pg(db).await
+}
+
 use meterd::clock::Clock as _;
 
 /// The same batch forwarded twice (a crash after the PostgreSQL commit, before the local mark) and the same
@@ -514,6 +519,103 @@ async fn late_rule_is_applied_at_forward_time() {
             .iter()
             .any(|x| x.2 == eleven && x.3 == 1_000_000)
     );
+}
+
+/// A forward remembers the fleet's spellings and `frozen_through` from the batch before and then skips the
+/// lookups (journal/pg/records.rs, `ForwardCache`); what it remembered must never outlive the fleet's state. Here
+/// another replica freezes 11:00 after this replica's first forward: the next forward still carries a record of
+/// the frozen key (not added to the frozen total, not refused over and over), puts one of a key without its event
+/// into its own hour, and counts a resource under the fleet's first spelling (written by a third replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_after_a_forward_is_judged_by_the_next_forward() {
+    let Some(db) = TestDb::create("a_freeze_after_a_forward_is_judged_by_the_next_forward") else {
+        return;
+    };
+    let pg = pg(&db).await;
+    let now = t("12:30");
+    let (eleven, noon) = (t("11:00").timestamp(), t("12:00").timestamp());
+    let upper = "AAAAAAAA-1111-4111-8111-111111111111";
+    let lower = upper.to_ascii_lowercase();
+    let on = |resource: &str, key: &str, dimension: &str, time: &str, qty: &str| NewRecord {
+        resource: resource.to_string(),
+        ..rec(Some(key), dimension, t(time), qty)
+    };
+    // A third replica spells the resource first, in capitals.
+    let b = Replica::new(&db, "b", now);
+    b.ingest(vec![on(upper, "b1", "api_calls", "12:01", "1")])
+        .await;
+    b.drain(&pg_of(&db).await).await;
+
+    let r = Replica::new(&db, "r", now);
+    r.ingest(vec![
+        rec(Some("k1"), "api_calls", t("11:10"), "1"),
+        on(&lower, "a1", "api_calls", "12:02", "1"),
+    ])
+    .await;
+    let first = r.drain(&pg).await;
+    assert_eq!((first.inserted, first.carried), (2, 0));
+
+    // Another replica (its own pool) freezes the closed hour 11:00: `frozen_through` moves to 12:00.
+    let rule = meterd::journal::pg::freeze::FreezeRule {
+        grace: Duration::minutes(5),
+        safety_margin: Duration::minutes(15),
+        max_wait: Duration::minutes(15),
+        replica_timeout: Duration::seconds(30),
+    };
+    let frozen = pg_of(&db).await.freeze(now, rule).await.unwrap();
+    assert_eq!((frozen.frozen, frozen.through), (1, noon));
+
+    r.ingest(vec![
+        rec(Some("k2"), "api_calls", t("11:20"), "2"),
+        rec(Some("k3"), "gb_processed", t("11:30"), "4"),
+        on(&lower, "a2", "api_calls", "12:03", "1"),
+    ])
+    .await;
+    let second = r.drain(&pg).await;
+    assert_eq!(
+        (second.inserted, second.carried),
+        (3, 1),
+        "k2's key is frozen"
+    );
+    let totals = pg.totals_of(R).await.unwrap();
+    let q = |dim: &str, hour: i64| {
+        totals
+            .iter()
+            .find(|x| x.1 == dim && x.2 == hour)
+            .map(|x| (x.3, x.4, x.5))
+    };
+    assert_eq!(
+        q("api_calls", eleven),
+        Some((1_000_000, 1, 0)),
+        "the frozen total is untouched"
+    );
+    assert_eq!(
+        q("api_calls", noon),
+        Some((2_000_000, 1, 2_000_000)),
+        "carried into the open hour"
+    );
+    assert_eq!(
+        q("gb_processed", eleven),
+        Some((4_000_000, 1, 0)),
+        "a key without its event takes its own hour"
+    );
+    let c = pg.client().await.unwrap();
+    let spelled: Vec<(String, i64)> = c
+        .query(
+            "SELECT resource, sum(quantity)::int8 FROM hourly_totals WHERE lower(resource) = $1 GROUP BY 1",
+            &[&lower],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        spelled,
+        vec![(upper.to_string(), 3_000_000)],
+        "one total, under the fleet's first spelling"
+    );
+    assert_eq!(pg.record_count().await.unwrap(), 6);
 }
 
 /// The heartbeat publishes the `received_at` of the oldest unforwarded record as the watermark (replica clock),

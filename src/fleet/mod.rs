@@ -128,8 +128,73 @@ pub async fn forward_batch(
     }))
 }
 
-/// The records of one step: up to [`FORWARD_IN_FLIGHT`] batches, oldest first.
+/// The records of one step: up to [`FORWARD_IN_FLIGHT`] batches.
 type Chunk = Vec<Vec<crate::journal::outbox::OutboxRecord>>;
+
+/// A step's records (oldest first) as batches of at most `limit`. Two batches in flight that add to the same
+/// hourly totals run one after the other (the second waits for the first's row locks until it commits), so
+/// when the records fill two batches they are split by total (folded resource, plan, dimension, hour), every
+/// total's records in one batch, the largest totals first into the emptier batch; only when that cannot fill
+/// both within `limit` (one total with more records than that) are they split by `seq` instead. Each batch keeps
+/// `seq` order.
+fn split_by_total(mut all: Vec<crate::journal::outbox::OutboxRecord>, limit: usize) -> Chunk {
+    if all.len() <= limit {
+        return if all.is_empty() {
+            Vec::new()
+        } else {
+            vec![all]
+        };
+    }
+    if all.len() <= 2 * limit {
+        let mut groups: std::collections::HashMap<(String, &str, &str, i64), Vec<usize>> =
+            std::collections::HashMap::new();
+        for (i, r) in all.iter().enumerate() {
+            groups
+                .entry((
+                    r.resource.to_ascii_lowercase(),
+                    r.plan.as_str(),
+                    r.dimension.as_str(),
+                    r.event_time.div_euclid(crate::clock::HOUR),
+                ))
+                .or_default()
+                .push(i);
+        }
+        let mut groups: Vec<Vec<usize>> = groups.into_values().collect();
+        // Largest first; ties by first record, so the split does not depend on the map's order.
+        groups.sort_by(|a, b| b.len().cmp(&a.len()).then(a[0].cmp(&b[0])));
+        let mut side = vec![false; all.len()];
+        let (mut left, mut right) = (0usize, 0usize);
+        let mut fits = true;
+        for g in &groups {
+            let to_right = right < left;
+            let size = if to_right { &mut right } else { &mut left };
+            if *size + g.len() > limit {
+                fits = false;
+                break;
+            }
+            *size += g.len();
+            for &i in g {
+                side[i] = to_right;
+            }
+        }
+        if fits {
+            let (mut a, mut b) = (Vec::with_capacity(left), Vec::with_capacity(right));
+            for (r, to_right) in all.into_iter().zip(side) {
+                if to_right { b.push(r) } else { a.push(r) }
+            }
+            return [a, b].into_iter().filter(|x| !x.is_empty()).collect();
+        }
+    }
+    let mut chunk = Vec::new();
+    while all.len() > limit {
+        let rest = all.split_off(limit);
+        chunk.push(std::mem::replace(&mut all, rest));
+    }
+    if !all.is_empty() {
+        chunk.push(all);
+    }
+    chunk
+}
 
 /// The forward path of one replica as a pipeline (what [`drain`] and the forwarder task run): each step forwards
 /// up to [`FORWARD_IN_FLIGHT`] batches at once (one transaction each, on separate connections), and while they
@@ -150,8 +215,8 @@ pub struct Forwarder<'a> {
     limit: usize,
     /// Batches forwarded at once (1 or 2).
     in_flight: usize,
-    /// The next step's batches, read while the step before was in PostgreSQL.
-    next: Option<Chunk>,
+    /// The next step's batches (and how many records were read), read while the step before was in PostgreSQL.
+    next: Option<(Chunk, usize)>,
     /// The `seq`s of the last step committed in PostgreSQL whose local marks are not cleared yet.
     unmarked: Vec<i64>,
 }
@@ -191,25 +256,18 @@ impl<'a> Forwarder<'a> {
         result
     }
 
-    /// Up to `in_flight` batches of the records waiting after `after`.
-    async fn read(&self, after: i64) -> Result<Chunk, FleetError> {
-        let mut all = self
+    /// Up to `in_flight` batches of the records waiting after `after`, and how many records were read.
+    async fn read(&self, after: i64) -> Result<(Chunk, usize), FleetError> {
+        let all = self
             .journal
             .outbox_batch_after(after, self.limit * self.in_flight)
             .await?;
-        let mut chunk = Vec::new();
-        while all.len() > self.limit {
-            let rest = all.split_off(self.limit);
-            chunk.push(std::mem::replace(&mut all, rest));
-        }
-        if !all.is_empty() {
-            chunk.push(all);
-        }
-        Ok(chunk)
+        let read = all.len();
+        Ok((split_by_total(all, self.limit), read))
     }
 
     async fn step_inner(&mut self) -> Result<Option<Forwarded>, FleetError> {
-        let chunk = match self.next.take() {
+        let (chunk, read) = match self.next.take() {
             Some(c) => c,
             None => {
                 let after = self.unmarked.last().copied().unwrap_or(i64::MIN);
@@ -220,12 +278,12 @@ impl<'a> Forwarder<'a> {
             self.flush().await?;
             return Ok(None);
         }
-        let full =
-            chunk.len() >= self.in_flight && chunk.last().is_some_and(|b| b.len() >= self.limit);
+        let full = read >= self.limit * self.in_flight;
         let last = chunk
-            .last()
-            .and_then(|b| b.last())
+            .iter()
+            .flatten()
             .map(|r| r.seq)
+            .max()
             .unwrap_or(i64::MIN);
         let unmarked = std::mem::take(&mut self.unmarked);
         let rules = rules(self.settings, self.clock.now());
@@ -272,6 +330,8 @@ impl<'a> Forwarder<'a> {
                 }
             }
         }
+        // In `seq` order (a step's batches are split by total, not by `seq`): a whole step is one range to clear.
+        seqs.sort_unstable();
         if let Some(e) = failed {
             // What committed is marked (else it is forwarded again, which adds nothing).
             let _ = mark(self.journal, seqs).await;
@@ -682,5 +742,72 @@ pub async fn retention_loop(
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::outbox::OutboxRecord;
+
+    fn rec(seq: i64, resource: &str, hour: i64) -> OutboxRecord {
+        OutboxRecord {
+            seq,
+            idem_key: format!("k{seq}"),
+            resource: resource.to_string(),
+            plan: String::new(),
+            dimension: "d".into(),
+            event_time: hour * 3600 + 7,
+            quantity: 1,
+            received_at: 0,
+        }
+    }
+
+    fn totals(b: &[OutboxRecord]) -> std::collections::HashSet<(String, i64)> {
+        b.iter()
+            .map(|r| (r.resource.to_ascii_lowercase(), r.event_time / 3600))
+            .collect()
+    }
+
+    /// Two full batches share no hourly total (so neither waits for the other's row locks), keep `seq` order
+    /// and hold every record once; a total too large for that, and a short read, are split by `seq`.
+    #[test]
+    fn a_step_is_split_by_total() {
+        // 10 totals (two casings of one resource are one total) of 8 records each, batches of 40.
+        let all: Vec<OutboxRecord> = (0..80)
+            .map(|i| {
+                let r = if i % 20 == 0 {
+                    "R0"
+                } else {
+                    ["r0", "r1", "r2", "r3", "r4"][i % 5]
+                };
+                rec(i as i64, r, (i / 40) as i64)
+            })
+            .collect();
+        let chunk = split_by_total(all.clone(), 40);
+        assert_eq!(chunk.len(), 2);
+        assert_eq!((chunk[0].len(), chunk[1].len()), (40, 40));
+        assert!(totals(&chunk[0]).is_disjoint(&totals(&chunk[1])));
+        for b in &chunk {
+            assert!(b.windows(2).all(|w| w[0].seq < w[1].seq));
+        }
+        let mut seqs: Vec<i64> = chunk.iter().flatten().map(|r| r.seq).collect();
+        seqs.sort();
+        assert_eq!(seqs, (0..80).collect::<Vec<_>>());
+
+        // One total of 50 records: no split by total fits in batches of 40.
+        let one: Vec<OutboxRecord> = (0..60)
+            .map(|i| rec(i, if i < 50 { "big" } else { "small" }, 1))
+            .collect();
+        let chunk = split_by_total(one, 40);
+        assert_eq!(
+            chunk
+                .iter()
+                .map(|b| (b[0].seq, b.len()))
+                .collect::<Vec<_>>(),
+            vec![(0, 40), (40, 20)]
+        );
+        assert_eq!(split_by_total(all[..30].to_vec(), 40).len(), 1);
+        assert!(split_by_total(Vec::new(), 40).is_empty());
     }
 }

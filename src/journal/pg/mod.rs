@@ -101,6 +101,8 @@ impl From<deadpool_postgres::PoolError> for PgError {
 #[derive(Clone)]
 pub struct PgJournal {
     pool: deadpool_postgres::Pool,
+    /// What the forward path remembers between batches (`records.rs`), shared by the clones of this pool.
+    forward_cache: std::sync::Arc<records::ForwardCache>,
 }
 
 impl std::fmt::Debug for PgJournal {
@@ -134,7 +136,10 @@ impl PgJournal {
             .recycle_timeout(bound)
             .build()
             .map_err(|e| PgError::Unavailable(e.to_string()))?;
-        Ok(PgJournal { pool })
+        Ok(PgJournal {
+            pool,
+            forward_cache: Default::default(),
+        })
     }
 
     /// Applies the schema migrations (safe when several replicas start at once); returns the version.
