@@ -186,8 +186,10 @@ mod tests {
             "bbbbbbbb-0000-4000-8000-000000000002",
             "cccccccc-0000-4000-8000-000000000003",
         );
-        let mut config = EmulatorConfig::default();
-        config.subscriptions = vec![Subscription::new(a, "gold"), Subscription::new(b, "gold")];
+        let config = EmulatorConfig {
+            subscriptions: vec![Subscription::new(a, "gold"), Subscription::new(b, "gold")],
+            ..Default::default()
+        };
         let mut state = State::from_config(&config);
         let scan = |state: &State, id: &str| {
             state
@@ -211,11 +213,17 @@ mod tests {
         state.upsert_subscription(Subscription::new(c, "silver"));
         state.upsert_subscription(Subscription::new(a, "silver"));
         check(&state);
-        assert_eq!(state.subscription(c).map(|s| s.plan_id.as_str()), Some("silver"));
+        assert_eq!(
+            state.subscription(c).map(|s| s.plan_id.as_str()),
+            Some("silver")
+        );
         // A replaced list (a reset to another catalogue).
         state.current.subscriptions = vec![Subscription::new(c, "gold")];
         check(&state);
         assert!(state.subscription(b).is_none());
-        assert_eq!(state.subscription(c).map(|s| s.plan_id.as_str()), Some("gold"));
+        assert_eq!(
+            state.subscription(c).map(|s| s.plan_id.as_str()),
+            Some("gold")
+        );
     }
 }
