@@ -67,8 +67,16 @@ impl Micros {
             return Err(QuantityError::NotANumber);
         }
         // value = digits * 10^(exponent - frac_len); we want value * 10^6.
-        let digits = format!("{int_part}{frac_part}");
-        let digits = digits.trim_start_matches('0');
+        // The digits of `int_part` then `frac_part`; an integer (most quantities) is read where it stands.
+        let joined: std::borrow::Cow<str> = if frac_part.is_empty() {
+            int_part.into()
+        } else {
+            let mut d = String::with_capacity(int_part.len() + frac_part.len());
+            d.push_str(int_part);
+            d.push_str(frac_part);
+            d.into()
+        };
+        let digits = joined.trim_start_matches('0');
         let scale = exponent as i64 - frac_part.len() as i64 + 6;
         if digits.is_empty() {
             return Err(QuantityError::NotPositive);

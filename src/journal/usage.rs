@@ -189,7 +189,7 @@ pub fn ingest(
             plan.push(None);
             continue;
         }
-        let name = match by_given.get(r.resource.as_str()) {
+        let name = match by_given.get(&r.resource.as_str()) {
             Some(&i) => i,
             None => {
                 let folded = r.resource.to_ascii_lowercase();
@@ -329,12 +329,12 @@ pub struct IngestGroup {
     /// `meta.frozen_through`, once read.
     watermark: Option<i64>,
     /// Folded resource -> its journaled spelling (`None`: not journaled), once read or written.
-    spellings: HashMap<String, Option<String>>,
+    spellings: SmallIndex<String, Option<String>>,
     /// Hourly totals touched, in first-seen order (the order the per-job upserts had).
     totals: Vec<PendingTotal>,
     /// Resource -> the slots of its totals in `totals`: found by `&str` without building a key (issue 15: the
     /// key of owned strings cost three allocations per stored record); a resource has few totals per transaction.
-    index: HashMap<String, Vec<usize>>,
+    index: SmallIndex<String, Vec<usize>>,
 }
 
 /// An hourly total as the transaction sees it: `base` as read from the table, plus what the group added.
@@ -525,9 +525,9 @@ fn ingest_carrying(
     let outbox = i64::from(rules.outbox);
     // Resources of this request: (folded, journaled spelling, new to the journal, a record of it was stored).
     let mut names: Vec<(String, String, bool, bool)> = Vec::new();
-    let mut by_given: HashMap<&str, usize> = HashMap::new();
-    let mut by_folded: HashMap<String, usize> = HashMap::new();
-    let mut late_keys: HashMap<(usize, &str, i64), bool> = HashMap::new();
+    let mut by_given: SmallIndex<&str, usize> = SmallIndex::default();
+    let mut by_folded: SmallIndex<String, usize> = SmallIndex::default();
+    let mut late_keys: SmallIndex<(usize, &str, i64), bool> = SmallIndex::default();
     // Reads first: each record's resource, hour and lateness.
     let mut decided: Vec<(usize, i64, bool)> = Vec::with_capacity(records.len());
     // The previous record's resource, dimension and hour with what was decided for them: consecutive records of
@@ -543,7 +543,7 @@ fn ingest_carrying(
             decided.push((name, if late { target } else { origin }, late));
             continue;
         }
-        let name = match by_given.get(r.resource.as_str()) {
+        let name = match by_given.get(&r.resource.as_str()) {
             Some(&i) => i,
             None => {
                 let folded = r.resource.to_ascii_lowercase();
@@ -659,6 +659,77 @@ fn ingest_carrying(
         }
     }
     Ok(Some(outcome))
+}
+
+/// A map for the few keys of one request or one writer transaction (most requests have one record: one resource,
+/// one key; a transaction of single-record requests has one resource or a few), read by a linear scan while it
+/// holds at most [`SmallIndex::FEW`] keys and by a hash map after (issue 15: the three hash maps of each request
+/// and the two of each transaction cost a random state, a SipHash per lookup and an allocation per first insert,
+/// for one key each).
+#[derive(Debug)]
+struct SmallIndex<K, V> {
+    few: Vec<(K, V)>,
+    many: HashMap<K, V>,
+}
+
+impl<K, V> Default for SmallIndex<K, V> {
+    fn default() -> Self {
+        Self {
+            few: Vec::new(),
+            many: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> SmallIndex<K, V> {
+    /// Most keys scanned before the index moves into the hash map.
+    const FEW: usize = 8;
+
+    fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        if self.many.is_empty() {
+            self.few
+                .iter()
+                .find(|(k, _)| k.borrow() == key)
+                .map(|(_, v)| v)
+        } else {
+            self.many.get(key)
+        }
+    }
+
+    fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        if self.many.is_empty() {
+            self.few
+                .iter_mut()
+                .find(|(k, _)| k.borrow() == key)
+                .map(|(_, v)| v)
+        } else {
+            self.many.get_mut(key)
+        }
+    }
+
+    /// Sets `key` to `value`, in place if it is there.
+    fn insert(&mut self, key: K, value: V) {
+        if let Some(v) = self.get_mut(&key) {
+            *v = value;
+            return;
+        }
+        if self.many.is_empty() && self.few.len() < Self::FEW {
+            self.few.push((key, value));
+            return;
+        }
+        if self.many.is_empty() {
+            self.many.extend(self.few.drain(..));
+        }
+        self.many.insert(key, value);
+    }
 }
 
 /// Whether every total the request touches stays in range whichever of its records are stored (all of them
@@ -1146,5 +1217,40 @@ mod retention_tests {
             .filter(|s| *s != "pending" && *s != "carried")
             .collect();
         assert_eq!(named, settled);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SmallIndex;
+    use std::collections::HashMap;
+
+    /// The small index answers as a hash map does, below, at and past the size where it moves into one, for
+    /// borrowed lookups and for a key set twice.
+    #[test]
+    fn the_small_index_answers_as_a_hash_map() {
+        for n in [0usize, 1, 2, 7, 8, 9, 30] {
+            let mut small: SmallIndex<String, usize> = SmallIndex::default();
+            let mut map: HashMap<String, usize> = HashMap::new();
+            for i in 0..n {
+                small.insert(format!("k{i}"), i);
+                map.insert(format!("k{i}"), i);
+                // Every other key set again: replaced in place, not added twice.
+                if i % 2 == 0 {
+                    small.insert(format!("k{i}"), i + 100);
+                    map.insert(format!("k{i}"), i + 100);
+                }
+            }
+            for i in 0..n + 3 {
+                let k = format!("k{i}");
+                assert_eq!(small.get(k.as_str()), map.get(k.as_str()), "n {n} key {k}");
+            }
+            if let Some(v) = small.get_mut("k1") {
+                *v = 7;
+                *map.get_mut("k1").unwrap() = 7;
+            }
+            assert_eq!(small.get("k1"), map.get("k1"));
+            assert_eq!(small.few.len() + small.many.len(), map.len(), "n {n}");
+        }
     }
 }

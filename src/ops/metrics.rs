@@ -194,6 +194,7 @@ pub fn install() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()?;
+            INSTALLED.store(true, std::sync::atomic::Ordering::Release);
             describe();
             Some(handle)
         })
@@ -325,6 +326,50 @@ pub fn spawn_journal_gauges(
             gauges.refresh(&journal, &clock).await;
         }
     })
+}
+
+/// Set once [`install`] has made meterd's recorder the process's global recorder: from then on a metric handle
+/// registered once stays the one `metrics::counter!` would look up on every call.
+static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The four counters an accepted ingest request adds to, registered once (issue 15: four `metrics::counter!`
+/// lookups per request, each hashing its name and labels into the registry).
+struct IngestCounters {
+    records_accepted: metrics::Counter,
+    records_duplicate: metrics::Counter,
+    records_carried: metrics::Counter,
+    requests_accepted: metrics::Counter,
+}
+
+impl IngestCounters {
+    /// The counters as `metrics::counter!` finds them in the current recorder.
+    fn look_up() -> IngestCounters {
+        IngestCounters {
+            records_accepted: metrics::counter!("meterd_ingest_records_total", "result" => "accepted"),
+            records_duplicate: metrics::counter!("meterd_ingest_records_total", "result" => "duplicate"),
+            records_carried: metrics::counter!("meterd_ingest_records_total", "result" => "carried"),
+            requests_accepted: metrics::counter!("meterd_ingest_requests_total", "result" => "accepted"),
+        }
+    }
+}
+
+/// Counts an accepted ingest request and its records (`meterd_ingest_records_total` by accepted, duplicate and
+/// carried, then `meterd_ingest_requests_total{result="accepted"}`). With meterd's recorder installed the handles
+/// are registered at the first accepted request (so the series appear when they did before, at the first
+/// request) and kept; otherwise (no recorder, or another one) each call looks them up, as the macros do.
+pub fn ingest_accepted(accepted: u64, duplicates: u64, carried: u64) {
+    static KEPT: std::sync::OnceLock<IngestCounters> = std::sync::OnceLock::new();
+    let looked_up;
+    let c = if INSTALLED.load(std::sync::atomic::Ordering::Acquire) {
+        KEPT.get_or_init(IngestCounters::look_up)
+    } else {
+        looked_up = IngestCounters::look_up();
+        &looked_up
+    };
+    c.records_accepted.increment(accepted);
+    c.records_duplicate.increment(duplicates);
+    c.records_carried.increment(carried);
+    c.requests_accepted.increment(1);
 }
 
 /// The `/metrics` renderer: recomputes the time-based gauges at `clock.now()`, then renders. `None` when the
