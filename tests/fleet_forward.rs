@@ -35,6 +35,18 @@ fn settings(dir: &Path, url: &str, replica: &str) -> Arc<Settings> {
     Arc::new(meterd::config::load_str(&text, "test", &env).unwrap())
 }
 
+/// The (quantity, records, carried in) of the total of `dimension` at `hour` among `totals` (`totals_of`).
+fn total_at(
+    totals: &[(String, String, i64, i64, i64, i64)],
+    dimension: &str,
+    hour: i64,
+) -> Option<(i64, i64, i64)> {
+    totals
+        .iter()
+        .find(|x| x.1 == dimension && x.2 == hour)
+        .map(|x| (x.3, x.4, x.5))
+}
+
 fn rec(key: Option<&str>, dimension: &str, time: DateTime<Utc>, qty: &str) -> NewRecord {
     NewRecord {
         resource: R.to_string(),
@@ -436,12 +448,7 @@ async fn late_rule_is_applied_at_forward_time() {
 
     let noon = t("12:00").timestamp();
     let totals = pg.totals_of(R).await.unwrap();
-    let q = |dim: &str, hour: i64| {
-        totals
-            .iter()
-            .find(|x| x.1 == dim && x.2 == hour)
-            .map(|x| (x.3, x.4, x.5))
-    };
+    let q = |dim: &str, hour: i64| total_at(&totals, dim, hour);
     assert_eq!(
         q("api_calls", ten),
         Some((4_000_000, 1, 0)),
@@ -578,12 +585,7 @@ async fn a_freeze_after_a_forward_is_judged_by_the_next_forward() {
         "k2's key is frozen"
     );
     let totals = pg.totals_of(R).await.unwrap();
-    let q = |dim: &str, hour: i64| {
-        totals
-            .iter()
-            .find(|x| x.1 == dim && x.2 == hour)
-            .map(|x| (x.3, x.4, x.5))
-    };
+    let q = |dim: &str, hour: i64| total_at(&totals, dim, hour);
     assert_eq!(
         q("api_calls", eleven),
         Some((1_000_000, 1, 0)),

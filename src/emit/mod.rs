@@ -384,15 +384,6 @@ impl Emitter {
                         (e, d)
                     })
                     .collect();
-                let body = |ev: &PendingEvent, plan: &str, send: i64| {
-                    event_json(
-                        &ResourceRef::parse(&ev.resource),
-                        plan,
-                        &ev.dimension,
-                        to_utc(ev.hour),
-                        send,
-                    )
-                };
                 // Write holds/skips, bill and freeze bodies (once) for what will be sent. A dispose job may stop
                 // early to let a waiting job have the writer (`Journal::dispose`): the rest follows in the next,
                 // and the full batches disposed so far go to the senders meanwhile.
@@ -406,7 +397,7 @@ impl Emitter {
                             self.settings.clone(),
                             now,
                             policy.clone(),
-                            body,
+                            event_body,
                         )
                         .await?;
                     producer_step("dispose", step);
@@ -473,6 +464,18 @@ impl Emitter {
             }
         }
     }
+}
+
+/// The frozen JSON of `ev` sent under `plan` with `send` micro-units: the body both emitters bill once and send
+/// byte for byte (`fleet::emit` too).
+pub(crate) fn event_body(ev: &PendingEvent, plan: &str, send: i64) -> String {
+    event_json(
+        &ResourceRef::parse(&ev.resource),
+        plan,
+        &ev.dimension,
+        to_utc(ev.hour),
+        send,
+    )
 }
 
 /// Records how long one step of the producer took (`meterd_emit_producer_seconds`).

@@ -11,7 +11,7 @@
 //! worker stops when nothing is left to claim, so replicas share the due events by claiming them in turn, never
 //! by locks held across a call. No session advisory locks (see docs/fleet.md, "Emission").
 
-use crate::clock::{SharedClock, fmt_time, to_utc};
+use crate::clock::{SharedClock, fmt_time};
 use crate::config::{FleetSettings, Settings};
 use crate::emit::{
     BATCH_SIZE, Called, Decision, LastPass, PassSummary, SubscriptionStore, SubscriptionView, call,
@@ -23,10 +23,8 @@ use crate::journal::pg::freeze::FreezeRule;
 use crate::journal::pg::outbound::{ClaimArgs, Claimed};
 use crate::journal::pg::{FencedAnswers, FleetPassStart, PgJournal};
 use crate::marketplace::client::MarketplaceClient;
-use crate::marketplace::types::event_json;
 use crate::ops::telemetry::{EventsSettled, InternalEvent};
 use crate::outcome::Outcome;
-use crate::resource::ResourceRef;
 use anyhow::Context;
 use chrono::{DateTime, Duration, Utc};
 use std::collections::{BTreeMap, HashMap};
@@ -290,15 +288,7 @@ impl Worker {
                 &self.settings,
                 now,
                 policy,
-                |ev: &PendingEvent, plan: &str, send: i64| {
-                    event_json(
-                        &ResourceRef::parse(&ev.resource),
-                        plan,
-                        &ev.dimension,
-                        to_utc(ev.hour),
-                        send,
-                    )
-                },
+                crate::emit::event_body,
             )
             .await?;
         Ok(Some(disposed))
