@@ -97,7 +97,10 @@ const INSERT_RECORDS: &str = "INSERT INTO records (idem_key, replica, resource, 
 
 /// The batch's sums (aggregated in Rust, one row per total) added to the hourly totals unless frozen, in the
 /// freeze's lock order (hour, resource, dimension, plan). Its row count is how many totals were added to.
-const ADD_TOTALS: &str = "INSERT INTO hourly_totals AS t (resource, plan, dimension, hour, quantity, records, carried_in)
+/// The text of [`ADD_TOTALS`], also the core of [`ADD_TOTALS_ALL`] (one statement written once).
+macro_rules! add_totals_sql {
+    () => {
+        "INSERT INTO hourly_totals AS t (resource, plan, dimension, hour, quantity, records, carried_in)
      SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[])
          AS s(resource, plan, dimension, hour, quantity, records, carried_in)
      ORDER BY hour, resource, dimension, plan
@@ -105,7 +108,10 @@ const ADD_TOTALS: &str = "INSERT INTO hourly_totals AS t (resource, plan, dimens
          quantity = t.quantity + excluded.quantity,
          records = t.records + excluded.records,
          carried_in = t.carried_in + excluded.carried_in
-     WHERE t.outbound_id IS NULL";
+     WHERE t.outbound_id IS NULL"
+    };
+}
+const ADD_TOTALS: &str = add_totals_sql!();
 
 /// The batch's carries (aggregated in Rust, one row per carry key), in key order.
 const ADD_CARRIES: &str = "INSERT INTO carries (resource, plan, dimension, from_hour, to_hour, quantity, reason, created_at)
@@ -226,18 +232,11 @@ const FROZEN_THROUGH_IS: &str =
 /// [`ADD_TOTALS`] that fails with `division_by_zero` unless it added to all `$8` totals (a freeze on another
 /// replica won one between the batch's judgement and this statement), so that the `COMMIT` pipelined after it
 /// rolls the batch back.
-const ADD_TOTALS_ALL: &str = "WITH up AS (
-     INSERT INTO hourly_totals AS t (resource, plan, dimension, hour, quantity, records, carried_in)
-     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[])
-         AS s(resource, plan, dimension, hour, quantity, records, carried_in)
-     ORDER BY hour, resource, dimension, plan
-     ON CONFLICT (resource, plan, dimension, hour) DO UPDATE SET
-         quantity = t.quantity + excluded.quantity,
-         records = t.records + excluded.records,
-         carried_in = t.carried_in + excluded.carried_in
-     WHERE t.outbound_id IS NULL
-     RETURNING 1)
- SELECT 1 / (CASE WHEN count(*) = $8 THEN 1 ELSE 0 END) FROM up";
+const ADD_TOTALS_ALL: &str = concat!(
+    "WITH up AS (",
+    add_totals_sql!(),
+    " RETURNING 1) SELECT 1 / (CASE WHEN count(*) = $8 THEN 1 ELSE 0 END) FROM up"
+);
 
 /// True for the `division_by_zero` a guard statement of the fast path raises.
 fn is_refused(e: &tokio_postgres::Error) -> bool {
