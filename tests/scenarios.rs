@@ -853,6 +853,48 @@ async fn scenario_11_more_than_25() {
     assert_eq!(rig.status().await.outcomes.get("accepted"), Some(&85));
 }
 
+/// A pass reads due events in pages of 500. Events settled without a call (here 10 held: their subscriptions
+/// wait for activation) leave a page
+/// with a number of sendable events that is not a multiple of 25; the remainder waits for the next page, so only
+/// the pass's last call is short: 500 events to send take 20 calls, not 21 (20 for the first page's 490, one for
+/// the second page's 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_sends_whole_batches_across_its_pages() {
+    let rig = Rig::with(
+        t("09:00"),
+        "",
+        "",
+        "concurrency = 2",
+        EmulatorConfig::default(),
+    )
+    .await;
+    let subs: Vec<String> = (0..510)
+        .map(|i| format!("{i:08x}-aaaa-4aaa-8aaa-{i:012x}"))
+        .collect();
+    for (i, s) in subs.iter().enumerate() {
+        let mut sub = Subscription::new(s.clone(), "gold");
+        if i < 10 {
+            // The first page's first ten (events are sent in resource order within an hour).
+            sub.saas_subscription_status = SubscriptionStatus::PendingFulfillmentStart;
+        }
+        rig.emu.add_subscription(sub);
+    }
+    let records: Vec<NewRecord> = subs
+        .iter()
+        .map(|s| record(s, API, t("09:30"), "1"))
+        .collect();
+    rig.ingest(t("09:30"), records).await;
+
+    let pass = rig.pass_at(t("10:05")).await;
+    assert_eq!(pass.frozen, 510, "{pass:?}");
+    assert_eq!(pass.outcomes.get("held"), Some(&10), "{pass:?}");
+    assert_eq!(pass.outcomes.get("accepted"), Some(&500), "{pass:?}");
+    assert_eq!((pass.calls, pass.sent), (20, 500), "{pass:?}");
+    let sizes: Vec<usize> = rig.calls().iter().map(Vec::len).collect();
+    assert!(sizes.iter().all(|&n| n == 25), "call sizes {sizes:?}");
+    assert_eq!(rig.emu.accepted_events().len(), 500);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Invariant 6, "nothing vanishes", over random histories.
 

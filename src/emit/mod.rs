@@ -344,6 +344,10 @@ impl Emitter {
         // the first page with a SaaS subscription if the earlier pages had none.
         let mut known: Option<(Option<BTreeMap<String, KnownSubscription>>, bool)> = None;
         let mut renewed = std::time::Instant::now();
+        // Disposed events not yet queued: fewer than a batch, carried from one page to the next so that only the
+        // pass's last batch can be short (a page cut short by a freeze chunk that yielded, or with events settled
+        // without a call, would otherwise end in a short batch and the pass make more calls than it needs).
+        let mut ready: Vec<PendingEvent> = Vec::new();
         loop {
             let step = std::time::Instant::now();
             let page = if taken < PASS_LIMIT && after != i64::MAX {
@@ -387,7 +391,6 @@ impl Emitter {
                 // Write holds/skips, bill and freeze bodies (once) for what will be sent. A dispose job may stop
                 // early to let a waiting job have the writer (`Journal::dispose`): the rest follows in the next,
                 // and the full batches disposed so far go to the senders meanwhile.
-                let mut ready: Vec<PendingEvent> = Vec::new();
                 while !to_write.is_empty() {
                     let step = std::time::Instant::now();
                     let (sendable, counts, rest) = self
@@ -411,23 +414,11 @@ impl Emitter {
                         .emit();
                         *produced.outcomes.entry(k).or_default() += n;
                     }
-                    // Oldest first (by id: frozen in hour order), 25 per call; a page's last batch may be short.
+                    // Oldest first (by id: frozen in hour order), 25 per call; whole batches only (see `ready`).
                     ready.extend(sendable);
-                    let whole = if to_write.is_empty() {
-                        ready.len()
-                    } else {
-                        ready.len() / BATCH_SIZE * BATCH_SIZE
-                    };
-                    let mut sendable = ready.drain(..whole).peekable();
-                    while sendable.peek().is_some() {
-                        let batch: Vec<PendingEvent> = sendable.by_ref().take(BATCH_SIZE).collect();
-                        let step = std::time::Instant::now();
-                        let sent = tx.send(batch).await;
-                        producer_step("queue", step);
-                        if sent.is_err() {
-                            // Every sender stopped (one failed): the pass ends with its error.
-                            return Ok(());
-                        }
+                    if !queue_batches(&tx, &mut ready, false).await {
+                        // Every sender stopped (one failed): the pass ends with its error.
+                        return Ok(());
                     }
                 }
                 // A long pass keeps its lease: renew it well before it could expire.
@@ -460,10 +451,37 @@ impl Emitter {
                 continue;
             }
             if !got {
+                // The pass's last batch, short or not.
+                queue_batches(&tx, &mut ready, true).await;
                 return Ok(());
             }
         }
     }
+}
+
+/// Queues `ready` for the senders in batches of [`BATCH_SIZE`], oldest first: every whole batch, and with `last`
+/// the short one left at the end too; what is not queued stays in `ready`. False when every sender has stopped.
+async fn queue_batches(
+    tx: &tokio::sync::mpsc::Sender<Vec<PendingEvent>>,
+    ready: &mut Vec<PendingEvent>,
+    last: bool,
+) -> bool {
+    let whole = if last {
+        ready.len()
+    } else {
+        ready.len() / BATCH_SIZE * BATCH_SIZE
+    };
+    let mut queued = ready.drain(..whole).peekable();
+    while queued.peek().is_some() {
+        let batch: Vec<PendingEvent> = queued.by_ref().take(BATCH_SIZE).collect();
+        let step = std::time::Instant::now();
+        let sent = tx.send(batch).await;
+        producer_step("queue", step);
+        if sent.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// The frozen JSON of `ev` sent under `plan` with `send` micro-units: the body both emitters bill once and send
