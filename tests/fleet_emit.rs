@@ -7,7 +7,7 @@ mod common;
 
 use chrono::{DateTime, Duration, Utc};
 use common::rig::{Rig, env, march_subscription, t};
-use meterd::clock::{ManualClock, SharedClock};
+use meterd::clock::{Clock, ManualClock, SharedClock};
 use meterd::config::FleetSettings;
 use meterd::emit;
 use meterd::emulator::{EmulatorConfig, Phase, Plan, Route};
@@ -15,6 +15,7 @@ use meterd::fleet::emit::FleetEmitter;
 use meterd::journal::outbound::{Settle, SettlePolicy};
 use meterd::journal::pg::PgJournal;
 use meterd::journal::pg::freeze::FreezeRule;
+use meterd::journal::pg::replicas::ReplicaRow;
 use meterd::journal::pg::testing::TestDb;
 use meterd::outcome::Outcome;
 use std::sync::Arc;
@@ -222,6 +223,76 @@ async fn freeze_stops_waiting_for_a_replica_whose_heartbeat_expired() {
     assert_eq!(e.pass().await.unwrap().frozen, 1);
     // 3 used of 10 included: nothing to send.
     assert_eq!(f.events().await[0].2, "included");
+}
+
+/// A replica whose clock runs two hours ahead of the database's (another host, NTP broken) sees the database's
+/// open hour as closed and long past `max_wait`. It must not freeze it: the hours a freeze closes are judged by
+/// the database clock whenever the replica's is ahead. An hour closed by the database's clock is still frozen.
+/// Its heartbeat's watermark is moved back onto the database's time line, so it does not release an hour for the
+/// others either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_clock_runs_ahead_never_freezes_the_open_hour() {
+    let Some(f) = Fleet::start("a_replica_whose_clock_runs_ahead").await else {
+        return;
+    };
+    let db_now = f
+        .scalar("SELECT extract(epoch from clock_timestamp())::bigint")
+        .await;
+    let open = DateTime::from_timestamp(db_now - db_now.rem_euclid(3600), 0).unwrap();
+    // The hour open by the database's clock, and one closed two hours before it.
+    f.total("api_calls", open, 12 * SECOND).await;
+    f.total("api_calls", open - Duration::hours(2), 12 * SECOND)
+        .await;
+    let e = f.emitter("ahead", Duration::seconds(60));
+    f.clock()
+        .set(DateTime::from_timestamp(db_now, 0).unwrap() + Duration::hours(2));
+    let pass = e.pass().await.unwrap();
+    assert_eq!(pass.frozen, 1, "only the closed hour: {pass:?}");
+    let hours: Vec<i64> = f.events().await.iter().map(|e| e.0).collect();
+    assert_eq!(hours, vec![(open - Duration::hours(2)).timestamp()]);
+    let through = f
+        .scalar("SELECT value FROM meta WHERE key = 'frozen_through'")
+        .await;
+    assert!(
+        through <= open.timestamp(),
+        "frozen through {through}, open hour {}",
+        open.timestamp()
+    );
+
+    // Its watermark ("all I received before my now - 5 s is forwarded") lands on the database's time line.
+    let replica_now = f.clock().now().timestamp();
+    f.pg.heartbeat(&ReplicaRow {
+        replica_id: "ahead".into(),
+        started_at: replica_now,
+        heartbeat_at: replica_now,
+        watermark: replica_now - 5,
+        unforwarded: 0,
+        version: "test".into(),
+    })
+    .await
+    .unwrap();
+    let stored = f
+        .scalar("SELECT watermark FROM replicas WHERE replica_id = 'ahead'")
+        .await;
+    assert!(
+        (db_now - 5..=db_now + 60).contains(&stored),
+        "watermark {stored}, database clock {db_now}"
+    );
+    // A replica behind the database publishes its watermark as it is.
+    f.pg.heartbeat(&ReplicaRow {
+        replica_id: "behind".into(),
+        started_at: db_now - 7200,
+        heartbeat_at: db_now - 7200,
+        watermark: db_now - 7205,
+        unforwarded: 0,
+        version: "test".into(),
+    })
+    .await
+    .unwrap();
+    let stored = f
+        .scalar("SELECT watermark FROM replicas WHERE replica_id = 'behind'")
+        .await;
+    assert_eq!(stored, db_now - 7205);
 }
 
 /// Replicas freezing the same hours at the same moment write one event per key between them.

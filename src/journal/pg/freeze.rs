@@ -6,6 +6,12 @@
 //! fleet.max_wait` (a replica that cannot forward does not hold billing back for ever). A replica whose heartbeat
 //! expired stops counting. Heartbeats and watermarks are unix seconds of the replicas' clocks.
 //!
+//! **A clock that runs ahead never closes an hour.** The replicas run on different hosts; one whose clock is
+//! ahead would see hour H closed (and `max_wait` over) while it is still open everywhere else, and send it early:
+//! a billing error nobody can undo. So the hours a freeze may close are judged at `now`, but never later than
+//! the database clock's now ([`judged_at`]); a clock that is behind only freezes later. A replica's watermark is
+//! published on the database's time line in the same way (`PgJournal::heartbeat`).
+//!
 //! The freeze takes the unfrozen totals it freezes `FOR UPDATE` and inserts one `outbound_events` row per key
 //! (unique per key, `ON CONFLICT DO NOTHING`), all in one transaction: two replicas freezing at once serialise
 //! on the rows; the second finds them frozen (READ COMMITTED re-checks `outbound_id IS NULL`) and writes no
@@ -76,6 +82,24 @@ pub fn fleet_open_hour(now: DateTime<Utc>, rule: &FreezeRule, watermark: Option<
     closed.min(by_watermark.max(waited_out))
 }
 
+/// The time at which a freeze judges which hours are closed: `now` (this replica's clock), but never later than
+/// `db_now` (the database clock, unix seconds). A replica whose clock is ahead logs it (with the size of the
+/// gap, and what to do) and freezes by the database's clock; `meterd_fleet_clock_ahead_seconds` shows the gap.
+pub fn judged_at(now: DateTime<Utc>, db_now: i64) -> DateTime<Utc> {
+    let ahead = now.timestamp() - db_now;
+    metrics::gauge!("meterd_fleet_clock_ahead_seconds").set(ahead.max(0) as f64);
+    if ahead <= 0 {
+        return now;
+    }
+    if ahead > 1 {
+        tracing::warn!(
+            message = "This host's clock is ahead of the fleet PostgreSQL's; hours are closed by the database's clock until they agree. Check NTP on this host.",
+            ahead_seconds = ahead
+        );
+    }
+    crate::clock::to_utc(db_now)
+}
+
 /// Freezes every unfrozen key of every hour the fleet rule allows (see the module), moves `meta.frozen_through`
 /// (never backwards) and returns what it did. One transaction: the caller commits.
 pub async fn freeze(
@@ -88,8 +112,12 @@ pub async fn freeze(
         .await?
         .map(|r| r.get(0))
         .unwrap_or(i64::MIN);
+    let db_now: i64 = tx
+        .query_one(&format!("SELECT {}", super::outbound::DB_NOW), &[])
+        .await?
+        .get(0);
     let watermark = live_watermark(tx, now, rule.replica_timeout).await?;
-    let through = fleet_open_hour(now, rule, watermark).max(old);
+    let through = fleet_open_hour(judged_at(now, db_now), rule, watermark).max(old);
     let mut summary = FreezeSummary {
         frozen: 0,
         through,

@@ -11,7 +11,8 @@
 //! - F2. A key is frozen, billed and given its body in one transaction, once, whichever replica does it
 //!   (`outbound_events` is unique per key; the freeze takes its totals `FOR UPDATE`).
 //! - F3. Hour H is frozen only when every replica with a live heartbeat has forwarded past `H + 1h`, or when
-//!   `fleet.max_wait` has passed since `H + 1h + emit.grace`.
+//!   `fleet.max_wait` has passed since `H + 1h + emit.grace`; and never by a replica clock that is ahead of the
+//!   database clock (a freeze judges hours at the earlier of the two, [`freeze::judged_at`]).
 //! - F4. One sender per event: a claim sets `lease_owner`, `lease_until` (database clock) and increments
 //!   `fence`; a settle applies only while owner and fence still match (a stale owner's settle changes nothing).
 //!   No session advisory locks anywhere.

@@ -1,6 +1,7 @@
 //! Replicas: each one's heartbeat and forward watermark (`replicas`), which the freeze reads (fleet invariant F3)
 //! and `status` lists. Times are unix seconds from the replica's own clock (so `ManualClock` tests work).
 
+use super::outbound::DB_NOW;
 use super::{PgError, PgJournal};
 
 /// One replica's row.
@@ -21,19 +22,23 @@ pub struct ReplicaRow {
 }
 
 impl PgJournal {
-    /// Publishes `row` (insert, or replace the replica's previous row).
+    /// Publishes `row` (insert, or replace the replica's previous row). When the replica's clock (its
+    /// `heartbeat_at`) is ahead of the database's, the watermark is moved back by the gap: "every record received
+    /// before T by my clock" means before T - gap on the database's time line, which the freeze judges hours on
+    /// (`freeze::judged_at`). A watermark taken at face value would let the others freeze an hour whose records
+    /// this replica has not forwarded yet. A clock behind publishes an earlier watermark: the freeze only waits.
     pub async fn heartbeat(&self, row: &ReplicaRow) -> Result<(), PgError> {
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO replicas (replica_id, started_at, heartbeat_at, watermark, unforwarded, version)
-                 VALUES ($1, $2, $3, $4, $5, $6)
+                &format!("INSERT INTO replicas (replica_id, started_at, heartbeat_at, watermark, unforwarded, version)
+                 VALUES ($1, $2, $3, $4 - GREATEST(0, $3 - {DB_NOW}), $5, $6)
                  ON CONFLICT (replica_id) DO UPDATE SET
                      started_at = excluded.started_at,
                      heartbeat_at = excluded.heartbeat_at,
                      watermark = excluded.watermark,
                      unforwarded = excluded.unforwarded,
-                     version = excluded.version",
+                     version = excluded.version"),
                 &[
                     &row.replica_id,
                     &row.started_at,
