@@ -126,6 +126,11 @@ pub fn describe() {
         "meterd_fleet_leases_lost_total",
         "Fleet mode: calls not made because the lease on one of their events was lost before the call."
     );
+    describe_gauge!(
+        "meterd_fleet_clock_ahead_seconds",
+        Unit::Seconds,
+        "Fleet mode: how far this host's clock was ahead of the fleet PostgreSQL's at the last freeze (0 when not ahead); while ahead, hours are closed by the database's clock."
+    );
     // Billing policy and alerts.
     describe_counter!(
         "meterd_thresholds_crossed_total",
