@@ -259,40 +259,32 @@ async fn a_replica_whose_clock_runs_ahead_never_freezes_the_open_hour() {
         open.timestamp()
     );
 
-    // Its watermark ("all I received before my now - 5 s is forwarded") lands on the database's time line.
-    let replica_now = f.clock().now().timestamp();
-    f.pg.heartbeat(&ReplicaRow {
-        replica_id: "ahead".into(),
-        started_at: replica_now,
-        heartbeat_at: replica_now,
-        watermark: replica_now - 5,
-        unforwarded: 0,
-        version: "test".into(),
-    })
-    .await
-    .unwrap();
-    let stored = f
-        .scalar("SELECT watermark FROM replicas WHERE replica_id = 'ahead'")
-        .await;
+    // A heartbeat of `replica` by its clock at `at`, every record before `at - 5 s` forwarded: the watermark
+    // stored.
+    let published = async |replica: &str, at: i64| -> i64 {
+        f.pg.heartbeat(&ReplicaRow {
+            replica_id: replica.into(),
+            started_at: at,
+            heartbeat_at: at,
+            watermark: at - 5,
+            unforwarded: 0,
+            version: "test".into(),
+        })
+        .await
+        .unwrap();
+        f.scalar(&format!(
+            "SELECT watermark FROM replicas WHERE replica_id = '{replica}'"
+        ))
+        .await
+    };
+    // Its watermark lands on the database's time line ...
+    let stored = published("ahead", f.clock().now().timestamp()).await;
     assert!(
         (db_now - 5..=db_now + 60).contains(&stored),
         "watermark {stored}, database clock {db_now}"
     );
-    // A replica behind the database publishes its watermark as it is.
-    f.pg.heartbeat(&ReplicaRow {
-        replica_id: "behind".into(),
-        started_at: db_now - 7200,
-        heartbeat_at: db_now - 7200,
-        watermark: db_now - 7205,
-        unforwarded: 0,
-        version: "test".into(),
-    })
-    .await
-    .unwrap();
-    let stored = f
-        .scalar("SELECT watermark FROM replicas WHERE replica_id = 'behind'")
-        .await;
-    assert_eq!(stored, db_now - 7205);
+    // ... and a replica behind the database publishes its watermark as it is.
+    assert_eq!(published("behind", db_now - 7200).await, db_now - 7205);
 }
 
 /// Replicas freezing the same hours at the same moment write one event per key between them.
