@@ -175,7 +175,11 @@ pub mod testing {
         /// A new empty database, or `None` (after printing why) when `METERD_TEST_POSTGRES_URL` is unset.
         pub fn create(test: &str) -> Option<TestDb> {
             let Ok(admin_url) = std::env::var(URL_VAR) else {
-                eprintln!(
+                // Written to the process's stderr itself, not with `eprintln!`, which the test harness captures
+                // and shows only for a failing test: a plain `cargo test` shows which tests were skipped, and why.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
                     "skipped {test}: {URL_VAR} is not set (CI sets it; see docs/development.md)"
                 );
                 return None;
@@ -296,6 +300,34 @@ pub mod testing {
 mod tests {
     use super::testing::TestDb;
     use super::*;
+
+    /// Without `METERD_TEST_POSTGRES_URL` a PostgreSQL test passes and says, in a plain `cargo test` (whose
+    /// harness captures `println!` and `eprintln!` of passing tests), that it was skipped and why. Runs this
+    /// test binary again for one such test, with the variable removed, and reads what it wrote.
+    #[test]
+    fn a_skipped_postgres_test_says_so_in_a_plain_cargo_test() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "journal::pg::tests::migrations_racing_apply_each_step_once",
+            ])
+            .env_remove(testing::URL_VAR)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains(
+                "skipped migrations_racing_apply_each_step_once: METERD_TEST_POSTGRES_URL is not set"
+            ),
+            "stderr: {said}\nstdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "{out:?}"
+        );
+    }
 
     /// Eight replicas migrating one empty database at once each end at the current version, and every step ran
     /// once (a second run would fail on `CREATE TABLE`).
